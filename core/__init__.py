@@ -1,0 +1,1 @@
+"""The domain the API and the workers share: settings, database, schemas, job service, registry."""

@@ -1,0 +1,126 @@
+"""Engines and sessions: one engine per process, one session per unit of work.
+
+SQLite (the laptop default) gets WAL, a busy timeout and foreign keys so that the API and a
+worker can write the same file at once. PostgreSQL URLs may be written ``postgresql://``; they
+are pointed at the psycopg 3 driver.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def normalize_url(url: str) -> str:
+    """Use psycopg 3 for plain ``postgresql://`` URLs."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
+def make_engine(url: str, *, pool_size: int = 5) -> Engine:
+    """An engine for ``url`` with the connection settings this service relies on."""
+    url = normalize_url(url)
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+            # Let SQLAlchemy issue BEGIN itself (see "begin" below); pysqlite's own handling
+            # would defer it and break SELECT-then-UPDATE atomicity.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn):  # type: ignore[no-untyped-def]
+            # A writer takes the write lock up front (IMMEDIATE): two writers then queue on
+            # busy_timeout instead of failing when one upgrades a read lock. Readers don't block.
+            write = conn.get_execution_options().get("batchgen_write", False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+        return engine
+    return create_engine(url, pool_size=pool_size, max_overflow=pool_size * 2, pool_pre_ping=True)
+
+
+class Database:
+    """A process's engine and its units of work: ``read()`` and ``write()`` sessions."""
+
+    def __init__(self, url: str, *, pool_size: int = 5) -> None:
+        self.url = normalize_url(url)
+        self.engine = make_engine(url, pool_size=pool_size)
+        self.dialect = self.engine.dialect.name
+        # Loaded values stay usable after commit: views serialize after the unit of work ends.
+        self._reader = sessionmaker(self.engine, expire_on_commit=False)
+        self._writer = sessionmaker(
+            self.engine.execution_options(batchgen_write=True), expire_on_commit=False
+        )
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """A transaction that commits on success and rolls back on any exception."""
+        with self._writer() as session, session.begin():
+            yield session
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A read-only unit of work (whatever it changed is rolled back)."""
+        with self._reader() as session:
+            yield session
+
+    def dispose(self) -> None:
+        """Close pooled connections (after a fork, or at shutdown)."""
+        self.engine.dispose()
+
+
+def alembic_config(url: str):  # type: ignore[no-untyped-def]
+    """An Alembic config for ``url`` that needs no alembic.ini on disk."""
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("sqlalchemy.url", normalize_url(url).replace("%", "%%"))
+    return config
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Migrate the database at ``url`` to ``revision`` with Alembic."""
+    from alembic import command
+
+    if make_url(url).get_backend_name() == "sqlite":
+        database = make_url(url).database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+    command.upgrade(alembic_config(url), revision)
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The revision the database is at, or None if it was never migrated."""
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def head_revision() -> str:
+    """The newest revision in ``migrations/``."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    assert head is not None
+    return head

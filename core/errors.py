@@ -1,0 +1,40 @@
+"""Domain errors. The web layer maps each to one HTTP status and error code, in one place."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class BatchgenError(Exception):
+    """Base class: ``code`` is the stable machine-readable code, ``details`` optional context."""
+
+    code = "error"
+
+    def __init__(self, message: str, *, details: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class NotFoundError(BatchgenError):
+    """The thing asked for does not exist (or is not the caller's)."""
+
+    code = "not_found"
+
+
+class InvalidRequestError(BatchgenError):
+    """The input is well-formed but not acceptable; ``details`` lists each problem."""
+
+    code = "invalid_request"
+
+
+class UnknownModelError(InvalidRequestError):
+    """The model name is neither a registered model nor an alias of one."""
+
+    code = "model_not_found"
+
+
+class ContextLengthError(InvalidRequestError):
+    """A prompt plus its ``max_new_tokens`` does not fit the model's context."""
+
+    code = "context_length_exceeded"

@@ -1,0 +1,325 @@
+"""The job service: every change to jobs and their requests goes through these functions.
+
+Views and tasks parse, call one function here, and serialize. Each function takes the session of
+the caller's unit of work and keyword-only arguments.
+
+Request life: ``queued`` -> ``running`` (claimed by one generation run) -> ``succeeded`` or
+``failed``. A transition is a conditional UPDATE on the current status, so a request that runs
+twice (a redelivered message, a second worker) is claimed and recorded once; job counters move in
+the same transaction as the rows they count, by the number of rows that actually changed.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, case, func, insert, select, update
+from sqlalchemy.orm import Session
+
+from core.errors import InvalidRequestError, NotFoundError
+from core.ids import new_id
+from core.registry import ModelSpec
+from core.schemas import JobCreate, RequestCreate, ResolvedParams
+from core.tables import Job, JobRequest, utcnow
+
+TERMINAL_REQUEST_STATUSES = ("succeeded", "failed")
+ACTIVE_JOB_STATUSES = ("queued", "running")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what one job may ask for (from settings)."""
+
+    max_requests: int
+    max_prompt_chars: int
+
+
+def _problem(loc: str, message: str, type_: str) -> dict[str, str]:
+    return {"loc": loc, "message": message, "type": type_}
+
+
+def _check_request(
+    *, loc: str, item: RequestCreate, spec: ModelSpec, job_params: Any, limits: Limits,
+    problems: list[dict[str, str]],
+) -> ResolvedParams | None:
+    """Settings- and model-dependent checks of one request; appends problems, returns params."""
+    plain = loc.startswith("prompts[")  # the `prompts` form: the item is the string itself
+    if item.prompt is not None and len(item.prompt) > limits.max_prompt_chars:
+        problems.append(_problem(loc if plain else f"{loc}.prompt",
+                                 f"prompt is longer than {limits.max_prompt_chars} characters",
+                                 "prompt_too_long"))
+    if item.messages is not None:
+        if not spec.chat:
+            problems.append(_problem(f"{loc}.messages", f"model {spec.name!r} is a base model; "
+                                     "send a 'prompt' instead of chat 'messages'", "not_a_chat_model"))
+        chars = sum(len(m.content) for m in item.messages)
+        if chars > limits.max_prompt_chars:
+            problems.append(_problem(f"{loc}.messages", "messages are longer than "
+                                     f"{limits.max_prompt_chars} characters in all", "prompt_too_long"))
+    # The built-in default length must fit any model; registry defaults and the client override it.
+    base = {"max_new_tokens": min(ResolvedParams().max_new_tokens, spec.context_length // 2)}
+    try:
+        params = ResolvedParams.resolve(base, spec.defaults, job_params, item.params)
+    except ValueError as exc:  # defaults of a registry entry may be out of bounds
+        problems.append(_problem(f"{loc}.params", str(exc), "invalid_params"))
+        return None
+
+    def param_loc(name: str) -> str:
+        """Point at the layer the offending value came from: the request's, the job's, the model's."""
+        if item.params is not None and getattr(item.params, name) is not None:
+            return f"{loc}.params.{name}"
+        if job_params is not None and getattr(job_params, name) is not None:
+            return f"params.{name}"
+        return "model"
+
+    if params.max_new_tokens >= spec.context_length:
+        problems.append(_problem(param_loc("max_new_tokens"),
+                                 f"max_new_tokens must be below the model's context length "
+                                 f"({spec.context_length})", "context_length_exceeded"))
+    if params.min_new_tokens > params.max_new_tokens:
+        problems.append(_problem(param_loc("min_new_tokens"),
+                                 "min_new_tokens must not exceed max_new_tokens", "invalid_params"))
+    return params
+
+
+def create_job(*, session: Session, spec: JobCreate, model: ModelSpec, limits: Limits) -> tuple[Job, list[str]]:
+    """Validate ``spec`` against the model and limits, then insert the job and its requests.
+
+    Returns the job and its request ids in order. Raises ``InvalidRequestError`` listing every
+    problem (with the request index) and writes nothing in that case.
+    """
+    items = spec.items()
+    problems: list[dict[str, str]] = []
+    if len(items) > limits.max_requests:
+        field_name = "prompts" if spec.prompts is not None else "requests"
+        problems.append(_problem(field_name, f"a job may hold at most {limits.max_requests} requests, "
+                                 f"not {len(items)}", "too_many_requests"))
+        raise InvalidRequestError("the job is not valid", details=problems)
+    if spec.system is not None and not model.chat:
+        problems.append(_problem("system", f"model {model.name!r} is a base model and takes no "
+                                 "system prompt", "not_a_chat_model"))
+    if spec.system is not None and len(spec.system) > limits.max_prompt_chars:
+        problems.append(_problem("system", f"system prompt is longer than {limits.max_prompt_chars} "
+                                 "characters", "prompt_too_long"))
+
+    seen_custom_ids: dict[str, int] = {}
+    resolved: list[ResolvedParams | None] = []
+    for i, item in enumerate(items):
+        loc = f"prompts[{i}]" if spec.prompts is not None else f"requests[{i}]"
+        resolved.append(_check_request(loc=loc, item=item, spec=model, job_params=spec.params,
+                                       limits=limits, problems=problems))
+        if item.custom_id is not None:
+            if item.custom_id in seen_custom_ids:
+                problems.append(_problem(f"{loc}.custom_id", f"custom_id {item.custom_id!r} is already "
+                                         f"used by requests[{seen_custom_ids[item.custom_id]}]",
+                                         "duplicate_custom_id"))
+            else:
+                seen_custom_ids[item.custom_id] = i
+    if problems:
+        raise InvalidRequestError("the job is not valid", details=problems)
+
+    now = utcnow()
+    job = Job(
+        id=new_id("job"), model=model.name, status="queued",
+        params=spec.params.model_dump(exclude_none=True) if spec.params else {},
+        system=spec.system, total=len(items), queued=len(items), running=0, succeeded=0, failed=0,
+        prompt_tokens=0, completion_tokens=0, created_at=now,
+    )
+    session.add(job)
+    session.flush()  # the job row must exist before its requests (foreign key)
+    rows = []
+    for i, (item, params) in enumerate(zip(items, resolved, strict=True)):
+        assert params is not None
+        rows.append({
+            "id": new_id("req"), "job_id": job.id, "idx": i, "custom_id": item.custom_id,
+            "prompt": item.prompt,
+            "messages": [m.model_dump() for m in item.messages] if item.messages is not None else None,
+            "params": params.model_dump(mode="json"), "status": "queued", "attempts": 0,
+            "created_at": now,
+        })
+    session.execute(insert(JobRequest), rows)
+    return job, [r["id"] for r in rows]
+
+
+def get_job(*, session: Session, job_id: str) -> Job:
+    """The job, or ``NotFoundError``."""
+    job = session.get(Job, job_id)
+    if job is None:
+        raise NotFoundError(f"no job {job_id!r}")
+    return job
+
+
+def mark_dispatched(*, session: Session, job_id: str) -> None:
+    """Note that every request of the job has been put on its queue."""
+    session.execute(update(Job).where(Job.id == job_id).values(dispatched_at=utcnow()))
+
+
+def list_results(
+    *, session: Session, job_id: str, after: str | None = None, limit: int = 100,
+    status: str | None = None,
+) -> tuple[list[JobRequest], bool]:
+    """A page of the job's requests in request order, and whether more follow.
+
+    ``after`` is the id of the last request of the previous page.
+    """
+    get_job(session=session, job_id=job_id)
+    query = select(JobRequest).where(JobRequest.job_id == job_id)
+    if after is not None:
+        after_idx = session.scalar(
+            select(JobRequest.idx).where(JobRequest.job_id == job_id, JobRequest.id == after)
+        )
+        if after_idx is None:
+            raise InvalidRequestError(
+                f"'after' is not a request of job {job_id!r}",
+                details=[_problem("after", "unknown request id for this job", "invalid_cursor")],
+            )
+        query = query.where(JobRequest.idx > after_idx)
+    if status is not None:
+        query = query.where(JobRequest.status == status)
+    rows = list(session.scalars(query.order_by(JobRequest.idx).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+# --- worker side ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """What a worker needs to run one request."""
+
+    id: str
+    job_id: str
+    model: str
+    status: str
+    prompt: str | None
+    messages: list[dict[str, str]] | None
+    system: str | None
+    params: ResolvedParams
+
+
+def load_work(*, session: Session, request_ids: Sequence[str]) -> list[WorkItem]:
+    """The requests with these ids (any that exist), with what is needed to run them."""
+    if not request_ids:
+        return []
+    rows = session.execute(
+        select(JobRequest.id, JobRequest.job_id, Job.model, JobRequest.status, JobRequest.prompt,
+               JobRequest.messages, Job.system, JobRequest.params)
+        .join(Job, Job.id == JobRequest.job_id)
+        .where(JobRequest.id.in_(list(request_ids)))
+    )
+    return [
+        WorkItem(id=r.id, job_id=r.job_id, model=r.model, status=r.status, prompt=r.prompt,
+                 messages=r.messages, system=r.system, params=ResolvedParams.model_validate(r.params))
+        for r in rows
+    ]
+
+
+def claim(*, session: Session, request_ids: Sequence[str], run_id: str,
+          now: datetime | None = None) -> list[str]:
+    """Move queued requests to ``running`` for one run; returns the ids this call claimed.
+
+    A request another run already holds, or one that already finished, is not claimed.
+    """
+    if not request_ids:
+        return []
+    now = now or utcnow()
+    claimed = session.execute(
+        update(JobRequest)
+        .where(JobRequest.id.in_(list(request_ids)), JobRequest.status == "queued")
+        .values(status="running", attempts=JobRequest.attempts + 1, started_at=now, run_id=run_id)
+        .returning(JobRequest.id, JobRequest.job_id)
+    ).all()
+    per_job: dict[str, int] = defaultdict(int)
+    for row in claimed:
+        per_job[row.job_id] += 1
+    for job_id, n in sorted(per_job.items()):  # fixed order: no lock-order deadlocks between workers
+        session.execute(
+            update(Job).where(Job.id == job_id).values(
+                queued=Job.queued - n, running=Job.running + n,
+                status=case((Job.status == "queued", "running"), else_=Job.status),
+                started_at=func.coalesce(Job.started_at, now),
+            )
+        )
+    return [row.id for row in claimed]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of running one request: text and counts, or an error."""
+
+    request_id: str
+    job_id: str
+    text: str | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error_code is None
+
+
+@dataclass
+class _JobDelta:
+    succeeded: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ids: list[str] = field(default_factory=list)
+
+
+def record(*, session: Session, outcomes: Iterable[Outcome], now: datetime | None = None) -> list[str]:
+    """Store outcomes of running requests; returns the ids recorded by this call.
+
+    Only a request still ``running`` takes a result, so a result is recorded once even if the
+    request ran twice; counters and usage move only for rows that changed here.
+    """
+    now = now or utcnow()
+    deltas: dict[str, _JobDelta] = defaultdict(_JobDelta)
+    for o in sorted(outcomes, key=lambda o: o.request_id):
+        changed = session.execute(
+            update(JobRequest)
+            .where(JobRequest.id == o.request_id, JobRequest.status == "running")
+            .values(
+                status="succeeded" if o.ok else "failed", text=o.text, finish_reason=o.finish_reason,
+                prompt_tokens=o.prompt_tokens, completion_tokens=o.completion_tokens,
+                error_code=o.error_code, error_message=o.error_message, completed_at=now,
+            )
+        ).rowcount
+        if changed:
+            d = deltas[o.job_id]
+            d.ids.append(o.request_id)
+            d.succeeded += o.ok
+            d.failed += not o.ok
+            if o.ok:
+                d.prompt_tokens += o.prompt_tokens or 0
+                d.completion_tokens += o.completion_tokens or 0
+    for job_id, d in sorted(deltas.items()):
+        session.execute(
+            update(Job).where(Job.id == job_id).values(
+                running=Job.running - (d.succeeded + d.failed),
+                succeeded=Job.succeeded + d.succeeded, failed=Job.failed + d.failed,
+                prompt_tokens=Job.prompt_tokens + d.prompt_tokens,
+                completion_tokens=Job.completion_tokens + d.completion_tokens,
+            )
+        )
+        # Same transaction, row already locked by the update above: the last result closes the job.
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status.in_(ACTIVE_JOB_STATUSES),
+                   and_(Job.succeeded + Job.failed >= Job.total))
+            .values(status=case((Job.succeeded == 0, "failed"), else_="completed"), completed_at=now)
+        )
+    return [i for d in deltas.values() for i in d.ids]
+
+
+def fail_queued(*, session: Session, outcomes: Sequence[Outcome], run_id: str) -> list[str]:
+    """Fail requests that cannot run at all (found before they were claimed)."""
+    claimed = set(claim(session=session, request_ids=[o.request_id for o in outcomes], run_id=run_id))
+    return record(session=session, outcomes=[o for o in outcomes if o.request_id in claimed])

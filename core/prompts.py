@@ -1,0 +1,92 @@
+"""Prompt templates, as segments: text to tokenize and special tokens to insert by id.
+
+The Llama-2 chat format (Meta's reference ``chat_completion``)::
+
+    <s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s><s>[INST] {user} [/INST]
+
+BOS and EOS are inserted as token ids, never as text, and every text segment is tokenized with
+special-token parsing off, so a prompt that contains ``<s>`` or ``[INST]`` stays plain text and
+cannot forge a turn boundary. Each text segment is tokenized on its own, as Meta's reference does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from enum import Enum
+from typing import Protocol
+
+
+class Special(Enum):
+    """A special token, inserted by id."""
+
+    BOS = "bos"
+    EOS = "eos"
+
+
+Segment = str | Special
+
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+
+
+class Message(Protocol):
+    role: str
+    content: str
+
+
+def raw_prompt(prompt: str) -> list[Segment]:
+    """A base-model prompt: BOS then the text as given."""
+    return [Special.BOS, prompt]
+
+
+def llama2_chat(messages: Sequence[Message], system: str | None = None) -> list[Segment]:
+    """Render a chat in the Llama-2 format.
+
+    ``messages`` are ``user``/``assistant`` turns, alternating and ending with ``user``, optionally
+    preceded by one ``system`` message (which wins over ``system``). Callers validate the shape;
+    this raises ``ValueError`` if it is wrong anyway.
+    """
+    turns = list(messages)
+    if turns and turns[0].role == "system":
+        system = turns[0].content
+        turns = turns[1:]
+    if not turns or len(turns) % 2 == 0:
+        raise ValueError("a chat must alternate user/assistant turns and end with a user turn")
+    for i, turn in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if turn.role != expected:
+            raise ValueError(f"message {i} should have role {expected!r}, not {turn.role!r}")
+
+    contents = [t.content for t in turns]
+    if system:
+        contents[0] = f"{B_SYS}{system}{E_SYS}{contents[0]}"
+    segments: list[Segment] = []
+    for user, answer in zip(contents[0::2], contents[1::2], strict=False):
+        segments += [Special.BOS, f"{B_INST} {user.strip()} {E_INST} {answer.strip()} ", Special.EOS]
+    segments += [Special.BOS, f"{B_INST} {contents[-1].strip()} {E_INST}"]
+    return segments
+
+
+def render(
+    *, chat_model: bool, prompt: str | None, messages: Sequence[Message] | None, system: str | None
+) -> list[Segment]:
+    """The segments for one request, by the rule of the product.
+
+    A chat model gets the chat template when the request gives ``messages`` or a ``system``
+    prompt; otherwise (and always for a base model) the raw prompt is used.
+    """
+    if messages is not None:
+        if not chat_model:
+            raise ValueError("chat messages need a chat model; send a prompt to a base model")
+        return llama2_chat(messages, system)
+    assert prompt is not None
+    if chat_model and system:
+        return llama2_chat([_UserTurn(prompt)], system)
+    return raw_prompt(prompt)
+
+
+class _UserTurn:
+    role = "user"
+
+    def __init__(self, content: str) -> None:
+        self.content = content

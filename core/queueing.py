@@ -1,0 +1,32 @@
+"""What the API and the workers must agree on about Celery, without importing either side:
+task names, message routing and broker options."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from core.settings import Settings
+
+GENERATE_TASK = "batchgen.generate"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings shared by the API (producer) and the workers (consumers)."""
+    return {
+        "broker_url": settings.redis_url,
+        "broker_transport_options": {
+            # Every kombu key lives under this prefix: deployments (and tests) can share a Redis.
+            "global_keyprefix": settings.redis_prefix,
+            # A message taken by a worker that then vanished is redelivered after this long.
+            "visibility_timeout": settings.visibility_timeout_s,
+        },
+        "broker_connection_retry_on_startup": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_ignore_result": True,  # results live in the database, not a result backend
+        "task_acks_late": True,  # ack only after the result is stored
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_hijack_root_logger": False,
+        "task_default_queue": f"{settings.queue_prefix}.default",
+    }

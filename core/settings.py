@@ -1,0 +1,106 @@
+"""One frozen, typed settings object, read from ``BATCHGEN_*`` environment variables.
+
+Defaults serve a laptop: SQLite under ``var/``, an embedded Redis started by the launcher,
+the demo model, the CPU. Every entry point builds a ``Settings`` once (``Settings.from_env()``)
+and passes it down explicitly; nothing reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ENV_PREFIX = "BATCHGEN_"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class SettingsError(ValueError):
+    """Raised when the environment holds a setting that cannot be used."""
+
+
+class Settings(BaseModel):
+    """Everything a batchgen process can be configured with."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Where local state lives (SQLite database, demo model, dev Redis, keys).
+    var_dir: Path = PROJECT_ROOT / "var"
+    # SQLAlchemy URL; empty means SQLite at ``var_dir/batchgen.db``.
+    database_url: str = ""
+    # Redis URL for the Celery broker; empty means "start an embedded one" (launcher only).
+    redis_url: str = ""
+    # Prefix for every Redis key kombu writes, so several deployments can share one Redis.
+    redis_prefix: str = "batchgen:"
+    # Prefix of queue names: ``<queue_prefix>.<model name>``.
+    queue_prefix: str = "batchgen"
+
+    # Models: where model directories live and an optional registry file adding entries.
+    models_dir: Path = Field(default=Path(""))
+    registry_file: Path | None = None
+
+    # API server.
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    max_requests_per_job: int = Field(default=50_000, ge=1)
+    max_prompt_chars: int = Field(default=200_000, ge=1)
+    # Jobs with more requests than this are dispatched by a background thread, not in the request.
+    inline_dispatch_limit: int = Field(default=1_000, ge=0)
+
+    # Worker.
+    model: str = "demo"
+    device: Literal["cpu", "cuda"] = "cpu"
+    device_index: int = Field(default=0, ge=0)
+    compute_type: str = "auto"
+    inter_threads: int = Field(default=0, ge=0)  # 0: chosen per device
+    intra_threads: int = Field(default=0, ge=0)  # 0: chosen per device
+    max_batch_size: int = Field(default=0, ge=0)  # 0: chosen per device
+    max_batch_tokens: int = Field(default=0, ge=0)  # 0: chosen per device
+    max_wait_ms: float = Field(default=20.0, ge=0)
+    worker_inflight: int = Field(default=256, ge=1)
+    visibility_timeout_s: int = Field(default=600, ge=10)
+
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _fill_derived(self) -> Settings:
+        # Derived defaults depend on var_dir, so they are filled after it is known.
+        if not self.database_url:
+            object.__setattr__(self, "database_url", f"sqlite:///{self.var_dir / 'batchgen.db'}")
+        if self.models_dir == Path(""):
+            object.__setattr__(self, "models_dir", self.var_dir / "models")
+        return self
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Build settings from ``BATCHGEN_*`` variables; ``overrides`` win over the environment."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for name in cls.model_fields:
+            raw = environ.get(ENV_PREFIX + name.upper())
+            if raw is not None and raw != "":
+                values[name] = raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{ENV_PREFIX}{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()
+            )
+            raise SettingsError(f"invalid settings: {problems}") from None
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``BATCHGEN_*`` variables, for a child process."""
+        env = {}
+        for name, value in self.model_dump().items():
+            if value is not None:
+                env[ENV_PREFIX + name.upper()] = str(value)
+        return env
+
+    def queue_for(self, model_name: str) -> str:
+        """The Redis queue that carries requests for one (canonical) model name."""
+        return f"{self.queue_prefix}.{model_name}"

@@ -1,0 +1,142 @@
+"""The job service on SQLite and PostgreSQL: writes, claims, exactly-once recording, paging."""
+
+import pytest
+from sqlalchemy import func, select
+
+from core import jobs
+from core.db import Database
+from core.errors import InvalidRequestError
+from core.jobs import Limits, Outcome
+from core.registry import ModelSpec
+from core.schemas import JobCreate
+from core.tables import Job, JobRequest
+
+CHAT = ModelSpec(name="m", path="m", chat=True, context_length=128, defaults={"max_new_tokens": 16})
+BASE = ModelSpec(name="b", path="b", chat=False, context_length=128)
+LIMITS = Limits(max_requests=10, max_prompt_chars=100)
+
+
+@pytest.fixture
+def db(database_url):
+    database = Database(database_url)
+    yield database
+    database.dispose()
+
+
+def submit(db, payload, model=CHAT, limits=LIMITS):
+    with db.write() as s:
+        return jobs.create_job(session=s, spec=JobCreate.model_validate(payload), model=model, limits=limits)
+
+
+def counts(db):
+    with db.read() as s:
+        return s.scalar(select(func.count()).select_from(Job)), s.scalar(select(func.count()).select_from(JobRequest))
+
+
+def test_create_writes_job_and_requests_in_order(db):
+    job, ids = submit(db, {"model": "m", "prompts": ["a", "b", "c"], "params": {"temperature": 0.5}})
+    assert job.id.startswith("job_") and len(ids) == 3 and all(i.startswith("req_") for i in ids)
+    with db.read() as s:
+        rows = s.scalars(select(JobRequest).order_by(JobRequest.idx)).all()
+        stored = s.get(Job, job.id)
+    assert [r.prompt for r in rows] == ["a", "b", "c"] and [r.id for r in rows] == ids
+    assert rows[0].params["temperature"] == 0.5 and rows[0].params["max_new_tokens"] == 16
+    assert (stored.status, stored.total, stored.queued, stored.created_at.tzinfo is not None) == ("queued", 3, 3, True)
+
+
+def test_invalid_job_reports_every_problem_and_writes_nothing(db):
+    payload = {"model": "m", "requests": [
+        {"prompt": "x" * 101}, {"prompt": "ok", "custom_id": "a"}, {"prompt": "ok", "custom_id": "a"},
+        {"prompt": "ok", "params": {"max_new_tokens": 500}},
+        {"prompt": "ok", "params": {"min_new_tokens": 20, "max_new_tokens": 10}},
+    ]}
+    with pytest.raises(InvalidRequestError) as err:
+        submit(db, payload)
+    assert [d["loc"] for d in err.value.details] == [
+        "requests[0].prompt", "requests[2].custom_id", "requests[3].params.max_new_tokens",
+        "requests[4].params.min_new_tokens"]
+    assert counts(db) == (0, 0)
+
+
+def test_too_many_requests_and_chat_input_for_base_model_are_refused(db):
+    with pytest.raises(InvalidRequestError, match="not valid") as err:
+        submit(db, {"model": "m", "prompts": ["a"] * 11})
+    assert err.value.details[0]["type"] == "too_many_requests"
+    with pytest.raises(InvalidRequestError) as err:
+        submit(db, {"model": "b", "requests": [{"messages": [{"role": "user", "content": "hi"}]}],
+                    "system": "s"}, model=BASE)
+    assert {d["type"] for d in err.value.details} == {"not_a_chat_model"}
+    assert counts(db) == (0, 0)
+
+
+def test_claim_then_record_moves_counts_once(db):
+    job, ids = submit(db, {"model": "m", "prompts": ["a", "b", "c"]})
+    with db.write() as s:
+        assert sorted(jobs.claim(session=s, request_ids=ids[:2], run_id="run_1")) == sorted(ids[:2])
+    with db.write() as s:  # a second run cannot take what the first holds
+        assert jobs.claim(session=s, request_ids=ids, run_id="run_2") == [ids[2]]
+    with db.read() as s:
+        j = s.get(Job, job.id)
+        assert (j.status, j.queued, j.running) == ("running", 0, 3) and j.started_at is not None
+    ok = Outcome(request_id=ids[0], job_id=job.id, text="x", finish_reason="length", prompt_tokens=3,
+                 completion_tokens=5)
+    with db.write() as s:
+        assert jobs.record(session=s, outcomes=[ok]) == [ids[0]]
+    with db.write() as s:  # the same request ran twice: its second result is not recorded
+        assert jobs.record(session=s, outcomes=[ok]) == []
+    with db.read() as s:
+        j = s.get(Job, job.id)
+        assert (j.running, j.succeeded, j.prompt_tokens, j.completion_tokens) == (2, 1, 3, 5)
+
+
+def test_last_result_completes_the_job_and_all_failed_fails_it(db):
+    job, ids = submit(db, {"model": "m", "prompts": ["a", "b"]})
+    with db.write() as s:
+        jobs.claim(session=s, request_ids=ids, run_id="run_1")
+        jobs.record(session=s, outcomes=[Outcome(request_id=ids[0], job_id=job.id, error_code="x", error_message="m")])
+    with db.read() as s:
+        assert s.get(Job, job.id).status == "running"
+    with db.write() as s:
+        jobs.record(session=s, outcomes=[Outcome(request_id=ids[1], job_id=job.id, text="t", finish_reason="stop",
+                                                 prompt_tokens=1, completion_tokens=1)])
+    with db.read() as s:
+        j = s.get(Job, job.id)
+        assert (j.status, j.succeeded, j.failed) == ("completed", 1, 1) and j.completed_at is not None
+
+    job2, ids2 = submit(db, {"model": "m", "prompts": ["a"]})
+    with db.write() as s:
+        jobs.fail_queued(session=s, outcomes=[Outcome(request_id=ids2[0], job_id=job2.id, error_code="too_long",
+                                                      error_message="m")], run_id="run_2")
+    with db.read() as s:
+        assert s.get(Job, job2.id).status == "failed"
+        assert s.get(JobRequest, ids2[0]).error_code == "too_long"
+
+
+def test_counters_always_match_the_rows(db):
+    job, ids = submit(db, {"model": "m", "prompts": list("abcdefgh")})
+    with db.write() as s:
+        jobs.claim(session=s, request_ids=ids[:6], run_id="r")
+        jobs.record(session=s, outcomes=[Outcome(request_id=i, job_id=job.id, text="", finish_reason="stop",
+                                                 prompt_tokens=1, completion_tokens=0) for i in ids[:4]])
+    with db.read() as s:
+        by_status = dict(s.execute(select(JobRequest.status, func.count()).group_by(JobRequest.status)).all())
+        j = s.get(Job, job.id)
+    assert by_status == {"queued": j.queued, "running": j.running, "succeeded": j.succeeded}
+    assert (j.queued, j.running, j.succeeded) == (2, 2, 4)
+
+
+def test_results_page_in_request_order_with_cursor_and_status_filter(db):
+    job, ids = submit(db, {"model": "m", "prompts": [str(i) for i in range(7)]})
+    with db.write() as s:
+        jobs.claim(session=s, request_ids=[ids[1], ids[4]], run_id="r")
+    with db.read() as s:
+        page, more = jobs.list_results(session=s, job_id=job.id, limit=3)
+        assert [r.idx for r in page] == [0, 1, 2] and more
+        page, more = jobs.list_results(session=s, job_id=job.id, after=page[-1].id, limit=3)
+        assert [r.idx for r in page] == [3, 4, 5] and more
+        page, more = jobs.list_results(session=s, job_id=job.id, after=page[-1].id, limit=3)
+        assert [r.idx for r in page] == [6] and not more
+        running, _ = jobs.list_results(session=s, job_id=job.id, status="running")
+        assert [r.idx for r in running] == [1, 4]
+        with pytest.raises(InvalidRequestError):
+            jobs.list_results(session=s, job_id=job.id, after="req_unknown")
