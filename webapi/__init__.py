@@ -1,0 +1,23 @@
+"""The batchgen HTTP API: ``create_app(settings)`` builds a Flask app; nothing happens at import."""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from core.settings import Settings
+from webapi.services import Services
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the API for ``settings`` (default: from ``BATCHGEN_*`` environment variables)."""
+    from webapi import errors, health, jobs
+
+    settings = settings or Settings.from_env()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    Services(settings).init_app(app)
+    errors.init_app(app)
+    app.register_blueprint(health.bp)
+    app.register_blueprint(jobs.bp)
+    return app

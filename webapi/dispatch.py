@@ -1,0 +1,84 @@
+"""Putting requests on their model's queue, by task *name*: the API never imports the worker.
+
+One small message per request (its id). Small jobs are dispatched inside the HTTP request after
+the job is committed; large ones by a background thread so the client gets its ``202`` at once.
+Celery is imported on first use so the API process starts fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from core.queueing import GENERATE_TASK, celery_config
+from core.settings import Settings
+
+log = logging.getLogger("batchgen.dispatch")
+
+
+class DispatchError(RuntimeError):
+    """The broker could not take the messages."""
+
+
+class Dispatcher:
+    """Publishes ``batchgen.generate`` messages to per-model queues."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._celery: Any = None
+        self._lock = threading.Lock()
+        self._backlog: queue.Queue[tuple[str, str, list[str], Callable[[str], None]]] = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def _app(self) -> Any:
+        with self._lock:
+            if self._celery is None:
+                if not self.settings.redis_url:
+                    raise DispatchError("BATCHGEN_REDIS_URL is not set: there is no broker to dispatch to")
+                from celery import Celery
+
+                app = Celery("batchgen-api", set_as_current=False)
+                app.conf.update(celery_config(self.settings))
+                self._celery = app
+            return self._celery
+
+    def dispatch(self, *, model: str, request_ids: Sequence[str]) -> None:
+        """Publish one message per request id now; raises ``DispatchError`` if the broker fails."""
+        app = self._app()
+        queue_name = self.settings.queue_for(model)
+        try:
+            with app.producer_or_acquire() as producer:
+                for request_id in request_ids:
+                    app.send_task(GENERATE_TASK, args=[[request_id]], queue=queue_name,
+                                  producer=producer)
+        except Exception as exc:  # kombu raises many kinds; the caller needs one
+            raise DispatchError(f"could not publish to {queue_name}: {exc}") from exc
+
+    def dispatch_later(self, *, job_id: str, model: str, request_ids: Sequence[str],
+                       on_done: Callable[[str], None]) -> None:
+        """Queue a job for the background dispatcher; ``on_done(job_id)`` runs when published."""
+        self._backlog.put((job_id, model, list(request_ids), on_done))
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._drain, name="dispatcher", daemon=True)
+                self._thread.start()
+
+    def _drain(self) -> None:
+        while True:
+            job_id, model, ids, on_done = self._backlog.get()
+            try:
+                self.dispatch(model=model, request_ids=ids)
+                on_done(job_id)
+                log.info("dispatched %d requests in the background", len(ids), extra={"job_id": job_id})
+            except Exception:
+                log.exception("background dispatch failed; the job stays undispatched",
+                              extra={"job_id": job_id})
+            finally:
+                self._backlog.task_done()
+
+    def wait_idle(self) -> None:
+        """Block until the background backlog is published (tests, shutdown)."""
+        self._backlog.join()

@@ -1,0 +1,109 @@
+"""The one place that turns exceptions into HTTP errors.
+
+Every error leaves as ``{"error": {"code", "message", "details", "request_id"}}`` with the
+``X-Request-Id`` of the exchange; 4xx are logged as warnings, 5xx with their traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from flask import Flask, Response, g, jsonify, request
+from sqlalchemy.exc import OperationalError
+from werkzeug.exceptions import HTTPException
+
+from core.errors import (
+    BatchgenError,
+    ContextLengthError,
+    InvalidRequestError,
+    NotFoundError,
+    UnknownModelError,
+)
+from core.ids import new_id
+
+log = logging.getLogger("batchgen.api")
+
+_STATUS_BY_ERROR: list[tuple[type[BatchgenError], int]] = [
+    (NotFoundError, 404),
+    (UnknownModelError, 422),
+    (ContextLengthError, 422),
+    (InvalidRequestError, 422),
+]
+_HTTP_CODES = {
+    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+    405: "method_not_allowed", 406: "not_acceptable", 409: "conflict", 413: "payload_too_large",
+    415: "unsupported_media_type", 429: "rate_limited", 503: "unavailable",
+}
+_CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class ApiError(Exception):
+    """An HTTP error raised by a view: status, code, message and optional details."""
+
+    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.details = status, code, message, details
+
+
+def error_response(status: int, code: str, message: str, details: Any = None) -> Response:
+    """The envelope, as a response."""
+    body = {"error": {"code": code, "message": message, "details": details,
+                      "request_id": g.get("request_id")}}
+    response = jsonify(body)
+    response.status_code = status
+    return response
+
+
+def init_app(app: Flask) -> None:
+    """Give every exchange a request id and every error the envelope."""
+
+    @app.before_request
+    def _assign_request_id() -> None:
+        given = request.headers.get("X-Request-Id", "")
+        g.request_id = given if _CLIENT_REQUEST_ID.match(given) else new_id("rid")
+
+    @app.after_request
+    def _echo_request_id(response: Response) -> Response:
+        if "request_id" in g:
+            response.headers["X-Request-Id"] = g.request_id
+        return response
+
+    @app.errorhandler(ApiError)
+    def _api_error(exc: ApiError) -> Response:
+        log.warning("%s %s -> %s %s: %s", request.method, request.path, exc.status, exc.code, exc.message)
+        return error_response(exc.status, exc.code, exc.message, exc.details)
+
+    @app.errorhandler(BatchgenError)
+    def _domain_error(exc: BatchgenError) -> Response:
+        status = next((s for cls, s in _STATUS_BY_ERROR if isinstance(exc, cls)), 400)
+        log.warning("%s %s -> %s %s: %s", request.method, request.path, status, exc.code, exc.message)
+        return error_response(status, exc.code, exc.message, exc.details)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        code = _HTTP_CODES.get(status, "http_error")
+        message = exc.description or exc.name
+        if status == 413:
+            message = f"request body is larger than {app.config['MAX_CONTENT_LENGTH']} bytes"
+        elif status == 404:
+            message = f"no route {request.path}"
+        log.warning("%s %s -> %s %s", request.method, request.path, status, code)
+        response = error_response(status, code, message)
+        if status == 405 and exc.get_response().headers.get("Allow"):
+            response.headers["Allow"] = exc.get_response().headers["Allow"]
+        return response
+
+    @app.errorhandler(OperationalError)
+    def _database_down(exc: OperationalError) -> Response:
+        log.error("database unavailable on %s %s: %s", request.method, request.path, exc.orig)
+        response = error_response(503, "unavailable", "the database is unavailable; retry shortly")
+        response.headers["Retry-After"] = "5"
+        return response
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, "internal_error", "internal error; quote the request_id if you report it")

@@ -1,0 +1,46 @@
+"""What views need, built once per app: settings, database, registry, dispatcher."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from flask import Flask, current_app
+
+from core.db import Database
+from core.registry import Registry, load_registry, registry_path
+from core.settings import Settings
+from webapi.dispatch import Dispatcher
+
+
+class Services:
+    """The app's shared objects; views reach them with ``services()``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.db = Database(settings.database_url)
+        self.dispatcher = Dispatcher(settings)
+        self._registry_file: Path = registry_path(settings)
+        self._registry_stamp: float | None = None
+        self._registry: Registry | None = None
+        self._lock = threading.Lock()
+
+    def init_app(self, app: Flask) -> None:
+        app.extensions["batchgen"] = self
+
+    def registry(self) -> Registry:
+        """The model registry, re-read when its file changes (``batchgen convert`` adds models)."""
+        try:
+            stamp: float | None = self._registry_file.stat().st_mtime
+        except FileNotFoundError:
+            stamp = None
+        with self._lock:
+            if self._registry is None or stamp != self._registry_stamp:
+                self._registry = load_registry(self.settings)
+                self._registry_stamp = stamp
+            return self._registry
+
+
+def services() -> Services:
+    """The services of the app handling the current request."""
+    return current_app.extensions["batchgen"]  # type: ignore[no-any-return]
