@@ -1,0 +1,373 @@
+"""Dynamic batching: many small requests from many jobs -> full CTranslate2 batches.
+
+Celery task threads hand request ids to ``Batcher.submit`` and block on the returned future;
+the message is acked when the future resolves, which is after the result is in the database.
+
+Threads inside one worker process::
+
+    task threads --submit--> intake --pending--> scheduler --batch--> slot (claim, generate)
+                                                                        |
+             futures resolved <----------- recorder (write results) <---+
+
+- intake: loads submitted requests from the database in bulk, drops those that already ran,
+  tokenizes the rest, and fails alone the ones that cannot run (too long, bad template).
+- scheduler: picks the next batch when a generation slot is free. Requests are grouped by
+  sampling settings (CTranslate2 takes them per call) and, inside a group, by prompt length
+  (CTranslate2 forwards only the shortest prompt of a batch at once, the rest token by token).
+  A batch leaves when it is full (``max_batch_size`` requests or ``max_batch_tokens`` prompt +
+  new tokens), when its oldest request has waited ``max_wait_ms``, or at once when the device is
+  idle and nothing else is arriving (an idle single request is not held back).
+- slots: ``slots`` batches generate at once (on CPU one per CTranslate2 replica,
+  ``inter_threads``); while they run, the next batch is being formed.
+- recorder: writes each batch's outcomes in one transaction, retrying while the database is
+  unreachable, and only then resolves the futures (so the messages are acked).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sqlalchemy.exc import OperationalError
+
+from core import jobs as job_service
+from core.db import Database
+from core.ids import new_id
+from core.jobs import Outcome, WorkItem
+
+log = logging.getLogger("batchgen.batcher")
+
+
+class Runner(Protocol):
+    def encode(self, item: WorkItem) -> Any: ...
+    def generate(self, batch: Sequence[Any]) -> list[Outcome]: ...
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """When a batch leaves, and how many run at once."""
+
+    max_batch_size: int = 16
+    max_batch_tokens: int = 2048  # prompt + max_new_tokens, summed over the batch
+    max_wait_ms: float = 20.0
+    slots: int = 1
+    # Two requests share a batch only if their prompt lengths differ by at most this many
+    # tokens or this fraction of the shorter one, whichever is larger.
+    length_slack_tokens: int = 16
+    length_slack_ratio: float = 0.25
+
+
+@dataclass(eq=False)  # identity: two entries are never "equal"
+class _Pending:
+    enc: Any
+    key: tuple[Any, ...]
+    length: int
+    cost: int
+    arrived: float
+
+
+@dataclass
+class _Submission:
+    future: Future[None]
+    remaining: int
+
+
+@dataclass
+class BatchStats:
+    """What the batcher did, for logs, tests and the benchmark."""
+
+    batches: int = 0
+    requests: int = 0
+    generated_tokens: int = 0
+    generate_seconds: float = 0.0
+    sizes: list[int] = field(default_factory=list)
+
+
+class Batcher:
+    """Batches requests of every job for one model on one device."""
+
+    def __init__(self, *, runner: Runner, db: Database, policy: BatchPolicy,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.runner, self.db, self.policy, self.clock = runner, db, policy, clock
+        self.stats = BatchStats()
+        self._inbox: queue.Queue[tuple[list[str], _Submission] | None] = queue.Queue()
+        self._record_q: queue.Queue[tuple[str, list[Outcome], list[str]] | None] = queue.Queue()
+        self._cond = threading.Condition()
+        self._pending: dict[str, _Pending] = {}
+        self._waiters: dict[str, list[_Submission]] = defaultdict(list)
+        self._busy_slots = 0
+        self._intake_busy = False
+        self._stopping = False
+        self._slots = ThreadPoolExecutor(max_workers=policy.slots, thread_name_prefix="slot")
+        self._threads = [
+            threading.Thread(target=self._intake_loop, name="intake", daemon=True),
+            threading.Thread(target=self._schedule_loop, name="scheduler", daemon=True),
+            threading.Thread(target=self._record_loop, name="recorder", daemon=True),
+        ]
+
+    # --- public ----------------------------------------------------------------------------
+
+    def start(self) -> Batcher:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def submit(self, request_ids: Sequence[str]) -> Future[None]:
+        """Run these requests; the future resolves once each one's outcome is stored."""
+        future: Future[None] = Future()
+        ids = list(dict.fromkeys(request_ids))
+        if not ids:
+            future.set_result(None)
+            return future
+        with self._cond:  # flag and put under one lock: intake never reads a stale "idle"
+            if self._stopping:
+                future.set_exception(RuntimeError("the batcher is stopping"))
+                return future
+            self._intake_busy = True
+            self._inbox.put((ids, _Submission(future, len(ids))))
+        return future
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Finish what was submitted, then stop the threads."""
+        deadline = self.clock() + timeout
+        with self._cond:
+            while (self._pending or self._busy_slots or not self._inbox.empty()
+                   or self._intake_busy) and self.clock() < deadline:
+                self._cond.wait(0.05)
+            self._stopping = True
+            self._cond.notify_all()
+        self._inbox.put(None)
+        self._slots.shutdown(wait=True)
+        self._record_q.put(None)
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - self.clock()))
+
+    # --- intake ----------------------------------------------------------------------------
+
+    def _intake_loop(self) -> None:
+        while True:
+            first = self._inbox.get()
+            if first is None:
+                return
+            batch = [first]
+            while True:  # take everything that has arrived: one database round trip for all
+                try:
+                    nxt = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._inbox.put(None)
+                    break
+                batch.append(nxt)
+            try:
+                self._take_in(batch)
+            except Exception:
+                log.exception("intake failed; the requests stay queued and will be redelivered")
+                for ids, sub in batch:
+                    if not sub.future.done():
+                        sub.future.set_exception(RuntimeError("intake failed"))
+            finally:
+                with self._cond:
+                    self._intake_busy = not self._inbox.empty()
+                    self._cond.notify_all()
+
+    def _take_in(self, submissions: list[tuple[list[str], _Submission]]) -> None:
+        with self._cond:
+            for ids, sub in submissions:
+                for request_id in ids:
+                    self._waiters[request_id].append(sub)
+        wanted = list(dict.fromkeys(i for ids, _ in submissions for i in ids))
+        with self.db.read() as session:
+            items = {w.id: w for w in job_service.load_work(session=session, request_ids=wanted)}
+        settled: list[str] = []
+        failures: list[Outcome] = []
+        now = self.clock()
+        fresh: list[_Pending] = []
+        with self._cond:
+            already = set(self._pending)
+        for request_id in wanted:
+            item = items.get(request_id)
+            if item is None or item.status != "queued" or request_id in already:
+                # Unknown, already run or running elsewhere, or already waiting here: nothing to run.
+                if request_id not in already:
+                    settled.append(request_id)
+                continue
+            try:
+                enc = self.runner.encode(item)
+            except Exception as exc:
+                code = getattr(exc, "code", "invalid_prompt")
+                failures.append(Outcome(request_id=item.id, job_id=item.job_id, error_code=code,
+                                        error_message=getattr(exc, "message", str(exc))))
+                continue
+            cost = enc.length + item.params.max_new_tokens
+            fresh.append(_Pending(enc, item.params.sampling_key(), enc.length, cost, now))
+        if failures:
+            self._write(lambda s: job_service.fail_queued(session=s, outcomes=failures,
+                                                          run_id=new_id("run")))
+            settled.extend(o.request_id for o in failures)
+        with self._cond:
+            for p in fresh:
+                self._pending[p.enc.item.id] = p
+            self._cond.notify_all()
+        self._settle(settled)
+
+    # --- scheduling ------------------------------------------------------------------------
+
+    def _schedule_loop(self) -> None:
+        with self._cond:
+            while not self._stopping:
+                if not self._pending or self._busy_slots >= self.policy.slots:
+                    self._cond.wait()
+                    continue
+                batch, wait = self._select()
+                if batch is None:
+                    self._cond.wait(wait)
+                    continue
+                for p in batch:
+                    del self._pending[p.enc.item.id]
+                self._busy_slots += 1
+                self._slots.submit(self._run, batch)
+
+    def _select(self) -> tuple[list[_Pending] | None, float]:
+        """The batch to start now, or (None, seconds to wait before looking again)."""
+        pol = self.policy
+        oldest = min(self._pending.values(), key=lambda p: p.arrived)
+        group = sorted((p for p in self._pending.values() if p.key == oldest.key),
+                       key=lambda p: (p.length, p.arrived))
+        batch, full = self._chunk_with(group, oldest)
+        now = self.clock()
+        waited = now - oldest.arrived
+        idle = self._busy_slots == 0 and not self._intake_busy
+        if full or idle or waited * 1000 >= pol.max_wait_ms:
+            return batch, 0.0
+        return None, max(0.0005, pol.max_wait_ms / 1000 - waited)
+
+    def _fits(self, first: _Pending, cand: _Pending) -> bool:
+        slack = max(self.policy.length_slack_tokens, int(first.length * self.policy.length_slack_ratio))
+        return cand.length - first.length <= slack
+
+    def _chunk_with(self, group: list[_Pending], target: _Pending) -> tuple[list[_Pending], bool]:
+        """Cut the length-sorted group into batches, as full as the limits allow; return the one
+        holding ``target`` and whether it is full (cannot take another request)."""
+        pol = self.policy
+        chunk: list[_Pending] = []
+        tokens = 0
+        for p in group:
+            if chunk and (len(chunk) >= pol.max_batch_size or tokens + p.cost > pol.max_batch_tokens
+                          or not self._fits(chunk[0], p)):
+                if any(q is target for q in chunk):
+                    return chunk, True
+                chunk, tokens = [], 0
+            chunk.append(p)
+            tokens += p.cost
+        smallest = min(q.cost for q in chunk)
+        full = len(chunk) >= pol.max_batch_size or tokens + smallest > pol.max_batch_tokens
+        return chunk, full
+
+    # --- running ---------------------------------------------------------------------------
+
+    def _run(self, batch: list[_Pending]) -> None:
+        run_id = new_id("run")
+        ids = [p.enc.item.id for p in batch]
+        try:
+            claimed = set(self._write(lambda s: job_service.claim(session=s, request_ids=ids,
+                                                                  run_id=run_id)))
+            lost = [i for i in ids if i not in claimed]
+            if lost:
+                log.info("%d requests of a batch were taken by another run; skipping them", len(lost))
+                self._settle(lost)
+            todo = [p for p in batch if p.enc.item.id in claimed]
+            if todo:
+                outcomes = self._generate(todo, run_id, waited=self.clock() - min(p.arrived for p in todo))
+                self._record_q.put((run_id, outcomes, [p.enc.item.id for p in todo]))
+        except Exception:
+            log.exception("batch %s failed before generation; its requests will be redelivered", run_id)
+            self._fail_futures(ids, RuntimeError("batch failed"))
+        finally:
+            with self._cond:
+                self._busy_slots -= 1
+                self._cond.notify_all()
+
+    def _generate(self, todo: list[_Pending], run_id: str, waited: float) -> list[Outcome]:
+        started = self.clock()
+        try:
+            outcomes = self.runner.generate([p.enc for p in todo])
+        except Exception as exc:
+            if len(todo) == 1:
+                item = todo[0].enc.item
+                log.exception("request failed in generation", extra={"request_id": item.id,
+                                                                      "job_id": item.job_id})
+                return [Outcome(request_id=item.id, job_id=item.job_id, error_code="generation_failed",
+                                error_message=f"generation failed: {exc}")]
+            # Find the request that broke the batch: run each alone, the others still succeed.
+            log.warning("batch %s of %d failed (%s); running its requests one by one",
+                        run_id, len(todo), exc)
+            return [o for p in todo for o in self._generate([p], run_id, waited)]
+        seconds = self.clock() - started
+        new_tokens = sum(o.completion_tokens or 0 for o in outcomes)
+        prompt_tokens = sum(p.length for p in todo)
+        with self._cond:
+            self.stats.batches += 1
+            self.stats.requests += len(todo)
+            self.stats.generated_tokens += new_tokens
+            self.stats.generate_seconds += seconds
+            self.stats.sizes.append(len(todo))
+        log.info("batch %s: %d requests, %d prompt + %d new tokens, lengths %d-%d, waited %.0f ms, "
+                 "generated in %.3f s (%.0f tokens/s)", run_id, len(todo), prompt_tokens, new_tokens,
+                 todo[0].length, todo[-1].length, waited * 1000, seconds,
+                 new_tokens / seconds if seconds > 0 else 0.0)
+        return outcomes
+
+    # --- recording -------------------------------------------------------------------------
+
+    def _record_loop(self) -> None:
+        while True:
+            entry = self._record_q.get()
+            if entry is None:
+                return
+            run_id, outcomes, ids = entry
+            try:
+                self._write(lambda s: job_service.record(session=s, outcomes=outcomes))
+                self._settle(ids)
+            except Exception:
+                log.exception("could not record batch %s; its requests will be redelivered", run_id)
+                self._fail_futures(ids, RuntimeError("recording failed"))
+
+    def _write(self, work: Callable[[Any], Any], attempts: int = 8) -> Any:
+        """Run ``work(session)`` in a write transaction, retrying while the database is away."""
+        delay = 0.25
+        for attempt in range(attempts):
+            try:
+                with self.db.write() as session:
+                    return work(session)
+            except OperationalError as exc:
+                if attempt == attempts - 1:
+                    raise
+                log.warning("database unavailable (%s); retrying in %.2fs", exc.orig, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        raise AssertionError("unreachable")
+
+    # --- futures ---------------------------------------------------------------------------
+
+    def _settle(self, request_ids: Sequence[str]) -> None:
+        with self._cond:
+            for request_id in request_ids:
+                for sub in self._waiters.pop(request_id, []):
+                    sub.remaining -= 1
+                    if sub.remaining == 0 and not sub.future.done():
+                        sub.future.set_result(None)
+
+    def _fail_futures(self, request_ids: Sequence[str], exc: Exception) -> None:
+        with self._cond:
+            for request_id in request_ids:
+                for sub in self._waiters.pop(request_id, []):
+                    if not sub.future.done():
+                        sub.future.set_exception(exc)

@@ -1,0 +1,130 @@
+"""``python -m worker``: one worker process = one model on one device.
+
+    python -m worker --model demo --device cpu
+    python -m worker --model meta-llama/Llama-2-7b-chat-hf --device cuda --device-index 1
+
+The process pins itself to its GPU before CTranslate2 loads, loads the model once, and runs a
+Celery worker with a thread pool (no fork ever happens after the model is loaded) that consumes
+only its model's queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+from core.settings import Settings, SettingsError
+
+log = logging.getLogger("batchgen.worker")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m worker", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="registered model name or alias (default: BATCHGEN_MODEL or demo)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: BATCHGEN_DEVICE or cpu")
+    p.add_argument("--device-index", type=int, help="GPU index on this machine (default 0)")
+    p.add_argument("--compute-type", help="CTranslate2 compute type (default: int8 on CPU, "
+                                          "int8_float16 on CUDA)")
+    p.add_argument("--inter-threads", type=int, help="CTranslate2 replicas (default: per device)")
+    p.add_argument("--intra-threads", type=int, help="threads per replica (default: per device)")
+    p.add_argument("--max-batch-size", type=int, help="requests per batch (default: per device)")
+    p.add_argument("--max-batch-tokens", type=int, help="prompt+new tokens per batch (default: per device)")
+    p.add_argument("--max-wait-ms", type=float, help="longest a request waits for a batch to fill")
+    p.add_argument("--inflight", type=int, help="messages taken from Redis at once (default 256)")
+    p.add_argument("--ready-file", type=Path, help="touch this file once the worker consumes")
+    p.add_argument("--loglevel", help="default: BATCHGEN_LOG_LEVEL or INFO")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start the worker; returns the exit status."""
+    args = parse_args(argv)
+    try:
+        settings = Settings.from_env(
+            model=args.model, device=args.device, device_index=args.device_index,
+            compute_type=args.compute_type, inter_threads=args.inter_threads,
+            intra_threads=args.intra_threads, max_batch_size=args.max_batch_size,
+            max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
+            worker_inflight=args.inflight, log_level=args.loglevel,
+        )
+    except SettingsError as exc:
+        print(f"batchgen worker: {exc}", file=sys.stderr)
+        return 2
+
+    from core.logs import configure_logging
+
+    configure_logging(settings.log_level, process="worker")
+    if not settings.redis_url:
+        log.error("BATCHGEN_REDIS_URL is not set; a worker needs the broker the API publishes to")
+        return 2
+
+    from worker.device import pin_cuda_device, plan_device
+
+    if settings.device == "cuda":
+        pin_cuda_device(settings.device_index)  # before anything can initialise CUDA
+    plan = plan_device(settings)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    from core.db import Database, current_revision, head_revision
+    from core.errors import UnknownModelError
+    from core.registry import load_registry
+
+    registry = load_registry(settings)
+    try:
+        spec = registry.resolve(settings.model)
+    except UnknownModelError as exc:
+        log.error("%s", exc.message)
+        return 2
+    model_dir = registry.directory(spec)
+    if not registry.is_installed(spec):
+        hint = ("build it with `batchgen build-model --preset demo`" if spec.name == "demo" else
+                f"convert it with `batchgen convert {spec.source or '<checkpoint>'} --name {spec.name}`")
+        log.error("model %s is not installed in %s; %s", spec.name, model_dir, hint)
+        return 2
+
+    db = Database(settings.database_url)
+    if current_revision(db.engine) != head_revision():
+        log.error("the database is not migrated to the current schema; run `batchgen migrate`")
+        return 2
+
+    from worker.batcher import Batcher, BatchPolicy
+    from worker.celery_app import create_celery
+    from worker.runner import ModelRunner
+
+    runner = ModelRunner(model_dir, spec, device=plan.device, device_index=plan.device_index,
+                         compute_type=plan.compute_type, inter_threads=plan.inter_threads,
+                         intra_threads=plan.intra_threads)
+    policy = BatchPolicy(max_batch_size=plan.max_batch_size, max_batch_tokens=plan.max_batch_tokens,
+                         max_wait_ms=settings.max_wait_ms, slots=plan.slots)
+    log.info("batching: %s", policy)
+    batcher = Batcher(runner=runner, db=db, policy=policy).start()
+    app = create_celery(settings, batcher)
+    queue = settings.queue_for(spec.name)
+
+    if args.ready_file is not None:
+        from celery.signals import worker_ready
+
+        ready_file: Path = args.ready_file
+
+        @worker_ready.connect(weak=False)
+        def _ready(**_: object) -> None:
+            ready_file.write_text(str(os.getpid()))
+
+    node = "".join(c if c.isalnum() or c in "-_." else "-" for c in spec.name)
+    argv_celery = [
+        "worker", "--pool=threads", f"--concurrency={settings.worker_inflight}", f"--queues={queue}",
+        f"--hostname={node}.{plan.device}{plan.physical_index}.{os.getpid()}@{socket.gethostname()}",
+        "--without-gossip", "--without-mingle", f"--loglevel={settings.log_level}",
+    ]
+    log.info("consuming %s on %s:%d", queue, plan.device, plan.physical_index)
+    try:
+        app.worker_main(argv_celery)
+    finally:
+        batcher.stop()
+        db.dispose()
+    return 0

@@ -1,0 +1,199 @@
+"""The model runner: a CTranslate2 ``Generator`` and the model's transformers tokenizer.
+
+``encode`` turns a request into prompt tokens (Llama-2 chat template where it applies);
+``generate`` runs one batch of encoded requests in a single ``generate_batch`` call. The batch
+shares sampling settings (CTranslate2 takes them per call); each request's own
+``max_new_tokens`` and ``stop`` strings are enforced inside the call by the step callback, which
+stops that sequence only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.jobs import Outcome, WorkItem
+from core.prompts import Special, render
+from core.registry import ModelSpec
+from core.schemas import ChatMessage
+
+log = logging.getLogger("batchgen.runner")
+
+# Prompt ids kept to decode the first generated token in context (see _decode_continuation).
+_TAIL = 4
+
+
+@dataclass
+class Encoded:
+    """A request ready to run: prompt token ids and the strings CTranslate2 takes."""
+
+    item: WorkItem
+    ids: list[int]
+    tokens: list[str]
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+
+class RequestError(Exception):
+    """A request that cannot run (too long, unencodable); it fails alone."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclass
+class _Sequence:
+    """Per-sequence state inside one ``generate_batch`` call."""
+
+    enc: Encoded
+    runner: ModelRunner
+    ids: list[int] = field(default_factory=list)
+    reason: str | None = None
+    text: str | None = None
+
+    def push(self, token_id: int) -> bool:
+        """Take one generated token; True stops this sequence."""
+        if self.reason is not None:
+            return True
+        if token_id == self.runner.eos_id:
+            self.reason = "stop"
+            return True
+        self.ids.append(token_id)
+        params = self.enc.item.params
+        if params.stop:
+            text = self.runner.decode_continuation(self.enc.ids, self.ids)
+            cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                self.reason, self.text = "stop", text[:cut]
+                return True
+        if len(self.ids) >= params.max_new_tokens:
+            self.reason = "length"
+            return True
+        return False
+
+
+class ModelRunner:
+    """One model on one device, loaded once per worker process."""
+
+    def __init__(self, model_dir: Path, spec: ModelSpec, *, device: str = "cpu", device_index: int = 0,
+                 compute_type: str = "int8", inter_threads: int = 1, intra_threads: int = 1) -> None:
+        import ctranslate2
+        from transformers import AutoTokenizer
+
+        started = time.monotonic()
+        self.spec = spec
+        self.model_dir = Path(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self._backend = self.tokenizer.backend_tokenizer  # the Rust tokenizer, for hot paths
+        self.generator = ctranslate2.Generator(
+            str(model_dir), device=device, device_index=device_index, compute_type=compute_type,
+            inter_threads=inter_threads, intra_threads=intra_threads,
+        )
+        # CTranslate2 takes token strings; its vocabulary maps our ids to them.
+        self.vocabulary: list[str] = json.loads((self.model_dir / "vocabulary.json").read_text())
+        self.bos_id = self.tokenizer.bos_token_id
+        self.eos_id = self.tokenizer.eos_token_id
+        self.device, self.compute_type = device, compute_type
+        self.inter_threads = inter_threads
+        self.load_seconds = time.monotonic() - started
+        self._lock = threading.Lock()
+        log.info("loaded %s from %s on %s:%d (%s, inter_threads=%d, intra_threads=%d) in %.2fs",
+                 spec.name, model_dir, device, device_index, compute_type, inter_threads,
+                 intra_threads, self.load_seconds)
+
+    # --- encoding ---------------------------------------------------------------------------
+
+    def encode(self, item: WorkItem) -> Encoded:
+        """Prompt token ids for one request; raises ``RequestError`` if it cannot run."""
+        messages = [ChatMessage(**m) for m in item.messages] if item.messages is not None else None
+        try:
+            segments = render(chat_model=self.spec.chat, prompt=item.prompt, messages=messages,
+                              system=item.system)
+        except ValueError as exc:
+            raise RequestError("invalid_prompt", str(exc)) from None
+        texts = [s for s in segments if isinstance(s, str)]
+        # split_special_tokens: "<s>" typed in a prompt stays text, it never becomes BOS.
+        encoded = iter(self.tokenizer(texts, add_special_tokens=False,
+                                      split_special_tokens=True)["input_ids"]) if texts else iter(())
+        ids: list[int] = []
+        for segment in segments:
+            if segment is Special.BOS:
+                ids.append(self.bos_id)
+            elif segment is Special.EOS:
+                ids.append(self.eos_id)
+            else:
+                ids.extend(next(encoded))
+        budget = self.spec.context_length
+        if len(ids) + item.params.max_new_tokens > budget:
+            raise RequestError(
+                "context_length_exceeded",
+                f"the prompt has {len(ids)} tokens; with max_new_tokens={item.params.max_new_tokens} "
+                f"that exceeds the model's context of {budget} tokens",
+            )
+        return Encoded(item=item, ids=ids, tokens=[self.vocabulary[i] for i in ids])
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of a text segment (for checks and tests)."""
+        return len(self._backend.encode(text, add_special_tokens=False).ids)
+
+    # --- decoding ---------------------------------------------------------------------------
+
+    def decode_continuation(self, prompt_ids: Sequence[int], ids: Sequence[int]) -> str:
+        """Text of generated ``ids`` as it continues the prompt.
+
+        Llama's decoder drops the leading space of a text; decoding the generated ids alone would
+        lose the space their first token carries. Decoding the prompt's last few tokens with them
+        and removing that prefix keeps it.
+        """
+        tail = [i for i in prompt_ids[-_TAIL:] if i not in (self.bos_id, self.eos_id)]
+        if not tail:
+            return self._backend.decode(list(ids), skip_special_tokens=True)
+        head = self._backend.decode(tail, skip_special_tokens=True)
+        full = self._backend.decode(tail + list(ids), skip_special_tokens=True)
+        if full.startswith(head):
+            return full[len(head):]
+        # The prompt ended inside a multi-byte character completed by the output.
+        return self._backend.decode(list(ids), skip_special_tokens=True)
+
+    # --- generation -------------------------------------------------------------------------
+
+    def generate(self, batch: Sequence[Encoded]) -> list[Outcome]:
+        """Run a batch (shared sampling settings) in one ``generate_batch`` call."""
+        params = batch[0].item.params
+        sequences = [_Sequence(enc, self) for enc in batch]
+
+        def on_step(step: Any) -> bool:
+            return sequences[step.batch_id].push(step.token_id)
+
+        greedy = params.temperature == 0
+        results = self.generator.generate_batch(
+            [enc.tokens for enc in batch],
+            max_length=max(enc.item.params.max_new_tokens for enc in batch),
+            min_length=params.min_new_tokens,
+            sampling_topk=1 if greedy else params.top_k,
+            sampling_topp=params.top_p,
+            sampling_temperature=1.0 if greedy else params.temperature,
+            repetition_penalty=params.repetition_penalty,
+            include_prompt_in_result=False,
+            callback=on_step,
+        )
+        outcomes = []
+        for seq, result in zip(sequences, results, strict=True):
+            # The callback saw every token; the result is the authority on what was generated.
+            ids = list(result.sequences_ids[0])[: len(seq.ids)] if seq.reason else list(result.sequences_ids[0])
+            if seq.reason is None:
+                seq.reason = "length" if len(ids) >= seq.enc.item.params.max_new_tokens else "stop"
+            text = seq.text if seq.text is not None else self.decode_continuation(seq.enc.ids, ids)
+            outcomes.append(Outcome(request_id=seq.enc.item.id, job_id=seq.enc.item.job_id, text=text,
+                                    finish_reason=seq.reason, prompt_tokens=seq.enc.length,
+                                    completion_tokens=len(ids)))
+        return outcomes
