@@ -1,0 +1,1 @@
+"""The ``batchgen`` command line and the local launcher behind ``make run``."""

