@@ -65,7 +65,7 @@ class BatchPolicy:
 
 
 @dataclass(eq=False)  # identity: two entries are never "equal"
-class _Pending:
+class Pending:
     enc: Any
     key: tuple[Any, ...]
     length: int
@@ -90,6 +90,46 @@ class BatchStats:
     sizes: list[int] = field(default_factory=list)
 
 
+def _fits(first: Pending, cand: Pending, policy: BatchPolicy) -> bool:
+    slack = max(policy.length_slack_tokens, int(first.length * policy.length_slack_ratio))
+    return cand.length - first.length <= slack
+
+
+def _chunk_with(group: list[Pending], target: Pending, policy: BatchPolicy) -> tuple[list[Pending], bool]:
+    """Cut the length-sorted ``group`` into batches as full as the limits allow; return the one
+    holding ``target`` and whether it is full (cannot take another request)."""
+    chunk: list[Pending] = []
+    tokens = 0
+    for p in group:
+        if chunk and (len(chunk) >= policy.max_batch_size or tokens + p.cost > policy.max_batch_tokens
+                      or not _fits(chunk[0], p, policy)):
+            if any(q is target for q in chunk):
+                return chunk, True
+            chunk, tokens = [], 0
+        chunk.append(p)
+        tokens += p.cost
+    smallest = min(q.cost for q in chunk)
+    full = len(chunk) >= policy.max_batch_size or tokens + smallest > policy.max_batch_tokens
+    return chunk, full
+
+
+def select_batch(pending: Sequence[Pending], *, now: float, device_idle: bool,
+                 policy: BatchPolicy) -> tuple[list[Pending] | None, float]:
+    """The batch to start now, or ``(None, seconds to wait before looking again)``.
+
+    The oldest request decides: its sampling group, sorted by prompt length and cut into
+    batches, gives the batch that holds it (so nothing starves). That batch leaves when it is
+    full, when the oldest has waited ``max_wait_ms``, or when the device is idle.
+    """
+    oldest = min(pending, key=lambda p: p.arrived)
+    group = sorted((p for p in pending if p.key == oldest.key), key=lambda p: (p.length, p.arrived))
+    batch, full = _chunk_with(group, oldest, policy)
+    waited = now - oldest.arrived
+    if full or device_idle or waited * 1000 >= policy.max_wait_ms:
+        return batch, 0.0
+    return None, max(0.0005, policy.max_wait_ms / 1000 - waited)
+
+
 class Batcher:
     """Batches requests of every job for one model on one device."""
 
@@ -100,7 +140,7 @@ class Batcher:
         self._inbox: queue.Queue[tuple[list[str], _Submission] | None] = queue.Queue()
         self._record_q: queue.Queue[tuple[str, list[Outcome], list[str]] | None] = queue.Queue()
         self._cond = threading.Condition()
-        self._pending: dict[str, _Pending] = {}
+        self._pending: dict[str, Pending] = {}
         self._waiters: dict[str, list[_Submission]] = defaultdict(list)
         self._busy_slots = 0
         self._intake_busy = False
@@ -189,7 +229,7 @@ class Batcher:
         settled: list[str] = []
         failures: list[Outcome] = []
         now = self.clock()
-        fresh: list[_Pending] = []
+        fresh: list[Pending] = []
         with self._cond:
             already = set(self._pending)
         for request_id in wanted:
@@ -207,7 +247,7 @@ class Batcher:
                                         error_message=getattr(exc, "message", str(exc))))
                 continue
             cost = enc.length + item.params.max_new_tokens
-            fresh.append(_Pending(enc, item.params.sampling_key(), enc.length, cost, now))
+            fresh.append(Pending(enc, item.params.sampling_key(), enc.length, cost, now))
         if failures:
             self._write(lambda s: job_service.fail_queued(session=s, outcomes=failures,
                                                           run_id=new_id("run")))
@@ -235,45 +275,14 @@ class Batcher:
                 self._busy_slots += 1
                 self._slots.submit(self._run, batch)
 
-    def _select(self) -> tuple[list[_Pending] | None, float]:
-        """The batch to start now, or (None, seconds to wait before looking again)."""
-        pol = self.policy
-        oldest = min(self._pending.values(), key=lambda p: p.arrived)
-        group = sorted((p for p in self._pending.values() if p.key == oldest.key),
-                       key=lambda p: (p.length, p.arrived))
-        batch, full = self._chunk_with(group, oldest)
-        now = self.clock()
-        waited = now - oldest.arrived
+    def _select(self) -> tuple[list[Pending] | None, float]:
         idle = self._busy_slots == 0 and not self._intake_busy
-        if full or idle or waited * 1000 >= pol.max_wait_ms:
-            return batch, 0.0
-        return None, max(0.0005, pol.max_wait_ms / 1000 - waited)
-
-    def _fits(self, first: _Pending, cand: _Pending) -> bool:
-        slack = max(self.policy.length_slack_tokens, int(first.length * self.policy.length_slack_ratio))
-        return cand.length - first.length <= slack
-
-    def _chunk_with(self, group: list[_Pending], target: _Pending) -> tuple[list[_Pending], bool]:
-        """Cut the length-sorted group into batches, as full as the limits allow; return the one
-        holding ``target`` and whether it is full (cannot take another request)."""
-        pol = self.policy
-        chunk: list[_Pending] = []
-        tokens = 0
-        for p in group:
-            if chunk and (len(chunk) >= pol.max_batch_size or tokens + p.cost > pol.max_batch_tokens
-                          or not self._fits(chunk[0], p)):
-                if any(q is target for q in chunk):
-                    return chunk, True
-                chunk, tokens = [], 0
-            chunk.append(p)
-            tokens += p.cost
-        smallest = min(q.cost for q in chunk)
-        full = len(chunk) >= pol.max_batch_size or tokens + smallest > pol.max_batch_tokens
-        return chunk, full
+        return select_batch(list(self._pending.values()), now=self.clock(), device_idle=idle,
+                            policy=self.policy)
 
     # --- running ---------------------------------------------------------------------------
 
-    def _run(self, batch: list[_Pending]) -> None:
+    def _run(self, batch: list[Pending]) -> None:
         run_id = new_id("run")
         ids = [p.enc.item.id for p in batch]
         try:
@@ -295,7 +304,7 @@ class Batcher:
                 self._busy_slots -= 1
                 self._cond.notify_all()
 
-    def _generate(self, todo: list[_Pending], run_id: str, waited: float) -> list[Outcome]:
+    def _generate(self, todo: list[Pending], run_id: str, waited: float) -> list[Outcome]:
         started = self.clock()
         try:
             outcomes = self.runner.generate([p.enc for p in todo])

@@ -9,6 +9,7 @@ transformers. It then goes through ``convert_checkpoint``, the same path as
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -55,13 +56,25 @@ def train_tokenizer(vocab_size: int):  # type: ignore[no-untyped-def]
 
     if vocab_size < len(SPECIAL_TOKENS) + len(BYTE_TOKENS) + 16:
         raise ValueError("vocab_size is too small for the special and byte tokens")
-    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
-                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    def configure(tok: Tokenizer) -> Tokenizer:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                         decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+        return tok
+
+    # The trainer places tokens it is given first, so the specials get ids 0-2 and the byte
+    # tokens 3-258 as in Llama-2; but it also marks them all special, and decoding with
+    # skip_special_tokens would then drop every byte. Rebuild the model from the trained vocab
+    # and merges with only <unk>, <s>, </s> special, as Llama-2's tokenizer has it.
+    trained = configure(Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True)))
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + BYTE_TOKENS,
                                   show_progress=False)
-    tok.train_from_iterator(training_corpus(), trainer)
+    trained.train_from_iterator(training_corpus(), trainer)
+    model = json.loads(trained.to_str())["model"]
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    tok = configure(Tokenizer(models.BPE(vocab=model["vocab"], merges=merges, byte_fallback=True,
+                                         unk_token="<unk>", fuse_unk=True)))
+    tok.add_special_tokens(SPECIAL_TOKENS)
     return LlamaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                               unk_token="<unk>", add_bos_token=True, add_eos_token=False)
 

@@ -1,0 +1,83 @@
+"""HTTP submit -> Redis -> a real Celery worker process -> CTranslate2 -> SQL -> HTTP poll."""
+
+import time
+
+import pytest
+
+from tests.support import ApiServer, WorkerProcess
+from webapi import create_app
+
+
+@pytest.fixture
+def stack(make_settings, database_url):
+    settings = make_settings(database_url)
+    app = create_app(settings)
+    api = ApiServer(app).start()
+    worker = WorkerProcess(settings, "tiny-chat").start()
+    yield api, worker
+    worker.stop()
+    api.stop()
+    app.extensions["batchgen"].db.dispose()
+
+
+@pytest.mark.slow
+def test_a_job_runs_end_to_end(stack):
+    api, worker = stack
+    resp = api.http.post(f"{api.url}/v1/jobs", json={
+        "model": "tiny-chat", "prompts": ["Hello", "Tell me a story"], "params": {"max_new_tokens": 12}})
+    assert resp.status_code == 202, resp.text
+    job = resp.json()
+    assert job["status"] == "queued" and job["id"].startswith("job_")
+
+    seen = []
+    final = None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        body = api.http.get(f"{api.url}/v1/jobs/{job['id']}").json()
+        if not seen or seen[-1] != body["status"]:
+            seen.append(body["status"])
+        if body["status"] in ("completed", "failed"):
+            final = body
+            break
+        time.sleep(0.01)
+    assert final is not None, worker.log()
+    order = ["queued", "running", "completed"]
+    assert seen == sorted(seen, key=order.index) and seen[-1] == "completed", seen
+    assert final["counts"] == {"total": 2, "queued": 0, "running": 0, "succeeded": 2, "failed": 0}
+    assert final["usage"]["completion_tokens"] > 0
+    assert final["usage"]["total_tokens"] == final["usage"]["prompt_tokens"] + final["usage"]["completion_tokens"]
+    assert final["started_at"] <= final["completed_at"]
+
+    page = api.http.get(f"{api.url}/v1/jobs/{job['id']}/results?limit=1").json()
+    assert page["has_more"] and len(page["data"]) == 1
+    rest = api.http.get(f"{api.url}/v1/jobs/{job['id']}/results", params={"after": page["last_id"]}).json()
+    results = page["data"] + rest["data"]
+    assert [r["index"] for r in results] == [0, 1] and [r["prompt"] for r in results] == ["Hello", "Tell me a story"]
+    for r in results:
+        assert r["status"] == "succeeded" and isinstance(r["text"], str)
+        # Random weights may emit the end token early (finish_reason "stop"), even at once.
+        assert r["finish_reason"] in ("length", "stop") and 0 <= r["completion_tokens"] <= 12
+        assert r["prompt_tokens"] > 0 and r["error"] is None
+    assert sum(r["completion_tokens"] for r in results) == final["usage"]["completion_tokens"]
+
+
+@pytest.mark.slow
+def test_chat_requests_and_a_request_that_cannot_run(stack):
+    api, worker = stack
+    resp = api.http.post(f"{api.url}/v1/jobs", json={"model": "tiny", "system": "Answer in one word.", "requests": [
+        {"custom_id": "chat", "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                                           {"role": "user", "content": "Again?"}]},
+        {"custom_id": "plain", "prompt": "Once upon a time", "params": {"max_new_tokens": 5, "temperature": 0}},
+        {"custom_id": "too-long", "prompt": "word " * 400, "params": {"max_new_tokens": 4}},
+    ]})
+    assert resp.status_code == 202, resp.text
+    final = api.wait_for_job(resp.json()["id"])
+    assert final["status"] == "completed", worker.log()
+    assert final["counts"]["succeeded"] == 2 and final["counts"]["failed"] == 1
+    results = {r["custom_id"]: r for r in api.http.get(f"{api.url}/v1/jobs/{final['id']}/results").json()["data"]}
+    assert results["chat"]["status"] == "succeeded" and results["chat"]["messages"][2]["content"] == "Again?"
+    assert results["plain"]["completion_tokens"] <= 5
+    assert results["too-long"]["status"] == "failed"
+    assert results["too-long"]["error"]["code"] == "context_length_exceeded"
+    failed = api.http.get(f"{api.url}/v1/jobs/{final['id']}/results", params={"status": "failed"}).json()
+    assert [r["custom_id"] for r in failed["data"]] == ["too-long"]

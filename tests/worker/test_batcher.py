@@ -1,0 +1,188 @@
+"""Dynamic batching: the selection policy, then the real batcher on a real model and database.
+
+Which requests shared a ``generate_batch`` call is read from the database: every request records
+the id of the run (one call) that produced its result.
+"""
+
+import pytest
+from sqlalchemy import select
+
+from core import jobs
+from core.db import Database
+from core.jobs import Limits
+from core.registry import ModelSpec
+from core.schemas import JobCreate
+from core.tables import Job, JobRequest
+from worker.batcher import Batcher, BatchPolicy, Pending, select_batch
+from worker.runner import ModelRunner
+
+# --- the policy, with an explicit clock ----------------------------------------------------
+
+
+def p(length, arrived=0.0, key=("t",), new=16):
+    return Pending(enc=None, key=key, length=length, cost=length + new, arrived=arrived)
+
+
+POLICY = BatchPolicy(max_batch_size=4, max_batch_tokens=10_000, max_wait_ms=50, slots=2)
+
+
+def test_waits_for_more_while_the_device_is_busy_and_the_batch_is_not_full():
+    batch, wait = select_batch([p(10), p(12)], now=0.010, device_idle=False, policy=POLICY)
+    assert batch is None and wait == pytest.approx(0.040)
+
+
+def test_flushes_on_time():
+    batch, _ = select_batch([p(10), p(12)], now=0.051, device_idle=False, policy=POLICY)
+    assert [x.length for x in batch] == [10, 12]
+
+
+def test_flushes_at_once_when_the_device_is_idle():
+    batch, _ = select_batch([p(10)], now=0.0, device_idle=True, policy=POLICY)
+    assert [x.length for x in batch] == [10]
+
+
+def test_flushes_on_size_taking_the_oldest_and_its_length_neighbours():
+    pending = [p(10 + i, arrived=i / 1000) for i in range(6)]
+    batch, _ = select_batch(pending, now=0.006, device_idle=False, policy=POLICY)
+    assert [x.length for x in batch] == [10, 11, 12, 13]
+
+
+def test_flushes_on_tokens():
+    policy = BatchPolicy(max_batch_size=64, max_batch_tokens=110, max_wait_ms=50)
+    batch, _ = select_batch([p(30, new=20), p(31, new=20), p(32, new=20)], now=0.0, device_idle=False,
+                            policy=policy)
+    assert len(batch) == 2  # 50 + 51 tokens; a third (52) would not fit
+
+
+def test_groups_by_sampling_settings_and_serves_the_oldest_group_first():
+    pending = [p(10, 0.000, key=("hot",)), p(10, 0.001, key=("cold",)), p(11, 0.002, key=("hot",))]
+    batch, _ = select_batch(pending, now=1.0, device_idle=False, policy=POLICY)
+    assert {x.key for x in batch} == {("hot",)} and len(batch) == 2
+
+
+def test_prompts_of_very_different_lengths_do_not_share_a_batch():
+    pending = [p(8, 0.0), p(200, 0.001), p(9, 0.002), p(210, 0.003)]
+    batch, _ = select_batch(pending, now=1.0, device_idle=False, policy=POLICY)
+    assert [x.length for x in batch] == [8, 9]
+    batch, _ = select_batch([x for x in pending if x.length > 100], now=1.0, device_idle=False, policy=POLICY)
+    assert [x.length for x in batch] == [200, 210]
+
+
+# --- the real batcher ----------------------------------------------------------------------
+
+SPEC = ModelSpec(name="tiny-chat", path="-", chat=True, context_length=256)
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_model):
+    return ModelRunner(tiny_model, SPEC.model_copy(update={"path": str(tiny_model)}), inter_threads=1)
+
+
+@pytest.fixture
+def db(database_url):
+    database = Database(database_url)
+    yield database
+    database.dispose()
+
+
+def submit_job(db, payload):
+    with db.write() as s:
+        job, ids = jobs.create_job(session=s, spec=JobCreate.model_validate({"model": "tiny-chat", **payload}),
+                                   model=SPEC, limits=Limits(100, 10_000))
+    return job.id, ids
+
+
+def run_all(db, runner, policy, id_lists):
+    """Submit each list as its own Celery-like message before the batcher starts, then run them."""
+    batcher = Batcher(runner=runner, db=db, policy=policy)
+    futures = [batcher.submit(ids) for ids in id_lists]
+    batcher.start()
+    for f in futures:
+        f.result(timeout=60)
+    batcher.stop()
+    return batcher
+
+
+def rows(db, ids):
+    with db.read() as s:
+        found = {r.id: r for r in s.scalars(select(JobRequest).where(JobRequest.id.in_(ids)))}
+    return [found[i] for i in ids]
+
+
+def test_requests_of_different_jobs_share_one_generate_call(db, runner):
+    _, a = submit_job(db, {"prompts": ["first job one", "first job two"], "params": {"max_new_tokens": 4}})
+    _, b = submit_job(db, {"prompts": ["second job one", "second job two"], "params": {"max_new_tokens": 4}})
+    batcher = run_all(db, runner, BatchPolicy(max_batch_size=8, max_wait_ms=1000), [[i] for i in a + b])
+    stored = rows(db, a + b)
+    assert {r.status for r in stored} == {"succeeded"} and all(r.text is not None for r in stored)
+    assert len({r.run_id for r in stored}) == 1 and batcher.stats.sizes == [4]
+    with db.read() as s:
+        assert {j.status for j in s.scalars(select(Job))} == {"completed"}
+
+
+def test_different_sampling_settings_run_in_different_calls(db, runner):
+    _, ids = submit_job(db, {"requests": [
+        {"prompt": "warm a", "params": {"temperature": 0.5}}, {"prompt": "cold a", "params": {"temperature": 0.9}},
+        {"prompt": "warm b", "params": {"temperature": 0.5}}, {"prompt": "cold b", "params": {"temperature": 0.9}},
+    ], "params": {"max_new_tokens": 3}})
+    run_all(db, runner, BatchPolicy(max_batch_size=8, max_wait_ms=1000), [[i] for i in ids])
+    r = rows(db, ids)
+    assert r[0].run_id == r[2].run_id and r[1].run_id == r[3].run_id and r[0].run_id != r[1].run_id
+
+
+def greedy_probe(db, runner):
+    """A prompt whose greedy output (random weights) has text to stop on, that text, and a stop."""
+    prompts = ["The class", "The function", "A module", "Each value", "In the loop"]
+    _, probe = submit_job(db, {"prompts": prompts, "params": {"temperature": 0.0, "max_new_tokens": 20}})
+    # One at a time: int8 greedy output depends on what else is in the batch.
+    for prompt, request_id in zip(prompts, probe, strict=True):
+        run_all(db, runner, BatchPolicy(max_wait_ms=0), [[request_id]])
+        text = rows(db, [request_id])[0].text
+        stops = [text[i:i + 2] for i in range(3, len(text) - 2) if text[i:i + 2].strip()]
+        if stops:
+            return prompt, text, stops[0]
+    pytest.fail("no probe prompt produced enough text")
+
+
+def test_own_max_new_tokens_and_stop_inside_one_shared_call(db, runner):
+    greedy = {"temperature": 0.0}
+    prompt, text, stop = greedy_probe(db, runner)
+    _, ids = submit_job(db, {"requests": [
+        {"prompt": prompt, "params": {"max_new_tokens": 20, "stop": [stop]}},
+        {"prompt": "A longer prompt here", "params": {"max_new_tokens": 2}},
+        {"prompt": "Another one", "params": {"max_new_tokens": 9}},
+    ], "params": greedy})
+    run_all(db, runner, BatchPolicy(max_batch_size=8, max_wait_ms=1000, length_slack_tokens=64), [[i] for i in ids])
+    r = rows(db, ids)
+    assert len({x.run_id for x in r}) == 1
+    assert (r[0].finish_reason, r[0].text) == ("stop", text[: text.find(stop)])
+    assert [(x.finish_reason, x.completion_tokens) for x in r[1:]] == [("length", 2), ("length", 9)]
+
+
+def test_full_batches_leave_on_size(db, runner):
+    _, ids = submit_job(db, {"prompts": [f"same length {i}" for i in range(5)], "params": {"max_new_tokens": 2}})
+    batcher = run_all(db, runner, BatchPolicy(max_batch_size=2, max_wait_ms=10_000, slots=1), [[i] for i in ids])
+    assert sorted(batcher.stats.sizes) == [1, 2, 2] and len({r.run_id for r in rows(db, ids)}) == 3
+
+
+def test_a_request_that_cannot_run_fails_alone(db, runner):
+    job_id, ids = submit_job(db, {"prompts": ["fine", "word " * 250, "also fine"], "params": {"max_new_tokens": 4}})
+    run_all(db, runner, BatchPolicy(max_wait_ms=100), [[i] for i in ids])
+    r = rows(db, ids)
+    assert [x.status for x in r] == ["succeeded", "failed", "succeeded"]
+    assert r[1].error_code == "context_length_exceeded" and "context" in r[1].error_message
+    with db.read() as s:
+        job = s.get(Job, job_id)
+        assert (job.status, job.succeeded, job.failed, job.running, job.queued) == ("completed", 2, 1, 0, 0)
+
+
+def test_requests_delivered_twice_are_run_and_recorded_once(db, runner):
+    job_id, ids = submit_job(db, {"prompts": ["once", "twice"], "params": {"max_new_tokens": 3}})
+    batcher = run_all(db, runner, BatchPolicy(max_wait_ms=100), [[ids[0]], [ids[1]], [ids[1]], ids])
+    assert batcher.stats.requests == 2
+    run_all(db, runner, BatchPolicy(), [ids])  # a late redelivery after both finished
+    r = rows(db, ids)
+    assert [x.attempts for x in r] == [1, 1]
+    with db.read() as s:
+        job = s.get(Job, job_id)
+        assert (job.succeeded, job.completion_tokens) == (2, sum(x.completion_tokens for x in r))

@@ -1,0 +1,76 @@
+"""The runner on a real CTranslate2 model built by the builder (tiny preset, int8)."""
+
+import pytest
+
+from core.jobs import WorkItem
+from core.registry import ModelSpec
+from core.schemas import ResolvedParams
+from worker.runner import ModelRunner, RequestError
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_model):
+    spec = ModelSpec(name="tiny-chat", path=str(tiny_model), chat=True, context_length=256)
+    return ModelRunner(tiny_model, spec, inter_threads=1, intra_threads=1)
+
+
+def item(prompt=None, messages=None, system=None, n=0, **params):
+    params.setdefault("max_new_tokens", 16)
+    return WorkItem(id=f"req_{n}", job_id="job_1", model="tiny-chat", status="queued", prompt=prompt,
+                    messages=messages, system=system, params=ResolvedParams(**params))
+
+
+def test_raw_prompt_is_bos_plus_text(runner):
+    enc = runner.encode(item("Hello world"))
+    assert enc.ids[0] == runner.bos_id and runner.eos_id not in enc.ids
+    assert enc.ids[1:] == runner.tokenizer("Hello world", add_special_tokens=False)["input_ids"]
+    assert enc.tokens == [runner.vocabulary[i] for i in enc.ids]
+
+
+def test_chat_template_places_bos_eos_by_id_and_typed_tags_stay_text(runner):
+    messages = [{"role": "user", "content": "hi <s> [INST] </s>"}, {"role": "assistant", "content": "ok"},
+                {"role": "user", "content": "again"}]
+    enc = runner.encode(item(messages=messages, system="Be brief."))
+    assert [i for i, t in enumerate(enc.ids) if t == runner.bos_id][0] == 0
+    assert enc.ids.count(runner.bos_id) == 2 and enc.ids.count(runner.eos_id) == 1  # one per closed turn
+    text = runner.tokenizer.decode(enc.ids)
+    assert "<<SYS>>\nBe brief.\n<</SYS>>" in text and "hi <s> [INST] </s>" in text
+
+
+def test_requests_in_one_batch_keep_their_own_max_new_tokens(runner):
+    # Greedy: deterministic, so an early end token (random weights) cannot make this flaky.
+    batch = [runner.encode(item("one", n=1, max_new_tokens=3, temperature=0.0)),
+             runner.encode(item("two two", n=2, max_new_tokens=7, temperature=0.0))]
+    out = runner.generate(batch)
+    assert [o.completion_tokens for o in out] == [3, 7]
+    assert [o.finish_reason for o in out] == ["length", "length"]
+    assert [o.request_id for o in out] == ["req_1", "req_2"] and all(o.ok for o in out)
+    assert out[0].prompt_tokens == batch[0].length
+
+
+def test_stop_sequence_cuts_the_text_inside_a_shared_batch(runner):
+    greedy = dict(temperature=0.0, max_new_tokens=24)
+    for prompt in ("The function", "The class", "A module", "Each value", "In the loop"):
+        full = runner.generate([runner.encode(item(prompt, **greedy))])[0]
+        stops = [full.text[i:i + 2] for i in range(2, len(full.text) - 2) if full.text[i:i + 2].strip()]
+        if full.finish_reason == "length" and stops:
+            break
+    else:
+        pytest.fail("no probe prompt produced enough text")
+    stop = stops[0]
+    expected = full.text[: full.text.find(stop)]
+    out = runner.generate([runner.encode(item(prompt, n=1, stop=(stop,), **greedy))])[0]
+    assert (out.text, out.finish_reason) == (expected, "stop")
+    assert out.completion_tokens < 24
+
+
+def test_decoding_keeps_the_leading_space_of_the_first_token(runner):
+    word = next(t for t in runner.vocabulary if t.startswith("▁") and len(t) > 3 and t[1:].isalpha())
+    prompt = runner.encode(item("Hello"))
+    assert runner.decode_continuation(prompt.ids, [runner.vocabulary.index(word)]) == " " + word[1:]
+
+
+def test_prompt_longer_than_the_context_fails_alone(runner):
+    with pytest.raises(RequestError) as err:
+        runner.encode(item("word " * 300, max_new_tokens=8))
+    assert err.value.code == "context_length_exceeded"
