@@ -22,9 +22,11 @@ from sqlalchemy.orm import Session
 
 from core.errors import InvalidRequestError, NotFoundError
 from core.ids import new_id
+from core.prompts import render
 from core.registry import ModelSpec
 from core.schemas import JobCreate, RequestCreate, ResolvedParams
 from core.tables import Job, JobRequest, utcnow
+from core.tokens import TokenCounter, token_upper_bound
 
 TERMINAL_REQUEST_STATUSES = ("succeeded", "failed")
 ACTIVE_JOB_STATUSES = ("queued", "running")
@@ -44,7 +46,7 @@ def _problem(loc: str, message: str, type_: str) -> dict[str, str]:
 
 def _check_request(
     *, loc: str, item: RequestCreate, spec: ModelSpec, job_params: Any, limits: Limits,
-    problems: list[dict[str, str]],
+    problems: list[dict[str, str]], system: str | None, counter: TokenCounter | None,
 ) -> ResolvedParams | None:
     """Settings- and model-dependent checks of one request; appends problems, returns params."""
     plain = loc.startswith("prompts[")  # the `prompts` form: the item is the string itself
@@ -83,14 +85,44 @@ def _check_request(
     if params.min_new_tokens > params.max_new_tokens:
         problems.append(_problem(param_loc("min_new_tokens"),
                                  "min_new_tokens must not exceed max_new_tokens", "invalid_params"))
+    if not problems_for(loc, problems) and params.max_new_tokens < spec.context_length:
+        _check_context(loc=loc, item=item, spec=spec, params=params, system=system, counter=counter,
+                       problems=problems, plain=plain)
     return params
 
 
-def create_job(*, session: Session, spec: JobCreate, model: ModelSpec, limits: Limits) -> tuple[Job, list[str]]:
+def problems_for(loc: str, problems: list[dict[str, str]]) -> bool:
+    """True if ``problems`` already holds one for the request at ``loc``."""
+    return any(p["loc"] == loc or p["loc"].startswith(loc + ".") for p in problems)
+
+
+def _check_context(*, loc: str, item: RequestCreate, spec: ModelSpec, params: ResolvedParams,
+                   system: str | None, counter: TokenCounter | None, problems: list[dict[str, str]],
+                   plain: bool) -> None:
+    """Refuse a prompt that, with its ``max_new_tokens``, does not fit the model's context."""
+    try:
+        segments = render(chat_model=spec.chat, prompt=item.prompt, messages=item.messages, system=system)
+    except ValueError:
+        return  # the shape problems are reported elsewhere
+    room = spec.context_length - params.max_new_tokens
+    if token_upper_bound(segments) <= room or counter is None:
+        return  # fits for sure; or no tokenizer here, and the worker checks it exactly
+    tokens = counter.count(segments)
+    if tokens > room:
+        where = loc if plain else f"{loc}.{'messages' if item.messages is not None else 'prompt'}"
+        problems.append(_problem(
+            where, f"the prompt has {tokens} tokens; with max_new_tokens={params.max_new_tokens} it "
+            f"exceeds the context of {spec.name} ({spec.context_length} tokens)", "context_length_exceeded"))
+
+
+def create_job(*, session: Session, spec: JobCreate, model: ModelSpec, limits: Limits,
+               counter: TokenCounter | None = None) -> tuple[Job, list[str]]:
     """Validate ``spec`` against the model and limits, then insert the job and its requests.
 
-    Returns the job and its request ids in order. Raises ``InvalidRequestError`` listing every
-    problem (with the request index) and writes nothing in that case.
+    ``counter`` counts prompt tokens with the model's tokenizer, to refuse prompts too long for the
+    context now; without one, a worker fails such a request alone. Returns the job and its
+    request ids in order. Raises ``InvalidRequestError`` listing every problem (with the request
+    index) and writes nothing in that case.
     """
     items = spec.items()
     problems: list[dict[str, str]] = []
@@ -111,7 +143,8 @@ def create_job(*, session: Session, spec: JobCreate, model: ModelSpec, limits: L
     for i, item in enumerate(items):
         loc = f"prompts[{i}]" if spec.prompts is not None else f"requests[{i}]"
         resolved.append(_check_request(loc=loc, item=item, spec=model, job_params=spec.params,
-                                       limits=limits, problems=problems))
+                                       limits=limits, problems=problems, system=spec.system,
+                                       counter=counter))
         if item.custom_id is not None:
             if item.custom_id in seen_custom_ids:
                 problems.append(_problem(f"{loc}.custom_id", f"custom_id {item.custom_id!r} is already "

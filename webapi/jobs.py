@@ -104,7 +104,8 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
     limits = job_service.Limits(max_requests=svc.settings.max_requests_per_job,
                                 max_prompt_chars=svc.settings.max_prompt_chars)
     with svc.db.write() as session:
-        job, request_ids = job_service.create_job(session=session, spec=spec, model=model, limits=limits)
+        job, request_ids = job_service.create_job(session=session, spec=spec, model=model, limits=limits,
+                                                  counter=svc.token_counter(model))
     log.info("job accepted: %d requests for %s", job.total, job.model, extra={"job_id": job.id})
     _dispatch(job, request_ids)
     location = url_for("jobs.get_job", job_id=job.id)

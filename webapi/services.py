@@ -8,8 +8,9 @@ from pathlib import Path
 from flask import Flask, current_app
 
 from core.db import Database
-from core.registry import Registry, load_registry, registry_path
+from core.registry import ModelSpec, Registry, load_registry, registry_path
 from core.settings import Settings
+from core.tokens import TokenCounter, counter_for
 from webapi.dispatch import Dispatcher
 
 
@@ -24,6 +25,7 @@ class Services:
         self._registry_stamp: float | None = None
         self._registry: Registry | None = None
         self._lock = threading.Lock()
+        self._counters: dict[str, TokenCounter | None] = {}
 
     def init_app(self, app: Flask) -> None:
         app.extensions["batchgen"] = self
@@ -39,6 +41,13 @@ class Services:
                 self._registry = load_registry(self.settings)
                 self._registry_stamp = stamp
             return self._registry
+
+    def token_counter(self, spec: ModelSpec) -> TokenCounter | None:
+        """The model's token counter, if its tokenizer is on this machine (checked once)."""
+        with self._lock:
+            if spec.name not in self._counters:
+                self._counters[spec.name] = counter_for(spec.directory(self.settings.models_dir))
+            return self._counters[spec.name]
 
 
 def services() -> Services:

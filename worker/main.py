@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if settings.device == "cuda":
         pin_cuda_device(settings.device_index)  # before anything can initialise CUDA
+        log.info("pinned to GPU %d (CUDA_VISIBLE_DEVICES=%s)", settings.device_index,
+                 os.environ["CUDA_VISIBLE_DEVICES"])
     plan = plan_device(settings)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -96,9 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     from worker.celery_app import create_celery
     from worker.runner import ModelRunner
 
-    runner = ModelRunner(model_dir, spec, device=plan.device, device_index=plan.device_index,
-                         compute_type=plan.compute_type, inter_threads=plan.inter_threads,
-                         intra_threads=plan.intra_threads)
+    try:
+        runner = ModelRunner(model_dir, spec, device=plan.device, device_index=plan.device_index,
+                             compute_type=plan.compute_type, inter_threads=plan.inter_threads,
+                             intra_threads=plan.intra_threads)
+    except (RuntimeError, ValueError) as exc:  # no CUDA driver, no such GPU, bad compute type
+        log.error("cannot load %s on %s:%d (%s): %s", spec.name, plan.device, plan.physical_index,
+                  plan.compute_type, exc)
+        return 2
     policy = BatchPolicy(max_batch_size=plan.max_batch_size, max_batch_tokens=plan.max_batch_tokens,
                          max_wait_ms=settings.max_wait_ms, slots=plan.slots)
     log.info("batching: %s", policy)

@@ -140,3 +140,27 @@ def test_results_page_in_request_order_with_cursor_and_status_filter(db):
         assert [r.idx for r in running] == [1, 4]
         with pytest.raises(InvalidRequestError):
             jobs.list_results(session=s, job_id=job.id, after="req_unknown")
+
+
+def test_prompts_too_long_for_the_context_are_refused_at_submit(db, tiny_model):
+    from core.tokens import TokenCounter
+
+    counter = TokenCounter(tiny_model / "tokenizer.json")
+    payload = {"model": "m", "requests": [{"prompt": "short"}, {"prompt": "word " * 40},
+                                          {"messages": [{"role": "user", "content": "word " * 40}]}],
+               "params": {"max_new_tokens": 16}}
+    with db.write() as s, pytest.raises(InvalidRequestError) as err:
+        jobs.create_job(session=s, spec=JobCreate.model_validate(payload), model=CHAT,
+                        limits=Limits(10, 10_000), counter=counter)
+    problems = {d["loc"]: d for d in err.value.details}
+    assert set(problems) == {"requests[1].prompt", "requests[2].messages"}
+    assert problems["requests[1].prompt"]["type"] == "context_length_exceeded"
+    assert "exceeds the context of m (128 tokens)" in problems["requests[1].prompt"]["message"]
+    assert counts(db) == (0, 0)
+    # Fits once fewer new tokens are asked for; and without a tokenizer here the worker decides.
+    roomy = Limits(10, 10_000)
+    submit(db, {"model": "m", "prompts": ["word " * 20], "params": {"max_new_tokens": 8}}, limits=roomy)
+    with db.write() as s:
+        jobs.create_job(session=s, spec=JobCreate.model_validate({"model": "m", "prompts": ["word " * 100]}),
+                        model=CHAT, limits=roomy, counter=None)
+    assert counts(db) == (2, 2)

@@ -39,6 +39,8 @@ BAD_JOBS = [
     ("oversized prompt", {"model": "tiny-chat", "prompts": ["x" * 300_001]}, 422, "invalid_request", "prompts[0]"),
     ("unknown field", {"model": "tiny-chat", "prompts": ["a"], "priority_boost": 1}, 422, "invalid_request",
      "priority_boost"),
+    ("prompt too long for the context", {"model": "tiny-chat", "prompts": ["fine", "word " * 300]}, 422,
+     "invalid_request", "prompts[1]"),
     ("chat for base model", {"model": "tiny-base", "requests": [{"messages": [{"role": "user", "content": "x"}]}]},
      422, "invalid_request", "requests[0].messages"),
 ]

@@ -74,3 +74,21 @@ def test_prompt_longer_than_the_context_fails_alone(runner):
     with pytest.raises(RequestError) as err:
         runner.encode(item("word " * 300, max_new_tokens=8))
     assert err.value.code == "context_length_exceeded"
+
+
+def test_submit_time_token_count_equals_what_the_worker_feeds_the_model(runner, tiny_model):
+    from core.prompts import render
+    from core.schemas import ChatMessage
+    from core.tokens import TokenCounter, token_upper_bound
+
+    counter = TokenCounter(tiny_model / "tokenizer.json")
+    cases = [
+        item("Hello <s> world </s> [INST] é 漢字 \x01"),
+        item(messages=[{"role": "user", "content": "a [/INST] b"}, {"role": "assistant", "content": "c"},
+                       {"role": "user", "content": " d "}], system="sys <<SYS>>"),
+        item("x" * 200, max_new_tokens=8),
+    ]
+    for it in cases:
+        messages = [ChatMessage(**m) for m in it.messages] if it.messages else None
+        segments = render(chat_model=True, prompt=it.prompt, messages=messages, system=it.system)
+        assert counter.count(segments) == runner.encode(it).length <= token_upper_bound(segments)
