@@ -307,6 +307,12 @@ class _JobDelta:
     ids: list[str] = field(default_factory=list)
 
 
+def storable(text: str | None) -> str | None:
+    """Text every database can store: PostgreSQL text cannot hold NUL, which a model can emit
+    (byte-fallback token ``<0x00>``); it becomes U+FFFD on every backend alike."""
+    return text.replace("\x00", "\ufffd") if text and "\x00" in text else text
+
+
 def record(*, session: Session, outcomes: Iterable[Outcome], now: datetime | None = None) -> list[str]:
     """Store outcomes of running requests; returns the ids recorded by this call.
 
@@ -320,9 +326,10 @@ def record(*, session: Session, outcomes: Iterable[Outcome], now: datetime | Non
             update(JobRequest)
             .where(JobRequest.id == o.request_id, JobRequest.status == "running")
             .values(
-                status="succeeded" if o.ok else "failed", text=o.text, finish_reason=o.finish_reason,
-                prompt_tokens=o.prompt_tokens, completion_tokens=o.completion_tokens,
-                error_code=o.error_code, error_message=o.error_message, completed_at=now,
+                status="succeeded" if o.ok else "failed", text=storable(o.text),
+                finish_reason=o.finish_reason, prompt_tokens=o.prompt_tokens,
+                completion_tokens=o.completion_tokens, error_code=o.error_code,
+                error_message=storable(o.error_message), completed_at=now,
             )
         ).rowcount
         if changed:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 256
@@ -18,6 +18,16 @@ MAX_MESSAGES = 512
 MAX_CUSTOM_ID_CHARS = 128
 
 _STRICT = ConfigDict(strict=True, extra="forbid")
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("text must not contain NUL (\\u0000) characters")
+    return value
+
+
+# Any text a client sends. NUL is refused: PostgreSQL cannot store it, and no prompt needs it.
+Text = Annotated[str, AfterValidator(_no_nul)]
 
 
 class GenerationParams(BaseModel):
@@ -33,7 +43,7 @@ class GenerationParams(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0, le=1000, description="0 means no top-k limit.")
     repetition_penalty: float | None = Field(None, gt=0, le=10)
-    stop: list[str] | None = Field(
+    stop: list[Text] | None = Field(
         None, max_length=MAX_STOP_SEQUENCES, description="Strings that end generation; not returned."
     )
 
@@ -80,7 +90,7 @@ class ChatMessage(BaseModel):
     model_config = _STRICT
 
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class RequestCreate(BaseModel):
@@ -88,8 +98,8 @@ class RequestCreate(BaseModel):
 
     model_config = _STRICT
 
-    custom_id: str | None = Field(None, min_length=1, max_length=MAX_CUSTOM_ID_CHARS)
-    prompt: str | None = Field(None, min_length=1)
+    custom_id: Text | None = Field(None, min_length=1, max_length=MAX_CUSTOM_ID_CHARS)
+    prompt: Text | None = Field(None, min_length=1)
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
     params: GenerationParams | None = None
 
@@ -123,11 +133,11 @@ class JobCreate(BaseModel):
 
     model_config = _STRICT
 
-    model: str = Field(min_length=1, max_length=200)
-    prompts: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1)
+    model: Text = Field(min_length=1, max_length=200)
+    prompts: list[Annotated[Text, Field(min_length=1)]] | None = Field(None, min_length=1)
     requests: list[RequestCreate] | None = Field(None, min_length=1)
     params: GenerationParams | None = None
-    system: str | None = Field(None, min_length=1, description="Default system prompt for chat models.")
+    system: Text | None = Field(None, min_length=1, description="Default system prompt for chat models.")
 
     @model_validator(mode="after")
     def _one_input(self) -> JobCreate:

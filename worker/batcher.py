@@ -62,6 +62,10 @@ class BatchPolicy:
     # tokens or this fraction of the shorter one, whichever is larger.
     length_slack_tokens: int = 16
     length_slack_ratio: float = 0.25
+    # While requests keep arriving, a partial batch waits up to this many times max_wait_ms.
+    burst_wait_factor: float = 8.0
+    # A request that has waited this long is served first, whatever the size of its batch.
+    starvation_ms: float = 30_000.0
 
 
 @dataclass(eq=False)  # identity: two entries are never "equal"
@@ -95,39 +99,65 @@ def _fits(first: Pending, cand: Pending, policy: BatchPolicy) -> bool:
     return cand.length - first.length <= slack
 
 
-def _chunk_with(group: list[Pending], target: Pending, policy: BatchPolicy) -> tuple[list[Pending], bool]:
-    """Cut the length-sorted ``group`` into batches as full as the limits allow; return the one
-    holding ``target`` and whether it is full (cannot take another request)."""
+def chunks(group: list[Pending], policy: BatchPolicy) -> list[tuple[list[Pending], bool]]:
+    """Cut a length-sorted group into batches as full as the limits allow, each with whether it
+    is full (cannot take another request)."""
+    out: list[tuple[list[Pending], bool]] = []
     chunk: list[Pending] = []
     tokens = 0
+    def is_full() -> bool:
+        smallest = min(q.cost for q in chunk)
+        return len(chunk) >= policy.max_batch_size or tokens + smallest > policy.max_batch_tokens
+
     for p in group:
         if chunk and (len(chunk) >= policy.max_batch_size or tokens + p.cost > policy.max_batch_tokens
                       or not _fits(chunk[0], p, policy)):
-            if any(q is target for q in chunk):
-                return chunk, True
+            # Cut for a size limit: full. Cut because the next prompt is much longer: not full,
+            # a request of a length in between could still join it.
+            out.append((chunk, is_full() or tokens + p.cost > policy.max_batch_tokens))
             chunk, tokens = [], 0
         chunk.append(p)
         tokens += p.cost
-    smallest = min(q.cost for q in chunk)
-    full = len(chunk) >= policy.max_batch_size or tokens + smallest > policy.max_batch_tokens
-    return chunk, full
+    if chunk:
+        out.append((chunk, is_full()))
+    return out
 
 
-def select_batch(pending: Sequence[Pending], *, now: float, device_idle: bool,
-                 policy: BatchPolicy) -> tuple[list[Pending] | None, float]:
-    """The batch to start now, or ``(None, seconds to wait before looking again)``.
+def select_batch(pending: Sequence[Pending], *, now: float, device_idle: bool, policy: BatchPolicy,
+                 last_arrival: float | None = None) -> tuple[list[Pending] | None, float, str]:
+    """The batch to start now, or ``(None, seconds to wait before looking again)``, and why
+    (``full``, ``idle``, ``time``, ``starved``).
 
-    The oldest request decides: its sampling group, sorted by prompt length and cut into
-    batches, gives the batch that holds it (so nothing starves). That batch leaves when it is
-    full, when the oldest has waited ``max_wait_ms``, or when the device is idle.
+    Requests are grouped by sampling settings; each group is sorted by prompt length and cut
+    into batches. *When* to start: as soon as a batch is full, when the device is idle, or once
+    the oldest request has waited ``max_wait_ms`` (stretched up to ``burst_wait_factor`` times
+    while requests keep arriving, so a burst fills batches instead of leaving in fragments).
+    *What* to start: the largest batch (prompt + new tokens) -- longest first keeps the
+    device's replicas finishing together -- unless the oldest request has waited
+    ``starvation_ms``, in which case its batch goes first whatever its size.
     """
+    by_key: dict[tuple[Any, ...], list[Pending]] = defaultdict(list)
+    for p in pending:
+        by_key[p.key].append(p)
     oldest = min(pending, key=lambda p: p.arrived)
-    group = sorted((p for p in pending if p.key == oldest.key), key=lambda p: (p.length, p.arrived))
-    batch, full = _chunk_with(group, oldest, policy)
     waited = now - oldest.arrived
-    if full or device_idle or waited * 1000 >= policy.max_wait_ms:
-        return batch, 0.0
-    return None, max(0.0005, policy.max_wait_ms / 1000 - waited)
+    arriving = last_arrival is not None and (now - last_arrival) * 1000 < policy.max_wait_ms / 2
+    wait_s = policy.max_wait_ms / 1000 * (policy.burst_wait_factor if arriving else 1)
+    largest: tuple[int, list[Pending]] | None = None
+    any_full = False
+    for key, group in by_key.items():
+        group.sort(key=lambda p: (p.length, p.arrived))
+        for batch, full in chunks(group, policy):
+            if key == oldest.key and waited * 1000 >= policy.starvation_ms and any(p is oldest for p in batch):
+                return batch, 0.0, "starved"
+            any_full = any_full or full
+            cost = sum(p.cost for p in batch)
+            if largest is None or cost > largest[0]:
+                largest = (cost, batch)
+    assert largest is not None
+    if any_full or device_idle or waited >= wait_s:
+        return largest[1], 0.0, "full" if any_full else "idle" if device_idle else "time"
+    return None, max(0.0005, min(wait_s - waited, policy.max_wait_ms / 1000)), ""
 
 
 class Batcher:
@@ -144,6 +174,7 @@ class Batcher:
         self._waiters: dict[str, list[_Submission]] = defaultdict(list)
         self._busy_slots = 0
         self._intake_busy = False
+        self._last_arrival: float | None = None
         self._stopping = False
         self._slots = ThreadPoolExecutor(max_workers=policy.slots, thread_name_prefix="slot")
         self._threads = [
@@ -255,6 +286,8 @@ class Batcher:
         with self._cond:
             for p in fresh:
                 self._pending[p.enc.item.id] = p
+            if fresh:
+                self._last_arrival = now
             self._cond.notify_all()
         self._settle(settled)
 
@@ -266,23 +299,23 @@ class Batcher:
                 if not self._pending or self._busy_slots >= self.policy.slots:
                     self._cond.wait()
                     continue
-                batch, wait = self._select()
+                batch, wait, reason = self._select()
                 if batch is None:
                     self._cond.wait(wait)
                     continue
                 for p in batch:
                     del self._pending[p.enc.item.id]
                 self._busy_slots += 1
-                self._slots.submit(self._run, batch)
+                self._slots.submit(self._run, batch, reason)
 
-    def _select(self) -> tuple[list[Pending] | None, float]:
+    def _select(self) -> tuple[list[Pending] | None, float, str]:
         idle = self._busy_slots == 0 and not self._intake_busy
         return select_batch(list(self._pending.values()), now=self.clock(), device_idle=idle,
-                            policy=self.policy)
+                            policy=self.policy, last_arrival=self._last_arrival)
 
     # --- running ---------------------------------------------------------------------------
 
-    def _run(self, batch: list[Pending]) -> None:
+    def _run(self, batch: list[Pending], reason: str = "") -> None:
         run_id = new_id("run")
         ids = [p.enc.item.id for p in batch]
         try:
@@ -294,7 +327,8 @@ class Batcher:
                 self._settle(lost)
             todo = [p for p in batch if p.enc.item.id in claimed]
             if todo:
-                outcomes = self._generate(todo, run_id, waited=self.clock() - min(p.arrived for p in todo))
+                outcomes = self._generate(todo, run_id, waited=self.clock() - min(p.arrived for p in todo),
+                                          reason=reason)
                 self._record_q.put((run_id, outcomes, [p.enc.item.id for p in todo]))
         except Exception:
             log.exception("batch %s failed before generation; its requests will be redelivered", run_id)
@@ -304,7 +338,7 @@ class Batcher:
                 self._busy_slots -= 1
                 self._cond.notify_all()
 
-    def _generate(self, todo: list[Pending], run_id: str, waited: float) -> list[Outcome]:
+    def _generate(self, todo: list[Pending], run_id: str, waited: float, reason: str = "") -> list[Outcome]:
         started = self.clock()
         try:
             outcomes = self.runner.generate([p.enc for p in todo])
@@ -318,7 +352,7 @@ class Batcher:
             # Find the request that broke the batch: run each alone, the others still succeed.
             log.warning("batch %s of %d failed (%s); running its requests one by one",
                         run_id, len(todo), exc)
-            return [o for p in todo for o in self._generate([p], run_id, waited)]
+            return [o for p in todo for o in self._generate([p], run_id, waited, "isolate")]
         seconds = self.clock() - started
         new_tokens = sum(o.completion_tokens or 0 for o in outcomes)
         prompt_tokens = sum(p.length for p in todo)
@@ -328,9 +362,9 @@ class Batcher:
             self.stats.generated_tokens += new_tokens
             self.stats.generate_seconds += seconds
             self.stats.sizes.append(len(todo))
-        log.info("batch %s: %d requests, %d prompt + %d new tokens, lengths %d-%d, waited %.0f ms, "
-                 "generated in %.3f s (%.0f tokens/s)", run_id, len(todo), prompt_tokens, new_tokens,
-                 todo[0].length, todo[-1].length, waited * 1000, seconds,
+        log.info("batch %s: %d requests, %d prompt + %d new tokens, lengths %d-%d, left %s after "
+                 "%.0f ms, generated in %.3f s (%.0f tokens/s)", run_id, len(todo), prompt_tokens,
+                 new_tokens, todo[0].length, todo[-1].length, reason or "-", waited * 1000, seconds,
                  new_tokens / seconds if seconds > 0 else 0.0)
         return outcomes
 
@@ -344,10 +378,27 @@ class Batcher:
             run_id, outcomes, ids = entry
             try:
                 self._write(lambda s: job_service.record(session=s, outcomes=outcomes))
-                self._settle(ids)
-            except Exception:
-                log.exception("could not record batch %s; its requests will be redelivered", run_id)
+            except OperationalError:
+                log.exception("database away too long; batch %s will be redelivered", run_id)
                 self._fail_futures(ids, RuntimeError("recording failed"))
+                continue
+            except Exception:
+                # One result the database refuses must not take its batch down: store them one by
+                # one, and the one that cannot be stored as a failure saying why.
+                log.exception("could not record batch %s whole; recording one by one", run_id)
+                for outcome in outcomes:
+                    self._record_alone(outcome)
+            self._settle(ids)
+
+    def _record_alone(self, outcome: Outcome) -> None:
+        try:
+            self._write(lambda s: job_service.record(session=s, outcomes=[outcome]))
+        except Exception as exc:
+            log.exception("result could not be stored", extra={"request_id": outcome.request_id,
+                                                                "job_id": outcome.job_id})
+            failure = Outcome(request_id=outcome.request_id, job_id=outcome.job_id, error_code="store_failed",
+                              error_message=f"the result could not be stored: {type(exc).__name__}")
+            self._write(lambda s: job_service.record(session=s, outcomes=[failure]))
 
     def _write(self, work: Callable[[Any], Any], attempts: int = 8) -> Any:
         """Run ``work(session)`` in a write transaction, retrying while the database is away."""

@@ -175,16 +175,22 @@ class ModelRunner:
             return sequences[step.batch_id].push(step.token_id)
 
         greedy = params.temperature == 0
+        max_length = max(enc.item.params.max_new_tokens for enc in batch)
+        # The step callback runs Python (and takes the GIL) for every token of every sequence.
+        # When every request wants max_length tokens and has no stop strings, CTranslate2's own
+        # max_length and end token do the whole job: skip it.
+        needs_callback = any(enc.item.params.stop or enc.item.params.max_new_tokens != max_length
+                             for enc in batch)
         results = self.generator.generate_batch(
             [enc.tokens for enc in batch],
-            max_length=max(enc.item.params.max_new_tokens for enc in batch),
+            max_length=max_length,
             min_length=params.min_new_tokens,
             sampling_topk=1 if greedy else params.top_k,
             sampling_topp=params.top_p,
             sampling_temperature=1.0 if greedy else params.temperature,
             repetition_penalty=params.repetition_penalty,
             include_prompt_in_result=False,
-            callback=on_step,
+            callback=on_step if needs_callback else None,
         )
         outcomes = []
         for seq, result in zip(sequences, results, strict=True):

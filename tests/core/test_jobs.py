@@ -164,3 +164,14 @@ def test_prompts_too_long_for_the_context_are_refused_at_submit(db, tiny_model):
         jobs.create_job(session=s, spec=JobCreate.model_validate({"model": "m", "prompts": ["word " * 100]}),
                         model=CHAT, limits=roomy, counter=None)
     assert counts(db) == (2, 2)
+
+
+def test_nul_in_generated_text_is_stored_on_every_backend(db):
+    job, ids = submit(db, {"model": "m", "prompts": ["a"]})
+    with db.write() as s:
+        jobs.claim(session=s, request_ids=ids, run_id="r")
+        assert jobs.record(session=s, outcomes=[Outcome(request_id=ids[0], job_id=job.id, text="x\x00y",
+                                                        finish_reason="stop", prompt_tokens=1,
+                                                        completion_tokens=3)]) == ids
+    with db.read() as s:
+        assert s.get(JobRequest, ids[0]).text == "x\ufffdy"

@@ -41,6 +41,9 @@ BAD_JOBS = [
      "priority_boost"),
     ("prompt too long for the context", {"model": "tiny-chat", "prompts": ["fine", "word " * 300]}, 422,
      "invalid_request", "prompts[1]"),
+    ("NUL in a prompt", {"model": "tiny-chat", "prompts": ["ok", "a\u0000b"]}, 422, "invalid_request", "prompts[1]"),
+    ("NUL in a message", {"model": "tiny-chat", "requests": [{"messages": [{"role": "user", "content": "\u0000"}]}]},
+     422, "invalid_request", "requests[0].messages[0].content"),
     ("chat for base model", {"model": "tiny-base", "requests": [{"messages": [{"role": "user", "content": "x"}]}]},
      422, "invalid_request", "requests[0].messages"),
 ]

@@ -13,7 +13,9 @@ from core.jobs import Limits
 from core.registry import ModelSpec
 from core.schemas import JobCreate
 from core.tables import Job, JobRequest
-from worker.batcher import Batcher, BatchPolicy, Pending, select_batch
+from concurrent.futures import Future
+
+from worker.batcher import Batcher, BatchPolicy, Pending, _Submission, select_batch
 from worker.runner import ModelRunner
 
 # --- the policy, with an explicit clock ----------------------------------------------------
@@ -27,45 +29,74 @@ POLICY = BatchPolicy(max_batch_size=4, max_batch_tokens=10_000, max_wait_ms=50, 
 
 
 def test_waits_for_more_while_the_device_is_busy_and_the_batch_is_not_full():
-    batch, wait = select_batch([p(10), p(12)], now=0.010, device_idle=False, policy=POLICY)
+    batch, wait, _ = select_batch([p(10), p(12)], now=0.010, device_idle=False, policy=POLICY)
     assert batch is None and wait == pytest.approx(0.040)
 
 
 def test_flushes_on_time():
-    batch, _ = select_batch([p(10), p(12)], now=0.051, device_idle=False, policy=POLICY)
-    assert [x.length for x in batch] == [10, 12]
+    batch, _, why = select_batch([p(10), p(12)], now=0.051, device_idle=False, policy=POLICY)
+    assert [x.length for x in batch] == [10, 12] and why == "time"
 
 
 def test_flushes_at_once_when_the_device_is_idle():
-    batch, _ = select_batch([p(10)], now=0.0, device_idle=True, policy=POLICY)
-    assert [x.length for x in batch] == [10]
+    batch, _, why = select_batch([p(10)], now=0.0, device_idle=True, policy=POLICY)
+    assert [x.length for x in batch] == [10] and why == "idle"
 
 
-def test_flushes_on_size_taking_the_oldest_and_its_length_neighbours():
+def test_flushes_on_size_taking_length_neighbours():
     pending = [p(10 + i, arrived=i / 1000) for i in range(6)]
-    batch, _ = select_batch(pending, now=0.006, device_idle=False, policy=POLICY)
+    batch, _, _ = select_batch(pending, now=0.006, device_idle=False, policy=POLICY)
     assert [x.length for x in batch] == [10, 11, 12, 13]
+
+
+def test_once_it_is_time_the_largest_batch_goes_first_even_if_not_the_oldest():
+    pending = [p(10, 0.000), p(100, 0.040), p(101, 0.041)]
+    batch, _, _ = select_batch(pending, now=0.051, device_idle=False, policy=POLICY)
+    assert [x.length for x in batch] == [100, 101]
 
 
 def test_flushes_on_tokens():
     policy = BatchPolicy(max_batch_size=64, max_batch_tokens=110, max_wait_ms=50)
-    batch, _ = select_batch([p(30, new=20), p(31, new=20), p(32, new=20)], now=0.0, device_idle=False,
+    batch, _, _ = select_batch([p(30, new=20), p(31, new=20), p(32, new=20)], now=0.0, device_idle=False,
                             policy=policy)
     assert len(batch) == 2  # 50 + 51 tokens; a third (52) would not fit
 
 
 def test_groups_by_sampling_settings_and_serves_the_oldest_group_first():
     pending = [p(10, 0.000, key=("hot",)), p(10, 0.001, key=("cold",)), p(11, 0.002, key=("hot",))]
-    batch, _ = select_batch(pending, now=1.0, device_idle=False, policy=POLICY)
+    batch, _, _ = select_batch(pending, now=1.0, device_idle=False, policy=POLICY)
     assert {x.key for x in batch} == {("hot",)} and len(batch) == 2
 
 
-def test_prompts_of_very_different_lengths_do_not_share_a_batch():
+def test_prompts_of_very_different_lengths_do_not_share_a_batch_and_the_largest_goes_first():
     pending = [p(8, 0.0), p(200, 0.001), p(9, 0.002), p(210, 0.003)]
-    batch, _ = select_batch(pending, now=1.0, device_idle=False, policy=POLICY)
-    assert [x.length for x in batch] == [8, 9]
-    batch, _ = select_batch([x for x in pending if x.length > 100], now=1.0, device_idle=False, policy=POLICY)
+    batch, _, _ = select_batch(pending, now=1.0, device_idle=False, policy=POLICY)
     assert [x.length for x in batch] == [200, 210]
+    batch, _, _ = select_batch([x for x in pending if x.length < 100], now=1.0, device_idle=False, policy=POLICY)
+    assert [x.length for x in batch] == [8, 9]
+
+
+def test_a_batch_cut_only_by_length_difference_is_not_full():
+    batch, wait, _ = select_batch([p(10, 0.0), p(200, 0.001)], now=0.002, device_idle=False, policy=POLICY)
+    assert batch is None
+
+
+def test_a_request_waiting_too_long_goes_first_whatever_its_size():
+    policy = BatchPolicy(max_batch_size=4, max_wait_ms=50, starvation_ms=2000)
+    pending = [p(8, 0.0), p(200, 1.5), p(210, 1.6)]
+    batch, _, _ = select_batch(pending, now=2.1, device_idle=False, policy=policy)
+    assert [x.length for x in batch] == [8]
+
+
+def test_a_burst_fills_batches_instead_of_leaving_in_fragments():
+    policy = BatchPolicy(max_batch_size=4, max_wait_ms=20, burst_wait_factor=5)
+    pending = [p(10, 0.0), p(11, 0.030)]
+    # Requests still arriving (the last 2 ms ago): a partial batch waits beyond max_wait...
+    batch, wait, _ = select_batch(pending, now=0.032, device_idle=False, policy=policy, last_arrival=0.030)
+    assert batch is None and wait == pytest.approx(0.020)  # looks again after max_wait at most
+    # ...up to burst_wait_factor times it; once arrivals pause, max_wait applies again.
+    assert select_batch(pending, now=0.101, device_idle=False, policy=policy, last_arrival=0.099)[0]
+    assert select_batch(pending, now=0.041, device_idle=False, policy=policy, last_arrival=0.030)[0]
 
 
 # --- the real batcher ----------------------------------------------------------------------
@@ -186,3 +217,33 @@ def test_requests_delivered_twice_are_run_and_recorded_once(db, runner):
     with db.read() as s:
         job = s.get(Job, job_id)
         assert (job.succeeded, job.completion_tokens) == (2, sum(x.completion_tokens for x in r))
+
+
+@pytest.mark.postgres
+def test_a_result_the_database_refuses_fails_alone_and_the_batch_is_stored(runner, postgres_url):
+    from core.jobs import Outcome
+    from tests.conftest import _truncate
+
+    _truncate(postgres_url)
+    db = Database(postgres_url)
+    job_id, ids = submit_job(db, {"prompts": ["a", "b"]})
+    with db.write() as s:
+        jobs.claim(session=s, request_ids=ids, run_id="run_x")
+    good = Outcome(request_id=ids[0], job_id=job_id, text="fine", finish_reason="stop", prompt_tokens=1,
+                   completion_tokens=1)
+    # PostgreSQL refuses this row (error_code is at most 64 characters): a non-transient failure.
+    refused = Outcome(request_id=ids[1], job_id=job_id, error_code="x" * 100, error_message="too long a code")
+    # Hand the recorder a generated batch directly, as a slot does, and wait as a task would.
+    batcher = Batcher(runner=runner, db=db, policy=BatchPolicy()).start()
+    waiting = _Submission(Future(), remaining=2)
+    for request_id in ids:
+        batcher._waiters[request_id].append(waiting)
+    batcher._record_q.put(("run_x", [good, refused], ids))
+    waiting.future.result(timeout=30)
+    batcher.stop()
+    r = rows(db, ids)
+    assert (r[0].status, r[0].text) == ("succeeded", "fine")
+    assert (r[1].status, r[1].error_code) == ("failed", "store_failed")
+    with db.read() as s:
+        assert s.get(Job, job_id).status == "completed"
+    db.dispose()
