@@ -11,12 +11,14 @@ Threads inside one worker process::
 
 - intake: loads submitted requests from the database in bulk, drops those that already ran,
   tokenizes the rest, and fails alone the ones that cannot run (too long, bad template).
-- scheduler: picks the next batch when a generation slot is free. Requests are grouped by
-  sampling settings (CTranslate2 takes them per call) and, inside a group, by prompt length
-  (CTranslate2 forwards only the shortest prompt of a batch at once, the rest token by token).
-  A batch leaves when it is full (``max_batch_size`` requests or ``max_batch_tokens`` prompt +
-  new tokens), when its oldest request has waited ``max_wait_ms``, or at once when the device is
-  idle and nothing else is arriving (an idle single request is not held back).
+- scheduler: picks the next batch when a generation slot is free (``select_batch``). Requests
+  are grouped by sampling settings (CTranslate2 takes them per call) and, inside a group, cut
+  into batches of similar prompt length (CTranslate2 forwards only the shortest prompt of a
+  batch at once, the rest token by token) up to ``max_batch_size`` requests and
+  ``max_batch_tokens`` prompt + new tokens. A batch starts when one is full, at once when the
+  device is idle and nothing else is arriving (an idle single request is not held back), or
+  when the oldest request has waited ``max_wait_ms`` (longer while a burst is still arriving).
+  The largest batch goes first, which keeps the replicas finishing together.
 - slots: ``slots`` batches generate at once (on CPU one per CTranslate2 replica,
   ``inter_threads``); while they run, the next batch is being formed.
 - recorder: writes each batch's outcomes in one transaction, retrying while the database is
@@ -29,7 +31,7 @@ import logging
 import queue
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -62,7 +64,9 @@ class BatchPolicy:
     # tokens or this fraction of the shorter one, whichever is larger.
     length_slack_tokens: int = 16
     length_slack_ratio: float = 0.25
-    # While requests keep arriving, a partial batch waits up to this many times max_wait_ms.
+    # Two or more requests arriving within this window are a burst; while one arrives, a
+    # partial batch waits up to burst_wait_factor times max_wait_ms for it to fill.
+    burst_window_ms: float = 50.0
     burst_wait_factor: float = 8.0
     # A request that has waited this long is served first, whatever the size of its batch.
     starvation_ms: float = 30_000.0
@@ -124,30 +128,33 @@ def chunks(group: list[Pending], policy: BatchPolicy) -> list[tuple[list[Pending
 
 
 def select_batch(pending: Sequence[Pending], *, now: float, device_idle: bool, policy: BatchPolicy,
-                 last_arrival: float | None = None) -> tuple[list[Pending] | None, float, str]:
+                 arriving: bool = False, free_slots: int = 1) -> tuple[list[Pending] | None, float, str]:
     """The batch to start now, or ``(None, seconds to wait before looking again)``, and why
     (``full``, ``idle``, ``time``, ``starved``).
 
     Requests are grouped by sampling settings; each group is sorted by prompt length and cut
-    into batches. *When* to start: as soon as a batch is full, when the device is idle, or once
-    the oldest request has waited ``max_wait_ms`` (stretched up to ``burst_wait_factor`` times
-    while requests keep arriving, so a burst fills batches instead of leaving in fragments).
-    *What* to start: the largest batch (prompt + new tokens) -- longest first keeps the
-    device's replicas finishing together -- unless the oldest request has waited
-    ``starvation_ms``, in which case its batch goes first whatever its size.
+    into batches. *When* to start: as soon as a batch is full; when the device is idle and no
+    burst of requests is ``arriving``; or once the oldest request has waited ``max_wait_ms``
+    (stretched up to ``burst_wait_factor`` times while a burst arrives, so it fills batches
+    instead of leaving in fragments). *What* to start: the largest batch (prompt + new tokens),
+    since longest first keeps the device's replicas finishing together -- unless the oldest
+    request has waited ``starvation_ms``, then its batch goes first whatever its size. When the
+    last batch would leave replicas idle (``free_slots`` > 1, nothing else waiting, no burst
+    arriving), it is split between them.
     """
     by_key: dict[tuple[Any, ...], list[Pending]] = defaultdict(list)
     for p in pending:
         by_key[p.key].append(p)
     oldest = min(pending, key=lambda p: p.arrived)
     waited = now - oldest.arrived
-    arriving = last_arrival is not None and (now - last_arrival) * 1000 < policy.max_wait_ms / 2
     wait_s = policy.max_wait_ms / 1000 * (policy.burst_wait_factor if arriving else 1)
     largest: tuple[int, list[Pending]] | None = None
     any_full = False
+    count = 0
     for key, group in by_key.items():
         group.sort(key=lambda p: (p.length, p.arrived))
         for batch, full in chunks(group, policy):
+            count += 1
             if key == oldest.key and waited * 1000 >= policy.starvation_ms and any(p is oldest for p in batch):
                 return batch, 0.0, "starved"
             any_full = any_full or full
@@ -155,8 +162,12 @@ def select_batch(pending: Sequence[Pending], *, now: float, device_idle: bool, p
             if largest is None or cost > largest[0]:
                 largest = (cost, batch)
     assert largest is not None
-    if any_full or device_idle or waited >= wait_s:
-        return largest[1], 0.0, "full" if any_full else "idle" if device_idle else "time"
+    idle = device_idle and not arriving  # an idle device still lets a burst gather first
+    if any_full or idle or waited >= wait_s:
+        batch = largest[1]
+        if count == 1 and free_slots > 1 and not arriving and len(batch) > 1:
+            batch = batch[len(batch) // free_slots * (free_slots - 1):]  # the longest share
+        return batch, 0.0, "full" if any_full else "idle" if idle else "time"
     return None, max(0.0005, min(wait_s - waited, policy.max_wait_ms / 1000)), ""
 
 
@@ -174,7 +185,7 @@ class Batcher:
         self._waiters: dict[str, list[_Submission]] = defaultdict(list)
         self._busy_slots = 0
         self._intake_busy = False
-        self._last_arrival: float | None = None
+        self._arrivals: deque[float] = deque()  # arrival times within the burst window
         self._stopping = False
         self._slots = ThreadPoolExecutor(max_workers=policy.slots, thread_name_prefix="slot")
         self._threads = [
@@ -286,8 +297,8 @@ class Batcher:
         with self._cond:
             for p in fresh:
                 self._pending[p.enc.item.id] = p
-            if fresh:
-                self._last_arrival = now
+            if fresh:  # one arrival per intake round: what came together has fully arrived
+                self._arrivals.append(now)
             self._cond.notify_all()
         self._settle(settled)
 
@@ -309,9 +320,17 @@ class Batcher:
                 self._slots.submit(self._run, batch, reason)
 
     def _select(self) -> tuple[list[Pending] | None, float, str]:
-        idle = self._busy_slots == 0 and not self._intake_busy
-        return select_batch(list(self._pending.values()), now=self.clock(), device_idle=idle,
-                            policy=self.policy, last_arrival=self._last_arrival)
+        now = self.clock()
+        window = self.policy.burst_window_ms / 1000
+        while self._arrivals and self._arrivals[0] < now - window:
+            self._arrivals.popleft()
+        arriving = len(self._arrivals) >= 2 or self._intake_busy
+        batch, wait, reason = select_batch(
+            list(self._pending.values()), now=now, device_idle=self._busy_slots == 0, policy=self.policy,
+            arriving=arriving, free_slots=self.policy.slots - self._busy_slots)
+        if batch is None and arriving and self._arrivals:  # look again when the burst may have paused
+            wait = min(wait, max(0.0005, self._arrivals[-1] + window - now))
+        return batch, wait, reason
 
     # --- running ---------------------------------------------------------------------------
 

@@ -56,5 +56,5 @@ def plan_device(settings: Settings) -> DevicePlan:
     return DevicePlan(
         device="cpu", device_index=0, physical_index=0, compute_type=compute, inter_threads=inter,
         intra_threads=intra, slots=inter, max_batch_size=settings.max_batch_size or 16,
-        max_batch_tokens=settings.max_batch_tokens or 1024,
+        max_batch_tokens=settings.max_batch_tokens or 768,
     )

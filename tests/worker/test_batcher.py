@@ -43,6 +43,24 @@ def test_flushes_at_once_when_the_device_is_idle():
     assert [x.length for x in batch] == [10] and why == "idle"
 
 
+def test_an_idle_device_lets_a_burst_that_is_still_arriving_gather_first():
+    pending = [p(10, 0.0), p(40, 0.008)]
+    batch, wait, _ = select_batch(pending, now=0.010, device_idle=True, policy=POLICY, arriving=True)
+    assert batch is None and wait > 0
+    batch, _, why = select_batch(pending, now=0.010, device_idle=True, policy=POLICY, arriving=False)
+    assert why == "idle"
+
+
+def test_the_last_batch_is_split_between_idle_replicas():
+    pending = [p(10 + i, 0.0) for i in range(4)]
+    batch, _, _ = select_batch(pending, now=1.0, device_idle=True, policy=POLICY, free_slots=2)
+    assert [x.length for x in batch] == [12, 13]  # the longer half; the rest goes to the other
+    # Not while a burst is still arriving, nor when other work is waiting.
+    assert len(select_batch(pending, now=1.0, device_idle=False, policy=POLICY, free_slots=2, arriving=True)[0]) == 4
+    other = [p(10 + i, 0.0, key=("other",)) for i in range(4)]
+    assert len(select_batch(pending + other, now=1.0, device_idle=True, policy=POLICY, free_slots=2)[0]) == 4
+
+
 def test_flushes_on_size_taking_length_neighbours():
     pending = [p(10 + i, arrived=i / 1000) for i in range(6)]
     batch, _, _ = select_batch(pending, now=0.006, device_idle=False, policy=POLICY)
@@ -91,12 +109,12 @@ def test_a_request_waiting_too_long_goes_first_whatever_its_size():
 def test_a_burst_fills_batches_instead_of_leaving_in_fragments():
     policy = BatchPolicy(max_batch_size=4, max_wait_ms=20, burst_wait_factor=5)
     pending = [p(10, 0.0), p(11, 0.030)]
-    # Requests still arriving (the last 2 ms ago): a partial batch waits beyond max_wait...
-    batch, wait, _ = select_batch(pending, now=0.032, device_idle=False, policy=policy, last_arrival=0.030)
+    # A burst still arriving: a partial batch waits beyond max_wait...
+    batch, wait, _ = select_batch(pending, now=0.032, device_idle=False, policy=policy, arriving=True)
     assert batch is None and wait == pytest.approx(0.020)  # looks again after max_wait at most
     # ...up to burst_wait_factor times it; once arrivals pause, max_wait applies again.
-    assert select_batch(pending, now=0.101, device_idle=False, policy=policy, last_arrival=0.099)[0]
-    assert select_batch(pending, now=0.041, device_idle=False, policy=policy, last_arrival=0.030)[0]
+    assert select_batch(pending, now=0.101, device_idle=False, policy=policy, arriving=True)[0]
+    assert select_batch(pending, now=0.041, device_idle=False, policy=policy, arriving=False)[0]
 
 
 # --- the real batcher ----------------------------------------------------------------------
