@@ -46,6 +46,12 @@ class Stack:
         self.procs.append(redis)
         wait_for_port("127.0.0.1", self.redis_port, 20, redis)
         upgrade(self.settings.database_url)
+        from core.auth import create_key
+
+        db = Database(self.settings.database_url)
+        with db.write() as session:
+            _, self.token = create_key(session=session, owner="bench", name="benchmark")
+        db.dispose()
         api = subprocess.Popen([sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{self.api_port}",
                                 "--workers", str(self.api_workers), "--threads", "8", "--log-level", "warning",
                                 "webapi:create_app()"], env=env, cwd=PROJECT_ROOT)

@@ -156,6 +156,7 @@ def bench_system(model_dir: Path, prompts: list[Prompt], new_tokens: int, worker
     def submit(text: str) -> str:
         if not hasattr(local, "http"):
             local.http = requests.Session()
+            local.http.headers["Authorization"] = f"Bearer {stack.token}"
         resp = local.http.post(f"{stack.url}/v1/jobs", json={"model": "bench", "prompts": [text], "params": params},
                                timeout=60)
         resp.raise_for_status()

@@ -9,6 +9,8 @@
     batchgen convert meta-llama/Llama-2-7b-chat-hf --name meta-llama/Llama-2-7b-chat-hf
                                      convert a Hugging Face checkpoint to CTranslate2 int8
     batchgen models                  list registered models and whether they are installed
+    batchgen keys create --owner alice
+                                     create an API key (also: keys list, keys revoke KEY_ID)
 """
 
 from __future__ import annotations
@@ -102,6 +104,37 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from core import auth
+    from core.db import Database
+    from core.errors import NotFoundError
+
+    settings = _settings()
+    db = Database(settings.database_url)
+    try:
+        if args.action == "create":
+            with db.write() as session:
+                key, token = auth.create_key(session=session, owner=args.owner, name=args.name or "",
+                                             admin=args.admin)
+            print(f"created {key.id} for owner {key.owner!r}{' (admin)' if key.admin else ''}; the key, shown "
+                  f"only now:\n{token}")
+        elif args.action == "list":
+            with db.read() as session:
+                for key in auth.list_keys(session=session):
+                    state = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "active"
+                    print(f"{key.id}  {key.owner:20} {'admin' if key.admin else '     '}  {state:24} {key.name}")
+        else:
+            try:
+                with db.write() as session:
+                    key = auth.revoke_key(session=session, key_id=args.key_id)
+            except NotFoundError as exc:
+                raise SystemExit(f"batchgen: {exc.message}") from None
+            print(f"revoked {key.id} (owner {key.owner!r}); API processes stop accepting it within 10 s")
+    finally:
+        db.dispose()
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from core.registry import load_registry
 
@@ -157,6 +190,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-length", type=int)
     p.add_argument("--force", action="store_true", help="replace an existing model directory")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("keys", help="create, list or revoke API keys",
+                       description="Keys are stored only as salted hashes: a new key is shown once.")
+    keys = p.add_subparsers(dest="action", required=True)
+    k = keys.add_parser("create", help="create a key for an owner (prints it once)")
+    k.add_argument("--owner", required=True, help="whose jobs the key reaches")
+    k.add_argument("--name", help="a label, e.g. who or what uses it")
+    k.add_argument("--admin", action="store_true", help="may see every owner's jobs")
+    keys.add_parser("list", help="list keys (never the secrets)")
+    k = keys.add_parser("revoke", help="revoke a key by its id (key_...)")
+    k.add_argument("key_id")
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("models", help="list registered models")
     p.set_defaults(func=cmd_models)

@@ -127,6 +127,31 @@ class Child:
                 self.proc.wait()
 
 
+def ensure_dev_key(settings: Settings) -> tuple[str, bool]:
+    """The development API key in ``var/dev-api-key`` (mode 600), made on first start; returns the
+    key and whether it is new. A key file whose key the database no longer knows is replaced."""
+    from core import auth
+    from core.db import Database
+
+    path = settings.var_dir / "dev-api-key"
+    db = Database(settings.database_url)
+    try:
+        if path.is_file():
+            token = path.read_text().strip()
+            with db.read() as session:
+                if auth.authenticate(session=session, token=token) is not None:
+                    return token, False
+        with db.write() as session:
+            _, token = auth.create_key(session=session, owner="dev", name="development key (make run)")
+    finally:
+        db.dispose()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    os.chmod(path, 0o600)
+    return token, True
+
+
 def run_local(settings: Settings, *, workers: int = 1) -> int:
     """Run everything until interrupted; returns the exit status."""
     from core.db import upgrade
@@ -138,6 +163,12 @@ def run_local(settings: Settings, *, workers: int = 1) -> int:
 
     _say(f"migrating {settings.database_url.split('@')[-1]}")
     upgrade(settings.database_url)
+
+    token, new = ensure_dev_key(settings)
+    key_file = settings.var_dir / "dev-api-key"
+    if new:
+        _say(f"created a development API key (owner 'dev'), saved to {key_file} (mode 600):")
+        print(token, flush=True)
 
     registry = load_registry(settings)
     spec = registry.resolve(settings.model)
@@ -174,8 +205,8 @@ def run_local(settings: Settings, *, workers: int = 1) -> int:
         wait_for_port(settings.host, settings.port, 30, api.proc)
         url = f"http://{settings.host}:{settings.port}"
         _say(f"API ready at {url}  model: {spec.name}  ({workers} worker{'s' if workers > 1 else ''})")
-        _say(f"try: curl -X POST {url}/v1/jobs -H 'content-type: application/json' "
-             f"-d '{{\"model\": \"{spec.name}\", \"prompts\": [\"Hello\"]}}'")
+        _say(f"try: curl -X POST {url}/v1/jobs -H \"Authorization: Bearer $(cat {key_file})\" "
+             f"-H 'content-type: application/json' -d '{{\"model\": \"{spec.name}\", \"prompts\": [\"Hello\"]}}'")
         _say("press Ctrl-C to stop")
         while not stopping:
             for child in children:

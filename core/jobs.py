@@ -4,32 +4,44 @@ Views and tasks parse, call one function here, and serialize. Each function take
 the caller's unit of work and keyword-only arguments.
 
 Request life: ``queued`` -> ``running`` (claimed by one generation run) -> ``succeeded`` or
-``failed``. A transition is a conditional UPDATE on the current status, so a request that runs
+``failed``; or ``queued`` -> ``cancelled`` (the job was cancelled) or ``expired`` (its completion
+window passed). A transition is a conditional UPDATE on the current status, so a request that runs
 twice (a redelivered message, a second worker) is claimed and recorded once; job counters move in
-the same transaction as the rows they count, by the number of rows that actually changed.
+the same transaction as the rows they count, by the number of rows that actually changed, and a
+job ends (``_finalize``) in the transaction that leaves it with nothing queued or running.
+
+``owner`` arguments restrict what a caller can reach: a job of another owner is "not found".
+``owner=None`` (an admin) reaches every job.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, func, insert, select, update
+from sqlalchemy import case, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from core.errors import InvalidRequestError, NotFoundError
-from core.ids import new_id
+from core.errors import ConflictError, InvalidRequestError, NotFoundError
+from core.ids import new_id, new_ids
 from core.prompts import render
 from core.registry import ModelSpec
-from core.schemas import JobCreate, RequestCreate, ResolvedParams
+from core.schemas import JobCreate, ResolvedParams, window_seconds
 from core.tables import Job, JobRequest, utcnow
 from core.tokens import TokenCounter, token_upper_bound
 
-TERMINAL_REQUEST_STATUSES = ("succeeded", "failed")
-ACTIVE_JOB_STATUSES = ("queued", "running")
+ACTIVE_JOB_STATUSES = ("queued", "running", "cancelling")
+FINISHED_JOB_STATUSES = ("completed", "failed", "cancelled", "expired")
+
+
+def request_fingerprint(body: Any) -> str:
+    """A hash of a request body, to tell a retried request from a different one (idempotency)."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -44,12 +56,45 @@ def _problem(loc: str, message: str, type_: str) -> dict[str, str]:
     return {"loc": loc, "message": message, "type": type_}
 
 
+def _resolve(*, loc: str, spec: ModelSpec, job_params: Any, item_params: Any,
+             problems: list[dict[str, str]]) -> ResolvedParams | None:
+    """The parameters a request runs with; problems found in them are appended."""
+    # The built-in default length must fit any model; registry defaults and the client override it.
+    base = {"max_new_tokens": min(ResolvedParams().max_new_tokens, spec.context_length // 2)}
+    try:
+        params = ResolvedParams.resolve(base, spec.defaults, job_params, item_params)
+    except ValueError as exc:  # defaults of a registry entry may be out of bounds
+        problems.append(_problem(f"{loc}.params", str(exc), "invalid_params"))
+        return None
+
+    def param_loc(name: str) -> str:
+        """Point at the layer the offending value came from: the request's, the job's, the model's."""
+        if item_params is not None and getattr(item_params, name) is not None:
+            return f"{loc}.params.{name}"
+        if job_params is not None and getattr(job_params, name) is not None:
+            return f"params.{name}"
+        return "model"
+
+    ok = True
+    if params.max_new_tokens >= spec.context_length:
+        ok = False
+        problems.append(_problem(param_loc("max_new_tokens"),
+                                 f"max_new_tokens must be below the model's context length "
+                                 f"({spec.context_length})", "context_length_exceeded"))
+    if params.min_new_tokens > params.max_new_tokens:
+        ok = False
+        problems.append(_problem(param_loc("min_new_tokens"),
+                                 "min_new_tokens must not exceed max_new_tokens", "invalid_params"))
+    return params if ok else None
+
+
 def _check_request(
-    *, loc: str, item: RequestCreate, spec: ModelSpec, job_params: Any, limits: Limits,
+    *, loc: str, item: Any, spec: ModelSpec, params: ResolvedParams | None, limits: Limits,
     problems: list[dict[str, str]], system: str | None, counter: TokenCounter | None,
-) -> ResolvedParams | None:
-    """Settings- and model-dependent checks of one request; appends problems, returns params."""
+) -> None:
+    """Settings- and model-dependent checks of one request (``RequestCreate`` or ``PlainPrompt``)."""
     plain = loc.startswith("prompts[")  # the `prompts` form: the item is the string itself
+    before = len(problems)
     if item.prompt is not None and len(item.prompt) > limits.max_prompt_chars:
         problems.append(_problem(loc if plain else f"{loc}.prompt",
                                  f"prompt is longer than {limits.max_prompt_chars} characters",
@@ -62,41 +107,12 @@ def _check_request(
         if chars > limits.max_prompt_chars:
             problems.append(_problem(f"{loc}.messages", "messages are longer than "
                                      f"{limits.max_prompt_chars} characters in all", "prompt_too_long"))
-    # The built-in default length must fit any model; registry defaults and the client override it.
-    base = {"max_new_tokens": min(ResolvedParams().max_new_tokens, spec.context_length // 2)}
-    try:
-        params = ResolvedParams.resolve(base, spec.defaults, job_params, item.params)
-    except ValueError as exc:  # defaults of a registry entry may be out of bounds
-        problems.append(_problem(f"{loc}.params", str(exc), "invalid_params"))
-        return None
-
-    def param_loc(name: str) -> str:
-        """Point at the layer the offending value came from: the request's, the job's, the model's."""
-        if item.params is not None and getattr(item.params, name) is not None:
-            return f"{loc}.params.{name}"
-        if job_params is not None and getattr(job_params, name) is not None:
-            return f"params.{name}"
-        return "model"
-
-    if params.max_new_tokens >= spec.context_length:
-        problems.append(_problem(param_loc("max_new_tokens"),
-                                 f"max_new_tokens must be below the model's context length "
-                                 f"({spec.context_length})", "context_length_exceeded"))
-    if params.min_new_tokens > params.max_new_tokens:
-        problems.append(_problem(param_loc("min_new_tokens"),
-                                 "min_new_tokens must not exceed max_new_tokens", "invalid_params"))
-    if not problems_for(loc, problems) and params.max_new_tokens < spec.context_length:
+    if params is not None and len(problems) == before:
         _check_context(loc=loc, item=item, spec=spec, params=params, system=system, counter=counter,
                        problems=problems, plain=plain)
-    return params
 
 
-def problems_for(loc: str, problems: list[dict[str, str]]) -> bool:
-    """True if ``problems`` already holds one for the request at ``loc``."""
-    return any(p["loc"] == loc or p["loc"].startswith(loc + ".") for p in problems)
-
-
-def _check_context(*, loc: str, item: RequestCreate, spec: ModelSpec, params: ResolvedParams,
+def _check_context(*, loc: str, item: Any, spec: ModelSpec, params: ResolvedParams,
                    system: str | None, counter: TokenCounter | None, problems: list[dict[str, str]],
                    plain: bool) -> None:
     """Refuse a prompt that, with its ``max_new_tokens``, does not fit the model's context."""
@@ -115,8 +131,20 @@ def _check_context(*, loc: str, item: RequestCreate, spec: ModelSpec, params: Re
             f"exceeds the context of {spec.name} ({spec.context_length} tokens)", "context_length_exceeded"))
 
 
-def create_job(*, session: Session, spec: JobCreate, model: ModelSpec, limits: Limits,
-               counter: TokenCounter | None = None) -> tuple[Job, list[str]]:
+def find_idempotent(*, session: Session, owner: str, idempotency_key: str, fingerprint: str) -> Job | None:
+    """The job an earlier request with this key created, or None; ``ConflictError`` if that request
+    was a different one."""
+    job = session.scalar(select(Job).where(Job.owner == owner, Job.idempotency_key == idempotency_key))
+    if job is not None and job.request_hash != fingerprint:
+        raise ConflictError("this Idempotency-Key was used for a different request",
+                            details=[{"loc": "header.Idempotency-Key", "message": f"already used by {job.id}",
+                                      "type": "idempotency_key_reused"}])
+    return job
+
+
+def create_job(*, session: Session, spec: JobCreate, model: ModelSpec, limits: Limits, owner: str,
+               counter: TokenCounter | None = None, idempotency_key: str | None = None,
+               fingerprint: str | None = None) -> tuple[Job, list[str]]:
     """Validate ``spec`` against the model and limits, then insert the job and its requests.
 
     ``counter`` counts prompt tokens with the model's tokenizer, to refuse prompts too long for the
@@ -138,13 +166,23 @@ def create_job(*, session: Session, spec: JobCreate, model: ModelSpec, limits: L
         problems.append(_problem("system", f"system prompt is longer than {limits.max_prompt_chars} "
                                  "characters", "prompt_too_long"))
 
+    # Requests without params of their own share the job's: resolved, checked and stored once.
+    shared = _resolve(loc="params", spec=model, job_params=spec.params, item_params=None, problems=problems)
+    shared_json = shared.model_dump(mode="json") if shared is not None else None
+    form = "prompts" if spec.prompts is not None else "requests"
     seen_custom_ids: dict[str, int] = {}
-    resolved: list[ResolvedParams | None] = []
+    resolved: list[tuple[ResolvedParams | None, dict[str, Any] | None]] = []
     for i, item in enumerate(items):
-        loc = f"prompts[{i}]" if spec.prompts is not None else f"requests[{i}]"
-        resolved.append(_check_request(loc=loc, item=item, spec=model, job_params=spec.params,
-                                       limits=limits, problems=problems, system=spec.system,
-                                       counter=counter))
+        loc = f"{form}[{i}]"
+        if item.params is None:
+            params, params_json = shared, shared_json
+        else:
+            params = _resolve(loc=loc, spec=model, job_params=spec.params, item_params=item.params,
+                              problems=problems)
+            params_json = params.model_dump(mode="json") if params is not None else None
+        resolved.append((params, params_json))
+        _check_request(loc=loc, item=item, spec=model, params=params, limits=limits, problems=problems,
+                       system=spec.system, counter=counter)
         if item.custom_id is not None:
             if item.custom_id in seen_custom_ids:
                 problems.append(_problem(f"{loc}.custom_id", f"custom_id {item.custom_id!r} is already "
@@ -156,32 +194,33 @@ def create_job(*, session: Session, spec: JobCreate, model: ModelSpec, limits: L
         raise InvalidRequestError("the job is not valid", details=problems)
 
     now = utcnow()
+    window = window_seconds(spec.completion_window)
     job = Job(
-        id=new_id("job"), model=model.name, status="queued",
+        id=new_id("job"), owner=owner, model=model.name, status="queued",
         params=spec.params.model_dump(exclude_none=True) if spec.params else {},
         system=spec.system, total=len(items), queued=len(items), running=0, succeeded=0, failed=0,
-        prompt_tokens=0, completion_tokens=0, created_at=now,
+        cancelled=0, expired=0, prompt_tokens=0, completion_tokens=0, created_at=now,
+        job_metadata=spec.metadata, priority=spec.priority, idempotency_key=idempotency_key,
+        request_hash=fingerprint, completion_window_s=window, expires_at=now + timedelta(seconds=window),
     )
     session.add(job)
     session.flush()  # the job row must exist before its requests (foreign key)
-    rows = []
-    for i, (item, params) in enumerate(zip(items, resolved, strict=True)):
-        assert params is not None
-        rows.append({
-            "id": new_id("req"), "job_id": job.id, "idx": i, "custom_id": item.custom_id,
-            "prompt": item.prompt,
-            "messages": [m.model_dump() for m in item.messages] if item.messages is not None else None,
-            "params": params.model_dump(mode="json"), "status": "queued", "attempts": 0,
-            "created_at": now,
-        })
-    session.execute(insert(JobRequest), rows)
-    return job, [r["id"] for r in rows]
+    ids = new_ids("req", len(items))
+    rows = [
+        {"id": request_id, "job_id": job.id, "idx": i, "custom_id": item.custom_id, "prompt": item.prompt,
+         "messages": [m.model_dump() for m in item.messages] if item.messages is not None else None,
+         "params": params_json, "status": "queued", "attempts": 0, "created_at": now}
+        for i, (request_id, item, (_, params_json)) in enumerate(zip(ids, items, resolved, strict=True))
+    ]
+    # Core executemany: the ORM's bulk path costs more per row and buys nothing here.
+    session.execute(JobRequest.__table__.insert(), rows)
+    return job, ids
 
 
-def get_job(*, session: Session, job_id: str) -> Job:
-    """The job, or ``NotFoundError``."""
+def get_job(*, session: Session, job_id: str, owner: str | None = None) -> Job:
+    """The job, or ``NotFoundError`` (also when it belongs to another owner)."""
     job = session.get(Job, job_id)
-    if job is None:
+    if job is None or (owner is not None and job.owner != owner):
         raise NotFoundError(f"no job {job_id!r}")
     return job
 
@@ -191,30 +230,149 @@ def mark_dispatched(*, session: Session, job_id: str) -> None:
     session.execute(update(Job).where(Job.id == job_id).values(dispatched_at=utcnow()))
 
 
+def list_jobs(*, session: Session, owner: str | None, after: str | None = None, limit: int = 20,
+              status: str | None = None) -> tuple[list[Job], bool]:
+    """The owner's jobs, newest first, after the job ``after``; and whether more follow.
+
+    Ids are time-ordered, so "newest first" is id order and the cursor is the last id seen.
+    """
+    query = select(Job)
+    if owner is not None:
+        query = query.where(Job.owner == owner)
+    if status is not None:
+        query = query.where(Job.status == status)
+    if after is not None:
+        query = query.where(Job.id < after)
+    rows = list(session.scalars(query.order_by(Job.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
 def list_results(
-    *, session: Session, job_id: str, after: str | None = None, limit: int = 100,
-    status: str | None = None,
+    *, session: Session, job_id: str, owner: str | None = None, after: str | None = None,
+    limit: int = 100, status: str | None = None,
 ) -> tuple[list[JobRequest], bool]:
     """A page of the job's requests in request order, and whether more follow.
 
     ``after`` is the id of the last request of the previous page.
     """
-    get_job(session=session, job_id=job_id)
-    query = select(JobRequest).where(JobRequest.job_id == job_id)
+    get_job(session=session, job_id=job_id, owner=owner)
+    after_idx = -1
     if after is not None:
-        after_idx = session.scalar(
+        found = session.scalar(
             select(JobRequest.idx).where(JobRequest.job_id == job_id, JobRequest.id == after)
         )
-        if after_idx is None:
+        if found is None:
             raise InvalidRequestError(
                 f"'after' is not a request of job {job_id!r}",
                 details=[_problem("after", "unknown request id for this job", "invalid_cursor")],
             )
-        query = query.where(JobRequest.idx > after_idx)
+        after_idx = found
+    rows = results_after(session=session, job_id=job_id, after_idx=after_idx, limit=limit + 1, status=status)
+    return rows[:limit], len(rows) > limit
+
+
+def results_after(*, session: Session, job_id: str, after_idx: int, limit: int,
+                  status: str | None = None) -> list[JobRequest]:
+    """Up to ``limit`` requests of a job with index above ``after_idx``, in order (keyset paging)."""
+    query = select(JobRequest).where(JobRequest.job_id == job_id, JobRequest.idx > after_idx)
     if status is not None:
         query = query.where(JobRequest.status == status)
-    rows = list(session.scalars(query.order_by(JobRequest.idx).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    return list(session.scalars(query.order_by(JobRequest.idx).limit(limit)))
+
+
+def estimated_completion(job: Job, now: datetime | None = None) -> datetime | None:
+    """While a job runs: when it should end, at the rate its requests have finished so far."""
+    done = job.succeeded + job.failed
+    if job.status != "running" or job.started_at is None or done == 0:
+        return None
+    now = now or utcnow()
+    per_request = (now - job.started_at) / done
+    return now + per_request * (job.queued + job.running)
+
+
+def pending_for_model(*, session: Session, model: str) -> int:
+    """Requests of a model waiting to run."""
+    return int(session.scalar(select(func.coalesce(func.sum(Job.queued), 0))
+                              .where(Job.model == model, Job.status.in_(ACTIVE_JOB_STATUSES))) or 0)
+
+
+def pending_for_owner(*, session: Session, owner: str) -> int:
+    """An owner's requests waiting or running."""
+    return int(session.scalar(select(func.coalesce(func.sum(Job.queued + Job.running), 0))
+                              .where(Job.owner == owner, Job.status.in_(ACTIVE_JOB_STATUSES))) or 0)
+
+
+# --- changes a client asks for ---------------------------------------------------------------
+
+
+def cancel_job(*, session: Session, job_id: str, owner: str | None, now: datetime | None = None) -> Job:
+    """Cancel what has not started; running requests finish and are kept.
+
+    The job is ``cancelling`` while some still run and ``cancelled`` once none do. Cancelling a
+    cancelled job changes nothing; a job that already ended otherwise is a ``ConflictError``.
+    """
+    now = now or utcnow()
+    job = get_job(session=session, job_id=job_id, owner=owner)
+    if job.status in ("cancelled", "cancelling"):
+        return job
+    if job.status in FINISHED_JOB_STATUSES:
+        raise ConflictError(f"job {job_id} has already ended ({job.status})")
+    n = session.execute(
+        update(JobRequest).where(JobRequest.job_id == job_id, JobRequest.status == "queued")
+        .values(status="cancelled", completed_at=now)
+    ).rowcount
+    session.execute(update(Job).where(Job.id == job_id).values(
+        queued=Job.queued - n, cancelled=Job.cancelled + n, cancel_requested_at=now,
+        status=case((Job.running > 0, "cancelling"), else_=Job.status)))
+    _finalize(session, [job_id], now)
+    session.refresh(job)
+    return job
+
+
+def delete_job(*, session: Session, job_id: str, owner: str | None) -> None:
+    """Remove a finished job and all its requests and results."""
+    job = get_job(session=session, job_id=job_id, owner=owner)
+    if job.status not in FINISHED_JOB_STATUSES:
+        raise ConflictError(f"job {job_id} is {job.status}; cancel it and wait for it to end before deleting it")
+    session.execute(delete(JobRequest).where(JobRequest.job_id == job_id))
+    session.execute(delete(Job).where(Job.id == job_id))
+
+
+def expire_due(*, session: Session, now: datetime | None = None, limit: int = 100) -> list[str]:
+    """Expire what has not started in jobs whose completion window has passed; returns their ids.
+
+    Requests that are running finish and are kept.
+    """
+    now = now or utcnow()
+    due = list(session.scalars(select(Job.id).where(Job.status.in_(ACTIVE_JOB_STATUSES), Job.expires_at <= now)
+                               .order_by(Job.expires_at).limit(limit)))
+    for job_id in due:
+        n = session.execute(
+            update(JobRequest).where(JobRequest.job_id == job_id, JobRequest.status == "queued")
+            .values(status="expired", completed_at=now)
+        ).rowcount
+        session.execute(update(Job).where(Job.id == job_id).values(queued=Job.queued - n, expired=Job.expired + n))
+    _finalize(session, due, now)
+    return due
+
+
+def _finalize(session: Session, job_ids: Sequence[str], now: datetime) -> None:
+    """End the jobs that have nothing queued or running, with the status their requests earned."""
+    if not job_ids:
+        return
+    session.execute(
+        update(Job)
+        .where(Job.id.in_(list(job_ids)), Job.status.in_(ACTIVE_JOB_STATUSES), Job.queued == 0, Job.running == 0)
+        .values(
+            status=case(
+                (Job.cancel_requested_at.is_not(None), "cancelled"),
+                (Job.expired > 0, "expired"),
+                (Job.succeeded == 0, "failed"),
+                else_="completed",
+            ),
+            completed_at=now,
+        )
+    )
 
 
 # --- worker side ---------------------------------------------------------------------------
@@ -232,6 +390,7 @@ class WorkItem:
     messages: list[dict[str, str]] | None
     system: str | None
     params: ResolvedParams
+    priority: int = 5
 
 
 def load_work(*, session: Session, request_ids: Sequence[str]) -> list[WorkItem]:
@@ -240,13 +399,14 @@ def load_work(*, session: Session, request_ids: Sequence[str]) -> list[WorkItem]
         return []
     rows = session.execute(
         select(JobRequest.id, JobRequest.job_id, Job.model, JobRequest.status, JobRequest.prompt,
-               JobRequest.messages, Job.system, JobRequest.params)
+               JobRequest.messages, Job.system, JobRequest.params, Job.priority)
         .join(Job, Job.id == JobRequest.job_id)
         .where(JobRequest.id.in_(list(request_ids)))
     )
     return [
         WorkItem(id=r.id, job_id=r.job_id, model=r.model, status=r.status, prompt=r.prompt,
-                 messages=r.messages, system=r.system, params=ResolvedParams.model_validate(r.params))
+                 messages=r.messages, system=r.system, params=ResolvedParams.model_validate(r.params),
+                 priority=r.priority)
         for r in rows
     ]
 
@@ -260,9 +420,11 @@ def claim(*, session: Session, request_ids: Sequence[str], run_id: str,
     if not request_ids:
         return []
     now = now or utcnow()
+    live_jobs = select(Job.id).where(or_(Job.expires_at.is_(None), Job.expires_at > now))
     claimed = session.execute(
         update(JobRequest)
-        .where(JobRequest.id.in_(list(request_ids)), JobRequest.status == "queued")
+        .where(JobRequest.id.in_(list(request_ids)), JobRequest.status == "queued",
+               JobRequest.job_id.in_(live_jobs))
         .values(status="running", attempts=JobRequest.attempts + 1, started_at=now, run_id=run_id)
         .returning(JobRequest.id, JobRequest.job_id)
     ).all()
@@ -349,13 +511,8 @@ def record(*, session: Session, outcomes: Iterable[Outcome], now: datetime | Non
                 completion_tokens=Job.completion_tokens + d.completion_tokens,
             )
         )
-        # Same transaction, row already locked by the update above: the last result closes the job.
-        session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status.in_(ACTIVE_JOB_STATUSES),
-                   and_(Job.succeeded + Job.failed >= Job.total))
-            .values(status=case((Job.succeeded == 0, "failed"), else_="completed"), completed_at=now)
-        )
+    # Same transaction, rows already locked by the updates above: the last result closes the job.
+    _finalize(session, sorted(deltas), now)
     return [i for d in deltas.values() for i in d.ids]
 
 

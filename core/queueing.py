@@ -19,6 +19,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "global_keyprefix": settings.redis_prefix,
             # A message taken by a worker that then vanished is redelivered after this long.
             "visibility_timeout": settings.visibility_timeout_s,
+            # Ten priority lists per queue, consumed highest first (in Redis 0 is the highest).
+            "priority_steps": list(range(10)),
+            "sep": ":",
+            "queue_order_strategy": "priority",
         },
         "broker_connection_retry_on_startup": True,
         "task_serializer": "json",
@@ -30,3 +34,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         "task_default_queue": f"{settings.queue_prefix}.default",
     }
+
+
+def celery_priority(priority: int) -> int:
+    """A job's priority (0-9, higher first) as a Redis message priority (0 first)."""
+    return 9 - max(0, min(9, priority))

@@ -7,15 +7,32 @@ instead of silently ignored.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+import re
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 256
 MAX_MESSAGES = 512
 MAX_CUSTOM_ID_CHARS = 128
+MAX_METADATA_PAIRS = 16
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_VALUE_CHARS = 512
+COMPLETION_WINDOW_S = (60, 7 * 86400)
+_WINDOW = re.compile(r"^([1-9][0-9]{0,6})([smhd])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 _STRICT = ConfigDict(strict=True, extra="forbid")
 
@@ -46,6 +63,17 @@ class GenerationParams(BaseModel):
     stop: list[Text] | None = Field(
         None, max_length=MAX_STOP_SEQUENCES, description="Strings that end generation; not returned."
     )
+    seed: int | None = Field(None, description="Not supported; see the error it gives.")
+
+    @field_validator("seed")
+    @classmethod
+    def _no_seed(cls, value: int | None) -> int | None:
+        if value is not None:
+            # CTranslate2 cannot seed one call (set_random_seed does not reach an existing
+            # Generator) and int8 results depend on which requests share a batch.
+            raise ValueError("seed is not supported: sampling cannot be made reproducible per "
+                             "request here; use temperature 0 for the most repeatable output")
+        return value
 
     @model_validator(mode="after")
     def _check_stop(self) -> GenerationParams:
@@ -128,6 +156,16 @@ def check_chat_shape(messages: list[ChatMessage]) -> None:
         raise ValueError("the last message must come from the user")
 
 
+@dataclass(frozen=True, slots=True)
+class PlainPrompt:
+    """One entry of ``prompts``: a request with a prompt and nothing else (cheap for big jobs)."""
+
+    prompt: str
+    custom_id: None = None
+    messages: None = None
+    params: None = None
+
+
 class JobCreate(BaseModel):
     """``POST /v1/jobs``: a model and either ``prompts`` or ``requests``."""
 
@@ -138,6 +176,21 @@ class JobCreate(BaseModel):
     requests: list[RequestCreate] | None = Field(None, min_length=1)
     params: GenerationParams | None = None
     system: Text | None = Field(None, min_length=1, description="Default system prompt for chat models.")
+    priority: int = Field(5, ge=0, le=9, description="0-9; higher runs first among waiting requests.")
+    metadata: dict[Text, Text] | None = Field(None, description="Up to 16 string pairs, kept with the job.")
+    completion_window: str = Field("24h", description="Time to run it, e.g. 30m, 24h, 7d; what has not "
+                                   "run by then expires.")
+
+    @field_validator("metadata")
+    @classmethod
+    def _bounded_metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        return check_metadata(value)
+
+    @field_validator("completion_window")
+    @classmethod
+    def _window(cls, value: str) -> str:
+        window_seconds(value)
+        return value
 
     @model_validator(mode="after")
     def _one_input(self) -> JobCreate:
@@ -145,12 +198,41 @@ class JobCreate(BaseModel):
             raise ValueError("give exactly one of 'prompts' or 'requests'")
         return self
 
-    def items(self) -> list[RequestCreate]:
+    def items(self) -> list[RequestCreate] | list[PlainPrompt]:
         """The job's requests, whichever form they were sent in."""
         if self.requests is not None:
             return self.requests
-        return [RequestCreate.model_construct(prompt=p, custom_id=None, messages=None, params=None)
-                for p in self.prompts or []]
+        return [PlainPrompt(p) for p in self.prompts or []]
+
+    def count(self) -> int:
+        """How many requests the job holds."""
+        return len(self.requests if self.requests is not None else self.prompts or [])
+
+
+def check_metadata(value: dict[str, str] | None) -> dict[str, str] | None:
+    """Metadata within bounds, or ``ValueError``."""
+    if value is None:
+        return None
+    if len(value) > MAX_METADATA_PAIRS:
+        raise ValueError(f"metadata holds at most {MAX_METADATA_PAIRS} pairs")
+    for k, v in value.items():
+        if not k or len(k) > MAX_METADATA_KEY_CHARS:
+            raise ValueError(f"metadata keys have 1 to {MAX_METADATA_KEY_CHARS} characters")
+        if len(v) > MAX_METADATA_VALUE_CHARS:
+            raise ValueError(f"metadata values have at most {MAX_METADATA_VALUE_CHARS} characters")
+    return value
+
+
+def window_seconds(value: str) -> int:
+    """Seconds in a completion window such as ``24h``; ``ValueError`` when out of bounds."""
+    match = _WINDOW.match(value)
+    if not match:
+        raise ValueError("completion_window is a number and a unit s, m, h or d, such as 24h")
+    seconds = int(match.group(1)) * _UNIT_S[match.group(2)]
+    low, high = COMPLETION_WINDOW_S
+    if not low <= seconds <= high:
+        raise ValueError("completion_window must be from 1 minute to 7 days")
+    return seconds
 
 
 class JobCounts(BaseModel):
@@ -159,6 +241,8 @@ class JobCounts(BaseModel):
     running: int
     succeeded: int
     failed: int
+    cancelled: int
+    expired: int
 
 
 class Usage(BaseModel):
@@ -167,8 +251,10 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-JobStatus = Literal["queued", "running", "completed", "failed"]
-RequestStatus = Literal["queued", "running", "succeeded", "failed"]
+JobStatus = Literal["queued", "running", "cancelling", "completed", "failed", "cancelled", "expired"]
+RequestStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "expired"]
+JOB_STATUSES: tuple[str, ...] = JobStatus.__args__  # type: ignore[attr-defined]
+REQUEST_STATUSES: tuple[str, ...] = RequestStatus.__args__  # type: ignore[attr-defined]
 
 
 class JobRead(BaseModel):
@@ -180,9 +266,25 @@ class JobRead(BaseModel):
     usage: Usage
     params: dict[str, Any]
     system: str | None
+    priority: int
+    metadata: dict[str, str] | None
+    owner: str
+    completion_window: str
     created_at: datetime
     started_at: datetime | None
     completed_at: datetime | None
+    expires_at: datetime
+    cancel_requested_at: datetime | None
+    estimated_completion_at: datetime | None = Field(
+        None, description="While running: when it should end at the rate so far.")
+
+
+class JobPage(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobRead]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
 
 
 class ErrorInfo(BaseModel):
@@ -225,3 +327,28 @@ def error_details(exc: ValidationError) -> list[dict[str, str]]:
         message = err["msg"].removeprefix("Value error, ")
         out.append({"loc": loc or "body", "message": message, "type": err["type"]})
     return out
+
+
+class ErrorDetail(BaseModel):
+    loc: str = Field(description="Where the problem is, e.g. requests[3].prompt or query.limit.")
+    message: str
+    type: str
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="Stable machine-readable code, e.g. invalid_request, not_found.")
+    message: str
+    details: Any = Field(None, description="A list of ErrorDetail for invalid input; other context else.")
+    request_id: str | None = Field(description="Quote it when reporting a problem; also X-Request-Id.")
+
+
+class ErrorEnvelope(BaseModel):
+    """Every native API error."""
+
+    error: ErrorBody
+
+
+class Deleted(BaseModel):
+    id: str
+    object: Literal["job.deleted"] = "job.deleted"
+    deleted: bool

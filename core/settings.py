@@ -50,6 +50,10 @@ class Settings(BaseModel):
     max_prompt_chars: int = Field(default=200_000, ge=1)
     # Jobs with more requests than this are dispatched by a background thread, not in the request.
     inline_dispatch_limit: int = Field(default=1_000, ge=0)
+    # Backpressure (429 with Retry-After past these; 0 turns a limit off).
+    max_pending_per_model: int = Field(default=1_000_000, ge=0)
+    max_pending_per_key: int = Field(default=500_000, ge=0)
+    rate_limit_per_minute: int = Field(default=600, ge=0)
 
     # Worker.
     model: str = "demo"

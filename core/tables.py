@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Index,
@@ -54,8 +55,19 @@ class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128))
     model: Mapped[str] = mapped_column(String(200))
     status: Mapped[str] = mapped_column(String(20))
+    # Named job_metadata in Python: "metadata" is taken by SQLAlchemy's declarative base.
+    job_metadata: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON)
+    priority: Mapped[int] = mapped_column(Integer, default=5)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    completion_window_s: Mapped[int] = mapped_column(Integer, default=86400)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    cancelled: Mapped[int] = mapped_column(Integer, default=0)
+    expired: Mapped[int] = mapped_column(Integer, default=0)
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     system: Mapped[str | None] = mapped_column(Text)
     total: Mapped[int] = mapped_column(Integer)
@@ -70,7 +82,14 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
-    __table_args__ = (Index("ix_jobs_status", "status"),)
+    __table_args__ = (
+        Index("ix_jobs_status", "status"),
+        Index("ix_jobs_owner_id", "owner", "id"),
+        Index("ix_jobs_owner_status", "owner", "status"),
+        Index("ix_jobs_model_status", "model", "status"),
+        Index("ix_jobs_expires_at", "expires_at"),
+        Index("ux_jobs_owner_idempotency_key", "owner", "idempotency_key", unique=True),
+    )
 
 
 class JobRequest(Base):
@@ -83,7 +102,7 @@ class JobRequest(Base):
     idx: Mapped[int] = mapped_column(Integer)
     custom_id: Mapped[str | None] = mapped_column(String(128))
     prompt: Mapped[str | None] = mapped_column(Text)
-    messages: Mapped[list[dict[str, str]] | None] = mapped_column(JSON)
+    messages: Mapped[list[dict[str, str]] | None] = mapped_column(JSON(none_as_null=True))
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     status: Mapped[str] = mapped_column(String(20))
     text: Mapped[str | None] = mapped_column(Text)
@@ -102,3 +121,18 @@ class JobRequest(Base):
         Index("ux_job_requests_job_idx", "job_id", "idx", unique=True),
         Index("ix_job_requests_status", "status"),
     )
+
+
+class ApiKey(Base):
+    """An API key: only a salted hash of its secret is kept."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128))
+    name: Mapped[str] = mapped_column(String(128))
+    salt: Mapped[str] = mapped_column(String(32))
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -4,7 +4,6 @@ when run as ``alembic upgrade head`` from the repository root, from ``BATCHGEN_D
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import pool
 
 from core.db import make_engine, normalize_url
 from core.settings import Settings
@@ -32,10 +31,11 @@ def run_migrations_online() -> None:
         _run(connectable)
         return
     engine = make_engine(_url())
-    engine.pool = pool.NullPool(engine.pool._creator)  # one-shot: keep no connection around
-    with engine.connect() as connection:
-        _run(connection)
-    engine.dispose()
+    try:
+        with engine.connect() as connection:
+            _run(connection)
+    finally:
+        engine.dispose()  # one-shot: keep no connection around
 
 
 def _run(connection) -> None:  # type: ignore[no-untyped-def]

@@ -146,6 +146,23 @@ def settings(make_settings, sqlite_url: str) -> Settings:  # type: ignore[no-unt
     return make_settings(sqlite_url)  # type: ignore[no-any-return]
 
 
+def make_key(database_url: str, owner: str = "alice", admin: bool = False) -> str:
+    """A new API key in that database; returns its token."""
+    from core.auth import create_key
+
+    db = Database(database_url)
+    with db.write() as session:
+        _, token = create_key(session=session, owner=owner, name="test", admin=admin)
+    db.dispose()
+    return token
+
+
+@pytest.fixture
+def token(settings: Settings) -> str:
+    """A key of owner "alice" in the test's database."""
+    return make_key(settings.database_url)
+
+
 @pytest.fixture
 def app(settings: Settings):  # type: ignore[no-untyped-def]
     from webapi import create_app
@@ -157,5 +174,15 @@ def app(settings: Settings):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def client(app):  # type: ignore[no-untyped-def]
-    return app.test_client()
+def client(app, token: str):  # type: ignore[no-untyped-def]
+    """Flask's test client, sending alice's key."""
+    client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token}"
+    return client
+
+
+def authed(app, token: str):  # type: ignore[no-untyped-def]
+    """A test client for ``app`` sending ``token``."""
+    client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token}"
+    return client

@@ -184,7 +184,7 @@ class WorkerProcess:
 class ApiServer:
     """The Flask app served over real HTTP by werkzeug in a background thread."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, token: str | None = None) -> None:
         from werkzeug.serving import make_server
 
         self.port = free_port()
@@ -192,6 +192,8 @@ class ApiServer:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.url = f"http://127.0.0.1:{self.port}"
         self.http = requests.Session()
+        if token is not None:
+            self.http.headers["Authorization"] = f"Bearer {token}"
 
     def start(self) -> ApiServer:
         self.thread.start()
@@ -213,3 +215,21 @@ class ApiServer:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {body.get('status')} after {timeout}s: {body}")
             time.sleep(0.05)
+
+
+def queued_request_ids(settings: Settings, model: str) -> list[str]:
+    """Request ids in a model's queue, across its priority lists, highest priority first."""
+    import base64
+    import json
+
+    import redis
+
+    r = redis.Redis.from_url(settings.redis_url)
+    base = settings.redis_prefix + settings.queue_for(model)
+    ids = []
+    for step in range(10):  # kombu: priority 0 is the bare name, then "<name>:<n>"
+        key = base if step == 0 else f"{base}:{step}"
+        for raw in reversed(r.lrange(key, 0, -1)):  # consumed from the right
+            message = json.loads(raw)
+            ids.extend(json.loads(base64.b64decode(message["body"]))[0][0])
+    return ids

@@ -45,3 +45,44 @@ def test_migrate_brings_a_fresh_database_to_head(var, capsys):
     assert main(["migrate"]) == 0
     assert "database at head" in capsys.readouterr().out
     assert (var / "batchgen.db").is_file()
+
+
+def test_keys_create_list_revoke(var, capsys):
+    from core.auth import authenticate
+    from core.db import Database
+    from core.settings import Settings
+
+    main(["migrate"])
+    capsys.readouterr()
+    assert main(["keys", "create", "--owner", "alice", "--name", "laptop"]) == 0
+    out = capsys.readouterr().out
+    token = out.strip().splitlines()[-1]
+    key_id = token.split(".")[0]
+    assert key_id in out and "shown only now" in out
+    main(["keys", "list"])
+    listing = capsys.readouterr().out
+    assert key_id in listing and "alice" in listing and "active" in listing and token.split(".")[1] not in listing
+    assert main(["keys", "revoke", key_id]) == 0
+    db = Database(Settings.from_env().database_url)
+    with db.read() as s:
+        assert authenticate(session=s, token=token) is None
+    db.dispose()
+    with pytest.raises(SystemExit, match="no key"):
+        main(["keys", "revoke", "key_01m8cp8t2p02217t3hc9c42h9x"])
+
+
+def test_make_run_dev_key_is_created_once_private_and_replaced_when_stale(var):
+    from cli.up import ensure_dev_key
+    from core.db import upgrade
+    from core.settings import Settings
+
+    settings = Settings.from_env()
+    upgrade(settings.database_url)
+    token, new = ensure_dev_key(settings)
+    path = var / "dev-api-key"
+    assert new and path.read_text().strip() == token and (path.stat().st_mode & 0o777) == 0o600
+    assert ensure_dev_key(settings) == (token, False)
+    (var / "batchgen.db").unlink()  # a fresh database no longer knows the key
+    upgrade(settings.database_url)
+    replaced, new = ensure_dev_key(settings)
+    assert new and replaced != token and path.read_text().strip() == replaced

@@ -1,9 +1,11 @@
 """HTTP submit -> Redis -> a real Celery worker process -> CTranslate2 -> SQL -> HTTP poll."""
 
+import json
 import time
 
 import pytest
 
+from tests.conftest import make_key
 from tests.support import ApiServer, WorkerProcess
 from webapi import create_app
 
@@ -12,7 +14,7 @@ from webapi import create_app
 def stack(make_settings, database_url):
     settings = make_settings(database_url)
     app = create_app(settings)
-    api = ApiServer(app).start()
+    api = ApiServer(app, make_key(database_url)).start()
     worker = WorkerProcess(settings, "tiny-chat").start()
     yield api, worker
     worker.stop()
@@ -43,7 +45,8 @@ def test_a_job_runs_end_to_end(stack):
     assert final is not None, worker.log()
     order = ["queued", "running", "completed"]
     assert seen == sorted(seen, key=order.index) and seen[-1] == "completed", seen
-    assert final["counts"] == {"total": 2, "queued": 0, "running": 0, "succeeded": 2, "failed": 0}
+    assert final["counts"] == {"total": 2, "queued": 0, "running": 0, "succeeded": 2, "failed": 0,
+                               "cancelled": 0, "expired": 0}
     assert final["usage"]["completion_tokens"] > 0
     assert final["usage"]["total_tokens"] == final["usage"]["prompt_tokens"] + final["usage"]["completion_tokens"]
     assert final["started_at"] <= final["completed_at"]
@@ -80,3 +83,26 @@ def test_chat_requests_and_mixed_params_in_one_job(stack):
     done = api.http.get(f"{api.url}/v1/jobs/{final['id']}/results", params={"status": "succeeded"}).json()
     assert [r["custom_id"] for r in done["data"]] == ["chat", "plain", "greedy"]
     assert api.http.get(f"{api.url}/v1/jobs/{final['id']}/results", params={"status": "failed"}).json()["data"] == []
+
+
+@pytest.mark.slow
+def test_follow_a_running_job_with_events_then_download_its_results(stack):
+    api, worker = stack
+    job = api.http.post(f"{api.url}/v1/jobs", json={"model": "tiny", "prompts": [f"p{i}" for i in range(6)],
+                                                    "params": {"max_new_tokens": 8}}).json()
+    with api.http.get(f"{api.url}/v1/jobs/{job['id']}/events", stream=True, timeout=60) as resp:
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        events = []
+        for block in resp.iter_lines(delimiter=b"\n\n"):
+            lines = block.decode().split("\n")
+            if lines[0].startswith("event:"):
+                events.append((lines[0][7:], json.loads(lines[1][6:])))
+    kinds = [k for k, _ in events]
+    assert kinds[-1] == "end" and set(kinds[:-1]) == {"progress"}
+    final = events[-1][1]
+    assert final["status"] == "completed" and final["counts"]["succeeded"] == 6, worker.log()
+    done = [body["counts"]["succeeded"] for _, body in events]
+    assert done == sorted(done)  # progress only moves forward
+    lines = api.http.get(f"{api.url}/v1/jobs/{job['id']}/results.jsonl").text.splitlines()
+    assert [json.loads(x)["index"] for x in lines] == list(range(6))
+    assert all(json.loads(x)["status"] == "succeeded" for x in lines)

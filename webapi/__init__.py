@@ -10,14 +10,16 @@ from webapi.services import Services
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the API for ``settings`` (default: from ``BATCHGEN_*`` environment variables)."""
-    from webapi import errors, health, jobs
+    from webapi import auth, errors, health, jobs, openapi
 
     settings = settings or Settings.from_env()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     Services(settings).init_app(app)
-    errors.init_app(app)
+    errors.init_app(app)  # first: every answer, a 401 too, carries a request id
+    auth.init_app(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
+    app.register_blueprint(openapi.bp)
     return app

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from core.queueing import GENERATE_TASK, celery_config
+from core.queueing import GENERATE_TASK, celery_config, celery_priority
 from core.settings import Settings
 
 log = logging.getLogger("batchgen.dispatch")
@@ -30,7 +30,7 @@ class Dispatcher:
         self.settings = settings
         self._celery: Any = None
         self._lock = threading.Lock()
-        self._backlog: queue.Queue[tuple[str, str, list[str], Callable[[str], None]]] = queue.Queue()
+        self._backlog: queue.Queue[tuple[str, str, list[str], int, Callable[[str], None]]] = queue.Queue()
         self._thread: threading.Thread | None = None
 
     def _app(self) -> Any:
@@ -45,7 +45,7 @@ class Dispatcher:
                 self._celery = app
             return self._celery
 
-    def dispatch(self, *, model: str, request_ids: Sequence[str]) -> None:
+    def dispatch(self, *, model: str, request_ids: Sequence[str], priority: int = 5) -> None:
         """Publish one message per request id now; raises ``DispatchError`` if the broker fails."""
         app = self._app()
         queue_name = self.settings.queue_for(model)
@@ -53,14 +53,14 @@ class Dispatcher:
             with app.producer_or_acquire() as producer:
                 for request_id in request_ids:
                     app.send_task(GENERATE_TASK, args=[[request_id]], queue=queue_name,
-                                  producer=producer)
+                                  producer=producer, priority=celery_priority(priority))
         except Exception as exc:  # kombu raises many kinds; the caller needs one
             raise DispatchError(f"could not publish to {queue_name}: {exc}") from exc
 
-    def dispatch_later(self, *, job_id: str, model: str, request_ids: Sequence[str],
+    def dispatch_later(self, *, job_id: str, model: str, request_ids: Sequence[str], priority: int,
                        on_done: Callable[[str], None]) -> None:
         """Queue a job for the background dispatcher; ``on_done(job_id)`` runs when published."""
-        self._backlog.put((job_id, model, list(request_ids), on_done))
+        self._backlog.put((job_id, model, list(request_ids), priority, on_done))
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._drain, name="dispatcher", daemon=True)
@@ -68,9 +68,9 @@ class Dispatcher:
 
     def _drain(self) -> None:
         while True:
-            job_id, model, ids, on_done = self._backlog.get()
+            job_id, model, ids, priority, on_done = self._backlog.get()
             try:
-                self.dispatch(model=model, request_ids=ids)
+                self.dispatch(model=model, request_ids=ids, priority=priority)
                 on_done(job_id)
                 log.info("dispatched %d requests in the background", len(ids), extra={"job_id": job_id})
             except Exception:

@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException
 
 from core.errors import (
     BatchgenError,
+    ConflictError,
     ContextLengthError,
     InvalidRequestError,
     NotFoundError,
@@ -27,6 +28,7 @@ log = logging.getLogger("batchgen.api")
 
 _STATUS_BY_ERROR: list[tuple[type[BatchgenError], int]] = [
     (NotFoundError, 404),
+    (ConflictError, 409),
     (UnknownModelError, 422),
     (ContextLengthError, 422),
     (InvalidRequestError, 422),
@@ -42,9 +44,11 @@ _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 class ApiError(Exception):
     """An HTTP error raised by a view: status, code, message and optional details."""
 
-    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
+    def __init__(self, status: int, code: str, message: str, details: Any = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.details = status, code, message, details
+        self.headers = headers or {}
 
 
 def error_response(status: int, code: str, message: str, details: Any = None) -> Response:
@@ -73,7 +77,11 @@ def init_app(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError) -> Response:
         log.warning("%s %s -> %s %s: %s", request.method, request.path, exc.status, exc.code, exc.message)
-        return error_response(exc.status, exc.code, exc.message, exc.details)
+        response = error_response(exc.status, exc.code, exc.message, exc.details)
+        response.headers.update(exc.headers)
+        if exc.status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="batchgen"'
+        return response
 
     @app.errorhandler(BatchgenError)
     def _domain_error(exc: BatchgenError) -> Response:

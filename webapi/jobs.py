@@ -1,20 +1,31 @@
-"""The native jobs API: submit a job, read it, page through its results."""
+"""The native jobs API: submit, list, read, page or download results, follow, cancel, delete.
+
+Every route acts for the authenticated caller: another owner's job is answered 404, as if it did
+not exist; an admin key reaches every job.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
+import time
+from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request, url_for
 from pydantic import ValidationError
+from sqlalchemy.exc import IntegrityError
 
 from core import jobs as job_service
-from core.errors import UnknownModelError
+from core.errors import NotFoundError, UnknownModelError
 from core.schemas import (
+    JOB_STATUSES,
+    REQUEST_STATUSES,
     ErrorInfo,
     JobCounts,
     JobCreate,
+    JobPage,
     JobRead,
     ResultPage,
     ResultRead,
@@ -22,6 +33,7 @@ from core.schemas import (
     error_details,
 )
 from core.tables import Job, JobRequest
+from webapi.auth import current_principal
 from webapi.dispatch import DispatchError
 from webapi.errors import ApiError
 from webapi.services import services
@@ -30,7 +42,10 @@ log = logging.getLogger("batchgen.api")
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 
 MAX_PAGE = 1000
-RESULT_STATUSES = ("queued", "running", "succeeded", "failed")
+STREAM_CHUNK = 500
+EVENTS_INTERVAL_S = 0.5
+KEEPALIVE_S = 15.0
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 
 def json_body() -> Any:
@@ -44,16 +59,26 @@ def json_body() -> Any:
         raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from None
 
 
+def _window(seconds: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
 def job_read(job: Job) -> JobRead:
     """The API view of a job row."""
     return JobRead(
         id=job.id, model=job.model, status=job.status,  # type: ignore[arg-type]
-        counts=JobCounts(total=job.total, queued=job.queued, running=job.running,
-                         succeeded=job.succeeded, failed=job.failed),
+        counts=JobCounts(total=job.total, queued=job.queued, running=job.running, succeeded=job.succeeded,
+                         failed=job.failed, cancelled=job.cancelled, expired=job.expired),
         usage=Usage(prompt_tokens=job.prompt_tokens, completion_tokens=job.completion_tokens,
                     total_tokens=job.prompt_tokens + job.completion_tokens),
-        params=job.params, system=job.system, created_at=job.created_at,
+        params=job.params, system=job.system, priority=job.priority, metadata=job.job_metadata,
+        owner=job.owner, completion_window=_window(job.completion_window_s), created_at=job.created_at,
         started_at=job.started_at, completed_at=job.completed_at,
+        expires_at=job.expires_at or job.created_at, cancel_requested_at=job.cancel_requested_at,
+        estimated_completion_at=job_service.estimated_completion(job),
     )
 
 
@@ -84,18 +109,40 @@ def _int_arg(name: str, default: int, low: int, high: int) -> int:
     return value
 
 
+def _choice_arg(name: str, choices: tuple[str, ...]) -> str | None:
+    value = request.args.get(name)
+    if value is not None and value not in choices:
+        raise ApiError(422, "invalid_request", f"'{name}' must be one of {', '.join(choices)}",
+                       [{"loc": f"query.{name}", "message": "unknown value", "type": "invalid_query"}])
+    return value
+
+
 @bp.post("")
 def create_job() -> tuple[Response, int, dict[str, str]]:
-    """Validate and store a job in one transaction, dispatch its requests, answer 202."""
+    """Validate and store a job in one transaction, dispatch its requests, answer 202.
+
+    With an ``Idempotency-Key`` header, a retry of the same request returns the job it created
+    (200); the same key with a different request is a 409.
+    """
+    principal = current_principal()
     body = json_body()
     if not isinstance(body, dict):
         raise ApiError(422, "invalid_request", "the request body must be a JSON object",
                        [{"loc": "body", "message": "expected an object", "type": "object_type"}])
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not _IDEMPOTENCY_KEY.match(key):
+        raise ApiError(422, "invalid_request", "Idempotency-Key must be 1 to 255 visible ASCII characters",
+                       [{"loc": "header.Idempotency-Key", "message": "invalid", "type": "invalid_header"}])
+    fingerprint = job_service.request_fingerprint(body) if key else None
+    svc = services()
+    if key is not None:
+        replay = _replay(key, fingerprint)  # type: ignore[arg-type]
+        if replay is not None:
+            return replay
     try:
         spec = JobCreate.model_validate(body)
     except ValidationError as exc:
         raise ApiError(422, "invalid_request", "the job is not valid", error_details(exc)) from None
-    svc = services()
     try:
         model = svc.registry().resolve(spec.model)
     except UnknownModelError as exc:
@@ -103,13 +150,35 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
                        [{"loc": "model", "message": exc.message, "type": exc.code}]) from None
     limits = job_service.Limits(max_requests=svc.settings.max_requests_per_job,
                                 max_prompt_chars=svc.settings.max_prompt_chars)
-    with svc.db.write() as session:
-        job, request_ids = job_service.create_job(session=session, spec=spec, model=model, limits=limits,
-                                                  counter=svc.token_counter(model))
+    with svc.db.read() as session:
+        svc.limits.check_capacity(session=session, principal=principal, model=model.name,
+                                  new=len(spec.items()))
+    try:
+        with svc.db.write() as session:
+            job, request_ids = job_service.create_job(
+                session=session, spec=spec, model=model, limits=limits, owner=principal.owner,
+                counter=svc.token_counter(model), idempotency_key=key, fingerprint=fingerprint)
+    except IntegrityError:
+        # Two requests with one Idempotency-Key raced; the other one created the job.
+        replay = _replay(key, fingerprint) if key else None
+        if replay is None:
+            raise
+        return replay
     log.info("job accepted: %d requests for %s", job.total, job.model, extra={"job_id": job.id})
     _dispatch(job, request_ids)
     location = url_for("jobs.get_job", job_id=job.id)
     return jsonify(job_read(job).model_dump(mode="json")), 202, {"Location": location}
+
+
+def _replay(key: str, fingerprint: str) -> tuple[Response, int, dict[str, str]] | None:
+    principal = current_principal()
+    with services().db.read() as session:
+        job = job_service.find_idempotent(session=session, owner=principal.owner, idempotency_key=key,
+                                          fingerprint=fingerprint)
+        if job is None:
+            return None
+        return (jsonify(job_read(job).model_dump(mode="json")), 200,
+                {"Location": url_for("jobs.get_job", job_id=job.id), "Idempotent-Replayed": "true"})
 
 
 def _dispatch(job: Job, request_ids: list[str]) -> None:
@@ -121,10 +190,10 @@ def _dispatch(job: Job, request_ids: list[str]) -> None:
 
     if len(request_ids) > svc.settings.inline_dispatch_limit:
         svc.dispatcher.dispatch_later(job_id=job.id, model=job.model, request_ids=request_ids,
-                                      on_done=mark_done)
+                                      priority=job.priority, on_done=mark_done)
         return
     try:
-        svc.dispatcher.dispatch(model=job.model, request_ids=request_ids)
+        svc.dispatcher.dispatch(model=job.model, request_ids=request_ids, priority=job.priority)
     except DispatchError:
         # The job is stored and stays queued; it is not lost. It is answered 202 all the same.
         log.exception("dispatch failed; job stored but not yet on a queue", extra={"job_id": job.id})
@@ -132,11 +201,25 @@ def _dispatch(job: Job, request_ids: list[str]) -> None:
     mark_done(job.id)
 
 
+@bp.get("")
+def list_jobs() -> dict[str, Any]:
+    """The caller's jobs, newest first: ``after`` (a job id), ``limit``, ``status``."""
+    limit = _int_arg("limit", 20, 1, 100)
+    status = _choice_arg("status", JOB_STATUSES)
+    with services().db.read() as session:
+        rows, has_more = job_service.list_jobs(session=session, owner=current_principal().owner_filter,
+                                               after=request.args.get("after"), limit=limit, status=status)
+        data = [job_read(j) for j in rows]
+    page = JobPage(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
+                   has_more=has_more)
+    return page.model_dump(mode="json")
+
+
 @bp.get("/<job_id>")
 def get_job(job_id: str) -> dict[str, Any]:
-    """Status, counts, usage and timestamps of one job."""
+    """Status, counts, usage, timestamps and, while it runs, an estimated completion time."""
     with services().db.read() as session:
-        job = job_service.get_job(session=session, job_id=job_id)
+        job = job_service.get_job(session=session, job_id=job_id, owner=current_principal().owner_filter)
         return job_read(job).model_dump(mode="json")
 
 
@@ -144,15 +227,92 @@ def get_job(job_id: str) -> dict[str, Any]:
 def list_results(job_id: str) -> dict[str, Any]:
     """A page of results in request order: ``after`` (a request id), ``limit``, ``status``."""
     limit = _int_arg("limit", 100, 1, MAX_PAGE)
-    status = request.args.get("status")
-    if status is not None and status not in RESULT_STATUSES:
-        raise ApiError(422, "invalid_request", f"'status' must be one of {', '.join(RESULT_STATUSES)}",
-                       [{"loc": "query.status", "message": "unknown status", "type": "invalid_query"}])
+    status = _choice_arg("status", REQUEST_STATUSES)
     with services().db.read() as session:
         rows, has_more = job_service.list_results(session=session, job_id=job_id,
-                                                  after=request.args.get("after"), limit=limit,
-                                                  status=status)
+                                                  owner=current_principal().owner_filter,
+                                                  after=request.args.get("after"), limit=limit, status=status)
         data = [result_read(r) for r in rows]
     page = ResultPage(data=data, first_id=data[0].id if data else None,
                       last_id=data[-1].id if data else None, has_more=has_more)
     return page.model_dump(mode="json")
+
+
+@bp.get("/<job_id>/results.jsonl")
+def download_results(job_id: str) -> Response:
+    """Every result as one JSON line each, streamed a chunk at a time (``status`` filters)."""
+    status = _choice_arg("status", REQUEST_STATUSES)
+    svc = services()
+    with svc.db.read() as session:
+        job_service.get_job(session=session, job_id=job_id, owner=current_principal().owner_filter)
+
+    def lines() -> Iterator[str]:
+        after = -1
+        while True:  # a short read per chunk: no transaction is held while the client reads
+            with svc.db.read() as session:
+                rows = job_service.results_after(session=session, job_id=job_id, after_idx=after,
+                                                 limit=STREAM_CHUNK, status=status)
+                chunk = "".join(result_read(r).model_dump_json() + "\n" for r in rows)
+            if not rows:
+                return
+            yield chunk
+            after = rows[-1].idx
+
+    return Response(lines(), mimetype="application/jsonl",
+                    headers={"Content-Disposition": f'attachment; filename="{job_id}.jsonl"'})
+
+
+@bp.get("/<job_id>/events")
+def job_events(job_id: str) -> Response:
+    """Server-sent events: a ``progress`` event whenever the job changes, ``end`` when it ends."""
+    svc = services()
+    owner = current_principal().owner_filter
+    with svc.db.read() as session:
+        job_service.get_job(session=session, job_id=job_id, owner=owner)
+
+    def events() -> Iterator[str]:
+        yield "retry: 2000\n\n"
+        last: tuple[Any, ...] | None = None
+        quiet_since = time.monotonic()
+        while True:
+            try:
+                with svc.db.read() as session:
+                    job = job_service.get_job(session=session, job_id=job_id, owner=owner)
+                    view = job_read(job)
+            except NotFoundError:  # deleted while followed
+                yield 'event: end\ndata: {"deleted": true}\n\n'
+                return
+            state = (view.status, view.counts, view.usage)
+            if state != last:
+                last, quiet_since = state, time.monotonic()
+                yield f"event: progress\ndata: {view.model_dump_json()}\n\n"
+            if view.status in job_service.FINISHED_JOB_STATUSES:
+                yield f"event: end\ndata: {view.model_dump_json()}\n\n"
+                return
+            if time.monotonic() - quiet_since > KEEPALIVE_S:
+                quiet_since = time.monotonic()
+                yield ": keep-alive\n\n"
+            time.sleep(EVENTS_INTERVAL_S)
+
+    return Response(events(), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@bp.post("/<job_id>/cancel")
+def cancel_job(job_id: str) -> dict[str, Any]:
+    """Cancel what has not started; running requests finish and are kept."""
+    with services().db.write() as session:
+        job = job_service.cancel_job(session=session, job_id=job_id, owner=current_principal().owner_filter)
+        view = job_read(job)
+    log.info("job cancel requested", extra={"job_id": job_id})
+    return view.model_dump(mode="json")
+
+
+@bp.delete("/<job_id>")
+def delete_job(job_id: str) -> dict[str, Any]:
+    """Remove a job that has ended, with all its requests and results."""
+    with services().db.write() as session:
+        job_service.delete_job(session=session, job_id=job_id, owner=current_principal().owner_filter)
+    log.info("job deleted", extra={"job_id": job_id})
+    return {"id": job_id, "object": "job.deleted", "deleted": True}
+

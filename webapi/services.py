@@ -12,6 +12,7 @@ from core.registry import ModelSpec, Registry, load_registry, registry_path
 from core.settings import Settings
 from core.tokens import TokenCounter, counter_for
 from webapi.dispatch import Dispatcher
+from webapi.limits import Limits
 
 
 class Services:
@@ -21,6 +22,7 @@ class Services:
         self.settings = settings
         self.db = Database(settings.database_url)
         self.dispatcher = Dispatcher(settings)
+        self.limits = Limits(settings)
         self._registry_file: Path = registry_path(settings)
         self._registry_stamp: float | None = None
         self._registry: Registry | None = None

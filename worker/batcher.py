@@ -79,6 +79,7 @@ class Pending:
     length: int
     cost: int
     arrived: float
+    priority: int = 5
 
 
 @dataclass
@@ -136,8 +137,9 @@ def select_batch(pending: Sequence[Pending], *, now: float, device_idle: bool, p
     into batches. *When* to start: as soon as a batch is full; when the device is idle and no
     burst of requests is ``arriving``; or once the oldest request has waited ``max_wait_ms``
     (stretched up to ``burst_wait_factor`` times while a burst arrives, so it fills batches
-    instead of leaving in fragments). *What* to start: the largest batch (prompt + new tokens),
-    since longest first keeps the device's replicas finishing together -- unless the oldest
+    instead of leaving in fragments). *What* to start: the batch holding the highest job
+    priority, and among those the largest (prompt + new tokens), since longest first keeps the
+    device's replicas finishing together -- unless the oldest
     request has waited ``starvation_ms``, then its batch goes first whatever its size. When the
     last batch would leave replicas idle (``free_slots`` > 1, nothing else waiting, no burst
     arriving), it is split between them.
@@ -148,7 +150,7 @@ def select_batch(pending: Sequence[Pending], *, now: float, device_idle: bool, p
     oldest = min(pending, key=lambda p: p.arrived)
     waited = now - oldest.arrived
     wait_s = policy.max_wait_ms / 1000 * (policy.burst_wait_factor if arriving else 1)
-    largest: tuple[int, list[Pending]] | None = None
+    largest: tuple[tuple[int, int], list[Pending]] | None = None
     any_full = False
     count = 0
     for key, group in by_key.items():
@@ -158,9 +160,9 @@ def select_batch(pending: Sequence[Pending], *, now: float, device_idle: bool, p
             if key == oldest.key and waited * 1000 >= policy.starvation_ms and any(p is oldest for p in batch):
                 return batch, 0.0, "starved"
             any_full = any_full or full
-            cost = sum(p.cost for p in batch)
-            if largest is None or cost > largest[0]:
-                largest = (cost, batch)
+            rank = (max(p.priority for p in batch), sum(p.cost for p in batch))
+            if largest is None or rank > largest[0]:
+                largest = (rank, batch)
     assert largest is not None
     idle = device_idle and not arriving  # an idle device still lets a burst gather first
     if any_full or idle or waited >= wait_s:
@@ -289,7 +291,7 @@ class Batcher:
                                         error_message=getattr(exc, "message", str(exc))))
                 continue
             cost = enc.length + item.params.max_new_tokens
-            fresh.append(Pending(enc, item.params.sampling_key(), enc.length, cost, now))
+            fresh.append(Pending(enc, item.params.sampling_key(), enc.length, cost, now, item.priority))
         if failures:
             self._write(lambda s: job_service.fail_queued(session=s, outcomes=failures,
                                                           run_id=new_id("run")))

@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
                          max_wait_ms=settings.max_wait_ms, slots=plan.slots)
     log.info("batching: %s", policy)
     batcher = Batcher(runner=runner, db=db, policy=policy).start()
+    from worker.janitor import Janitor
+
+    janitor = Janitor(db).start()
     app = create_celery(settings, batcher)
     queue = settings.queue_for(spec.name)
 
@@ -132,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app.worker_main(argv_celery)
     finally:
+        janitor.stop()
         batcher.stop()
         db.dispose()
     return 0

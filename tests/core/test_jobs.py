@@ -1,5 +1,7 @@
 """The job service on SQLite and PostgreSQL: writes, claims, exactly-once recording, paging."""
 
+from datetime import datetime
+
 import pytest
 from sqlalchemy import func, select
 
@@ -23,9 +25,10 @@ def db(database_url):
     database.dispose()
 
 
-def submit(db, payload, model=CHAT, limits=LIMITS):
+def submit(db, payload, model=CHAT, limits=LIMITS, owner="alice"):
     with db.write() as s:
-        return jobs.create_job(session=s, spec=JobCreate.model_validate(payload), model=model, limits=limits)
+        return jobs.create_job(session=s, spec=JobCreate.model_validate(payload), model=model, limits=limits,
+                               owner=owner)
 
 
 def counts(db):
@@ -151,7 +154,7 @@ def test_prompts_too_long_for_the_context_are_refused_at_submit(db, tiny_model):
                "params": {"max_new_tokens": 16}}
     with db.write() as s, pytest.raises(InvalidRequestError) as err:
         jobs.create_job(session=s, spec=JobCreate.model_validate(payload), model=CHAT,
-                        limits=Limits(10, 10_000), counter=counter)
+                        limits=Limits(10, 10_000), counter=counter, owner="alice")
     problems = {d["loc"]: d for d in err.value.details}
     assert set(problems) == {"requests[1].prompt", "requests[2].messages"}
     assert problems["requests[1].prompt"]["type"] == "context_length_exceeded"
@@ -162,7 +165,7 @@ def test_prompts_too_long_for_the_context_are_refused_at_submit(db, tiny_model):
     submit(db, {"model": "m", "prompts": ["word " * 20], "params": {"max_new_tokens": 8}}, limits=roomy)
     with db.write() as s:
         jobs.create_job(session=s, spec=JobCreate.model_validate({"model": "m", "prompts": ["word " * 100]}),
-                        model=CHAT, limits=roomy, counter=None)
+                        model=CHAT, limits=roomy, counter=None, owner="alice")
     assert counts(db) == (2, 2)
 
 
@@ -175,3 +178,69 @@ def test_nul_in_generated_text_is_stored_on_every_backend(db):
                                                         completion_tokens=3)]) == ids
     with db.read() as s:
         assert s.get(JobRequest, ids[0]).text == "x\ufffdy"
+
+
+def finished(job_id, request_id, text="t"):
+    return Outcome(request_id=request_id, job_id=job_id, text=text, finish_reason="stop", prompt_tokens=1,
+                   completion_tokens=1)
+
+
+def test_cancel_keeps_running_requests_and_ends_when_they_do(db):
+    job, ids = submit(db, {"model": "m", "prompts": ["a", "b", "c"]})
+    with db.write() as s:
+        jobs.claim(session=s, request_ids=ids[:1], run_id="r")
+        j = jobs.cancel_job(session=s, job_id=job.id, owner="alice")
+        assert (j.status, j.queued, j.running, j.cancelled) == ("cancelling", 0, 1, 2)
+    with db.write() as s:  # a worker that took the cancelled ones now cannot claim them
+        assert jobs.claim(session=s, request_ids=ids, run_id="r2") == []
+        jobs.record(session=s, outcomes=[finished(job.id, ids[0])])
+    with db.read() as s:
+        j = s.get(Job, job.id)
+        assert (j.status, j.succeeded, j.cancelled) == ("cancelled", 1, 2) and j.completed_at is not None
+    job2, ids2 = submit(db, {"model": "m", "prompts": ["x"]})
+    with db.write() as s:
+        jobs.claim(session=s, request_ids=ids2, run_id="r3")
+        jobs.record(session=s, outcomes=[finished(job2.id, ids2[0])])
+    with db.write() as s, pytest.raises(jobs.ConflictError):
+        jobs.cancel_job(session=s, job_id=job2.id, owner="alice")  # completed: too late
+
+
+def test_expiry_stops_what_has_not_started_and_keeps_what_ran(db):
+    from datetime import timedelta
+
+    from core.tables import utcnow
+
+    job, ids = submit(db, {"model": "m", "prompts": ["a", "b", "c"], "completion_window": "1h"})
+    with db.write() as s:
+        jobs.claim(session=s, request_ids=ids[:1], run_id="r")
+        jobs.record(session=s, outcomes=[finished(job.id, ids[0])])
+    later = utcnow() + timedelta(hours=2)
+    with db.write() as s:
+        assert jobs.claim(session=s, request_ids=ids[1:2], run_id="r", now=later) == []  # too late to start
+        assert jobs.expire_due(session=s, now=utcnow()) == []  # not yet
+        assert jobs.expire_due(session=s, now=later) == [job.id]
+        assert jobs.expire_due(session=s, now=later) == []  # once
+    with db.read() as s:
+        j = s.get(Job, job.id)
+        rows = {r.id: r.status for r in s.scalars(select(JobRequest).where(JobRequest.job_id == job.id))}
+    assert (j.status, j.succeeded, j.expired, j.queued) == ("expired", 1, 2, 0)
+    assert [rows[i] for i in ids] == ["succeeded", "expired", "expired"]
+
+
+def test_janitor_expires_due_jobs(db):
+    from core.tables import utcnow
+    from worker.janitor import Janitor
+
+    job, _ = submit(db, {"model": "m", "prompts": ["a"]})
+    with db.write() as s:
+        s.execute(jobs.update(Job).where(Job.id == job.id).values(expires_at=utcnow()))
+    assert Janitor(db).run_once() == [job.id]
+
+
+def test_estimated_completion_follows_the_rate_so_far():
+    from datetime import UTC, timedelta
+
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    job = Job(status="running", started_at=start, succeeded=3, failed=1, queued=6, running=2)
+    assert jobs.estimated_completion(job, now=start + timedelta(seconds=40)) == start + timedelta(seconds=120)
+    assert jobs.estimated_completion(Job(status="queued", started_at=None, succeeded=0, failed=0)) is None

@@ -3,10 +3,11 @@
 import json
 
 import pytest
-import redis
 from sqlalchemy import func, select
 
 from core.tables import Job, JobRequest
+from tests.conftest import authed, make_key
+from tests.support import queued_request_ids
 
 
 def job_rows(app):
@@ -73,7 +74,7 @@ def test_too_many_requests_in_one_job(make_settings, sqlite_url):
     from webapi import create_app
 
     app = create_app(make_settings(sqlite_url, max_requests_per_job=3))
-    err = assert_envelope(app.test_client().post("/v1/jobs", json={"model": "tiny", "prompts": list("abcd")}),
+    err = assert_envelope(authed(app, make_key(sqlite_url)).post("/v1/jobs", json={"model": "tiny", "prompts": list("abcd")}),
                           422, "invalid_request")
     assert err["details"][0]["type"] == "too_many_requests"
 
@@ -82,7 +83,7 @@ def test_oversized_body_is_413(make_settings, sqlite_url):
     from webapi import create_app
 
     app = create_app(make_settings(sqlite_url, max_body_bytes=2048))
-    resp = app.test_client().post("/v1/jobs", data=json.dumps({"model": "tiny", "prompts": ["x" * 4096]}),
+    resp = authed(app, make_key(sqlite_url)).post("/v1/jobs", data=json.dumps({"model": "tiny", "prompts": ["x" * 4096]}),
                                   content_type="application/json")
     assert_envelope(resp, 413, "payload_too_large")
 
@@ -114,16 +115,13 @@ def test_accepted_job_is_stored_and_each_request_queued_on_its_model_queue(app, 
     assert resp.status_code == 202
     job = resp.get_json()
     assert job["id"].startswith("job_") and job["status"] == "queued" and job["model"] == "tiny-chat"
-    assert job["counts"] == {"total": 2, "queued": 2, "running": 0, "succeeded": 0, "failed": 0}
+    assert job["counts"] == {"total": 2, "queued": 2, "running": 0, "succeeded": 0, "failed": 0, "cancelled": 0,
+                             "expired": 0}
     assert job["created_at"].endswith("Z") and resp.headers["Location"] == f"/v1/jobs/{job['id']}"
     assert client.get(f"/v1/jobs/{job['id']}").get_json() == job
 
-    queue_key = settings.redis_prefix + settings.queue_for("tiny-chat")
-    r = redis.Redis.from_url(settings.redis_url)
-    messages = [json.loads(m) for m in r.lrange(queue_key, 0, -1)]
-    queued_ids = sorted(json.loads(__import__("base64").b64decode(m["body"]))[0][0][0] for m in messages)
     page = client.get(f"/v1/jobs/{job['id']}/results").get_json()
-    assert sorted(d["id"] for d in page["data"]) == queued_ids
+    assert sorted(d["id"] for d in page["data"]) == sorted(queued_request_ids(settings, "tiny-chat"))
     assert [d["index"] for d in page["data"]] == [0, 1] and page["has_more"] is False
     assert page["data"][0]["status"] == "queued" and page["data"][0]["text"] is None
     with app.extensions["batchgen"].db.read() as s:
@@ -135,10 +133,9 @@ def test_large_jobs_are_dispatched_in_the_background(make_settings, sqlite_url):
 
     settings = make_settings(sqlite_url, inline_dispatch_limit=2)
     app = create_app(settings)
-    job = app.test_client().post("/v1/jobs", json={"model": "tiny", "prompts": list("abcde")}).get_json()
+    job = authed(app, make_key(sqlite_url)).post("/v1/jobs", json={"model": "tiny", "prompts": list("abcde")}).get_json()
     app.extensions["batchgen"].dispatcher.wait_idle()
-    r = redis.Redis.from_url(settings.redis_url)
-    assert r.llen(settings.redis_prefix + settings.queue_for("tiny-chat")) == 5
+    assert len(queued_request_ids(settings, "tiny-chat")) == 5
     with app.extensions["batchgen"].db.read() as s:
         assert s.get(Job, job["id"]).dispatched_at is not None
 

@@ -137,7 +137,7 @@ def db(database_url):
 def submit_job(db, payload):
     with db.write() as s:
         job, ids = jobs.create_job(session=s, spec=JobCreate.model_validate({"model": "tiny-chat", **payload}),
-                                   model=SPEC, limits=Limits(100, 10_000))
+                                   model=SPEC, limits=Limits(100, 10_000), owner="alice")
     return job.id, ids
 
 

@@ -6,10 +6,10 @@ import sys
 import time
 
 import pytest
-import redis
 
 from core.settings import Settings
-from tests.support import ROOT, ApiServer, WorkerProcess
+from tests.conftest import make_key
+from tests.support import ROOT, ApiServer, WorkerProcess, queued_request_ids
 from worker.device import plan_device
 
 
@@ -47,7 +47,7 @@ def test_each_worker_consumes_only_its_model_queue(make_settings, sqlite_url):
 
     settings = make_settings(sqlite_url)
     app = create_app(settings)
-    api = ApiServer(app).start()
+    api = ApiServer(app, make_key(sqlite_url)).start()
     chat_worker = WorkerProcess(settings, "tiny-chat").start()
     base_worker = None
     try:
@@ -55,8 +55,7 @@ def test_each_worker_consumes_only_its_model_queue(make_settings, sqlite_url):
                                                         "params": {"max_new_tokens": 3}}).json()
         time.sleep(1.5)  # a known model with no worker of its own: accepted, and it waits
         assert api.http.get(f"{api.url}/v1/jobs/{job['id']}").json()["status"] == "queued"
-        r = redis.Redis.from_url(settings.redis_url)
-        assert r.llen(settings.redis_prefix + settings.queue_for("tiny-base")) == 2
+        assert len(queued_request_ids(settings, "tiny-base")) == 2
         base_worker = WorkerProcess(settings, "tiny-base").start()
         assert api.wait_for_job(job["id"])["status"] == "completed"
     finally:

@@ -1,0 +1,69 @@
+"""Who is calling: every route but health and documentation needs ``Authorization: Bearer <key>``.
+
+Valid keys are cached for a few seconds per process, so a poll does not cost a database read; a
+revoked key stops working within ``CACHE_SECONDS``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from flask import Flask, g, request
+
+from core.auth import Principal, authenticate
+from webapi.errors import ApiError
+from webapi.services import services
+
+PUBLIC_ENDPOINTS = {"health.healthz", "docs.openapi_json", "docs.docs_page"}
+CACHE_SECONDS = 10.0
+
+
+class KeyCache:
+    """Recently validated tokens -> principal."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[Principal, float]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, token: str) -> Principal | None:
+        with self._lock:
+            entry = self._entries.get(token)
+            if entry is None or entry[1] < time.monotonic():
+                self._entries.pop(token, None)
+                return None
+            return entry[0]
+
+    def put(self, token: str, principal: Principal) -> None:
+        with self._lock:
+            if len(self._entries) > 10_000:
+                self._entries.clear()
+            self._entries[token] = (principal, time.monotonic() + CACHE_SECONDS)
+
+
+def init_app(app: Flask) -> None:
+    cache = KeyCache()
+
+    @app.before_request
+    def _authenticate() -> None:
+        if request.endpoint is None or request.endpoint in PUBLIC_ENDPOINTS:
+            return  # unknown routes answer 404 whoever asks
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise ApiError(401, "unauthorized", "send an API key: Authorization: Bearer <key>")
+        principal = cache.get(token)
+        if principal is None:
+            with services().db.read() as session:
+                principal = authenticate(session=session, token=token)
+            if principal is None:
+                raise ApiError(401, "unauthorized", "the API key is not valid (or was revoked)")
+            cache.put(token, principal)
+        g.principal = principal
+        services().limits.check_rate(principal)
+
+
+def current_principal() -> Principal:
+    """The authenticated caller of the current request."""
+    return g.principal  # type: ignore[no-any-return]
