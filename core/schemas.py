@@ -273,7 +273,8 @@ class JobRead(BaseModel):
     created_at: datetime
     started_at: datetime | None
     completed_at: datetime | None
-    expires_at: datetime
+    expires_at: datetime | None = Field(description="When what has not run expires (null for jobs "
+                                        "made before expiry existed).")
     cancel_requested_at: datetime | None
     estimated_completion_at: datetime | None = Field(
         None, description="While running: when it should end at the rate so far.")

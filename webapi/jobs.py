@@ -77,7 +77,7 @@ def job_read(job: Job) -> JobRead:
         params=job.params, system=job.system, priority=job.priority, metadata=job.job_metadata,
         owner=job.owner, completion_window=_window(job.completion_window_s), created_at=job.created_at,
         started_at=job.started_at, completed_at=job.completed_at,
-        expires_at=job.expires_at or job.created_at, cancel_requested_at=job.cancel_requested_at,
+        expires_at=job.expires_at, cancel_requested_at=job.cancel_requested_at,
         estimated_completion_at=job_service.estimated_completion(job),
     )
 
@@ -151,8 +151,7 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
     limits = job_service.Limits(max_requests=svc.settings.max_requests_per_job,
                                 max_prompt_chars=svc.settings.max_prompt_chars)
     with svc.db.read() as session:
-        svc.limits.check_capacity(session=session, principal=principal, model=model.name,
-                                  new=len(spec.items()))
+        svc.limits.check_capacity(session=session, principal=principal, model=model.name, new=spec.count())
     try:
         with svc.db.write() as session:
             job, request_ids = job_service.create_job(
