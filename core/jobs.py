@@ -57,10 +57,11 @@ def _problem(loc: str, message: str, type_: str) -> dict[str, str]:
 
 
 def _resolve(*, loc: str, spec: ModelSpec, job_params: Any, item_params: Any,
-             problems: list[dict[str, str]]) -> ResolvedParams | None:
+             problems: list[dict[str, str]], delivery: str = "store") -> ResolvedParams | None:
     """The parameters a request runs with; problems found in them are appended."""
     # The built-in default length must fit any model; registry defaults and the client override it.
-    base = {"max_new_tokens": min(ResolvedParams().max_new_tokens, spec.context_length // 2)}
+    base = {"max_new_tokens": min(ResolvedParams().max_new_tokens, spec.context_length // 2),
+            "delivery": delivery}
     try:
         params = ResolvedParams.resolve(base, spec.defaults, job_params, item_params)
     except ValueError as exc:  # defaults of a registry entry may be out of bounds
@@ -144,11 +145,12 @@ def find_idempotent(*, session: Session, owner: str, idempotency_key: str, finge
 
 def create_job(*, session: Session, spec: JobCreate, model: ModelSpec, limits: Limits, owner: str,
                counter: TokenCounter | None = None, idempotency_key: str | None = None,
-               fingerprint: str | None = None) -> tuple[Job, list[str]]:
+               fingerprint: str | None = None, delivery: str = "store") -> tuple[Job, list[str]]:
     """Validate ``spec`` against the model and limits, then insert the job and its requests.
 
     ``counter`` counts prompt tokens with the model's tokenizer, to refuse prompts too long for the
-    context now; without one, a worker fails such a request alone. Returns the job and its
+    context now; without one, a worker fails such a request alone. ``delivery`` is how results
+    reach the client (see ``ResolvedParams.delivery``). Returns the job and its
     request ids in order. Raises ``InvalidRequestError`` listing every problem (with the request
     index) and writes nothing in that case.
     """
@@ -167,7 +169,8 @@ def create_job(*, session: Session, spec: JobCreate, model: ModelSpec, limits: L
                                  "characters", "prompt_too_long"))
 
     # Requests without params of their own share the job's: resolved, checked and stored once.
-    shared = _resolve(loc="params", spec=model, job_params=spec.params, item_params=None, problems=problems)
+    shared = _resolve(loc="params", spec=model, job_params=spec.params, item_params=None, problems=problems,
+                      delivery=delivery)
     shared_json = shared.model_dump(mode="json") if shared is not None else None
     form = "prompts" if spec.prompts is not None else "requests"
     seen_custom_ids: dict[str, int] = {}
@@ -178,7 +181,7 @@ def create_job(*, session: Session, spec: JobCreate, model: ModelSpec, limits: L
             params, params_json = shared, shared_json
         else:
             params = _resolve(loc=loc, spec=model, job_params=spec.params, item_params=item.params,
-                              problems=problems)
+                              problems=problems, delivery=delivery)
             params_json = params.model_dump(mode="json") if params is not None else None
         resolved.append((params, params_json))
         _check_request(loc=loc, item=item, spec=model, params=params, limits=limits, problems=problems,

@@ -39,3 +39,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 def celery_priority(priority: int) -> int:
     """A job's priority (0-9, higher first) as a Redis message priority (0 first)."""
     return 9 - max(0, min(9, priority))
+
+
+def stream_channel(settings: Settings, request_id: str) -> str:
+    """The Redis pub/sub channel a worker announces one request's progress on."""
+    return f"{settings.redis_prefix}stream:{request_id}"

@@ -7,11 +7,10 @@ instead of silently ignored.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
-
-import re
 
 from pydantic import (
     AfterValidator,
@@ -95,6 +94,9 @@ class ResolvedParams(BaseModel):
     top_k: int = 0
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
+    # How the result reaches the client: stored only (jobs), or also announced over Redis when
+    # done (synchronous calls), or streamed token by token as well (stream: true).
+    delivery: Literal["store", "notify", "stream"] = "store"
 
     @classmethod
     def resolve(cls, *layers: GenerationParams | dict[str, Any] | None) -> ResolvedParams:
@@ -326,6 +328,8 @@ def error_details(exc: ValidationError) -> list[dict[str, str]]:
         for part in err["loc"]:
             loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
         message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = f"unrecognized field {loc!r}"
         out.append({"loc": loc or "body", "message": message, "type": err["type"]})
     return out
 

@@ -54,6 +54,10 @@ class Settings(BaseModel):
     max_pending_per_model: int = Field(default=1_000_000, ge=0)
     max_pending_per_key: int = Field(default=500_000, ge=0)
     rate_limit_per_minute: int = Field(default=600, ge=0)
+    # Synchronous calls (completions, DashScope, PAI-EAS) give up after this long.
+    sync_timeout_s: float = Field(default=600.0, gt=0)
+    # The model PAI-EAS-style calls (POST /) run on; empty means BATCHGEN_MODEL.
+    eas_model: str = ""
 
     # Worker.
     model: str = "demo"

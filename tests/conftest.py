@@ -186,3 +186,27 @@ def authed(app, token: str):  # type: ignore[no-untyped-def]
     client = app.test_client()
     client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token}"
     return client
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, redis_server, registry_file, sqlite_template):  # type: ignore[no-untyped-def]
+    """The API over HTTP with a tiny-chat worker, shared by a module's tests: (api, worker, settings, token)."""
+    import uuid
+
+    from tests.support import ApiServer, WorkerProcess
+    from webapi import create_app
+
+    var = tmp_path_factory.mktemp("served")
+    shutil.copy(sqlite_template, var / "batchgen.db")
+    settings = Settings.model_validate({
+        "var_dir": var, "database_url": f"sqlite:///{var / 'batchgen.db'}", "redis_url": redis_server.url,
+        "redis_prefix": f"test-{uuid.uuid4().hex[:8]}:", "registry_file": registry_file, "max_wait_ms": 5.0,
+        "model": "tiny-chat"})
+    app = create_app(settings)
+    token = make_key(settings.database_url)
+    api = ApiServer(app, token).start()
+    worker = WorkerProcess(settings, "tiny-chat").start()
+    yield api, worker, settings, token
+    worker.stop()
+    api.stop()
+    app.extensions["batchgen"].db.dispose()

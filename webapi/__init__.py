@@ -10,7 +10,8 @@ from webapi.services import Services
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the API for ``settings`` (default: from ``BATCHGEN_*`` environment variables)."""
-    from webapi import auth, errors, health, jobs, openapi
+    from webapi import auth, compat, errors, health, jobs, openapi
+    from webapi.openai import router as openai_router
 
     settings = settings or Settings.from_env()
     app = Flask(__name__)
@@ -22,4 +23,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(openapi.bp)
+    app.register_blueprint(openai_router.bp)
+    app.register_blueprint(compat.dashscope)
+    app.register_blueprint(compat.eas)
     return app

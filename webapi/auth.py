@@ -48,9 +48,11 @@ def init_app(app: Flask) -> None:
     def _authenticate() -> None:
         if request.endpoint is None or request.endpoint in PUBLIC_ENDPOINTS:
             return  # unknown routes answer 404 whoever asks
-        header = request.headers.get("Authorization", "")
+        header = request.headers.get("Authorization", "").strip()
         scheme, _, token = header.partition(" ")
         token = token.strip()
+        if not token and header.startswith("key_"):
+            scheme, token = "bearer", header  # PAI-EAS clients send the bare token
         if scheme.lower() != "bearer" or not token:
             raise ApiError(401, "unauthorized", "send an API key: Authorization: Bearer <key>")
         principal = cache.get(token)

@@ -51,10 +51,47 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+def _param(details: Any) -> str | None:
+    if isinstance(details, list) and details and isinstance(details[0], dict):
+        return details[0].get("loc")
+    return None
+
+
+def _openai_body(status: int, code: str, message: str, details: Any) -> dict[str, Any]:
+    # OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+    kind = ("server_error" if status >= 500 and status != 504 else "timeout" if status == 504
+            else "rate_limit_error" if status == 429 else "invalid_request_error")
+    if status == 401:
+        code = "invalid_api_key"
+    return {"error": {"message": message, "type": kind, "param": _param(details), "code": code}}
+
+
+_DASHSCOPE_CODES = {400: "InvalidParameter", 401: "InvalidApiKey", 404: "ModelNotFound", 409: "InvalidParameter",
+                    413: "InvalidParameter", 422: "InvalidParameter", 429: "Throttling", 503: "ServiceUnavailable",
+                    504: "RequestTimeOut"}
+
+
+def _dashscope_body(status: int, code: str, message: str, details: Any) -> dict[str, Any]:
+    # DashScope's shape: {"code", "message", "request_id"} with the HTTP status.
+    return {"code": _DASHSCOPE_CODES.get(status, "InternalError"), "message": message,
+            "request_id": g.get("request_id")}
+
+
+# Error shapes of the compatibility routes, by blueprint; every other route gets the native envelope.
+_STYLES = {"openai": _openai_body, "dashscope": _dashscope_body}
+# Compatibility routes answer invalid input with 400, as the services they imitate do.
+_STATUS_OVERRIDE = {"openai": {422: 400}, "dashscope": {422: 400}}
+
+
 def error_response(status: int, code: str, message: str, details: Any = None) -> Response:
-    """The envelope, as a response."""
-    body = {"error": {"code": code, "message": message, "details": details,
-                      "request_id": g.get("request_id")}}
+    """The error, in the shape of the route family it happened on."""
+    style = request.blueprint if request else None
+    status = _STATUS_OVERRIDE.get(style or "", {}).get(status, status)
+    if style in _STYLES:
+        body = _STYLES[style](status, code, message, details)
+    else:
+        body = {"error": {"code": code, "message": message, "details": details,
+                          "request_id": g.get("request_id")}}
     response = jsonify(body)
     response.status_code = status
     return response

@@ -25,6 +25,20 @@ from core.schemas import (
     ResultPage,
     ResultRead,
 )
+from webapi.compat import DashScopeRequest, EasRequest
+from webapi.openai.protocol import (
+    BatchCreateRequest,
+    BatchList,
+    BatchRead,
+    ChatCompletionRead,
+    ChatCompletionRequest,
+    CompletionRead,
+    CompletionRequest,
+    FileDeleted,
+    FileList,
+    FileObjectRead,
+    OpenAIError,
+)
 
 bp = Blueprint("docs", __name__)
 
@@ -36,7 +50,8 @@ ERROR_TEXT = {
     413: "The body is larger than the configured limit.",
     422: "The input is not valid; details lists every problem and where it is.",
     429: "A rate or capacity limit; retry after Retry-After seconds.",
-    503: "The database is unavailable; retry shortly.",
+    503: "The database or the queue is unavailable; retry shortly.",
+    504: "No result within BATCHGEN_SYNC_TIMEOUT_S; the request was cancelled if it had not started.",
 }
 
 
@@ -56,14 +71,26 @@ class Operation:
     endpoint: str  # Flask endpoint name
     summary: str
     responses: dict[int, Any]  # status -> model, (media type, model/schema), or None
-    body: type[BaseModel] | None = None
+    body: Any = None  # a model, or (media type, schema) for other bodies
     params: tuple[Param, ...] = ()
     errors: tuple[int, ...] = (401, 429, 503)
     public: bool = False
     description: str = ""
+    error_model: type[BaseModel] = ErrorEnvelope
+    tag: str = "jobs"
 
 
 JOB_ID = Param("job_id", "path", "The job's id (job_...).", required=True)
+FILE_ID = Param("file_id", "path", "The file's id (file_...).", required=True)
+BATCH_ID = Param("batch_id", "path", "The batch's id (batch_...).", required=True)
+
+
+class DashScopeError(BaseModel):
+    """Errors on the DashScope route."""
+
+    code: str
+    message: str
+    request_id: str | None
 _LIMIT = {"type": "integer", "minimum": 1}
 
 OPERATIONS: tuple[Operation, ...] = (
@@ -104,6 +131,54 @@ OPERATIONS: tuple[Operation, ...] = (
               responses={200: JobRead}, params=(JOB_ID,), errors=(401, 404, 409, 429, 503)),
     Operation("delete", "/v1/jobs/{job_id}", "jobs.delete_job", "Delete a job that has ended, and its results",
               responses={200: Deleted}, params=(JOB_ID,), errors=(401, 404, 409, 429, 503)),
+    # --- OpenAI-compatible ---
+    Operation("post", "/v1/files", "openai.upload_file", "Upload a batch input file (JSONL)", tag="openai",
+              body=("multipart/form-data", {"type": "object", "required": ["file", "purpose"], "properties": {
+                  "file": {"type": "string", "format": "binary"}, "purpose": {"enum": ["batch"]}}}),
+              responses={200: FileObjectRead}, errors=(400, 401, 413, 429, 503), error_model=OpenAIError),
+    Operation("get", "/v1/files", "openai.list_files", "List files", tag="openai", responses={200: FileList},
+              params=(Param("after", "query", "The last file id of the previous page."),
+                      Param("limit", "query", "1-10000, default 100.", {**_LIMIT, "maximum": 10000}),
+                      Param("order", "query", "By creation time.", {"enum": ["asc", "desc"]}),
+                      Param("purpose", "query", "Only files with this purpose.")),
+              errors=(400, 401, 429, 503), error_model=OpenAIError),
+    Operation("get", "/v1/files/{file_id}", "openai.get_file", "A file", tag="openai", responses={200: FileObjectRead},
+              params=(FILE_ID,), errors=(401, 404, 429, 503), error_model=OpenAIError),
+    Operation("get", "/v1/files/{file_id}/content", "openai.file_content", "A file's content", tag="openai",
+              responses={200: ("application/jsonl", {"type": "string"})}, params=(FILE_ID,),
+              errors=(401, 404, 429, 503), error_model=OpenAIError),
+    Operation("delete", "/v1/files/{file_id}", "openai.delete_file", "Delete a file", tag="openai",
+              responses={200: FileDeleted}, params=(FILE_ID,), errors=(401, 404, 429, 503), error_model=OpenAIError),
+    Operation("post", "/v1/batches", "openai.create_batch", "Create a batch from an uploaded file", tag="openai",
+              body=BatchCreateRequest, responses={200: BatchRead}, errors=(400, 401, 404, 429, 503),
+              error_model=OpenAIError,
+              description="The file is checked line by line; a bad file gives a `failed` batch whose `errors` "
+                          "list each problem with its line. A batch is a job underneath (see /v1/jobs)."),
+    Operation("get", "/v1/batches", "openai.list_batches", "List batches, newest first", tag="openai",
+              responses={200: BatchList}, errors=(400, 401, 429, 503), error_model=OpenAIError,
+              params=(Param("after", "query", "The last batch id of the previous page."),
+                      Param("limit", "query", "1-100, default 20.", {**_LIMIT, "maximum": 100}))),
+    Operation("get", "/v1/batches/{batch_id}", "openai.get_batch", "A batch", tag="openai", responses={200: BatchRead},
+              params=(BATCH_ID,), errors=(401, 404, 429, 503), error_model=OpenAIError),
+    Operation("post", "/v1/batches/{batch_id}/cancel", "openai.cancel_batch", "Cancel a batch", tag="openai",
+              responses={200: BatchRead}, params=(BATCH_ID,), errors=(401, 404, 409, 429, 503), error_model=OpenAIError),
+    Operation("post", "/v1/completions", "openai.completions", "A completion (stream: true for SSE)", tag="openai",
+              body=CompletionRequest, responses={200: CompletionRead}, errors=(400, 401, 404, 429, 503, 504),
+              error_model=OpenAIError),
+    Operation("post", "/v1/chat/completions", "openai.chat_completions", "A chat completion (stream: true for SSE)",
+              tag="openai", body=ChatCompletionRequest, responses={200: ChatCompletionRead},
+              errors=(400, 401, 404, 429, 503, 504), error_model=OpenAIError),
+    # --- DashScope and PAI-EAS ---
+    Operation("post", "/api/v1/services/aigc/text-generation/generation", "dashscope.dashscope_generation",
+              "DashScope text generation (X-DashScope-SSE: enable for SSE)", tag="compat", body=DashScopeRequest,
+              responses={200: ("application/json", {"type": "object", "properties": {
+                  "output": {"type": "object"}, "usage": {"type": "object"}, "request_id": {"type": "string"}}})},
+              errors=(400, 401, 429, 503, 504), error_model=DashScopeError),
+    Operation("post", "/", "eas.eas_generate", "PAI-EAS: a text/plain prompt, or the JSON form", tag="compat",
+              body=("text/plain", {"type": "string"}),
+              description="JSON bodies follow the EasRequest schema and are answered "
+                          '`{"response", "history"}`; text/plain is answered with the generated text.',
+              responses={200: ("text/plain", {"type": "string"})}, errors=(400, 401, 429, 503, 504)),
     Operation("get", "/healthz", "health.healthz", "Liveness", public=True, errors=(),
               responses={200: ("application/json", {"type": "object", "properties": {"status": {"type": "string"}}})}),
     Operation("get", "/openapi.json", "docs.openapi_json", "This description", public=True, errors=(),
@@ -115,8 +190,9 @@ OPERATIONS: tuple[Operation, ...] = (
 
 def build_spec() -> dict[str, Any]:
     """The OpenAPI 3.1 document."""
-    inputs = [JobCreate]
-    outputs = [JobRead, JobPage, ResultRead, ResultPage, Deleted, ErrorEnvelope]
+    inputs = [JobCreate, BatchCreateRequest, CompletionRequest, ChatCompletionRequest, DashScopeRequest, EasRequest]
+    outputs = [JobRead, JobPage, ResultRead, ResultPage, Deleted, ErrorEnvelope, FileObjectRead, FileList,
+               FileDeleted, BatchRead, BatchList, CompletionRead, ChatCompletionRead, OpenAIError, DashScopeError]
     _, defs = models_json_schema([(m, "validation") for m in inputs] + [(m, "serialization") for m in outputs],
                                  ref_template="#/components/schemas/{model}")
     schemas = defs.get("$defs", {})
@@ -132,7 +208,11 @@ def build_spec() -> dict[str, Any]:
             entry["parameters"] = [{"name": p.name, "in": p.where, "description": p.description,
                                     "required": p.required or p.where == "path", "schema": p.schema}
                                    for p in op.params]
-        if op.body is not None:
+        entry["tags"] = [op.tag]
+        if isinstance(op.body, tuple):
+            media, schema = op.body
+            entry["requestBody"] = {"required": True, "content": {media: {"schema": schema}}}
+        elif op.body is not None:
             entry["requestBody"] = {"required": True, "content": {"application/json": {
                 "schema": {"$ref": f"#/components/schemas/{op.body.__name__}"}}}}
         for status, model in op.responses.items():
@@ -146,13 +226,17 @@ def build_spec() -> dict[str, Any]:
         for status in op.errors:
             entry["responses"][str(status)] = {
                 "description": ERROR_TEXT[status],
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorEnvelope"}}}}
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{op.error_model.__name__}"}}}}
         paths.setdefault(op.path, {})[op.method] = entry
     return {
         "openapi": "3.1.0",
         "info": {"title": "batchgen", "version": "0.1.0",
                  "description": "Batch text generation for Llama-2: submit jobs of many prompts, poll or "
-                                "follow them, page or download their results."},
+                                "follow them, page or download their results. Also the OpenAI Files, "
+                                "Batches and completions APIs, DashScope's text generation and PAI-EAS."},
+        "tags": [{"name": "jobs", "description": "The native jobs API"},
+                 {"name": "openai", "description": "OpenAI-compatible (errors and times as OpenAI has them)"},
+                 {"name": "compat", "description": "DashScope and PAI-EAS request shapes"}],
         "paths": paths,
         "components": {"schemas": schemas,
                        "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer",

@@ -23,6 +23,9 @@ class Services:
         self.db = Database(settings.database_url)
         self.dispatcher = Dispatcher(settings)
         self.limits = Limits(settings)
+        from webapi.sync import SyncRunner
+
+        self.sync = SyncRunner(self)
         self._registry_file: Path = registry_path(settings)
         self._registry_stamp: float | None = None
         self._registry: Registry | None = None

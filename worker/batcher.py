@@ -49,7 +49,14 @@ log = logging.getLogger("batchgen.batcher")
 
 class Runner(Protocol):
     def encode(self, item: WorkItem) -> Any: ...
-    def generate(self, batch: Sequence[Any]) -> list[Outcome]: ...
+    def generate(self, batch: Sequence[Any], on_delta: Callable[[str, str], None] | None = None) -> list[Outcome]: ...
+
+
+class Announcer(Protocol):
+    """Where progress of synchronous requests goes (``worker.streaming.Publisher``)."""
+
+    def delta(self, request_id: str, text: str) -> None: ...
+    def done(self, request_id: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -177,11 +184,12 @@ class Batcher:
     """Batches requests of every job for one model on one device."""
 
     def __init__(self, *, runner: Runner, db: Database, policy: BatchPolicy,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, announcer: Announcer | None = None) -> None:
         self.runner, self.db, self.policy, self.clock = runner, db, policy, clock
+        self.announcer = announcer
         self.stats = BatchStats()
         self._inbox: queue.Queue[tuple[list[str], _Submission] | None] = queue.Queue()
-        self._record_q: queue.Queue[tuple[str, list[Outcome], list[str]] | None] = queue.Queue()
+        self._record_q: queue.Queue[tuple[str, list[Outcome], list[str], list[str]] | None] = queue.Queue()
         self._cond = threading.Condition()
         self._pending: dict[str, Pending] = {}
         self._waiters: dict[str, list[_Submission]] = defaultdict(list)
@@ -254,7 +262,7 @@ class Batcher:
                 self._take_in(batch)
             except Exception:
                 log.exception("intake failed; the requests stay queued and will be redelivered")
-                for ids, sub in batch:
+                for _ids, sub in batch:
                     if not sub.future.done():
                         sub.future.set_exception(RuntimeError("intake failed"))
             finally:
@@ -296,6 +304,7 @@ class Batcher:
             self._write(lambda s: job_service.fail_queued(session=s, outcomes=failures,
                                                           run_id=new_id("run")))
             settled.extend(o.request_id for o in failures)
+            self._announce_done([o.request_id for o in failures if items[o.request_id].params.delivery != "store"])
         with self._cond:
             for p in fresh:
                 self._pending[p.enc.item.id] = p
@@ -350,7 +359,8 @@ class Batcher:
             if todo:
                 outcomes = self._generate(todo, run_id, waited=self.clock() - min(p.arrived for p in todo),
                                           reason=reason)
-                self._record_q.put((run_id, outcomes, [p.enc.item.id for p in todo]))
+                notify = [p.enc.item.id for p in todo if p.enc.item.params.delivery != "store"]
+                self._record_q.put((run_id, outcomes, [p.enc.item.id for p in todo], notify))
         except Exception:
             log.exception("batch %s failed before generation; its requests will be redelivered", run_id)
             self._fail_futures(ids, RuntimeError("batch failed"))
@@ -362,7 +372,8 @@ class Batcher:
     def _generate(self, todo: list[Pending], run_id: str, waited: float, reason: str = "") -> list[Outcome]:
         started = self.clock()
         try:
-            outcomes = self.runner.generate([p.enc for p in todo])
+            on_delta = self.announcer.delta if self.announcer is not None else None
+            outcomes = self.runner.generate([p.enc for p in todo], on_delta=on_delta)
         except Exception as exc:
             if len(todo) == 1:
                 item = todo[0].enc.item
@@ -396,7 +407,7 @@ class Batcher:
             entry = self._record_q.get()
             if entry is None:
                 return
-            run_id, outcomes, ids = entry
+            run_id, outcomes, ids, notify = entry
             try:
                 self._write(lambda s: job_service.record(session=s, outcomes=outcomes))
             except OperationalError:
@@ -409,7 +420,13 @@ class Batcher:
                 log.exception("could not record batch %s whole; recording one by one", run_id)
                 for outcome in outcomes:
                     self._record_alone(outcome)
+            self._announce_done(notify)
             self._settle(ids)
+
+    def _announce_done(self, request_ids: Sequence[str]) -> None:
+        if self.announcer is not None:
+            for request_id in request_ids:
+                self.announcer.done(request_id)
 
     def _record_alone(self, outcome: Outcome) -> None:
         try:

@@ -109,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     policy = BatchPolicy(max_batch_size=plan.max_batch_size, max_batch_tokens=plan.max_batch_tokens,
                          max_wait_ms=settings.max_wait_ms, slots=plan.slots)
     log.info("batching: %s", policy)
-    batcher = Batcher(runner=runner, db=db, policy=policy).start()
+    from worker.streaming import Publisher
+
+    publisher = Publisher(settings)
+    batcher = Batcher(runner=runner, db=db, policy=policy, announcer=publisher).start()
     from worker.janitor import Janitor
 
     janitor = Janitor(db).start()
@@ -137,5 +140,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         janitor.stop()
         batcher.stop()
+        publisher.close()
         db.dispose()
     return 0

@@ -13,7 +13,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,15 +50,20 @@ class RequestError(Exception):
         self.code, self.message = code, message
 
 
+DeltaSink = Callable[[str, str], None]
+
+
 @dataclass
 class _Sequence:
     """Per-sequence state inside one ``generate_batch`` call."""
 
     enc: Encoded
     runner: ModelRunner
+    on_delta: DeltaSink | None = None
     ids: list[int] = field(default_factory=list)
     reason: str | None = None
     text: str | None = None
+    sent: int = 0  # characters already streamed
 
     def push(self, token_id: int) -> bool:
         """Take one generated token; True stops this sequence."""
@@ -69,16 +74,34 @@ class _Sequence:
             return True
         self.ids.append(token_id)
         params = self.enc.item.params
-        if params.stop:
+        streaming = self.on_delta is not None and params.delivery == "stream"
+        if params.stop or streaming:
             text = self.runner.decode_continuation(self.enc.ids, self.ids)
             cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
             if cut >= 0:
                 self.reason, self.text = "stop", text[:cut]
                 return True
+            if streaming:
+                self._stream()
         if len(self.ids) >= params.max_new_tokens:
             self.reason = "length"
             return True
         return False
+
+    def _stream(self) -> None:
+        # Only text up to the last ordinary token is final: a run of byte-fallback tokens decodes as
+        # a whole (one invalid byte turns the run's valid ones into U+FFFD too), so it waits for the
+        # run to end. Of the rest, hold back what a stop string could still claim.
+        stable = len(self.ids)
+        while stable and self.ids[stable - 1] in self.runner.byte_ids:
+            stable -= 1
+        text = self.runner.decode_continuation(self.enc.ids, self.ids[:stable])
+        hold = max((len(s) for s in self.enc.item.params.stop), default=1) - 1
+        end = len(text) - hold
+        if end > self.sent:
+            assert self.on_delta is not None
+            self.on_delta(self.enc.item.id, text[self.sent:end])
+            self.sent = end
 
 
 class ModelRunner:
@@ -100,6 +123,8 @@ class ModelRunner:
         )
         # CTranslate2 takes token strings; its vocabulary maps our ids to them.
         self.vocabulary: list[str] = json.loads((self.model_dir / "vocabulary.json").read_text())
+        self.byte_ids = frozenset(i for i, t in enumerate(self.vocabulary)
+                                  if len(t) == 6 and t.startswith("<0x") and t.endswith(">"))
         self.bos_id = self.tokenizer.bos_token_id
         self.eos_id = self.tokenizer.eos_token_id
         self.device, self.compute_type = device, compute_type
@@ -166,10 +191,14 @@ class ModelRunner:
 
     # --- generation -------------------------------------------------------------------------
 
-    def generate(self, batch: Sequence[Encoded]) -> list[Outcome]:
-        """Run a batch (shared sampling settings) in one ``generate_batch`` call."""
+    def generate(self, batch: Sequence[Encoded], on_delta: DeltaSink | None = None) -> list[Outcome]:
+        """Run a batch (shared sampling settings) in one ``generate_batch`` call.
+
+        ``on_delta(request_id, text)`` receives new text of requests whose delivery is ``stream``
+        as it is generated (the whole text is in the outcome all the same).
+        """
         params = batch[0].item.params
-        sequences = [_Sequence(enc, self) for enc in batch]
+        sequences = [_Sequence(enc, self, on_delta) for enc in batch]
 
         def on_step(step: Any) -> bool:
             return sequences[step.batch_id].push(step.token_id)
@@ -180,6 +209,7 @@ class ModelRunner:
         # When every request wants max_length tokens and has no stop strings, CTranslate2's own
         # max_length and end token do the whole job: skip it.
         needs_callback = any(enc.item.params.stop or enc.item.params.max_new_tokens != max_length
+                             or (on_delta is not None and enc.item.params.delivery == "stream")
                              for enc in batch)
         results = self.generator.generate_batch(
             [enc.tokens for enc in batch],

@@ -4,6 +4,8 @@ Which requests shared a ``generate_batch`` call is read from the database: every
 the id of the run (one call) that produced its result.
 """
 
+from concurrent.futures import Future
+
 import pytest
 from sqlalchemy import select
 
@@ -13,8 +15,6 @@ from core.jobs import Limits
 from core.registry import ModelSpec
 from core.schemas import JobCreate
 from core.tables import Job, JobRequest
-from concurrent.futures import Future
-
 from worker.batcher import Batcher, BatchPolicy, Pending, _Submission, select_batch
 from worker.runner import ModelRunner
 
@@ -256,7 +256,7 @@ def test_a_result_the_database_refuses_fails_alone_and_the_batch_is_stored(runne
     waiting = _Submission(Future(), remaining=2)
     for request_id in ids:
         batcher._waiters[request_id].append(waiting)
-    batcher._record_q.put(("run_x", [good, refused], ids))
+    batcher._record_q.put(("run_x", [good, refused], ids, []))
     waiting.future.result(timeout=30)
     batcher.stop()
     r = rows(db, ids)

@@ -1,0 +1,67 @@
+"""DashScope's text-generation call through the dashscope SDK, and the PAI-EAS request shape."""
+
+
+import dashscope
+import pytest
+import requests
+
+
+@pytest.fixture(scope="module")
+def ds(served):
+    api, worker, settings, token = served
+    dashscope.base_http_api_url = f"{api.url}/api/v1"
+    return api, worker, token
+
+
+@pytest.mark.slow
+def test_dashscope_prompt_and_messages(ds):
+    api, worker, token = ds
+    r = dashscope.Generation.call(model="tiny-chat", prompt="Hello", api_key=token, max_tokens=5, top_p=0.8)
+    assert r.status_code == 200, (r.code, r.message, worker.log())
+    assert isinstance(r.output.text, str) and r.output.finish_reason in ("stop", "length")
+    assert r.usage.output_tokens <= 5 and r.usage.input_tokens > 0 and r.request_id
+    r = dashscope.Generation.call(model="tiny-chat", api_key=token, result_format="message", max_tokens=4,
+                                  messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    assert r.status_code == 200 and r.output.choices[0].message.role == "assistant"
+    assert r.output.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.slow
+def test_dashscope_streams_the_text_so_far(ds):
+    api, _, token = ds
+    chunks = list(dashscope.Generation.call(model="tiny-chat", prompt="Tell me a story", api_key=token,
+                                            max_tokens=20, temperature=0, stream=True))
+    assert all(c.status_code == 200 for c in chunks) and len(chunks) >= 2
+    texts = [c.output.text for c in chunks]
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # each event: the text so far
+    assert chunks[-1].output.finish_reason in ("stop", "length") and chunks[-1].usage.output_tokens <= 20
+
+
+@pytest.mark.slow
+def test_dashscope_errors_have_its_shape(ds):
+    api, _, token = ds
+    r = dashscope.Generation.call(model="no-such-model", prompt="x", api_key=token)
+    assert r.status_code == 400 and r.code == "InvalidParameter" and "no-such-model" in r.message and r.request_id
+    r = dashscope.Generation.call(model="tiny-chat", prompt="x", api_key="key_x.y")
+    assert r.status_code == 401 and r.code == "InvalidApiKey"
+    resp = requests.post(f"{api.url}/api/v1/services/aigc/text-generation/generation", json={"model": "tiny-chat"},
+                         headers={"Authorization": f"Bearer {token}"})
+    assert resp.status_code == 400 and set(resp.json()) == {"code", "message", "request_id"}
+
+
+@pytest.mark.slow
+def test_pai_eas_plain_text_and_json(ds):
+    api, _, token = ds
+    resp = requests.post(f"{api.url}/", data="Once upon a time".encode(), timeout=60,
+                         headers={"Authorization": token, "Content-Type": "text/plain"})
+    assert resp.status_code == 200 and resp.headers["Content-Type"].startswith("text/plain")
+    assert isinstance(resp.text, str)
+    body = {"input_ids": "And then?", "temperature": 0.8, "max_length": 6, "top_p": 0.9,
+            "history": [["Hi", "Hello"]], "system_prompt": "Be brief."}
+    resp = requests.post(f"{api.url}/", json=body, headers={"Authorization": token}, timeout=60)
+    assert resp.status_code == 200, resp.text
+    answer = resp.json()
+    assert answer["history"] == [["Hi", "Hello"], ["And then?", answer["response"]]]
+    bad = requests.post(f"{api.url}/", json={"input_ids": "x", "max_length": 0}, headers={"Authorization": token})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_request"
+    assert requests.post(f"{api.url}/", data=b"x", headers={"Content-Type": "text/plain"}).status_code == 401

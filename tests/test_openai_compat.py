@@ -1,0 +1,199 @@
+"""The official openai client against batchgen: Files, Batches, completions, chat, streaming, errors.
+
+Every object the client gets back is validated with the openai package's own types.
+"""
+
+import json
+import time
+
+import openai
+import pytest
+from openai.types import Batch, Completion, FileObject
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+
+@pytest.fixture(scope="module")
+def stack(served):
+    api, worker, settings, token = served
+    client = openai.OpenAI(base_url=f"{api.url}/v1", api_key=token, max_retries=0, timeout=60)
+    return client, api, worker, settings
+
+
+def jsonl(lines):
+    return ("\n".join(json.dumps(x) for x in lines) + "\n").encode()
+
+
+def chat_line(custom_id, content, **body):
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "tiny-chat", "messages": [{"role": "user", "content": content}], "max_tokens": 6,
+                     **body}}
+
+
+def wait_batch(client, batch_id, timeout=60):
+    deadline = time.monotonic() + timeout
+    while True:
+        batch = client.batches.retrieve(batch_id)
+        Batch.model_validate(batch.model_dump())
+        if batch.status in ("completed", "failed", "expired", "cancelled"):
+            return batch
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_a_chat_batch_runs_and_its_output_has_openai_shapes(stack):
+    client, api, worker, _ = stack
+    lines = [chat_line(f"q{i}", f"Question {i}") for i in range(3)]
+    lines.append(chat_line("sys", "Hi", temperature=0, stop=["\n"]))
+    upload = client.files.create(file=("questions.jsonl", jsonl(lines)), purpose="batch")
+    FileObject.model_validate(upload.model_dump())
+    assert (upload.purpose, upload.filename, upload.bytes) == ("batch", "questions.jsonl", len(jsonl(lines)))
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h", metadata={"run": "7"})
+    assert batch.status == "in_progress" and batch.metadata == {"run": "7"} and batch.request_counts.total == 4
+    done = wait_batch(client, batch.id)
+    assert done.status == "completed", worker.log()
+    assert (done.request_counts.completed, done.request_counts.failed) == (4, 0)
+    assert done.output_file_id and done.error_file_id is None and done.completed_at >= done.created_at
+    assert done.usage.output_tokens > 0 and done.usage.total_tokens == done.usage.input_tokens + done.usage.output_tokens
+    output = FileObject.model_validate(client.files.retrieve(done.output_file_id).model_dump())
+    assert output.purpose == "batch_output"
+    rows = [json.loads(x) for x in client.files.content(done.output_file_id).text.splitlines()]
+    assert [r["custom_id"] for r in rows] == ["q0", "q1", "q2", "sys"]
+    for r in rows:
+        assert r["id"].startswith("batch_req_") and r["error"] is None and r["response"]["status_code"] == 200
+        completion = ChatCompletion.model_validate(r["response"]["body"])
+        assert completion.choices[0].message.role == "assistant"
+        assert completion.choices[0].finish_reason in ("stop", "length") and completion.usage.completion_tokens <= 6
+    # A batch is a job underneath: the native API shows it too.
+    jobs = api.http.get(f"{api.url}/v1/jobs").json()["data"]
+    assert any(j["counts"]["total"] == 4 and j["status"] == "completed" for j in jobs)
+
+
+@pytest.mark.slow
+def test_a_bad_input_file_fails_the_batch_with_line_errors(stack):
+    client, *_ = stack
+    lines = [
+        b'{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "tiny-chat", "messages": [{"role": "user", "content": "ok"}]}}',
+        b'not json',
+        b'{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {}}',
+        b'{"custom_id": "b", "method": "GET", "url": "/v1/chat/completions", "body": {}}',
+        b'{"custom_id": "c", "method": "POST", "url": "/v1/completions", "body": {}}',
+        b'{"custom_id": "d", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "tiny-chat", "messages": [{"role": "user", "content": "x"}], "n": 3}}',
+    ]
+    upload = client.files.create(file=("bad.jsonl", b"\n".join(lines)), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+    Batch.model_validate(batch.model_dump())
+    assert batch.status == "failed" and batch.failed_at
+    errors = [(e.line, e.code, e.param) for e in batch.errors.data]
+    assert errors == [(2, "invalid_json_line", None), (3, "duplicate_custom_id", "custom_id"),
+                      (4, "invalid_method", "method"), (5, "invalid_url", "url"), (6, "invalid_request", "body")]
+    assert "n is not supported" in batch.errors.data[-1].message
+
+
+@pytest.mark.slow
+def test_prompts_too_long_fail_the_batch_on_their_line(stack):
+    client, *_ = stack
+    lines = [chat_line("ok", "fine"), chat_line("long", "word " * 300)]
+    upload = client.files.create(file=("long.jsonl", jsonl(lines)), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert batch.status == "failed"
+    assert [(e.line, e.code, e.param) for e in batch.errors.data] == [(2, "context_length_exceeded", "body.messages")]
+
+
+@pytest.mark.slow
+def test_cancel_gives_a_cancelled_batch_with_its_error_file(stack):
+    client, *_ = stack
+    # tiny-base has no worker here: its requests wait, so cancelling catches them all.
+    lines = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"model": "tiny-base", "prompt": "Once", "max_tokens": 3}} for i in range(3)]
+    upload = client.files.create(file=("c.jsonl", jsonl(lines)), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h")
+    cancelled = client.batches.cancel(batch.id)
+    Batch.model_validate(cancelled.model_dump())
+    assert cancelled.status in ("cancelling", "cancelled")
+    final = wait_batch(client, batch.id)
+    assert final.status == "cancelled" and final.cancelled_at and final.output_file_id is None
+    errors = [json.loads(x) for x in client.files.content(final.error_file_id).text.splitlines()]
+    assert [(e["custom_id"], e["error"]["code"], e["response"]) for e in errors] == [
+        ("c0", "batch_cancelled", None), ("c1", "batch_cancelled", None), ("c2", "batch_cancelled", None)]
+    assert client.batches.cancel(batch.id).status == "cancelled"  # again: no change
+
+
+@pytest.mark.slow
+def test_a_batch_that_ended_cannot_be_cancelled(stack):
+    client, *_ = stack
+    upload = client.files.create(file=("empty.jsonl", b"\n"), purpose="batch")
+    failed = client.batches.create(input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h")
+    assert failed.status == "failed" and failed.errors.data[0].code == "empty_file"
+    with pytest.raises(openai.ConflictError):
+        client.batches.cancel(failed.id)
+
+
+@pytest.mark.slow
+def test_files_and_batches_list_with_pagination_and_delete(stack):
+    client, *_ = stack
+    ids = [client.files.create(file=(f"f{i}.jsonl", jsonl([chat_line("x", "y")])), purpose="batch").id for i in range(3)]
+    page = client.files.list(limit=2, purpose="batch")
+    assert len(page.data) == 2 and page.has_more
+    listed = [f.id for f in client.files.list(limit=2, purpose="batch")]  # the client follows the cursor
+    assert set(ids) <= set(listed) and len(listed) == len(set(listed))
+    for i in ids[:3]:
+        client.batches.create(input_file_id=i, endpoint="/v1/chat/completions", completion_window="24h")
+    batches = list(client.batches.list(limit=2))
+    assert len(batches) >= 3 and all(Batch.model_validate(b.model_dump()) for b in batches)
+    assert [b.id for b in batches] == sorted((b.id for b in batches), reverse=True)
+    deleted = client.files.delete(ids[0])
+    assert deleted.deleted and deleted.id == ids[0]
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(ids[0])
+
+
+@pytest.mark.slow
+def test_completions_and_chat_completions(stack):
+    client, *_ = stack
+    completion = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=5, temperature=0)
+    Completion.model_validate(completion.model_dump())
+    assert completion.choices[0].finish_reason in ("stop", "length") and completion.usage.completion_tokens <= 5
+    chat = client.chat.completions.create(model="tiny-chat", max_tokens=7, messages=[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}])
+    ChatCompletion.model_validate(chat.model_dump())
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 7
+    assert chat.id.startswith("chatcmpl-req_") and chat.model == "tiny-chat"
+
+
+@pytest.mark.slow
+def test_chat_streaming_sends_text_as_it_is_generated(stack):
+    client, *_ = stack
+    chunks = list(client.chat.completions.create(
+        model="tiny-chat", max_tokens=24, temperature=0, stream=True, stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "Tell me a story"}]))
+    for c in chunks:
+        ChatCompletionChunk.model_validate(c.model_dump())
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish in (["length"], ["stop"])
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 24
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) >= 2, "the text came in one piece: not streamed"
+    text = "".join(pieces)
+    again = client.chat.completions.create(model="tiny-chat", max_tokens=24, temperature=0,
+                                           messages=[{"role": "user", "content": "Tell me a story"}])
+    assert text == again.choices[0].message.content  # greedy, alone in its batch: the same text
+
+
+@pytest.mark.slow
+def test_errors_are_openai_shaped(stack):
+    client, api, *_ = stack
+    with pytest.raises(openai.NotFoundError) as err:
+        client.completions.create(model="nope", prompt="x")
+    assert err.value.body["type"] == "invalid_request_error" and err.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny-chat", n=2, messages=[{"role": "user", "content": "x"}])
+    assert "n is not supported" in err.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="tiny", prompt="x", extra_body={"nonsense": 1})
+    assert "nonsense" in err.value.body["message"]
+    with pytest.raises(openai.AuthenticationError) as err:
+        openai.OpenAI(base_url=f"{api.url}/v1", api_key="key_x.y", max_retries=0).files.list()
+    assert err.value.body["code"] == "invalid_api_key"

@@ -1,0 +1,1 @@
+"""OpenAI compatibility: Files, Batches and (streaming) completions, for the official clients."""

@@ -1,0 +1,305 @@
+"""OpenAI request bodies (completions, chat completions) and their mapping onto batchgen requests.
+
+Fields batchgen can honour are taken; fields it cannot are refused by name when set to anything but
+their neutral value, never silently ignored (n > 1, penalties, logprobs, echo, tools, seed, ...).
+Unknown fields are refused, as OpenAI does. Extensions as in vLLM: ``top_k``,
+``repetition_penalty``, ``min_tokens``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from core.schemas import GenerationParams, RequestCreate, check_chat_shape
+
+NOT_SUPPORTED = "is not supported by batchgen"
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=200)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int | None = None
+    stream: bool | None = False
+    stream_options: dict[str, Any] | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    logprobs: Any = None
+    seed: int | None = None
+    user: str | None = None
+    # Extensions (as vLLM names them).
+    top_k: int | None = Field(None, ge=0, le=1000)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    min_tokens: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self) -> _Common:
+        neutral = {"n": (None, 1), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
+                   "logit_bias": (None, {}), "logprobs": (None, False, 0)}
+        for name, values in neutral.items():
+            if getattr(self, name) not in values:
+                raise ValueError(f"{name} {NOT_SUPPORTED}")
+        if self.seed is not None:
+            raise ValueError("seed is not supported: sampling cannot be made reproducible per request here; "
+                             "use temperature 0 for the most repeatable output")
+        if isinstance(self.stop, list) and (len(self.stop) > 4 or any(not s for s in self.stop)):
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return self
+
+    def stops(self) -> list[str] | None:
+        if self.stop is None or self.stop == "":
+            return None
+        return [self.stop] if isinstance(self.stop, str) else self.stop
+
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class CompletionRequest(_Common):
+    """``POST /v1/completions``."""
+
+    prompt: str | list[str]
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    echo: bool | None = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> CompletionRequest:
+        if isinstance(self.prompt, list) and len(self.prompt) != 1:
+            raise ValueError("prompt must be one string (a list of several prompts is a batch: use /v1/batches "
+                             "or /v1/jobs)")
+        for name, neutral in (("echo", (None, False)), ("best_of", (None, 1)), ("suffix", (None, ""))):
+            if getattr(self, name) not in neutral:
+                raise ValueError(f"{name} {NOT_SUPPORTED}")
+        return self
+
+    def to_request(self, custom_id: str | None = None) -> RequestCreate:
+        prompt = self.prompt[0] if isinstance(self.prompt, list) else self.prompt
+        return RequestCreate(custom_id=custom_id, prompt=prompt, params=_params(self, self.max_tokens))
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_Common):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    top_logprobs: int | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> ChatCompletionRequest:
+        if self.tools or self.tool_choice not in (None, "none"):
+            raise ValueError(f"tools {NOT_SUPPORTED}")
+        if self.response_format not in (None, {"type": "text"}):
+            raise ValueError(f"response_format other than text {NOT_SUPPORTED}")
+        if self.top_logprobs not in (None, 0):
+            raise ValueError(f"top_logprobs {NOT_SUPPORTED}")
+        check_chat_shape(self.native_messages())  # type: ignore[arg-type]
+        return self
+
+    def native_messages(self) -> list[Any]:
+        from core.schemas import ChatMessage
+
+        return [ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text())
+                for m in self.messages]
+
+    def to_request(self, custom_id: str | None = None) -> RequestCreate:
+        return RequestCreate(custom_id=custom_id, messages=self.native_messages(),
+                             params=_params(self, self.max_completion_tokens or self.max_tokens))
+
+
+def _params(req: _Common, max_tokens: int | None) -> GenerationParams:
+    return GenerationParams(max_new_tokens=max_tokens, min_new_tokens=req.min_tokens, temperature=req.temperature,
+                            top_p=req.top_p, top_k=req.top_k, repetition_penalty=req.repetition_penalty,
+                            stop=req.stops())
+
+
+ENDPOINTS: dict[str, type[CompletionRequest] | type[ChatCompletionRequest]] = {
+    "/v1/completions": CompletionRequest,
+    "/v1/chat/completions": ChatCompletionRequest,
+}
+
+
+class BatchCreateRequest(BaseModel):
+    """``POST /v1/batches``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_file_id: str = Field(min_length=1, max_length=64)
+    endpoint: Literal["/v1/completions", "/v1/chat/completions"]
+    completion_window: Literal["24h"] = "24h"
+    metadata: dict[str, str] | None = None
+    output_expires_after: dict[str, Any] | None = None
+
+
+# --- what batchgen answers (the serving code builds its answers through these) ------------------
+
+
+class FileObjectRead(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: Literal["batch", "batch_output"]
+    status: Literal["processed"] = "processed"
+    expires_at: int | None = None
+    status_details: str | None = None
+
+
+class FileList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FileObjectRead]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool
+
+
+class BatchErrorRead(BaseModel):
+    code: str
+    line: int | None
+    message: str
+    param: str | None
+
+
+class BatchErrors(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[BatchErrorRead]
+
+
+class RequestCounts(BaseModel):
+    total: int
+    completed: int
+    failed: int
+
+
+class BatchUsage(BaseModel):
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    input_tokens_details: dict[str, int]
+    output_tokens_details: dict[str, int]
+
+
+class BatchRead(BaseModel):
+    id: str
+    object: Literal["batch"] = "batch"
+    endpoint: str
+    model: str | None
+    errors: BatchErrors | None
+    input_file_id: str
+    completion_window: str
+    status: Literal["validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling",
+                    "cancelled"]
+    output_file_id: str | None
+    error_file_id: str | None
+    created_at: int
+    in_progress_at: int | None
+    expires_at: int | None
+    finalizing_at: int | None
+    completed_at: int | None
+    failed_at: int | None
+    expired_at: int | None
+    cancelling_at: int | None
+    cancelled_at: int | None
+    request_counts: RequestCounts
+    usage: BatchUsage | None
+    metadata: dict[str, str] | None
+
+
+class BatchList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[BatchRead]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class CompletionUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class CompletionRead(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: CompletionUsage
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class ChatCompletionRead(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: CompletionUsage
+
+
+class OpenAIErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIError(BaseModel):
+    """Every error on the OpenAI-compatible routes."""
+
+    error: OpenAIErrorBody

@@ -1,0 +1,294 @@
+"""OpenAI-compatible routes: Files, Batches, and synchronous (streaming) completions.
+
+Errors on these routes are OpenAI-shaped (``{"error": {message, type, param, code}}``, see
+``webapi.errors``); times are Unix seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Blueprint, Response, request
+from pydantic import ValidationError
+
+from core import batches as batch_service
+from core import files as file_service
+from core import jobs as job_service
+from core.errors import InvalidRequestError, UnknownModelError
+from core.schemas import JobCreate, check_metadata, error_details
+from core.tables import Job
+from webapi.auth import current_principal
+from webapi.errors import ApiError
+from webapi.jobs import json_body
+from webapi.openai import protocol, serving
+from webapi.services import services
+
+log = logging.getLogger("batchgen.api")
+bp = Blueprint("openai", __name__, url_prefix="/v1")
+
+
+def _validate(model: Any, body: Any) -> Any:
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_request", "the request body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        details = error_details(exc)
+        raise ApiError(400, "invalid_request", details[0]["message"], details) from None
+
+
+def _int_arg(name: str, default: int, high: int) -> int:
+    raw = request.args.get(name, str(default))
+    if not raw.isdigit() or not 1 <= int(raw) <= high:
+        raise ApiError(400, "invalid_request", f"{name} must be an integer from 1 to {high}",
+                       [{"loc": name, "message": "out of range", "type": "invalid_query"}])
+    return int(raw)
+
+
+def _page(items: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
+    return {"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
+            "last_id": items[-1]["id"] if items else None, "has_more": has_more}
+
+
+# --- files ---------------------------------------------------------------------------------
+
+
+@bp.post("/files")
+def upload_file() -> dict[str, Any]:
+    """Upload a JSONL file for a batch (multipart: ``file`` and ``purpose=batch``)."""
+    purpose = request.form.get("purpose")
+    upload = request.files.get("file")
+    if purpose not in file_service.PURPOSES_ACCEPTED:
+        raise ApiError(400, "invalid_request", "purpose must be 'batch'",
+                       [{"loc": "purpose", "message": "unsupported purpose", "type": "invalid_value"}])
+    if upload is None:
+        raise ApiError(400, "invalid_request", "send the file as multipart form field 'file'",
+                       [{"loc": "file", "message": "missing", "type": "missing"}])
+    content = upload.read()
+    with services().db.write() as session:
+        file = file_service.create_file(session=session, owner=current_principal().owner, purpose=purpose,
+                                        filename=upload.filename or "upload.jsonl", content=content)
+        return serving.file_view(file)
+
+
+@bp.get("/files")
+def list_files() -> dict[str, Any]:
+    order = request.args.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise ApiError(400, "invalid_request", "order must be asc or desc")
+    with services().db.read() as session:
+        rows, more = file_service.list_files(session=session, owner=current_principal().owner_filter,
+                                             after=request.args.get("after"), limit=_int_arg("limit", 100, 10_000),
+                                             order=order, purpose=request.args.get("purpose"))
+        return _page([serving.file_view(f) for f in rows], more)
+
+
+@bp.get("/files/<file_id>")
+def get_file(file_id: str) -> dict[str, Any]:
+    with services().db.read() as session:
+        return serving.file_view(file_service.get_file(session=session, file_id=file_id,
+                                                       owner=current_principal().owner_filter))
+
+
+@bp.get("/files/<file_id>/content")
+def file_content(file_id: str) -> Response:
+    with services().db.read() as session:
+        file = file_service.get_file(session=session, file_id=file_id, owner=current_principal().owner_filter)
+        content = file_service.file_content(session=session, file_id=file_id, owner=None)
+    return Response(content, mimetype="application/jsonl",
+                    headers={"Content-Disposition": f'attachment; filename="{file.filename}"'})
+
+
+@bp.delete("/files/<file_id>")
+def delete_file(file_id: str) -> dict[str, Any]:
+    with services().db.write() as session:
+        file_service.delete_file(session=session, file_id=file_id, owner=current_principal().owner_filter)
+    return {"id": file_id, "object": "file", "deleted": True}
+
+
+# --- batches -------------------------------------------------------------------------------
+
+
+@bp.post("/batches")
+def create_batch() -> dict[str, Any]:
+    """Validate the input file line by line and run it as a job; a bad file fails the batch."""
+    principal = current_principal()
+    req = _validate(protocol.BatchCreateRequest, json_body())
+    try:
+        check_metadata(req.metadata)
+    except ValueError as exc:
+        raise ApiError(400, "invalid_request", str(exc), [{"loc": "metadata", "message": str(exc),
+                                                           "type": "invalid_value"}]) from None
+    svc = services()
+    with svc.db.read() as session:
+        file = file_service.get_file(session=session, file_id=req.input_file_id, owner=principal.owner)
+        if file.purpose != "batch":
+            raise ApiError(400, "invalid_request", f"file {file.id} has purpose {file.purpose!r}, not 'batch'",
+                           [{"loc": "input_file_id", "message": "not a batch input file", "type": "invalid_value"}])
+        content = file_service.file_content(session=session, file_id=file.id, owner=None)
+    spec, model, lines, errors = serving.parse_batch_input(content, req.endpoint, svc.registry(),
+                                                           svc.settings.max_requests_per_job)
+    request_ids: list[str] = []
+    job: Job | None = None
+    if not errors:
+        assert spec is not None and model is not None
+        with svc.db.read() as session:
+            svc.limits.check_capacity(session=session, principal=principal, model=model.name, new=spec.count())
+        limits = job_service.Limits(max_requests=svc.settings.max_requests_per_job,
+                                    max_prompt_chars=svc.settings.max_prompt_chars)
+        try:
+            with svc.db.write() as session:
+                batch, job, request_ids = batch_service.create_batch(
+                    session=session, owner=principal.owner, input_file_id=file.id, endpoint=req.endpoint,
+                    completion_window=req.completion_window, metadata=req.metadata, spec=spec, model=model,
+                    limits=limits, counter=svc.token_counter(model))
+                view = serving.batch_view(batch, job)
+        except InvalidRequestError as exc:
+            errors = serving.errors_from_problems(exc, lines)
+    if errors:
+        with svc.db.write() as session:
+            batch = batch_service.create_failed_batch(
+                session=session, owner=principal.owner, input_file_id=file.id, endpoint=req.endpoint,
+                completion_window=req.completion_window, metadata=req.metadata, errors=errors)
+            view = serving.batch_view(batch, None)
+        log.info("batch failed validation with %d errors", len(errors))
+        return view
+    assert job is not None
+    from webapi.jobs import _dispatch
+
+    _dispatch(job, request_ids)
+    log.info("batch accepted: %d requests", len(request_ids), extra={"job_id": job.id})
+    return view
+
+
+def _view(batch_id: str, owner: str | None) -> dict[str, Any]:
+    """The batch, finalized first if its job has ended."""
+    svc = services()
+    with svc.db.read() as session:
+        batch = batch_service.get_batch(session=session, batch_id=batch_id, owner=owner)
+        job = session.get(Job, batch.job_id) if batch.job_id else None
+        ready = batch.status in ("in_progress", "cancelling") and (job is None or job.status in
+                                                                    job_service.FINISHED_JOB_STATUSES)
+        if not ready:
+            return serving.batch_view(batch, job)
+    with svc.db.write() as session:
+        batch = batch_service.finalize(session=session, batch_id=batch_id, render=serving.render_batch_files)
+        job = session.get(Job, batch.job_id) if batch.job_id else None
+        return serving.batch_view(batch, job)
+
+
+@bp.get("/batches/<batch_id>")
+def get_batch(batch_id: str) -> dict[str, Any]:
+    return _view(batch_id, current_principal().owner_filter)
+
+
+@bp.get("/batches")
+def list_batches() -> dict[str, Any]:
+    owner = current_principal().owner_filter
+    with services().db.read() as session:
+        rows, more = batch_service.list_batches(session=session, owner=owner, after=request.args.get("after"),
+                                                limit=_int_arg("limit", 20, 100))
+        ids = [b.id for b in rows]
+    return _page([_view(i, owner) for i in ids], more)
+
+
+@bp.post("/batches/<batch_id>/cancel")
+def cancel_batch(batch_id: str) -> dict[str, Any]:
+    owner = current_principal().owner_filter
+    with services().db.write() as session:
+        batch_service.cancel_batch(session=session, batch_id=batch_id, owner=owner)
+    return _view(batch_id, owner)
+
+
+# --- synchronous completions ---------------------------------------------------------------
+
+
+def _start(endpoint: str) -> tuple[Any, Any, Any]:
+    principal = current_principal()
+    req = _validate(protocol.ENDPOINTS[endpoint], json_body())
+    svc = services()
+    try:
+        model = svc.registry().resolve(req.model)
+    except UnknownModelError as exc:
+        raise ApiError(404, "model_not_found", exc.message, [{"loc": "model", "message": exc.message,
+                                                             "type": "model_not_found"}]) from None
+    spec = JobCreate(model=model.name, requests=[req.to_request()])
+    call = svc.sync.start(principal=principal, spec=spec, model=model, stream=bool(req.stream))
+    return req, model, call
+
+
+def _fail(row: Any) -> ApiError:
+    status = 400 if row.error_code in serving._CLIENT_ERRORS else 500
+    return ApiError(status, row.error_code or "generation_failed", row.error_message or "generation failed")
+
+
+@bp.post("/completions")
+def completions() -> Any:
+    return _complete("/v1/completions")
+
+
+@bp.post("/chat/completions")
+def chat_completions() -> Any:
+    return _complete("/v1/chat/completions")
+
+
+def _complete(endpoint: str) -> Any:
+    req, model, call = _start(endpoint)
+    svc = services()
+    if not req.stream:
+        row = svc.sync.wait(call)
+        if row.status != "succeeded":
+            raise _fail(row)
+        return serving.BODY[endpoint](row, model.name, row.created_at)
+    return Response(_sse(svc.sync, endpoint, req, model, call), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _sse(sync: Any, endpoint: str, req: Any, model: Any, call: Any) -> Iterator[str]:
+    """Chunks as text arrives; runs after the view returned, so it is handed what it needs."""
+    chat = endpoint == "/v1/chat/completions"
+    ident = f"{'chatcmpl' if chat else 'cmpl'}-{call.request_id}"
+    created = None
+    base = {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion", "model": model.name}
+
+    def chunk(text: str | None, finish: str | None = None, role: bool = False) -> str:
+        if chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
+            if text:
+                delta["content"] = text
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+        return f"data: {json.dumps({**base, 'created': created, 'choices': [choice]})}\n\n"
+
+    import time
+
+    created = int(time.time())
+    sent = ""
+    try:
+        if chat:
+            yield chunk(None, role=True)
+        for kind, value in sync.events(call):
+            if kind == "delta":
+                sent += value
+                yield chunk(value)
+                continue
+            row = value
+            if row.status != "succeeded":
+                err = _fail(row)
+                yield f"data: {json.dumps({'error': {'message': err.message, 'type': 'server_error', 'param': None, 'code': err.code}})}\n\n"
+                break
+            final = row.text or ""
+            rest = final[len(sent):] if final.startswith(sent) else ""
+            if rest:
+                yield chunk(rest)
+            yield chunk(None, finish=row.finish_reason)
+            if req.include_usage():
+                yield f"data: {json.dumps({**base, 'created': created, 'choices': [], 'usage': serving.usage(row.prompt_tokens, row.completion_tokens)})}\n\n"
+            break
+    except ApiError as exc:  # timeout: the headers are gone, so the error is an event
+        yield f"data: {json.dumps({'error': {'message': exc.message, 'type': 'timeout', 'param': None, 'code': exc.code}})}\n\n"
+    yield "data: [DONE]\n\n"

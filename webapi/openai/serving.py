@@ -1,0 +1,220 @@
+"""OpenAI shapes: the objects batchgen answers with, batch input validation, batch output files."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from core.errors import InvalidRequestError, UnknownModelError
+from core.registry import ModelSpec, Registry
+from core.schemas import JobCreate, RequestCreate, error_details
+from core.tables import Batch, File, Job, JobRequest
+from webapi.openai.protocol import (
+    ENDPOINTS,
+    AssistantMessage,
+    BatchRead,
+    ChatChoice,
+    ChatCompletionRead,
+    CompletionChoice,
+    CompletionRead,
+    FileObjectRead,
+)
+
+MAX_REPORTED_ERRORS = 1000
+# HTTP status a failed request's error is reported with in a batch error file.
+_CLIENT_ERRORS = {"context_length_exceeded", "invalid_prompt", "prompt_too_long"}
+
+
+def unix(moment: datetime | None) -> int | None:
+    return int(moment.timestamp()) if moment is not None else None
+
+
+def usage(prompt: int | None, completion: int | None) -> dict[str, int]:
+    prompt, completion = prompt or 0, completion or 0
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def completion_body(row: JobRequest, model: str, created: datetime) -> dict[str, Any]:
+    """A ``text_completion`` for a finished request."""
+    return CompletionRead(
+        id=f"cmpl-{row.id}", created=unix(created) or 0, model=model, usage=usage(row.prompt_tokens, row.completion_tokens),
+        choices=[CompletionChoice(text=row.text or "", index=0, finish_reason=row.finish_reason)],
+    ).model_dump(mode="json")
+
+
+def chat_body(row: JobRequest, model: str, created: datetime) -> dict[str, Any]:
+    """A ``chat.completion`` for a finished request."""
+    return ChatCompletionRead(
+        id=f"chatcmpl-{row.id}", created=unix(created) or 0, model=model,
+        usage=usage(row.prompt_tokens, row.completion_tokens),
+        choices=[ChatChoice(index=0, message=AssistantMessage(content=row.text or ""), finish_reason=row.finish_reason)],
+    ).model_dump(mode="json")
+
+
+BODY = {"/v1/completions": completion_body, "/v1/chat/completions": chat_body}
+
+
+def file_view(file: File) -> dict[str, Any]:
+    return FileObjectRead(id=file.id, bytes=file.bytes, created_at=unix(file.created_at) or 0, filename=file.filename,
+                          purpose=file.purpose).model_dump(mode="json")  # type: ignore[arg-type]
+
+
+def batch_view(batch: Batch, job: Job | None) -> dict[str, Any]:
+    counts = {"total": 0, "completed": 0, "failed": 0}
+    tokens = None
+    if job is not None:
+        counts = {"total": job.total, "completed": job.succeeded, "failed": job.failed}
+        tokens = {"input_tokens": job.prompt_tokens, "output_tokens": job.completion_tokens,
+                  "total_tokens": job.prompt_tokens + job.completion_tokens,
+                  "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}
+    return BatchRead.model_validate({
+        "id": batch.id, "endpoint": batch.endpoint, "model": batch.model,
+        "errors": {"data": batch.errors} if batch.errors else None,
+        "input_file_id": batch.input_file_id, "completion_window": batch.completion_window,
+        "status": batch.status, "output_file_id": batch.output_file_id, "error_file_id": batch.error_file_id,
+        "created_at": unix(batch.created_at), "in_progress_at": unix(batch.in_progress_at),
+        "expires_at": unix(batch.expires_at), "finalizing_at": unix(batch.finalizing_at),
+        "completed_at": unix(batch.completed_at), "failed_at": unix(batch.failed_at),
+        "expired_at": unix(batch.expired_at), "cancelling_at": unix(batch.cancelling_at),
+        "cancelled_at": unix(batch.cancelled_at), "request_counts": counts, "usage": tokens,
+        "metadata": batch.batch_metadata,
+    }).model_dump(mode="json")
+
+
+def _error(line: int | None, code: str, message: str, param: str | None = None) -> dict[str, Any]:
+    return {"code": code, "line": line, "message": message, "param": param}
+
+
+def parse_batch_input(content: bytes, endpoint: str, registry: Registry,
+                      max_requests: int) -> tuple[JobCreate | None, ModelSpec | None, list[int], list[dict[str, Any]]]:
+    """Validate an input file line by line.
+
+    Returns the job to run, its model, the file line of each request, and the errors
+    (``{code, line, message, param}``, lines counted from 1); a file with any error runs nothing.
+    """
+    errors: list[dict[str, Any]] = []
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, None, [], [_error(None, "invalid_file", f"the file is not UTF-8: {exc}")]
+    schema = ENDPOINTS[endpoint]
+    requests: list[RequestCreate] = []
+    lines: list[int] = []
+    seen: dict[str, int] = {}
+    model_name: str | None = None
+    for number, raw in enumerate(text.splitlines(), start=1):
+        if len(errors) >= MAX_REPORTED_ERRORS:
+            break
+        if not raw.strip():
+            continue
+        try:
+            entry = json.loads(raw)
+        except ValueError as exc:
+            errors.append(_error(number, "invalid_json_line", f"not valid JSON: {exc}"))
+            continue
+        if not isinstance(entry, dict):
+            errors.append(_error(number, "invalid_json_line", "each line must be a JSON object"))
+            continue
+        custom_id = entry.get("custom_id")
+        if not isinstance(custom_id, str) or not custom_id or len(custom_id) > 128:
+            errors.append(_error(number, "missing_custom_id", "custom_id must be a string of 1 to 128 characters",
+                                 "custom_id"))
+            continue
+        if custom_id in seen:
+            errors.append(_error(number, "duplicate_custom_id", f"custom_id {custom_id!r} is already used on line "
+                                 f"{seen[custom_id]}", "custom_id"))
+            continue
+        seen[custom_id] = number
+        if entry.get("method") != "POST":
+            errors.append(_error(number, "invalid_method", "method must be POST", "method"))
+            continue
+        if entry.get("url") != endpoint:
+            errors.append(_error(number, "invalid_url", f"url must be the batch's endpoint, {endpoint}", "url"))
+            continue
+        extra = set(entry) - {"custom_id", "method", "url", "body"}
+        if extra:
+            errors.append(_error(number, "invalid_request", f"unknown field {sorted(extra)[0]!r}", sorted(extra)[0]))
+            continue
+        try:
+            body = schema.model_validate(entry.get("body"))
+        except ValidationError as exc:
+            first = error_details(exc)[0]
+            param = "body" if first["loc"] == "body" else f"body.{first['loc']}"
+            errors.append(_error(number, "invalid_request", first["message"], param))
+            continue
+        if body.stream:
+            errors.append(_error(number, "invalid_request", "stream is not allowed in a batch", "body.stream"))
+            continue
+        if model_name is None:
+            model_name = body.model
+        elif body.model != model_name:
+            errors.append(_error(number, "mismatched_model", f"every request of a batch must use one model "
+                                 f"(the first uses {model_name!r})", "body.model"))
+            continue
+        requests.append(body.to_request(custom_id))
+        lines.append(number)
+    if not errors and not requests:
+        errors.append(_error(None, "empty_file", "the file holds no requests"))
+    if not errors and len(requests) > max_requests:
+        errors.append(_error(None, "too_many_requests", f"a batch may hold at most {max_requests} requests"))
+    model = None
+    if not errors:
+        try:
+            model = registry.resolve(model_name or "")
+        except UnknownModelError as exc:
+            errors.append(_error(lines[0], "model_not_found", exc.message, "body.model"))
+    if errors:
+        return None, None, [], errors
+    return JobCreate(model=model_name, requests=requests), model, lines, []
+
+
+def errors_from_problems(exc: InvalidRequestError, lines: list[int]) -> list[dict[str, Any]]:
+    """The job service's problems (``requests[i].prompt``) as batch errors on file lines."""
+    out = []
+    for problem in exc.details or []:
+        loc = problem["loc"]
+        line = None
+        if loc.startswith("requests["):
+            index = int(loc[len("requests["):loc.index("]")])
+            line = lines[index] if index < len(lines) else None
+            rest = loc[loc.index("]") + 1:].lstrip(".")
+            param = f"body.{rest}" if rest else "body"
+        else:
+            param = None
+        out.append(_error(line, problem.get("type", "invalid_request"), problem["message"], param))
+    return out[:MAX_REPORTED_ERRORS]
+
+
+def render_batch_files(batch: Batch, requests: Iterator[JobRequest]) -> tuple[bytes, bytes]:
+    """The output file (a line per succeeded request) and the error file (the rest)."""
+    body_of = BODY[batch.endpoint]
+    model = batch.model or ""
+    output: list[str] = []
+    errors: list[str] = []
+    for row in requests:
+        line: dict[str, Any] = {"id": f"batch_req_{row.id.removeprefix('req_')}", "custom_id": row.custom_id}
+        if row.status == "succeeded":
+            line["response"] = {"status_code": 200, "request_id": row.id,
+                                "body": body_of(row, model, row.completed_at or row.created_at)}
+            line["error"] = None
+            output.append(json.dumps(line))
+        elif row.status == "failed":
+            status = 400 if row.error_code in _CLIENT_ERRORS else 500
+            line["response"] = {"status_code": status, "request_id": row.id, "body": {"error": {
+                "message": row.error_message or "", "type": "invalid_request_error" if status == 400 else "server_error",
+                "param": None, "code": row.error_code}}}
+            line["error"] = None
+            errors.append(json.dumps(line))
+        else:  # cancelled, expired: never ran
+            code = {"cancelled": "batch_cancelled", "expired": "batch_expired"}.get(row.status, "not_run")
+            message = {"batch_cancelled": "The batch was cancelled before this request ran.",
+                       "batch_expired": "This request could not be run before the completion window expired."}
+            line["response"] = None
+            line["error"] = {"code": code, "message": message.get(code, f"The request did not run ({row.status}).")}
+            errors.append(json.dumps(line))
+    joined = lambda lines: ("\n".join(lines) + "\n").encode() if lines else b""  # noqa: E731
+    return joined(output), joined(errors)

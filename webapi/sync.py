@@ -1,0 +1,134 @@
+"""Synchronous generation for the compatibility routes (OpenAI completions, DashScope, PAI-EAS).
+
+A call becomes a one-request job at the highest priority, so it runs on the same workers and in
+the same batches as batch work, ahead of it. The API subscribes to the request's Redis channel
+before dispatching; the worker announces text as it is generated (``stream``) and that the result
+is stored (``done``). The database stays the authority: the result is read from it, and if an
+announcement is lost the call finds the result by polling it every second.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from core import jobs as job_service
+from core.auth import Principal
+from core.queueing import stream_channel
+from core.registry import ModelSpec
+from core.schemas import JobCreate
+from core.tables import JobRequest
+from webapi.errors import ApiError
+
+log = logging.getLogger("batchgen.sync")
+
+SYNC_PRIORITY = 9
+POLL_FALLBACK_S = 1.0
+
+
+@dataclass
+class Call:
+    """One synchronous request under way."""
+
+    job_id: str
+    request_id: str
+    model: ModelSpec
+    pubsub: Any
+
+
+class SyncRunner:
+    """Submits one-request jobs and waits for (or streams) their result."""
+
+    def __init__(self, services: Any) -> None:
+        self.svc = services
+        self._redis: Any = None
+
+    def _client(self) -> Any:
+        if self._redis is None:
+            import redis
+
+            self._redis = redis.Redis.from_url(self.svc.settings.redis_url, socket_timeout=5)
+        return self._redis
+
+    def start(self, *, principal: Principal, spec: JobCreate, model: ModelSpec, stream: bool) -> Call:
+        """Store and dispatch the request; raises ``ApiError``/domain errors for bad input."""
+        svc = self.svc
+        spec = spec.model_copy(update={"priority": SYNC_PRIORITY, "completion_window": "1h"})
+        limits = job_service.Limits(max_requests=1, max_prompt_chars=svc.settings.max_prompt_chars)
+        with svc.db.read() as session:
+            svc.limits.check_capacity(session=session, principal=principal, model=model.name, new=1)
+        with svc.db.write() as session:
+            job, (request_id,) = job_service.create_job(
+                session=session, spec=spec, model=model, limits=limits, owner=principal.owner,
+                counter=svc.token_counter(model), delivery="stream" if stream else "notify")
+        pubsub = self._client().pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(stream_channel(svc.settings, request_id))  # before dispatch: nothing is missed
+        try:
+            svc.dispatcher.dispatch(model=model.name, request_ids=[request_id], priority=SYNC_PRIORITY)
+        except Exception:
+            pubsub.close()
+            self._cancel(job.id)
+            raise ApiError(503, "unavailable", "the queue is unavailable; retry shortly",
+                           headers={"Retry-After": "5"}) from None
+        return Call(job_id=job.id, request_id=request_id, model=model, pubsub=pubsub)
+
+    def events(self, call: Call) -> Iterator[tuple[str, Any]]:
+        """``("delta", text)`` while it generates, then ``("done", JobRequest)``.
+
+        Closing the iterator early (the client went away) cancels the request if it has not started.
+        """
+        deadline = time.monotonic() + self.svc.settings.sync_timeout_s
+        next_poll = time.monotonic() + POLL_FALLBACK_S
+        finished = False
+        try:
+            while True:
+                message = call.pubsub.get_message(timeout=0.25)
+                if message is not None and message.get("type") == "message":
+                    event = json.loads(message["data"])
+                    if event["type"] == "delta":
+                        yield "delta", event["text"]
+                        continue
+                    row = self._result(call)
+                    if row is not None:
+                        finished = True
+                        yield "done", row
+                        return
+                if time.monotonic() >= next_poll:
+                    next_poll = time.monotonic() + POLL_FALLBACK_S
+                    row = self._result(call)
+                    if row is not None:
+                        finished = True
+                        yield "done", row
+                        return
+                if time.monotonic() > deadline:
+                    raise ApiError(504, "timeout", f"no result within {self.svc.settings.sync_timeout_s} s; "
+                                   "the request was cancelled if it had not started")
+        finally:
+            call.pubsub.close()
+            if not finished:
+                self._cancel(call.job_id)
+
+    def wait(self, call: Call) -> JobRequest:
+        """The finished request (text or error)."""
+        for kind, value in self.events(call):
+            if kind == "done":
+                return value  # type: ignore[no-any-return]
+        raise AssertionError("events ended without a result")
+
+    def _result(self, call: Call) -> JobRequest | None:
+        with self.svc.db.read() as session:
+            row = session.get(JobRequest, call.request_id)
+            if row is None or row.status in ("queued", "running"):
+                return None
+            return row
+
+    def _cancel(self, job_id: str) -> None:
+        try:
+            with self.svc.db.write() as session:
+                job_service.cancel_job(session=session, job_id=job_id, owner=None)
+        except Exception:  # it ended meanwhile, or the database is away: nothing more to do
+            log.info("could not cancel an abandoned synchronous request", extra={"job_id": job_id})
