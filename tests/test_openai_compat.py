@@ -128,6 +128,9 @@ def test_a_batch_that_ended_cannot_be_cancelled(stack):
     assert failed.status == "failed" and failed.errors.data[0].code == "empty_file"
     with pytest.raises(openai.ConflictError):
         client.batches.cancel(failed.id)
+    with pytest.raises(openai.BadRequestError, match="output_expires_after"):
+        client.batches.create(input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h",
+                              output_expires_after={"anchor": "created_at", "seconds": 3600})
 
 
 @pytest.mark.slow

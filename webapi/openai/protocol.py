@@ -159,6 +159,12 @@ class BatchCreateRequest(BaseModel):
     metadata: dict[str, str] | None = None
     output_expires_after: dict[str, Any] | None = None
 
+    @model_validator(mode="after")
+    def _no_file_expiry(self) -> BatchCreateRequest:
+        if self.output_expires_after is not None:
+            raise ValueError("output_expires_after is not supported: output files stay until deleted")
+        return self
+
 
 # --- what batchgen answers (the serving code builds its answers through these) ------------------
 
