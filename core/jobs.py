@@ -414,35 +414,86 @@ def load_work(*, session: Session, request_ids: Sequence[str]) -> list[WorkItem]
     ]
 
 
-def claim(*, session: Session, request_ids: Sequence[str], run_id: str,
-          now: datetime | None = None) -> list[str]:
-    """Move queued requests to ``running`` for one run; returns the ids this call claimed.
+def claim(*, session: Session, request_ids: Sequence[str], run_id: str, now: datetime | None = None,
+          lease_s: float = 60.0, max_attempts: int = 3) -> list[str]:
+    """Move requests to ``running`` for one run; returns the ids this call claimed.
 
-    A request another run already holds, or one that already finished, is not claimed.
+    Claimable: ``queued`` requests, and ``running`` ones whose lease has lapsed (their worker
+    stopped renewing it: it died). A lapsed request already tried ``max_attempts`` times is failed
+    instead (``attempts_exhausted``): a request that keeps killing its workers stops there. A
+    request another live run holds, or one that has finished, is not claimed.
     """
     if not request_ids:
         return []
     now = now or utcnow()
+    ids = list(request_ids)
+    lease = now + timedelta(seconds=lease_s)
     live_jobs = select(Job.id).where(or_(Job.expires_at.is_(None), Job.expires_at > now))
-    claimed = session.execute(
+    lapsed = (JobRequest.status == "running") & (JobRequest.lease_until < now)
+
+    exhausted = session.execute(
         update(JobRequest)
-        .where(JobRequest.id.in_(list(request_ids)), JobRequest.status == "queued",
-               JobRequest.job_id.in_(live_jobs))
-        .values(status="running", attempts=JobRequest.attempts + 1, started_at=now, run_id=run_id)
+        .where(JobRequest.id.in_(ids), lapsed, JobRequest.attempts >= max_attempts)
+        .values(status="failed", error_code="attempts_exhausted", completed_at=now,
+                error_message=f"its worker stopped while running it {max_attempts} times")
         .returning(JobRequest.id, JobRequest.job_id)
     ).all()
-    per_job: dict[str, int] = defaultdict(int)
-    for row in claimed:
-        per_job[row.job_id] += 1
-    for job_id, n in sorted(per_job.items()):  # fixed order: no lock-order deadlocks between workers
+    fresh = session.execute(
+        update(JobRequest)
+        .where(JobRequest.id.in_(ids), JobRequest.status == "queued", JobRequest.job_id.in_(live_jobs))
+        .values(status="running", attempts=JobRequest.attempts + 1, started_at=now, run_id=run_id,
+                lease_until=lease)
+        .returning(JobRequest.id, JobRequest.job_id)
+    ).all()
+    retaken = session.execute(
+        update(JobRequest)
+        .where(JobRequest.id.in_(ids), lapsed, JobRequest.attempts < max_attempts)
+        .values(attempts=JobRequest.attempts + 1, run_id=run_id, lease_until=lease)
+        .returning(JobRequest.id)
+    ).all()
+
+    per_job: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for row in fresh:
+        per_job[row.job_id][0] += 1
+    for row in exhausted:
+        per_job[row.job_id][1] += 1
+    for job_id, (started, failed) in sorted(per_job.items()):  # fixed order: no lock-order deadlocks
         session.execute(
             update(Job).where(Job.id == job_id).values(
-                queued=Job.queued - n, running=Job.running + n,
+                queued=Job.queued - started, running=Job.running + started - failed, failed=Job.failed + failed,
                 status=case((Job.status == "queued", "running"), else_=Job.status),
                 started_at=func.coalesce(Job.started_at, now),
             )
         )
-    return [row.id for row in claimed]
+    if exhausted:
+        _finalize(session, sorted({row.job_id for row in exhausted}), now)
+    return [row.id for row in fresh] + [row.id for row in retaken]
+
+
+def renew_leases(*, session: Session, run_ids: Sequence[str], lease_s: float, now: datetime | None = None) -> int:
+    """Extend the lease of the running requests of these runs (a live worker's heartbeat)."""
+    if not run_ids:
+        return 0
+    now = now or utcnow()
+    return session.execute(
+        update(JobRequest).where(JobRequest.run_id.in_(list(run_ids)), JobRequest.status == "running")
+        .values(lease_until=now + timedelta(seconds=lease_s))
+    ).rowcount
+
+
+def needing_dispatch(*, session: Session, model: str, older_than: datetime, now: datetime | None = None,
+                     limit: int = 100_000) -> list[tuple[str, int]]:
+    """(request id, job priority) of a model's requests that should be on its queue: queued ones
+    older than ``older_than``, and running ones whose lease has lapsed."""
+    now = now or utcnow()
+    rows = session.execute(
+        select(JobRequest.id, Job.priority).join(Job, Job.id == JobRequest.job_id)
+        .where(Job.model == model, Job.status.in_(ACTIVE_JOB_STATUSES),
+               or_((JobRequest.status == "queued") & (JobRequest.created_at < older_than),
+                   (JobRequest.status == "running") & (JobRequest.lease_until < now)))
+        .limit(limit)
+    ).all()
+    return [(r.id, r.priority) for r in rows]
 
 
 @dataclass(frozen=True)

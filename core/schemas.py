@@ -36,14 +36,20 @@ _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _STRICT = ConfigDict(strict=True, extra="forbid")
 
 
-def _no_nul(value: str) -> str:
+def check_text(value: str) -> str:
+    """Text a database can store, or ``ValueError``: no NUL (PostgreSQL cannot hold it) and no
+    lone UTF-16 surrogates (a JSON escape like \\ud800 makes one; no encoding can hold it)."""
     if "\x00" in value:
         raise ValueError("text must not contain NUL (\\u0000) characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (it holds a lone surrogate)") from None
     return value
 
 
-# Any text a client sends. NUL is refused: PostgreSQL cannot store it, and no prompt needs it.
-Text = Annotated[str, AfterValidator(_no_nul)]
+# Any text a client sends. Other control characters are kept as they are.
+Text = Annotated[str, AfterValidator(check_text)]
 
 
 class GenerationParams(BaseModel):
@@ -126,7 +132,8 @@ class ChatMessage(BaseModel):
 class RequestCreate(BaseModel):
     """One generation request inside a job: a ``prompt`` or chat ``messages``."""
 
-    model_config = _STRICT
+    model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra={
+        "oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]})
 
     custom_id: Text | None = Field(None, min_length=1, max_length=MAX_CUSTOM_ID_CHARS)
     prompt: Text | None = Field(None, min_length=1)
@@ -171,7 +178,8 @@ class PlainPrompt:
 class JobCreate(BaseModel):
     """``POST /v1/jobs``: a model and either ``prompts`` or ``requests``."""
 
-    model_config = _STRICT
+    model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra={
+        "oneOf": [{"required": ["prompts"]}, {"required": ["requests"]}]})
 
     model: Text = Field(min_length=1, max_length=200)
     prompts: list[Annotated[Text, Field(min_length=1)]] | None = Field(None, min_length=1)

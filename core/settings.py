@@ -70,7 +70,17 @@ class Settings(BaseModel):
     max_batch_tokens: int = Field(default=0, ge=0)  # 0: chosen per device
     max_wait_ms: float = Field(default=20.0, ge=0)
     worker_inflight: int = Field(default=256, ge=1)
-    visibility_timeout_s: int = Field(default=600, ge=10)
+    # Recovery: a message a worker took and never acked goes back to the queue after
+    # visibility_timeout_s; a running request whose worker stopped renewing its lease (lease_s)
+    # may run again, at most max_attempts times in all; the reconciler re-dispatches, every
+    # reconcile_interval_s, requests older than reconcile_grace_s that no queue holds.
+    visibility_timeout_s: int = Field(default=300, ge=1)
+    lease_s: float = Field(default=60.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    reconcile_interval_s: float = Field(default=30.0, gt=0)
+    reconcile_grace_s: float = Field(default=60.0, ge=0)
+    # Testing only: a worker SIGKILLs itself when a request's text contains this marker.
+    fault_kill_on: str = ""
 
     log_level: str = "INFO"
 

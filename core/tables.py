@@ -114,6 +114,8 @@ class JobRequest(Base):
     error_message: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     run_id: Mapped[str | None] = mapped_column(String(40))
+    # While running: the worker holding it renews this; past it, the request may be claimed again.
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -121,6 +123,7 @@ class JobRequest(Base):
     __table_args__ = (
         Index("ux_job_requests_job_idx", "job_id", "idx", unique=True),
         Index("ix_job_requests_status", "status"),
+        Index("ix_job_requests_run_id", "run_id"),
     )
 
 

@@ -20,6 +20,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     Services(settings).init_app(app)
     errors.init_app(app)  # first: every answer, a 401 too, carries a request id
     auth.init_app(app)
+    openapi.init_app(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(openapi.bp)

@@ -26,15 +26,17 @@ from core.schemas import (
     GenerationParams,
     JobCreate,
     RequestCreate,
+    Text,
     check_chat_shape,
     error_details,
 )
 from webapi.auth import current_principal
-from webapi.errors import ApiError
+from webapi.errors import ApiError, read_body
 from webapi.jobs import json_body
 from webapi.services import services
 
 dashscope = Blueprint("dashscope", __name__)
+MAX_TOKENS = GenerationParams.model_fields["max_new_tokens"].metadata[-1].le
 eas = Blueprint("eas", __name__)
 
 
@@ -42,13 +44,13 @@ class DashScopeMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class DashScopeInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str | None = Field(None, min_length=1)
+    prompt: Text | None = Field(None, min_length=1)
     messages: list[DashScopeMessage] | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
@@ -62,12 +64,12 @@ class DashScopeParameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     result_format: Literal["text", "message"] = "text"
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0, le=1000)
     repetition_penalty: float | None = Field(None, gt=0, le=10)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     incremental_output: bool = False
     seed: int | None = None
     enable_search: bool = False
@@ -86,7 +88,7 @@ class DashScopeRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(min_length=1, max_length=200)
+    model: Text = Field(min_length=1, max_length=200)
     input: DashScopeInput
     parameters: DashScopeParameters = DashScopeParameters()
 
@@ -96,13 +98,13 @@ class EasRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    input_ids: str = Field(min_length=1, description="The prompt text.")
+    input_ids: Text = Field(min_length=1, description="The prompt text.")
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0, le=1000)
-    max_length: int | None = Field(None, ge=1, description="New tokens to generate at most.")
-    history: list[tuple[str, str]] = Field(default_factory=list, description="Earlier [user, assistant] turns.")
-    system_prompt: str | None = None
+    max_length: int | None = Field(None, ge=1, le=MAX_TOKENS, description="New tokens to generate at most.")
+    history: list[tuple[Text, Text]] = Field(default_factory=list, description="Earlier [user, assistant] turns.")
+    system_prompt: Text | None = None
 
 
 def _validated(model: Any, body: Any) -> Any:
@@ -244,7 +246,7 @@ def eas_generate() -> Any:
             raise _failed(row)
         return {"response": row.text or "", "history": [*map(list, req.history), [req.input_ids, row.text or ""]]}
     try:
-        prompt = request.get_data(cache=False).decode("utf-8")
+        prompt = read_body().decode("utf-8")
     except UnicodeDecodeError:
         raise ApiError(400, "invalid_request", "the prompt is not UTF-8 text") from None
     if not prompt or "\x00" in prompt:

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from core.queueing import GENERATE_TASK, celery_config, celery_priority
+from core.queueing import celery_config, publish
 from core.settings import Settings
 
 log = logging.getLogger("batchgen.dispatch")
@@ -47,15 +47,12 @@ class Dispatcher:
 
     def dispatch(self, *, model: str, request_ids: Sequence[str], priority: int = 5) -> None:
         """Publish one message per request id now; raises ``DispatchError`` if the broker fails."""
-        app = self._app()
-        queue_name = self.settings.queue_for(model)
         try:
-            with app.producer_or_acquire() as producer:
-                for request_id in request_ids:
-                    app.send_task(GENERATE_TASK, args=[[request_id]], queue=queue_name,
-                                  producer=producer, priority=celery_priority(priority))
+            publish(self._app(), self.settings, model=model, request_ids=request_ids, priority=priority)
+        except DispatchError:
+            raise
         except Exception as exc:  # kombu raises many kinds; the caller needs one
-            raise DispatchError(f"could not publish to {queue_name}: {exc}") from exc
+            raise DispatchError(f"could not publish to {self.settings.queue_for(model)}: {exc}") from exc
 
     def dispatch_later(self, *, job_id: str, model: str, request_ids: Sequence[str], priority: int,
                        on_done: Callable[[str], None]) -> None:

@@ -10,9 +10,10 @@ import logging
 import re
 from typing import Any
 
-from flask import Flask, Response, g, jsonify, request
+from flask import Flask, Response, current_app, g, jsonify, request
+from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from core.errors import (
     BatchgenError,
@@ -49,6 +50,19 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.code, self.message, self.details = status, code, message, details
         self.headers = headers or {}
+
+
+def read_body() -> bytes:
+    """The request body, at most ``MAX_CONTENT_LENGTH`` bytes, else 413.
+
+    A body with a Content-Length over the limit is refused before it is read. A chunked body has
+    none: werkzeug stops reading it at the limit, and one that reaches it is refused as well.
+    """
+    raw = request.get_data(cache=False)
+    limit = current_app.config.get("MAX_CONTENT_LENGTH")
+    if limit and request.content_length is None and len(raw) >= limit:
+        raise RequestEntityTooLarge()
+    return raw
 
 
 def _param(details: Any) -> str | None:
@@ -104,6 +118,9 @@ def init_app(app: Flask) -> None:
     def _assign_request_id() -> None:
         given = request.headers.get("X-Request-Id", "")
         g.request_id = given if _CLIENT_REQUEST_ID.match(given) else new_id("rid")
+        # Ids and cursors from the URL go into queries: NUL cannot (PostgreSQL refuses it).
+        if "\x00" in request.path or any("\x00" in v for v in request.args.values()):
+            raise ApiError(400, "invalid_request", "the URL must not contain NUL characters")
 
     @app.after_request
     def _echo_request_id(response: Response) -> Response:
@@ -140,6 +157,15 @@ def init_app(app: Flask) -> None:
         if status == 405 and exc.get_response().headers.get("Allow"):
             response.headers["Allow"] = exc.get_response().headers["Allow"]
         return response
+
+    @app.errorhandler(ValidationError)
+    def _invalid(exc: ValidationError) -> Response:
+        # Input a view converted after validating it (e.g. an OpenAI body into native params).
+        from core.schemas import error_details
+
+        details = error_details(exc)
+        log.warning("%s %s -> invalid input: %s", request.method, request.path, details[0]["message"])
+        return error_response(422, "invalid_request", f"{details[0]['loc']}: {details[0]['message']}", details)
 
     @app.errorhandler(OperationalError)
     def _database_down(exc: OperationalError) -> Response:

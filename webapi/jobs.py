@@ -35,7 +35,7 @@ from core.schemas import (
 from core.tables import Job, JobRequest
 from webapi.auth import current_principal
 from webapi.dispatch import DispatchError
-from webapi.errors import ApiError
+from webapi.errors import ApiError, read_body
 from webapi.services import services
 
 log = logging.getLogger("batchgen.api")
@@ -50,7 +50,7 @@ _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 def json_body() -> Any:
     """The request body parsed as JSON, whatever its content type; 400 if it is not JSON."""
-    raw = request.get_data(cache=False)
+    raw = read_body()
     if not raw:
         raise ApiError(400, "invalid_json", "the request body is empty; send a JSON object")
     try:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Flask, Response, jsonify, request
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
@@ -26,6 +26,7 @@ from core.schemas import (
     ResultRead,
 )
 from webapi.compat import DashScopeRequest, EasRequest
+from webapi.errors import ApiError
 from webapi.openai.protocol import (
     BatchCreateRequest,
     BatchList,
@@ -246,6 +247,25 @@ def build_spec() -> dict[str, Any]:
 
 
 _SPEC: dict[str, Any] | None = None
+
+# The query parameters each route takes, from the declarations above.
+QUERY_PARAMS: dict[str, frozenset[str]] = {
+    op.endpoint: frozenset(p.name for p in op.params if p.where == "query") for op in OPERATIONS}
+
+
+def init_app(app: Flask) -> None:
+    """Refuse query parameters a route does not take, as unknown body fields are refused."""
+
+    @app.before_request
+    def _known_query_parameters() -> None:
+        allowed = QUERY_PARAMS.get(request.endpoint or "")
+        if allowed is None:
+            return
+        unknown = sorted(set(request.args) - allowed)
+        if unknown:
+            raise ApiError(422, "invalid_request", f"unrecognized query parameter {unknown[0]!r}",
+                           [{"loc": f"query.{name}", "message": "unrecognized query parameter",
+                             "type": "extra_forbidden"} for name in unknown])
 
 
 @bp.get("/openapi.json")

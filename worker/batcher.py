@@ -47,6 +47,10 @@ from core.jobs import Outcome, WorkItem
 log = logging.getLogger("batchgen.batcher")
 
 
+class Requeue(Exception):  # noqa: N818 - it is an instruction, not an error
+    """The request was not run here and goes back to the queue (the worker is shutting down)."""
+
+
 class Runner(Protocol):
     def encode(self, item: WorkItem) -> Any: ...
     def generate(self, batch: Sequence[Any], on_delta: Callable[[str, str], None] | None = None) -> list[Outcome]: ...
@@ -184,9 +188,12 @@ class Batcher:
     """Batches requests of every job for one model on one device."""
 
     def __init__(self, *, runner: Runner, db: Database, policy: BatchPolicy,
-                 clock: Callable[[], float] = time.monotonic, announcer: Announcer | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, announcer: Announcer | None = None,
+                 lease_s: float = 60.0, max_attempts: int = 3) -> None:
         self.runner, self.db, self.policy, self.clock = runner, db, policy, clock
         self.announcer = announcer
+        self.lease_s, self.max_attempts = lease_s, max_attempts
+        self._active_runs: set[str] = set()  # runs generating now: their leases are renewed
         self.stats = BatchStats()
         self._inbox: queue.Queue[tuple[list[str], _Submission] | None] = queue.Queue()
         self._record_q: queue.Queue[tuple[str, list[Outcome], list[str], list[str]] | None] = queue.Queue()
@@ -198,10 +205,13 @@ class Batcher:
         self._arrivals: deque[float] = deque()  # arrival times within the burst window
         self._stopping = False
         self._slots = ThreadPoolExecutor(max_workers=policy.slots, thread_name_prefix="slot")
+        self._draining = False  # shutting down: finish what runs, hand back what waits
+        self._halt = threading.Event()  # wakes the heartbeat at stop
         self._threads = [
             threading.Thread(target=self._intake_loop, name="intake", daemon=True),
             threading.Thread(target=self._schedule_loop, name="scheduler", daemon=True),
             threading.Thread(target=self._record_loop, name="recorder", daemon=True),
+            threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True),
         ]
 
     # --- public ----------------------------------------------------------------------------
@@ -226,6 +236,17 @@ class Batcher:
             self._inbox.put((ids, _Submission(future, len(ids))))
         return future
 
+    def hand_back(self) -> None:
+        """Shutting down: batches that run finish and are stored; requests still waiting here are
+        handed back (their tasks raise ``Requeue``, so Celery puts their messages back)."""
+        with self._cond:
+            self._draining = True
+            waiting = list(self._pending)
+            self._pending.clear()
+            self._cond.notify_all()
+        self._fail_futures(waiting, Requeue("the worker is shutting down"))
+        log.info("shutting down: %d waiting requests handed back to the queue", len(waiting))
+
     def stop(self, timeout: float = 60.0) -> None:
         """Finish what was submitted, then stop the threads."""
         deadline = self.clock() + timeout
@@ -235,6 +256,7 @@ class Batcher:
                 self._cond.wait(0.05)
             self._stopping = True
             self._cond.notify_all()
+        self._halt.set()
         self._inbox.put(None)
         self._slots.shutdown(wait=True)
         self._record_q.put(None)
@@ -261,10 +283,11 @@ class Batcher:
             try:
                 self._take_in(batch)
             except Exception:
-                log.exception("intake failed; the requests stay queued and will be redelivered")
+                # The database is away (or worse): the messages go back to the queue at once.
+                log.exception("intake failed; handing the requests back to the queue")
                 for _ids, sub in batch:
                     if not sub.future.done():
-                        sub.future.set_exception(RuntimeError("intake failed"))
+                        sub.future.set_exception(Requeue("intake failed"))
             finally:
                 with self._cond:
                     self._intake_busy = not self._inbox.empty()
@@ -300,6 +323,9 @@ class Batcher:
                 continue
             cost = enc.length + item.params.max_new_tokens
             fresh.append(Pending(enc, item.params.sampling_key(), enc.length, cost, now, item.priority))
+        if self._draining:  # arrived during shutdown: straight back to the queue
+            self._fail_futures([p.enc.item.id for p in fresh], Requeue("the worker is shutting down"))
+            fresh = []
         if failures:
             self._write(lambda s: job_service.fail_queued(session=s, outcomes=failures,
                                                           run_id=new_id("run")))
@@ -318,7 +344,7 @@ class Batcher:
     def _schedule_loop(self) -> None:
         with self._cond:
             while not self._stopping:
-                if not self._pending or self._busy_slots >= self.policy.slots:
+                if self._draining or not self._pending or self._busy_slots >= self.policy.slots:
                     self._cond.wait()
                     continue
                 batch, wait, reason = self._select()
@@ -349,21 +375,27 @@ class Batcher:
         run_id = new_id("run")
         ids = [p.enc.item.id for p in batch]
         try:
-            claimed = set(self._write(lambda s: job_service.claim(session=s, request_ids=ids,
-                                                                  run_id=run_id)))
+            claimed = set(self._write(lambda s: job_service.claim(
+                session=s, request_ids=ids, run_id=run_id, lease_s=self.lease_s, max_attempts=self.max_attempts)))
             lost = [i for i in ids if i not in claimed]
             if lost:
                 log.info("%d requests of a batch were taken by another run; skipping them", len(lost))
                 self._settle(lost)
             todo = [p for p in batch if p.enc.item.id in claimed]
             if todo:
-                outcomes = self._generate(todo, run_id, waited=self.clock() - min(p.arrived for p in todo),
-                                          reason=reason)
+                with self._cond:
+                    self._active_runs.add(run_id)
+                try:
+                    outcomes = self._generate(todo, run_id, waited=self.clock() - min(p.arrived for p in todo),
+                                              reason=reason)
+                finally:
+                    with self._cond:
+                        self._active_runs.discard(run_id)
                 notify = [p.enc.item.id for p in todo if p.enc.item.params.delivery != "store"]
                 self._record_q.put((run_id, outcomes, [p.enc.item.id for p in todo], notify))
         except Exception:
-            log.exception("batch %s failed before generation; its requests will be redelivered", run_id)
-            self._fail_futures(ids, RuntimeError("batch failed"))
+            log.exception("batch %s failed before generation; handing its requests back to the queue", run_id)
+            self._fail_futures(ids, Requeue("batch failed before generation"))
         finally:
             with self._cond:
                 self._busy_slots -= 1
@@ -399,6 +431,19 @@ class Batcher:
                  new_tokens, todo[0].length, todo[-1].length, reason or "-", waited * 1000, seconds,
                  new_tokens / seconds if seconds > 0 else 0.0)
         return outcomes
+
+    def _heartbeat_loop(self) -> None:
+        """Renew the leases of running batches, so no one takes over work this worker is doing."""
+        while not self._halt.wait(self.lease_s / 3):
+            with self._cond:
+                runs = list(self._active_runs)
+            if not runs:
+                continue
+            try:
+                with self.db.write() as session:
+                    job_service.renew_leases(session=session, run_ids=runs, lease_s=self.lease_s)
+            except Exception as exc:  # the database may be away; the lease is long enough for a retry
+                log.warning("could not renew leases (%s)", exc)
 
     # --- recording -------------------------------------------------------------------------
 

@@ -1,25 +1,38 @@
-"""Periodic housekeeping in every worker process: jobs past their completion window expire.
+"""Housekeeping in every worker process: expiry, and the reconciler that makes sure nothing is lost.
 
-Any number of workers may run it at once: expiring is a guarded UPDATE (only ``queued`` requests
-of due jobs change), so a job is expired once whoever gets there first.
+- Jobs past their completion window expire (a guarded UPDATE: once, whoever gets there first).
+- The reconciler re-dispatches a model's requests that the database says should be on its queue
+  (queued for longer than ``reconcile_grace_s``, or running with a lapsed lease) but that no
+  Redis list and no unacked message holds: Redis restarted empty, the API died between commit and
+  publish, a message was lost. It runs under a Redis lock, so one worker does it at a time, and it
+  scans the queue only when the database holds more such requests than the queue has messages.
+  A request that is dispatched twice still runs once: claims are guarded in the database.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import defaultdict
+from datetime import timedelta
+from typing import Any
 
 from core import jobs as job_service
+from core import queueing
 from core.db import Database
+from core.settings import Settings
+from core.tables import utcnow
 
 log = logging.getLogger("batchgen.janitor")
 
 
 class Janitor:
-    """A daemon thread that expires due jobs every ``interval_s`` seconds."""
+    """A daemon thread: expiry and reconciliation every ``interval_s`` seconds."""
 
-    def __init__(self, db: Database, interval_s: float = 15.0) -> None:
+    def __init__(self, db: Database, interval_s: float = 15.0, *, settings: Settings | None = None,
+                 model: str | None = None, celery: Any = None, redis: Any = None) -> None:
         self.db, self.interval_s = db, interval_s
+        self.settings, self.model, self.celery, self.redis = settings, model, celery, redis
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="janitor", daemon=True)
 
@@ -39,9 +52,35 @@ class Janitor:
             log.info("completion window passed: requests not yet started expired", extra={"job_id": job_id})
         return expired
 
+    def reconcile(self) -> int:
+        """Re-dispatch this model's requests that no queue holds; returns how many."""
+        if self.settings is None or self.redis is None or self.celery is None or self.model is None:
+            return 0
+        settings = self.settings
+        lock = f"{settings.redis_prefix}reconcile:{self.model}"
+        if not self.redis.set(lock, "1", nx=True, ex=max(1, int(self.interval_s))):
+            return 0  # another worker of this model is at it
+        now = utcnow()
+        with self.db.read() as session:
+            candidates = job_service.needing_dispatch(
+                session=session, model=self.model, now=now,
+                older_than=now - timedelta(seconds=settings.reconcile_grace_s))
+        if not candidates or len(candidates) <= queueing.messages_held(self.redis, settings, self.model):
+            return 0  # the queue can hold them all: the usual case, no scan
+        lost = queueing.missing(candidates, queueing.ids_held(self.redis, settings, self.model))
+        by_priority: dict[int, list[str]] = defaultdict(list)
+        for request_id, priority in lost:
+            by_priority[priority].append(request_id)
+        for priority, ids in by_priority.items():
+            queueing.publish(self.celery, settings, model=self.model, request_ids=ids, priority=priority)
+        if lost:
+            log.warning("re-dispatched %d requests of %s that no queue held", len(lost), self.model)
+        return len(lost)
+
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
-            try:
-                self.run_once()
-            except Exception:  # the database may be away; try again next round
-                log.exception("housekeeping failed")
+            for step in (self.run_once, self.reconcile):
+                try:
+                    step()
+                except Exception:  # the database or Redis may be away; try again next round
+                    log.exception("housekeeping failed (%s)", step.__name__)

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runner = ModelRunner(model_dir, spec, device=plan.device, device_index=plan.device_index,
                              compute_type=plan.compute_type, inter_threads=plan.inter_threads,
-                             intra_threads=plan.intra_threads)
+                             intra_threads=plan.intra_threads, fault_kill_on=settings.fault_kill_on)
     except (RuntimeError, ValueError) as exc:  # no CUDA driver, no such GPU, bad compute type
         log.error("cannot load %s on %s:%d (%s): %s", spec.name, plan.device, plan.physical_index,
                   plan.compute_type, exc)
@@ -112,12 +112,23 @@ def main(argv: list[str] | None = None) -> int:
     from worker.streaming import Publisher
 
     publisher = Publisher(settings)
-    batcher = Batcher(runner=runner, db=db, policy=policy, announcer=publisher).start()
-    from worker.janitor import Janitor
-
-    janitor = Janitor(db).start()
+    batcher = Batcher(runner=runner, db=db, policy=policy, announcer=publisher, lease_s=settings.lease_s,
+                      max_attempts=settings.max_attempts).start()
     app = create_celery(settings, batcher)
     queue = settings.queue_for(spec.name)
+    import redis
+
+    from worker.janitor import Janitor
+
+    janitor = Janitor(db, interval_s=settings.reconcile_interval_s, settings=settings, model=spec.name,
+                      celery=app, redis=redis.Redis.from_url(settings.redis_url, socket_timeout=5)).start()
+
+    from celery.signals import worker_shutting_down
+
+    @worker_shutting_down.connect(weak=False)
+    def _hand_back(**_: object) -> None:
+        # Warm shutdown (SIGTERM): batches that run finish and are stored, the rest go back.
+        batcher.hand_back()
 
     if args.ready_file is not None:
         from celery.signals import worker_ready

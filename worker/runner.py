@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -108,11 +110,13 @@ class ModelRunner:
     """One model on one device, loaded once per worker process."""
 
     def __init__(self, model_dir: Path, spec: ModelSpec, *, device: str = "cpu", device_index: int = 0,
-                 compute_type: str = "int8", inter_threads: int = 1, intra_threads: int = 1) -> None:
+                 compute_type: str = "int8", inter_threads: int = 1, intra_threads: int = 1,
+                 fault_kill_on: str = "") -> None:
         import ctranslate2
         from transformers import AutoTokenizer
 
         started = time.monotonic()
+        self.fault_kill_on = fault_kill_on
         self.spec = spec
         self.model_dir = Path(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -166,6 +170,14 @@ class ModelRunner:
             )
         return Encoded(item=item, ids=ids, tokens=[self.vocabulary[i] for i in ids])
 
+    def _maybe_die(self, batch: Sequence[Encoded]) -> None:
+        # Fault injection for the recovery tests (BATCHGEN_FAULT_KILL_ON): die as a crash would.
+        for enc in batch:
+            texts = [enc.item.prompt or ""] + [m["content"] for m in enc.item.messages or []]
+            if any(self.fault_kill_on in t for t in texts):
+                log.error("fault injection: killing this worker on request %s", enc.item.id)
+                os.kill(os.getpid(), signal.SIGKILL)
+
     def count_tokens(self, text: str) -> int:
         """Tokens of a text segment (for checks and tests)."""
         return len(self._backend.encode(text, add_special_tokens=False).ids)
@@ -197,6 +209,8 @@ class ModelRunner:
         ``on_delta(request_id, text)`` receives new text of requests whose delivery is ``stream``
         as it is generated (the whole text is in the outcome all the same).
         """
+        if self.fault_kill_on:
+            self._maybe_die(batch)
         params = batch[0].item.params
         sequences = [_Sequence(enc, self, on_delta) for enc in batch]
 

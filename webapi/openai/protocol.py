@@ -12,31 +12,32 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from core.schemas import GenerationParams, RequestCreate, check_chat_shape
+from core.schemas import GenerationParams, RequestCreate, Text, check_chat_shape
 
 NOT_SUPPORTED = "is not supported by batchgen"
+MAX_TOKENS = GenerationParams.model_fields["max_new_tokens"].metadata[-1].le  # the native bound
 
 
 class _Common(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(min_length=1, max_length=200)
+    model: Text = Field(min_length=1, max_length=200)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int | None = None
     stream: bool | None = False
     stream_options: dict[str, Any] | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     logprobs: Any = None
     seed: int | None = None
-    user: str | None = None
+    user: Text | None = None
     # Extensions (as vLLM names them).
     top_k: int | None = Field(None, ge=0, le=1000)
     repetition_penalty: float | None = Field(None, gt=0, le=10)
-    min_tokens: int | None = Field(None, ge=0)
+    min_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS)
 
     @model_validator(mode="after")
     def _refuse_unsupported(self) -> _Common:
@@ -64,8 +65,8 @@ class _Common(BaseModel):
 class CompletionRequest(_Common):
     """``POST /v1/completions``."""
 
-    prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    prompt: Text | list[Text]
+    max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS)  # OpenAI's default for completions
     echo: bool | None = False
     best_of: int | None = None
     suffix: str | None = None
@@ -89,15 +90,15 @@ class ContentPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
-    name: str | None = None
+    content: Text | list[ContentPart]
+    name: Text | None = None
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -107,8 +108,8 @@ class ChatCompletionRequest(_Common):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessageIn] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
@@ -153,10 +154,10 @@ class BatchCreateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    input_file_id: str = Field(min_length=1, max_length=64)
+    input_file_id: Text = Field(min_length=1, max_length=64)
     endpoint: Literal["/v1/completions", "/v1/chat/completions"]
     completion_window: Literal["24h"] = "24h"
-    metadata: dict[str, str] | None = None
+    metadata: dict[Text, Text] | None = None
     output_expires_after: dict[str, Any] | None = None
 
     @model_validator(mode="after")

@@ -68,9 +68,11 @@ def upload_file() -> dict[str, Any]:
         raise ApiError(400, "invalid_request", "send the file as multipart form field 'file'",
                        [{"loc": "file", "message": "missing", "type": "missing"}])
     content = upload.read()
+    # Keep the name printable: control characters (NUL among them) are dropped.
+    filename = "".join(c for c in (upload.filename or "") if c.isprintable())[:255] or "upload.jsonl"
     with services().db.write() as session:
         file = file_service.create_file(session=session, owner=current_principal().owner, purpose=purpose,
-                                        filename=upload.filename or "upload.jsonl", content=content)
+                                        filename=filename, content=content)
         return serving.file_view(file)
 
 

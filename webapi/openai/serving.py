@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from core.errors import InvalidRequestError, UnknownModelError
 from core.registry import ModelSpec, Registry
-from core.schemas import JobCreate, RequestCreate, error_details
+from core.schemas import JobCreate, RequestCreate, check_text, error_details
 from core.tables import Batch, File, Job, JobRequest
 from webapi.openai.protocol import (
     ENDPOINTS,
@@ -120,6 +120,12 @@ def parse_batch_input(content: bytes, endpoint: str, registry: Registry,
             errors.append(_error(number, "invalid_json_line", "each line must be a JSON object"))
             continue
         custom_id = entry.get("custom_id")
+        if isinstance(custom_id, str):
+            try:
+                check_text(custom_id)
+            except ValueError as exc:
+                errors.append(_error(number, "invalid_request", str(exc), "custom_id"))
+                continue
         if not isinstance(custom_id, str) or not custom_id or len(custom_id) > 128:
             errors.append(_error(number, "missing_custom_id", "custom_id must be a string of 1 to 128 characters",
                                  "custom_id"))
@@ -155,7 +161,12 @@ def parse_batch_input(content: bytes, endpoint: str, registry: Registry,
             errors.append(_error(number, "mismatched_model", f"every request of a batch must use one model "
                                  f"(the first uses {model_name!r})", "body.model"))
             continue
-        requests.append(body.to_request(custom_id))
+        try:
+            requests.append(body.to_request(custom_id))
+        except ValidationError as exc:
+            first = error_details(exc)[0]
+            errors.append(_error(number, "invalid_request", first["message"], f"body.{first['loc']}"))
+            continue
         lines.append(number)
     if not errors and not requests:
         errors.append(_error(None, "empty_file", "the file holds no requests"))

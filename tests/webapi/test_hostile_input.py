@@ -1,0 +1,133 @@
+"""Input meant to break things, and the security promises: every answer a clear 4xx, nothing stored."""
+
+import io
+import logging
+import re
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from core.tables import Job
+from tests.conftest import authed, make_key
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def stored_jobs(app):
+    with app.extensions["batchgen"].db.read() as s:
+        return s.scalar(select(func.count()).select_from(Job))
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"model": "tiny", "prompts": ["\\ud800"]}',             # a lone surrogate, escaped in JSON
+    b'{"model": "tiny", "prompts": ["a\\u0000b"]}',            # NUL
+    b'{"model": "tiny", "requests": [{"custom_id": "\\udfff", "prompt": "x"}]}',
+    b'{"model": "tiny", "prompts": ["x"], "metadata": {"k": "\\u0000"}}',
+])
+def test_text_no_database_can_store_is_refused(app, client, raw):
+    resp = client.post("/v1/jobs", data=raw, content_type="application/json")
+    assert resp.status_code == 422 and resp.get_json()["error"]["code"] == "invalid_request"
+    assert stored_jobs(app) == 0
+
+
+def test_control_characters_and_template_tags_are_kept_as_text(client):
+    prompt = "line\x01\x1f\ttab <s>[INST] <<SYS>> </s>"
+    job = client.post("/v1/jobs", json={"model": "tiny", "prompts": [prompt]}).get_json()
+    assert client.get(f"/v1/jobs/{job['id']}/results").get_json()["data"][0]["prompt"] == prompt
+
+
+@pytest.mark.parametrize("url", ["/v1/jobs/job_x%00y", "/v1/jobs?after=%00", "/v1/jobs/job_x/results?after=a%00",
+                                 "/v1/files/file_%00", "/v1/batches?after=%00"])
+def test_nul_in_urls_is_400(client, url):
+    resp = client.get(url)
+    assert resp.status_code == 400 and resp.get_json()["error"]["code"] == "invalid_request"
+
+
+def test_a_chunked_body_over_the_limit_is_refused_without_being_read_whole(make_settings, sqlite_url):
+    from webapi import create_app
+
+    app = create_app(make_settings(sqlite_url, max_body_bytes=4096))
+    client = authed(app, make_key(sqlite_url))
+    class Endless(io.RawIOBase):  # a body with no Content-Length: it cannot be refused up front
+        read_bytes = 0
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
+            n = len(buffer)
+            buffer[:n] = b"x" * n
+            self.read_bytes += n
+            return n
+
+    # As a WSGI server hands over a chunked request: no length, an input that ends when the body does.
+    from werkzeug.test import EnvironBuilder, run_wsgi_app
+
+    environ = EnvironBuilder("/v1/jobs", method="POST", headers={
+        "Transfer-Encoding": "chunked", "Content-Type": "application/json",
+        "Authorization": client.environ_base["HTTP_AUTHORIZATION"]}).get_environ()
+    stream = Endless()
+    environ.pop("CONTENT_LENGTH", None)
+    environ.update({"wsgi.input": stream, "wsgi.input_terminated": True})
+    body, status, _ = run_wsgi_app(app, environ, buffered=True)
+    assert status.startswith("413") and b"payload_too_large" in b"".join(body)
+    assert stream.read_bytes < 64 * 1024  # stopped near the limit, not read to the end (it has none)
+
+
+def test_every_route_with_an_id_hides_another_owners_things(app, client, settings):
+    """Walks every route of the URL map that takes an id, with a second owner's key."""
+    job = client.post("/v1/jobs", json={"model": "tiny", "prompts": ["mine"]}).get_json()
+    upload = client.post("/v1/files", data={"purpose": "batch", "file": (io.BytesIO(
+        b'{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"model": "tiny", "prompt": "x"}}\n'),
+        "in.jsonl")}, content_type="multipart/form-data").get_json()
+    batch = client.post("/v1/batches", json={"input_file_id": upload["id"], "endpoint": "/v1/completions"}).get_json()
+    ids = {"job_id": job["id"], "file_id": upload["id"], "batch_id": batch["id"]}
+    bob = authed(app, make_key(settings.database_url, owner="bob"))
+    walked = 0
+    for rule in app.url_map.iter_rules():
+        params = set(rule.arguments) & set(ids)
+        if not params:
+            continue
+        url = rule.rule
+        for name in params:
+            url = url.replace(f"<{name}>", ids[name])
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            resp = bob.open(url, method=method, json={} if method == "POST" else None)
+            assert resp.status_code == 404, (method, url, resp.status_code)
+            walked += 1
+    assert walked == 11  # 6 job routes, 3 file routes, 2 batch routes
+    assert client.get(f"/v1/jobs/{job['id']}").get_json()["status"] == "queued"  # bob changed nothing
+    assert client.get(f"/v1/files/{upload['id']}").status_code == 200
+
+
+def test_no_key_reaches_the_logs(app, settings, caplog):
+    token = make_key(settings.database_url)
+    with caplog.at_level(logging.DEBUG):
+        c = authed(app, token)
+        c.post("/v1/jobs", json={"model": "tiny", "prompts": ["x"]})
+        c.get("/v1/jobs/job_nope")
+        app.test_client().get("/v1/jobs", headers={"Authorization": f"Bearer {token}x"})
+    secret = token.split(".", 1)[1]
+    assert caplog.records and not any(secret in r.getMessage() for r in caplog.records)
+
+
+def test_sql_is_only_built_with_bound_parameters():
+    """No SQL text is assembled from strings in the product's code."""
+    pattern = re.compile(r"""(text|exec_driver_sql|execute)\(\s*f["']""")
+    offenders = [f"{p.relative_to(ROOT)}" for package in ("core", "webapi", "worker", "cli")
+                 for p in (ROOT / package).rglob("*.py") if pattern.search(p.read_text())]
+    assert offenders == []
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 83626229}),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**9}),
+    ("/api/v1/services/aigc/text-generation/generation", {"model": "tiny", "input": {"prompt": "x"},
+                                                          "parameters": {"max_tokens": 83626229}}),
+    ("/", {"input_ids": "x", "max_length": 10**9}),
+])
+def test_compatibility_routes_bound_lengths_like_the_native_api(client, path, body):
+    # Found by schemathesis: an unbounded max_tokens used to fail converting into native params (500).
+    resp = client.post(path, json=body)
+    assert resp.status_code == 400, resp.get_data(as_text=True)
