@@ -21,7 +21,7 @@ class Stack:
     """Redis + migrated database + API + worker for one registered model."""
 
     def __init__(self, *, model_dir: Path, model_name: str, worker_args: list[str],
-                 database_url: str | None = None, api_workers: int = 2) -> None:
+                 database_url: str | None = None, api_workers: int = 2, **settings: object) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="batchgen-bench-"))
         self.model_name, self.worker_args, self.api_workers = model_name, worker_args, api_workers
         registry = self.dir / "models.json"
@@ -32,7 +32,7 @@ class Stack:
         self.settings = Settings.model_validate({
             "var_dir": self.dir, "database_url": database_url or f"sqlite:///{self.dir / 'bench.db'}",
             "redis_url": f"redis://127.0.0.1:{self.redis_port}/0", "registry_file": registry,
-            "port": self.api_port, "log_level": "WARNING",
+            "port": self.api_port, "log_level": "WARNING", **settings,
         })
         self.procs: list[subprocess.Popen[bytes]] = []
         self.url = f"http://127.0.0.1:{self.api_port}"

@@ -394,6 +394,13 @@ class WorkItem:
     system: str | None
     params: ResolvedParams
     priority: int = 5
+    lease_until: datetime | None = None
+    attempts: int = 0
+
+    def runnable(self, now: datetime) -> bool:
+        """Waiting to run, or running on a worker that stopped renewing its lease."""
+        return self.status == "queued" or (
+            self.status == "running" and self.lease_until is not None and self.lease_until < now)
 
 
 def load_work(*, session: Session, request_ids: Sequence[str]) -> list[WorkItem]:
@@ -402,14 +409,15 @@ def load_work(*, session: Session, request_ids: Sequence[str]) -> list[WorkItem]
         return []
     rows = session.execute(
         select(JobRequest.id, JobRequest.job_id, Job.model, JobRequest.status, JobRequest.prompt,
-               JobRequest.messages, Job.system, JobRequest.params, Job.priority)
+               JobRequest.messages, Job.system, JobRequest.params, Job.priority, JobRequest.lease_until,
+               JobRequest.attempts)
         .join(Job, Job.id == JobRequest.job_id)
         .where(JobRequest.id.in_(list(request_ids)))
     )
     return [
         WorkItem(id=r.id, job_id=r.job_id, model=r.model, status=r.status, prompt=r.prompt,
                  messages=r.messages, system=r.system, params=ResolvedParams.model_validate(r.params),
-                 priority=r.priority)
+                 priority=r.priority, lease_until=r.lease_until, attempts=r.attempts)
         for r in rows
     ]
 

@@ -84,21 +84,32 @@ class PostgresCluster:
         subprocess.run(self._as_user([str(self.bindir / "initdb"), "-D", str(data), "-A", "trust",
                                       "-U", "postgres", "--no-sync"]),
                        check=True, stdout=subprocess.DEVNULL)
+        self.resume()
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def resume(self) -> None:
+        """Start the server (again) on the same data and port."""
         self.proc = subprocess.Popen(self._as_user([
-            str(self.bindir / "postgres"), "-D", str(data), "-p", str(self.port), "-k", str(self.dir),
+            str(self.bindir / "postgres"), "-D", str(self.dir / "data"), "-p", str(self.port), "-k", str(self.dir),
             "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"]),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_port("127.0.0.1", self.port, 30, self.proc)
         time.sleep(0.5)  # accepting TCP comes slightly before accepting logins
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
-    def stop(self) -> None:
+    def pause(self) -> None:
+        """Stop the server, keeping its data: clients see the database go away."""
         if self.proc is not None:
-            self.proc.send_signal(signal.SIGINT)  # fast shutdown
+            # pg_ctl, as the server's user: a signal to runuser would not reach postgres.
+            subprocess.run(self._as_user([str(self.bindir / "pg_ctl"), "-D", str(self.dir / "data"), "-m", "fast",
+                                          "-w", "stop"]), check=False, stdout=subprocess.DEVNULL)
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+            self.proc = None
+
+    def stop(self) -> None:
+        self.pause()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -233,3 +244,75 @@ def queued_request_ids(settings: Settings, model: str) -> list[str]:
             message = json.loads(raw)
             ids.extend(json.loads(base64.b64decode(message["body"]))[0][0])
     return ids
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):  # type: ignore[no-untyped-def]
+    """Poll ``predicate`` until it returns something truthy; returns that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not reached after {timeout}s")
+        time.sleep(interval)
+
+
+def children_running(parent_pid: int, needle: str) -> list[int]:
+    """Pids of the processes whose parent is ``parent_pid`` and whose command line holds ``needle``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent_pid and needle in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+class Launcher:
+    """``python -m cli up`` (what make run runs) with the test's settings; output kept for asserts."""
+
+    def __init__(self, settings: Settings, *args: str, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.settings = settings
+        self.env = {**os.environ, **settings.to_env(), "BATCHGEN_PORT": str(self.port), "PYTHONUNBUFFERED": "1",
+                    **(env or {})}
+        self.args = args
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.lines: list[str] = []
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self, timeout: float = 90) -> Launcher:
+        self.proc = subprocess.Popen([sys.executable, "-m", "cli", "up", *self.args], env=self.env, cwd=ROOT,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        threading.Thread(target=self._read, daemon=True).start()
+        wait_until(lambda: any("API ready" in line for line in self.lines) or self.proc.poll() is not None,
+                   timeout, what="launcher ready")
+        if self.proc.poll() is not None:
+            raise RuntimeError("launcher exited:\n" + "".join(self.lines[-50:]))
+        wait_until(lambda: any("ready." in line for line in self.lines), 60, what="a worker consuming")
+        self.token = (self.settings.var_dir / "dev-api-key").read_text().strip()
+        return self
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            return self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return -9

@@ -43,6 +43,7 @@ from core import jobs as job_service
 from core.db import Database
 from core.ids import new_id
 from core.jobs import Outcome, WorkItem
+from core.tables import utcnow
 
 log = logging.getLogger("batchgen.batcher")
 
@@ -307,10 +308,11 @@ class Batcher:
         fresh: list[Pending] = []
         with self._cond:
             already = set(self._pending)
+        moment = utcnow()
         for request_id in wanted:
             item = items.get(request_id)
-            if item is None or item.status != "queued" or request_id in already:
-                # Unknown, already run or running elsewhere, or already waiting here: nothing to run.
+            if item is None or not item.runnable(moment) or request_id in already:
+                # Unknown, finished, running on a live worker, or already waiting here: nothing to run.
                 if request_id not in already:
                     settled.append(request_id)
                 continue
@@ -322,7 +324,12 @@ class Batcher:
                                         error_message=getattr(exc, "message", str(exc))))
                 continue
             cost = enc.length + item.params.max_new_tokens
-            fresh.append(Pending(enc, item.params.sampling_key(), enc.length, cost, now, item.priority))
+            key = item.params.sampling_key()
+            if item.attempts > 0:
+                # It was running when its worker died. If it was what killed the worker, its batch
+                # must not die with it again: it runs alone, and only it uses up its attempts.
+                key = (*key, "alone", item.id)
+            fresh.append(Pending(enc, key, enc.length, cost, now, item.priority))
         if self._draining:  # arrived during shutdown: straight back to the queue
             self._fail_futures([p.enc.item.id for p in fresh], Requeue("the worker is shutting down"))
             fresh = []

@@ -1,0 +1,272 @@
+"""Nothing lost: real processes killed, a Redis that forgets, a database that goes away, a poison
+request, a launcher that replaces dead workers, graceful shutdown. Each job must finish with every
+request's result stored exactly once (counters and usage not double-counted)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import requests
+from sqlalchemy import select
+
+from core.db import Database
+from core.tables import Job, JobRequest
+from tests.conftest import authed, make_key
+from tests.support import (
+    ApiServer,
+    Launcher,
+    PostgresCluster,
+    RedisServer,
+    WorkerProcess,
+    children_running,
+    create_database,
+    drop_database,
+    wait_until,
+)
+from webapi import create_app
+
+pytestmark = pytest.mark.slow
+
+# Short recovery times so the tests finish quickly; the defaults are minutes (see README).
+FAST_RECOVERY = {"visibility_timeout_s": 3, "lease_s": 2.0, "reconcile_interval_s": 1.0, "reconcile_grace_s": 1.0}
+LONG = {"max_new_tokens": 150, "min_new_tokens": 150}  # fixed length: every batch takes a while
+
+
+def snapshot(db: Database, job_id: str) -> tuple[Job, list[JobRequest]]:
+    with db.read() as s:
+        job = s.get(Job, job_id)
+        rows = list(s.scalars(select(JobRequest).where(JobRequest.job_id == job_id).order_by(JobRequest.idx)))
+    return job, rows
+
+
+def running(db: Database, job_id: str) -> list[str]:
+    return [r.id for r in snapshot(db, job_id)[1] if r.status == "running"]
+
+
+def finished(db: Database, job_id: str) -> Job | None:
+    job, _ = snapshot(db, job_id)
+    return job if job.status in ("completed", "failed", "cancelled", "expired") else None
+
+
+def assert_each_result_stored_once(db: Database, job_id: str, n: int, new_tokens: int) -> list[JobRequest]:
+    job, rows = snapshot(db, job_id)
+    assert (job.status, job.succeeded, job.failed, job.running, job.queued) == ("completed", n, 0, 0, 0)
+    assert all(r.status == "succeeded" and r.text is not None for r in rows)
+    assert [r.completion_tokens for r in rows] == [new_tokens] * n
+    assert job.completion_tokens == n * new_tokens  # usage counted once per request
+    assert job.prompt_tokens == sum(r.prompt_tokens for r in rows)
+    return rows
+
+
+def test_worker_killed_mid_batch_loses_nothing(make_settings, sqlite_url, token):
+    settings = make_settings(sqlite_url, **FAST_RECOVERY)
+    app = create_app(settings)
+    client = authed(app, make_key(sqlite_url))
+    db = Database(sqlite_url)
+    first = WorkerProcess(settings, "tiny-chat", "--max-batch-size", "4").start()
+    second = None
+    try:
+        job = client.post("/v1/jobs", json={"model": "tiny", "prompts": [f"p{i}" for i in range(24)],
+                                            "params": LONG}).get_json()
+        killed_while_running = wait_until(lambda: running(db, job["id"]), 30, 0.005, "a batch generating")
+        first.kill()  # SIGKILL while a batch generates
+        second = WorkerProcess(settings, "tiny-chat").start()
+        wait_until(lambda: finished(db, job["id"]), 90, what="the job to finish")
+        rows = assert_each_result_stored_once(db, job["id"], 24, 150)
+        by_id = {r.id: r for r in rows}
+        assert all(by_id[i].attempts == 2 for i in killed_while_running)  # ran again, recorded once
+        assert all(r.attempts == 1 for r in rows if r.id not in killed_while_running)
+    finally:
+        for w in (first, second):
+            if w is not None:
+                w.stop()
+        db.dispose()
+        app.extensions["batchgen"].db.dispose()
+
+
+def test_redis_restarted_empty_is_reconciled(make_settings, sqlite_url, tmp_path):
+    redis = RedisServer(tmp_path).start()
+    settings = make_settings(sqlite_url, redis_url=redis.url, **FAST_RECOVERY)
+    app = create_app(settings)
+    client = authed(app, make_key(sqlite_url))
+    db = Database(sqlite_url)
+    worker = None
+    try:
+        job = client.post("/v1/jobs", json={"model": "tiny", "prompts": [f"p{i}" for i in range(8)],
+                                            "params": {"max_new_tokens": 4}}).get_json()
+        redis.stop()
+        redis.start()  # same port, no data: every message is gone
+        worker = WorkerProcess(settings, "tiny-chat").start()
+        wait_until(lambda: finished(db, job["id"]), 60, what="the job to finish")
+        job_row, rows = snapshot(db, job["id"])
+        assert job_row.status == "completed" and job_row.succeeded == 8
+        assert [r.attempts for r in rows] == [1] * 8  # re-dispatched, and nothing ran twice
+        assert "no queue held" in worker.log()
+    finally:
+        if worker is not None:
+            worker.stop()
+        redis.stop()
+        db.dispose()
+        app.extensions["batchgen"].db.dispose()
+
+
+def test_sigterm_finishes_what_runs_and_hands_back_what_waits(make_settings, sqlite_url):
+    settings = make_settings(sqlite_url, **FAST_RECOVERY)
+    app = create_app(settings)
+    client = authed(app, make_key(sqlite_url))
+    db = Database(sqlite_url)
+    first = WorkerProcess(settings, "tiny-chat", "--max-batch-size", "2").start()
+    second = None
+    try:
+        job = client.post("/v1/jobs", json={"model": "tiny", "prompts": [f"p{i}" for i in range(30)],
+                                            "params": LONG}).get_json()
+        wait_until(lambda: running(db, job["id"]), 30, 0.005, "a batch generating")
+        first.proc.send_signal(signal.SIGTERM)
+        assert first.proc.wait(60) == 0, first.log()
+        _, rows = snapshot(db, job["id"])
+        assert not [r for r in rows if r.status == "running"]  # what ran was finished and stored
+        assert [r for r in rows if r.status == "queued"], "some requests should have been handed back"
+        assert "handed back to the queue" in first.log()
+        second = WorkerProcess(settings, "tiny-chat").start()
+        wait_until(lambda: finished(db, job["id"]), 90, what="the job to finish")
+        rows = assert_each_result_stored_once(db, job["id"], 30, 150)
+        assert all(r.attempts == 1 for r in rows)  # nothing ran twice
+    finally:
+        for w in (first, second):
+            if w is not None:
+                w.stop()
+        db.dispose()
+        app.extensions["batchgen"].db.dispose()
+
+
+def test_poison_request_fails_alone_and_the_launcher_replaces_its_dead_worker(make_settings, sqlite_url):
+    settings = make_settings(sqlite_url, model="tiny-chat", max_attempts=2, **FAST_RECOVERY)
+    launcher = Launcher(settings, env={"BATCHGEN_FAULT_KILL_ON": "<<poison>>"}).start()
+    db = Database(sqlite_url)
+    try:
+        http = requests.Session()
+        http.headers["Authorization"] = f"Bearer {launcher.token}"
+        prompts = ["fine one", "fine two", "this one is <<poison>>", "fine three"]
+        job = http.post(f"{launcher.url}/v1/jobs", json={"model": "tiny", "prompts": prompts,
+                                                         "params": {"max_new_tokens": 5}}).json()
+        wait_until(lambda: finished(db, job["id"]), 120, what="the job to finish")
+        job_row, rows = snapshot(db, job["id"])
+        assert (job_row.status, job_row.succeeded, job_row.failed) == ("completed", 3, 1), launcher.output()[-3000:]
+        poison = rows[2]
+        assert (poison.status, poison.error_code, poison.attempts) == ("failed", "attempts_exhausted", 2)
+        assert all(r.status == "succeeded" for i, r in enumerate(rows) if i != 2)
+        assert "worker-0 exited with status -9; restarting" in launcher.output()
+    finally:
+        assert launcher.stop() == 0
+        db.dispose()
+
+
+def test_every_worker_killed_mid_job_the_launcher_restarts_them_and_the_job_completes(make_settings, sqlite_url):
+    settings = make_settings(sqlite_url, model="tiny-chat", **FAST_RECOVERY)
+    launcher = Launcher(settings, "--workers", "2").start()
+    db = Database(sqlite_url)
+    try:
+        http = requests.Session()
+        http.headers["Authorization"] = f"Bearer {launcher.token}"
+        job = http.post(f"{launcher.url}/v1/jobs", json={"model": "tiny", "prompts": [f"p{i}" for i in range(24)],
+                                                         "params": LONG}).json()
+        wait_until(lambda: running(db, job["id"]), 30, 0.005, "a batch generating")
+        workers = children_running(launcher.proc.pid, "-m worker")
+        assert len(workers) == 2
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: finished(db, job["id"]), 120, what="the job to finish")
+        rows = assert_each_result_stored_once(db, job["id"], 24, 150)
+        assert max(r.attempts for r in rows) <= 2
+        assert launcher.output().count("exited with status -9; restarting") == 2
+    finally:
+        assert launcher.stop() == 0
+        db.dispose()
+
+
+@pytest.mark.postgres
+def test_database_away_for_seconds_the_api_says_503_and_no_result_is_lost(make_settings):
+    try:
+        cluster = PostgresCluster()
+        admin = cluster.start()
+    except Exception as exc:
+        pytest.skip(f"no throwaway PostgreSQL here: {exc}")
+    url, _ = create_database(admin)
+    from core.db import upgrade
+
+    upgrade(url)
+    settings = make_settings(url, **FAST_RECOVERY)
+    app = create_app(settings)
+    api = ApiServer(app, make_key(url)).start()
+    worker = WorkerProcess(settings, "tiny-chat", "--max-batch-size", "4").start()
+    db = Database(url)
+    try:
+        job = api.http.post(f"{api.url}/v1/jobs", json={"model": "tiny", "prompts": [f"p{i}" for i in range(16)],
+                                                        "params": LONG}).json()
+        wait_until(lambda: running(db, job["id"]), 30, 0.005, "a batch generating")
+        cluster.pause()
+        during = api.http.get(f"{api.url}/v1/jobs/{job['id']}")
+        assert during.status_code == 503 and during.json()["error"]["code"] == "unavailable"
+        assert during.headers["Retry-After"]
+        time.sleep(3)
+        cluster.resume()
+        wait_until(lambda: api.http.get(f"{api.url}/v1/jobs/{job['id']}").status_code == 200, 30,
+                   what="the API to recover by itself")
+        wait_until(lambda: finished(db, job["id"]), 120, what="the job to finish")
+        assert_each_result_stored_once(db, job["id"], 16, 150)
+    finally:
+        worker.stop()
+        api.stop()
+        db.dispose()
+        app.extensions["batchgen"].db.dispose()
+        drop_database(admin, url.rsplit("/", 1)[1])
+        cluster.stop()
+
+
+def test_sigterm_to_the_api_finishes_requests_in_flight(make_settings, sqlite_url):
+    import subprocess
+    import sys
+    import threading
+
+    from cli.up import free_port, wait_for_port
+    from tests.support import ROOT
+
+    settings = make_settings(sqlite_url, **FAST_RECOVERY)
+    port = free_port()
+    env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
+    api = subprocess.Popen([sys.executable, "-m", "cli", "api", "--bind", f"127.0.0.1:{port}", "--workers", "1",
+                            "--threads", "4"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    db = Database(sqlite_url)
+    worker = None
+    try:
+        wait_for_port("127.0.0.1", port, 30, api)
+        token = make_key(sqlite_url)
+        answer: dict[str, requests.Response] = {}
+
+        def call() -> None:  # tiny-base has no worker yet: the call waits, in flight
+            answer["r"] = requests.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                                        headers={"Authorization": f"Bearer {token}"},
+                                        json={"model": "tiny-base", "prompt": "Once", "max_tokens": 4})
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        wait_until(lambda: snapshot_count(db), 20, what="the call to be in flight")
+        api.send_signal(signal.SIGTERM)  # gunicorn stops taking requests, finishes the ones it has
+        worker = WorkerProcess(settings, "tiny-base").start()
+        caller.join(60)
+        assert answer["r"].status_code == 200 and answer["r"].json()["object"] == "text_completion"
+        assert api.wait(40) == 0
+    finally:
+        if api.poll() is None:
+            api.kill()
+        if worker is not None:
+            worker.stop()
+        db.dispose()
+
+
+def snapshot_count(db: Database) -> int:
+    with db.read() as s:
+        return len(list(s.scalars(select(JobRequest.id))))
