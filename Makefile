@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first, pinned: resolving it unpinned would fetch a CUDA build.
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[worker,convert,test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[worker,convert,ops,test]'
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -20,6 +20,9 @@ run: install
 	$(BIN)/batchgen up
 
 test: install
+	@# The compose file is checked with docker-compose (no Docker engine needed); install it if we can.
+	@command -v docker-compose >/dev/null 2>&1 || (apt-get install -y -q docker-compose >/dev/null 2>&1 \
+	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q docker-compose >/dev/null 2>&1)) || true
 	$(BIN)/python -m pytest
 
 bench: install

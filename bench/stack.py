@@ -54,7 +54,7 @@ class Stack:
         db.dispose()
         api = subprocess.Popen([sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{self.api_port}",
                                 "--workers", str(self.api_workers), "--threads", "8", "--log-level", "warning",
-                                "webapi:create_app()"], env=env, cwd=PROJECT_ROOT)
+                                "webapi.wsgi:app"], env=env, cwd=PROJECT_ROOT)
         self.procs.append(api)
         ready = self.dir / "worker.ready"
         log = open(self.worker_log, "wb")  # noqa: SIM115 - lives as long as the worker

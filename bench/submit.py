@@ -50,7 +50,7 @@ def measure(url: str, workdir: Path, redis_url: str, n: int) -> tuple[float, flo
     assert resp.status_code == 202, resp.get_data(as_text=True)
     app.extensions["batchgen"].dispatcher.wait_idle()
     dispatched = time.perf_counter() - started
-    app.extensions["batchgen"].db.dispose()
+    app.extensions["batchgen"].close()
     db.dispose()
     return accepted, dispatched
 

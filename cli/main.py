@@ -41,7 +41,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     bind = args.bind or f"{settings.host}:{settings.port}"
     argv = [sys.executable, "-m", "gunicorn", "--bind", bind, "--workers", str(args.workers),
             "--threads", str(args.threads), "--graceful-timeout", "30", "--access-logfile", "-",
-            "webapi:create_app()"]
+            "webapi.wsgi:app"]
     os.execv(sys.executable, argv)
     return 0  # not reached
 
@@ -70,6 +70,9 @@ def cmd_build_model(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, process="build")
     name = args.name or args.preset
     out = args.output or settings.models_dir / name
+    if args.keep_if_present and (out / "model.bin").is_file():
+        print(f"{name} is already built in {out}")
+        return 0
     build_model(out, preset=args.preset, seed=args.seed, quantization=args.quantization,
                 keep_checkpoint=args.keep_checkpoint, force=args.force)
     if name != "demo":  # demo is built in; others are added to the registry file
@@ -178,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantization", default="int8")
     p.add_argument("--keep-checkpoint", type=Path, help="also keep the transformers checkpoint here")
     p.add_argument("--force", action="store_true", help="replace an existing model directory")
+    p.add_argument("--keep-if-present", action="store_true", help="do nothing if the model is already built")
     p.set_defaults(func=cmd_build_model)
 
     p = sub.add_parser("convert", help="convert a Hugging Face Llama checkpoint to CTranslate2")

@@ -188,7 +188,7 @@ def run_local(settings: Settings, *, workers: int = 1) -> int:
 
     api = Child("api", [sys.executable, "-m", "gunicorn", "--bind", f"{settings.host}:{settings.port}",
                         "--workers", "2", "--threads", "8", "--graceful-timeout", "30",
-                        "--log-level", "warning", "webapi:create_app()"], env)
+                        "--log-level", "warning", "webapi.wsgi:app"], env)
     children = [api] + [Child(f"worker-{i}", [sys.executable, "-m", "worker", "--model", spec.name],
                               env) for i in range(workers)]
     stopping = False

@@ -396,6 +396,7 @@ class WorkItem:
     priority: int = 5
     lease_until: datetime | None = None
     attempts: int = 0
+    created_at: datetime | None = None
 
     def runnable(self, now: datetime) -> bool:
         """Waiting to run, or running on a worker that stopped renewing its lease."""
@@ -410,14 +411,14 @@ def load_work(*, session: Session, request_ids: Sequence[str]) -> list[WorkItem]
     rows = session.execute(
         select(JobRequest.id, JobRequest.job_id, Job.model, JobRequest.status, JobRequest.prompt,
                JobRequest.messages, Job.system, JobRequest.params, Job.priority, JobRequest.lease_until,
-               JobRequest.attempts)
+               JobRequest.attempts, JobRequest.created_at)
         .join(Job, Job.id == JobRequest.job_id)
         .where(JobRequest.id.in_(list(request_ids)))
     )
     return [
         WorkItem(id=r.id, job_id=r.job_id, model=r.model, status=r.status, prompt=r.prompt,
                  messages=r.messages, system=r.system, params=ResolvedParams.model_validate(r.params),
-                 priority=r.priority, lease_until=r.lease_until, attempts=r.attempts)
+                 priority=r.priority, lease_until=r.lease_until, attempts=r.attempts, created_at=r.created_at)
         for r in rows
     ]
 

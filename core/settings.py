@@ -83,6 +83,8 @@ class Settings(BaseModel):
     fault_kill_on: str = ""
 
     log_level: str = "INFO"
+    # "json": one JSON object per line (time, level, process, logger, message, job_id, request_id).
+    log_format: Literal["text", "json"] = "text"
 
     @model_validator(mode="after")
     def _fill_derived(self) -> Settings:

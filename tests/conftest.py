@@ -170,7 +170,7 @@ def app(settings: Settings):  # type: ignore[no-untyped-def]
     app = create_app(settings)
     app.config["TESTING"] = True
     yield app
-    app.extensions["batchgen"].db.dispose()
+    app.extensions["batchgen"].close()
 
 
 @pytest.fixture
@@ -209,4 +209,4 @@ def served(tmp_path_factory, redis_server, registry_file, sqlite_template):  # t
     yield api, worker, settings, token
     worker.stop()
     api.stop()
-    app.extensions["batchgen"].db.dispose()
+    app.extensions["batchgen"].close()

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from tests.conftest import make_key
-from tests.support import ApiServer, WorkerProcess
+from tests.support import ApiServer, WorkerProcess, wait_until
 from webapi import create_app
 
 
@@ -19,7 +19,7 @@ def stack(make_settings, database_url):
     yield api, worker
     worker.stop()
     api.stop()
-    app.extensions["batchgen"].db.dispose()
+    app.extensions["batchgen"].close()
 
 
 @pytest.mark.slow
@@ -106,3 +106,48 @@ def test_follow_a_running_job_with_events_then_download_its_results(stack):
     lines = api.http.get(f"{api.url}/v1/jobs/{job['id']}/results.jsonl").text.splitlines()
     assert [json.loads(x)["index"] for x in lines] == list(range(6))
     assert all(json.loads(x)["status"] == "succeeded" for x in lines)
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_job_each_request_runs_once_and_one_scrape_sees_both(make_settings, sqlite_url):
+    import re
+
+    from prometheus_client.parser import text_string_to_metric_families
+    from sqlalchemy import select
+
+    from core.db import Database
+    from core.tables import JobRequest
+
+    settings = make_settings(sqlite_url)
+    app = create_app(settings)
+    api = ApiServer(app, make_key(sqlite_url)).start()
+    # Small prefetch so that neither worker takes the whole job at once.
+    workers = [WorkerProcess(settings, "tiny-chat", "--max-batch-size", "2", "--inflight", "4").start()
+               for _ in range(2)]
+    db = Database(sqlite_url)
+    try:
+        job = api.http.post(f"{api.url}/v1/jobs", json={"model": "tiny", "prompts": [f"p{i}" for i in range(40)],
+                                                        "params": {"max_new_tokens": 60, "min_new_tokens": 60}}).json()
+        assert api.wait_for_job(job["id"], timeout=120)["counts"]["succeeded"] == 40
+        with db.read() as s:
+            rows = list(s.scalars(select(JobRequest).where(JobRequest.job_id == job["id"])))
+        assert all(r.attempts == 1 and r.status == "succeeded" for r in rows)  # each ran once
+        stored_runs = {r.run_id for r in rows}
+        ran = [set(re.findall(r"batch (run_\w+):", w.log())) for w in workers]
+        assert ran[0] and ran[1], "both workers should have run batches of the job"
+        assert not ran[0] & ran[1] and ran[0] | ran[1] >= stored_runs
+
+        def worker_batches() -> dict[str, float]:
+            text = api.http.get(f"{api.url}/metrics").text
+            return {s.labels["process"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
+                    if s.name == "batchgen_batch_size_count" and s.labels.get("process", "").startswith("worker:")}
+
+        seen = wait_until(lambda: len(worker_batches()) == 2 and sum(worker_batches().values()) >= len(stored_runs) and
+                          worker_batches(), 20, 0.5, "both workers in one scrape")
+        assert sum(seen.values()) >= len(stored_runs)
+    finally:
+        for w in workers:
+            w.stop()
+        api.stop()
+        db.dispose()
+        app.extensions["batchgen"].close()

@@ -84,7 +84,7 @@ def test_worker_killed_mid_batch_loses_nothing(make_settings, sqlite_url, token)
             if w is not None:
                 w.stop()
         db.dispose()
-        app.extensions["batchgen"].db.dispose()
+        app.extensions["batchgen"].close()
 
 
 def test_redis_restarted_empty_is_reconciled(make_settings, sqlite_url, tmp_path):
@@ -110,7 +110,7 @@ def test_redis_restarted_empty_is_reconciled(make_settings, sqlite_url, tmp_path
             worker.stop()
         redis.stop()
         db.dispose()
-        app.extensions["batchgen"].db.dispose()
+        app.extensions["batchgen"].close()
 
 
 def test_sigterm_finishes_what_runs_and_hands_back_what_waits(make_settings, sqlite_url):
@@ -139,7 +139,7 @@ def test_sigterm_finishes_what_runs_and_hands_back_what_waits(make_settings, sql
             if w is not None:
                 w.stop()
         db.dispose()
-        app.extensions["batchgen"].db.dispose()
+        app.extensions["batchgen"].close()
 
 
 def test_poison_request_fails_alone_and_the_launcher_replaces_its_dead_worker(make_settings, sqlite_url):
@@ -221,7 +221,7 @@ def test_database_away_for_seconds_the_api_says_503_and_no_result_is_lost(make_s
         worker.stop()
         api.stop()
         db.dispose()
-        app.extensions["batchgen"].db.dispose()
+        app.extensions["batchgen"].close()
         drop_database(admin, url.rsplit("/", 1)[1])
         cluster.stop()
 

@@ -10,7 +10,7 @@ from webapi.services import Services
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the API for ``settings`` (default: from ``BATCHGEN_*`` environment variables)."""
-    from webapi import auth, compat, errors, health, jobs, openapi
+    from webapi import auth, compat, errors, health, jobs, openapi, ops
     from webapi.openai import router as openai_router
 
     settings = settings or Settings.from_env()
@@ -21,7 +21,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     errors.init_app(app)  # first: every answer, a 401 too, carries a request id
     auth.init_app(app)
     openapi.init_app(app)
+    ops.init_app(app)
     app.register_blueprint(health.bp)
+    app.register_blueprint(ops.bp)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(openapi.bp)
     app.register_blueprint(openai_router.bp)

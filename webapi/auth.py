@@ -15,7 +15,7 @@ from core.auth import Principal, authenticate
 from webapi.errors import ApiError
 from webapi.services import services
 
-PUBLIC_ENDPOINTS = {"health.healthz", "docs.openapi_json", "docs.docs_page"}
+PUBLIC_ENDPOINTS = {"health.healthz", "ops.readyz", "ops.metrics", "docs.openapi_json", "docs.docs_page"}
 CACHE_SECONDS = 10.0
 
 

@@ -35,6 +35,13 @@ class Services:
     def init_app(self, app: Flask) -> None:
         app.extensions["batchgen"] = self
 
+    def close(self) -> None:
+        """Stop background work and close connections (tests, shutdown)."""
+        exporter = getattr(self, "exporter", None)
+        if exporter is not None:
+            exporter.stop()
+        self.db.dispose()
+
     def registry(self) -> Registry:
         """The model registry, re-read when its file changes (``batchgen convert`` adds models)."""
         try:

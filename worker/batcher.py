@@ -43,6 +43,7 @@ from core import jobs as job_service
 from core.db import Database
 from core.ids import new_id
 from core.jobs import Outcome, WorkItem
+from core.metrics import Metrics
 from core.tables import utcnow
 
 log = logging.getLogger("batchgen.batcher")
@@ -190,11 +191,13 @@ class Batcher:
 
     def __init__(self, *, runner: Runner, db: Database, policy: BatchPolicy,
                  clock: Callable[[], float] = time.monotonic, announcer: Announcer | None = None,
-                 lease_s: float = 60.0, max_attempts: int = 3) -> None:
+                 lease_s: float = 60.0, max_attempts: int = 3, metrics: Metrics | None = None) -> None:
         self.runner, self.db, self.policy, self.clock = runner, db, policy, clock
+        self.metrics = metrics or Metrics()
         self.announcer = announcer
         self.lease_s, self.max_attempts = lease_s, max_attempts
         self._active_runs: set[str] = set()  # runs generating now: their leases are renewed
+        self._created: dict[str, Any] = {}  # request id -> submission time, for time-to-result
         self.stats = BatchStats()
         self._inbox: queue.Queue[tuple[list[str], _Submission] | None] = queue.Queue()
         self._record_q: queue.Queue[tuple[str, list[Outcome], list[str], list[str]] | None] = queue.Queue()
@@ -341,6 +344,8 @@ class Batcher:
         with self._cond:
             for p in fresh:
                 self._pending[p.enc.item.id] = p
+                if p.enc.item.created_at is not None:
+                    self._created[p.enc.item.id] = p.enc.item.created_at
             if fresh:  # one arrival per intake round: what came together has fully arrived
                 self._arrivals.append(now)
             self._cond.notify_all()
@@ -433,6 +438,15 @@ class Batcher:
             self.stats.generated_tokens += new_tokens
             self.stats.generate_seconds += seconds
             self.stats.sizes.append(len(todo))
+        m = self.metrics
+        m.observe("batchgen_batch_size", len(todo))
+        m.observe("batchgen_batch_tokens", prompt_tokens + sum(p.enc.item.params.max_new_tokens for p in todo))
+        m.inc("batchgen_generated_tokens_total", new_tokens)
+        m.inc("batchgen_generation_seconds_total", seconds)
+        if seconds > 0:
+            m.set("batchgen_generation_tokens_per_second", new_tokens / seconds)
+        for p in todo:
+            m.observe("batchgen_queue_wait_seconds", max(0.0, started - p.arrived))
         log.info("batch %s: %d requests, %d prompt + %d new tokens, lengths %d-%d, left %s after "
                  "%.0f ms, generated in %.3f s (%.0f tokens/s)", run_id, len(todo), prompt_tokens,
                  new_tokens, todo[0].length, todo[-1].length, reason or "-", waited * 1000, seconds,
@@ -461,7 +475,8 @@ class Batcher:
                 return
             run_id, outcomes, ids, notify = entry
             try:
-                self._write(lambda s: job_service.record(session=s, outcomes=outcomes))
+                recorded = self._write(lambda s: job_service.record(session=s, outcomes=outcomes))
+                self._observe_results(recorded)
             except OperationalError:
                 log.exception("database away too long; batch %s will be redelivered", run_id)
                 self._fail_futures(ids, RuntimeError("recording failed"))
@@ -474,6 +489,14 @@ class Batcher:
                     self._record_alone(outcome)
             self._announce_done(notify)
             self._settle(ids)
+
+    def _observe_results(self, request_ids: Sequence[str]) -> None:
+        now = utcnow()
+        with self._cond:
+            born = [self._created.pop(i, None) for i in request_ids]
+        for created in born:
+            if created is not None:
+                self.metrics.observe("batchgen_time_to_result_seconds", (now - created).total_seconds())
 
     def _announce_done(self, request_ids: Sequence[str]) -> None:
         if self.announcer is not None:
@@ -510,6 +533,7 @@ class Batcher:
     def _settle(self, request_ids: Sequence[str]) -> None:
         with self._cond:
             for request_id in request_ids:
+                self._created.pop(request_id, None)
                 for sub in self._waiters.pop(request_id, []):
                     sub.remaining -= 1
                     if sub.remaining == 0 and not sub.future.done():

@@ -58,3 +58,28 @@ def plan_device(settings: Settings) -> DevicePlan:
         intra_threads=intra, slots=inter, max_batch_size=settings.max_batch_size or 16,
         max_batch_tokens=settings.max_batch_tokens or 768,
     )
+
+
+def memory_in_use(device: str, physical_index: int) -> int | None:
+    """Bytes in use on the device: the GPU's used memory (nvidia-smi), or this process's RSS."""
+    if device == "cuda":
+        import shutil
+        import subprocess
+
+        smi = shutil.which("nvidia-smi")
+        if smi is None:
+            return None
+        try:
+            out = subprocess.run([smi, f"--id={physical_index}", "--query-gpu=memory.used",
+                                  "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=5)
+            return int(out.stdout.strip().splitlines()[0]) * 1024 * 1024
+        except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+            return None
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

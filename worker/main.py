@@ -37,6 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-wait-ms", type=float, help="longest a request waits for a batch to fill")
     p.add_argument("--inflight", type=int, help="messages taken from Redis at once (default 256)")
     p.add_argument("--ready-file", type=Path, help="touch this file once the worker consumes")
+    p.add_argument("--events", action="store_true", help="send task events (for Flower; one per request)")
     p.add_argument("--loglevel", help="default: BATCHGEN_LOG_LEVEL or INFO")
     return p.parse_args(argv)
 
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from core.logs import configure_logging
 
-    configure_logging(settings.log_level, process="worker")
+    configure_logging(settings.log_level, process="worker", fmt=settings.log_format)
     if not settings.redis_url:
         log.error("BATCHGEN_REDIS_URL is not set; a worker needs the broker the API publishes to")
         return 2
@@ -112,16 +113,32 @@ def main(argv: list[str] | None = None) -> int:
     from worker.streaming import Publisher
 
     publisher = Publisher(settings)
+    from core.metrics import Metrics, RedisExporter
+    from worker.device import memory_in_use
+
+    metrics = Metrics()
+    metrics.set("batchgen_model_load_seconds", runner.load_seconds, model=spec.name)
     batcher = Batcher(runner=runner, db=db, policy=policy, announcer=publisher, lease_s=settings.lease_s,
-                      max_attempts=settings.max_attempts).start()
+                      max_attempts=settings.max_attempts, metrics=metrics).start()
     app = create_celery(settings, batcher)
     queue = settings.queue_for(spec.name)
     import redis
 
     from worker.janitor import Janitor
 
+    redis_client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
     janitor = Janitor(db, interval_s=settings.reconcile_interval_s, settings=settings, model=spec.name,
-                      celery=app, redis=redis.Redis.from_url(settings.redis_url, socket_timeout=5)).start()
+                      celery=app, redis=redis_client).start()
+    node = "".join(c if c.isalnum() or c in "-_." else "-" for c in spec.name)
+    process_name = f"worker:{socket.gethostname()}:{os.getpid()}"
+
+    def _device_memory() -> None:
+        used = memory_in_use(plan.device, plan.physical_index)
+        if used is not None:
+            metrics.set("batchgen_device_memory_bytes", used, device=f"{plan.device}{plan.physical_index}")
+
+    exporter = RedisExporter(metrics, redis_client, f"{settings.redis_prefix}metrics:{process_name}",
+                             before_publish=_device_memory).start()
 
     from celery.signals import worker_shutting_down
 
@@ -139,16 +156,17 @@ def main(argv: list[str] | None = None) -> int:
         def _ready(**_: object) -> None:
             ready_file.write_text(str(os.getpid()))
 
-    node = "".join(c if c.isalnum() or c in "-_." else "-" for c in spec.name)
     argv_celery = [
         "worker", "--pool=threads", f"--concurrency={settings.worker_inflight}", f"--queues={queue}",
         f"--hostname={node}.{plan.device}{plan.physical_index}.{os.getpid()}@{socket.gethostname()}",
         "--without-gossip", "--without-mingle", f"--loglevel={settings.log_level}",
+        *(["--task-events"] if args.events else []),
     ]
     log.info("consuming %s on %s:%d", queue, plan.device, plan.physical_index)
     try:
         app.worker_main(argv_celery)
     finally:
+        exporter.stop()
         janitor.stop()
         batcher.stop()
         publisher.close()

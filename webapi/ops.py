@@ -1,0 +1,118 @@
+"""Operating the service: readiness and metrics (both public: no user data, for probes and
+Prometheus; keep them inside your network).
+
+- ``GET /readyz``: 200 when the database answers, Redis answers and the schema is at the newest
+  migration; 503 with what failed otherwise.
+- ``GET /metrics``: Prometheus text. Jobs and requests by status and queue depth per model, read
+  at scrape time; with every process's own counters and histograms (API processes, workers on any
+  machine), which each publishes to Redis (see ``core.metrics``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+from flask import Blueprint, Flask, Response, g, request
+from sqlalchemy import func, select, text
+
+from core import queueing
+from core.db import current_revision, head_revision
+from core.metrics import Metrics, RedisExporter, render
+from core.tables import Job
+from webapi.services import services
+
+log = logging.getLogger("batchgen.api")
+bp = Blueprint("ops", __name__)
+REQUEST_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "expired")
+
+
+def init_app(app: Flask) -> None:
+    """Count every answer, time submissions, and publish this process's metrics to Redis."""
+    svc = app.extensions["batchgen"]
+    svc.metrics = Metrics()
+
+    @app.before_request
+    def _start_clock() -> None:
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def _count(response: Response) -> Response:
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        svc.metrics.inc("batchgen_http_requests_total", route=route, method=request.method,
+                        status=str(response.status_code))
+        if request.endpoint == "jobs.create_job" and "started" in g:
+            svc.metrics.observe("batchgen_submit_seconds", time.perf_counter() - g.started)
+        return response
+
+    if svc.settings.redis_url:
+        import redis
+
+        key = f"{svc.settings.redis_prefix}metrics:api:{socket.gethostname()}:{os.getpid()}"
+        svc.exporter = RedisExporter(svc.metrics, redis.Redis.from_url(svc.settings.redis_url, socket_timeout=2),
+                                     key).start()
+
+
+def _redis() -> Any:
+    svc = services()
+    if getattr(svc, "_ops_redis", None) is None:
+        import redis
+
+        svc._ops_redis = redis.Redis.from_url(svc.settings.redis_url, socket_timeout=2)
+    return svc._ops_redis
+
+
+@bp.get("/readyz")
+def readyz() -> tuple[dict[str, Any], int]:
+    """Ready to serve: database, Redis, schema."""
+    svc = services()
+    checks: dict[str, str] = {}
+    try:
+        with svc.db.read() as session:
+            session.execute(text("SELECT 1"))
+        revision = current_revision(svc.db.engine)
+        checks["database"] = "ok"
+        checks["migrations"] = "ok" if revision == head_revision() else f"at {revision}, head is {head_revision()}"
+    except Exception as exc:
+        checks["database"] = f"unreachable: {type(exc).__name__}"
+        checks["migrations"] = "unknown"
+    try:
+        _redis().ping()
+        checks["redis"] = "ok"
+    except Exception as exc:
+        checks["redis"] = f"unreachable: {type(exc).__name__}"
+    ready = all(v == "ok" for v in checks.values())
+    return {"status": "ready" if ready else "not ready", "checks": checks}, 200 if ready else 503
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    """Prometheus exposition of every batchgen process, and of the jobs in the database."""
+    svc = services()
+    shared = Metrics()
+    with svc.db.read() as session:
+        for status, count in session.execute(select(Job.status, func.count()).group_by(Job.status)):
+            shared.set("batchgen_jobs", count, status=status)
+        sums = session.execute(select(*[func.coalesce(func.sum(getattr(Job, s)), 0) for s in REQUEST_STATUSES
+                                        if s != "succeeded"], func.coalesce(func.sum(Job.succeeded), 0))).one()
+    for status, value in zip([s for s in REQUEST_STATUSES if s != "succeeded"] + ["succeeded"], sums, strict=True):
+        shared.set("batchgen_requests", value, status=status)
+    snapshots: dict[str, Any] = {"": shared.snapshot()}
+    try:
+        client = _redis()
+        for spec in svc.registry():
+            shared.set("batchgen_queue_depth", sum(client.llen(k) for k in queueing.queue_keys(svc.settings, spec.name)),
+                       model=spec.name)
+        snapshots[""] = shared.snapshot()
+        prefix = f"{svc.settings.redis_prefix}metrics:"
+        for key in client.scan_iter(match=prefix + "*", count=500):
+            raw = client.get(key)
+            if raw:
+                snapshots[key.decode()[len(prefix):]] = json.loads(raw)
+    except Exception as exc:  # Redis away: the database gauges still go out
+        log.warning("metrics from Redis unavailable: %s", exc)
+    return Response(render(snapshots), mimetype="text/plain; version=0.0.4")
