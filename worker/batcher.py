@@ -205,6 +205,8 @@ class Batcher:
         self._pending: dict[str, Pending] = {}
         self._waiters: dict[str, list[_Submission]] = defaultdict(list)
         self._busy_slots = 0
+        self._exclusive = False  # a retried request runs with nothing beside it
+        self._unrecorded = 0  # runs whose outcomes wait for the recorder
         self._intake_busy = False
         self._arrivals: deque[float] = deque()  # arrival times within the burst window
         self._stopping = False
@@ -327,11 +329,7 @@ class Batcher:
                                         error_message=getattr(exc, "message", str(exc))))
                 continue
             cost = enc.length + item.params.max_new_tokens
-            key = item.params.sampling_key()
-            if item.attempts > 0:
-                # It was running when its worker died. If it was what killed the worker, its batch
-                # must not die with it again: it runs alone, and only it uses up its attempts.
-                key = (*key, "alone", item.id)
+            key = item.params.sampling_key()  # (a retried one, attempts > 0, runs alone: see _schedule_loop)
             fresh.append(Pending(enc, key, enc.length, cost, now, item.priority))
         if self._draining:  # arrived during shutdown: straight back to the queue
             self._fail_futures([p.enc.item.id for p in fresh], Requeue("the worker is shutting down"))
@@ -356,8 +354,29 @@ class Batcher:
     def _schedule_loop(self) -> None:
         with self._cond:
             while not self._stopping:
+                if self._exclusive:
+                    if self._busy_slots or self._unrecorded:
+                        self._cond.wait()
+                        continue
+                    self._exclusive = False  # the retried request ran and its outcome is stored
                 if self._draining or not self._pending or self._busy_slots >= self.policy.slots:
                     self._cond.wait()
+                    continue
+                retried = [p for p in self._pending.values() if p.enc.item.attempts > 0]
+                if retried:
+                    # A request whose worker died while running it may be what killed that worker.
+                    # It runs with nothing else in flight in this process (nothing generating,
+                    # no outcome waiting to be stored) from its start until its own outcome is
+                    # stored: if it kills this worker too, no other request loses an attempt or
+                    # a finished result with it, and nothing that runs after it takes its result.
+                    if self._busy_slots or self._unrecorded:
+                        self._cond.wait()
+                        continue
+                    first = min(retried, key=lambda p: (-p.priority, p.arrived))
+                    del self._pending[first.enc.item.id]
+                    self._busy_slots += 1
+                    self._exclusive = True
+                    self._slots.submit(self._run, [first], "retry")
                     continue
                 batch, wait, reason = self._select()
                 if batch is None:
@@ -404,6 +423,8 @@ class Batcher:
                     with self._cond:
                         self._active_runs.discard(run_id)
                 notify = [p.enc.item.id for p in todo if p.enc.item.params.delivery != "store"]
+                with self._cond:
+                    self._unrecorded += 1
                 self._record_q.put((run_id, outcomes, [p.enc.item.id for p in todo], notify))
         except Exception:
             log.exception("batch %s failed before generation; handing its requests back to the queue", run_id)
@@ -475,20 +496,31 @@ class Batcher:
                 return
             run_id, outcomes, ids, notify = entry
             try:
-                recorded = self._write(lambda s: job_service.record(session=s, outcomes=outcomes))
-                self._observe_results(recorded)
-            except OperationalError:
-                log.exception("database away too long; batch %s will be redelivered", run_id)
+                self._record_run(run_id, outcomes, ids, notify)
+            except Exception:  # the recorder must outlive any one batch: its requests are redelivered
+                log.exception("could not record batch %s; it will be redelivered", run_id)
                 self._fail_futures(ids, RuntimeError("recording failed"))
-                continue
-            except Exception:
-                # One result the database refuses must not take its batch down: store them one by
-                # one, and the one that cannot be stored as a failure saying why.
-                log.exception("could not record batch %s whole; recording one by one", run_id)
-                for outcome in outcomes:
-                    self._record_alone(outcome)
-            self._announce_done(notify)
-            self._settle(ids)
+            finally:
+                with self._cond:
+                    self._unrecorded -= 1
+                    self._cond.notify_all()
+
+    def _record_run(self, run_id: str, outcomes: list[Outcome], ids: list[str], notify: list[str]) -> None:
+        try:
+            recorded = self._write(lambda s: job_service.record(session=s, outcomes=outcomes))
+            self._observe_results(recorded)
+        except OperationalError:
+            log.exception("database away too long; batch %s will be redelivered", run_id)
+            self._fail_futures(ids, RuntimeError("recording failed"))
+            return
+        except Exception:
+            # One result the database refuses must not take its batch down: store them one by
+            # one, and the one that cannot be stored as a failure saying why.
+            log.exception("could not record batch %s whole; recording one by one", run_id)
+            for outcome in outcomes:
+                self._record_alone(outcome)
+        self._announce_done(notify)
+        self._settle(ids)
 
     def _observe_results(self, request_ids: Sequence[str]) -> None:
         now = utcnow()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery.exceptions import Reject
@@ -20,3 +21,14 @@ def generate(task: Any, request_ids: list[str]) -> None:
         task.app.batchgen_batcher.submit(request_ids).result()
     except Requeue:
         raise Reject("worker shutting down", requeue=True) from None
+
+
+class QuietHandBack(logging.Filter):
+    """Celery logs every rejected task with a traceback; a request handed back at shutdown is
+    expected, so its line (one per request, kept) goes without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, Reject) and exc.requeue:
+            record.exc_info, record.exc_text = None, None
+        return True

@@ -4,10 +4,12 @@ Which requests shared a ``generate_batch`` call is read from the database: every
 the id of the run (one call) that produced its result.
 """
 
+import time
+from datetime import timedelta
 from concurrent.futures import Future
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from core import jobs
 from core.db import Database
@@ -235,6 +237,64 @@ def test_requests_delivered_twice_are_run_and_recorded_once(db, runner):
     with db.read() as s:
         job = s.get(Job, job_id)
         assert (job.succeeded, job.completion_tokens) == (2, sum(x.completion_tokens for x in r))
+
+
+class Timed:
+    """The real runner, noting when each generate call ran and on which requests."""
+
+    def __init__(self, runner):
+        self.runner, self.calls = runner, []
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def generate(self, encoded, **kwargs):
+        started = naive(jobs.utcnow())
+        try:
+            return self.runner.generate(encoded, **kwargs)
+        finally:
+            self.calls.append((started, naive(jobs.utcnow()), {e.item.id for e in encoded}))
+
+
+def naive(moment):
+    return moment.replace(tzinfo=None)
+
+
+def test_a_request_whose_worker_died_runs_alone_with_nothing_beside_it(db, runner, monkeypatch):
+    # Two requests were running when their worker died (lease lapsed, attempts 1); six are fresh.
+    # Storing results is made slow (as on a busy database) so that running the retried request
+    # while an earlier result still waits to be stored would show.
+    record = jobs.record
+
+    def slow_record(**kwargs):
+        time.sleep(0.2)
+        return record(**kwargs)
+
+    monkeypatch.setattr(jobs, "record", slow_record)
+    _, dead = submit_job(db, {"prompts": ["was running a", "was running b"], "params": {"max_new_tokens": 6}})
+    with db.write() as s:
+        jobs.claim(session=s, request_ids=dead, run_id="run_dead")
+        s.execute(update(JobRequest).where(JobRequest.id.in_(dead)).values(lease_until=jobs.utcnow() - timedelta(seconds=1)))
+    _, fresh = submit_job(db, {"prompts": [f"fresh {i}" for i in range(6)], "params": {"max_new_tokens": 6}})
+    timed = Timed(runner)
+    batcher = Batcher(runner=timed, db=db, policy=BatchPolicy(max_batch_size=2, max_wait_ms=0, slots=2))
+    futures = [batcher.submit([i]) for i in fresh[:3] + dead + fresh[3:]]
+    batcher.start()
+    for f in futures:
+        f.result(timeout=60)
+    batcher.stop()
+    assert {r.status for r in rows(db, dead + fresh)} == {"succeeded"}
+    assert [r.attempts for r in rows(db, dead)] == [2, 2]
+    stored = {r.id: naive(r.completed_at) for r in rows(db, dead + fresh)}
+    for request_id in dead:  # its own call, and no other call overlapping it in time
+        (start, end, ids), = [c for c in timed.calls if request_id in c[2]]
+        assert ids == {request_id}
+        assert not [c for c in timed.calls if c[2] != ids and c[0] < end and c[1] > start]
+        # What ran before it was stored before it started (if it kills the worker, no finished
+        # result dies with it), and nothing started before its own result was stored.
+        before = [i for c in timed.calls if c[1] <= start for i in c[2]]
+        assert all(stored[i] <= start for i in before)
+        assert not [c for c in timed.calls if c[1] > end and c[0] < stored[request_id]]
 
 
 @pytest.mark.postgres
