@@ -250,6 +250,16 @@ def list_jobs(*, session: Session, owner: str | None, after: str | None = None, 
     return rows[:limit], len(rows) > limit
 
 
+def jobs_in_motion(*, session: Session, owner: str | None, since: datetime, limit: int = 200) -> list[Job]:
+    """The owner's jobs that may be changing: active ones, and those created or ended since
+    ``since``; newest first, at most ``limit``."""
+    query = select(Job).where(or_(Job.status.in_(ACTIVE_JOB_STATUSES), Job.created_at >= since,
+                                  Job.completed_at >= since))
+    if owner is not None:
+        query = query.where(Job.owner == owner)
+    return list(session.scalars(query.order_by(Job.id.desc()).limit(limit)))
+
+
 def list_results(
     *, session: Session, job_id: str, owner: str | None = None, after: str | None = None,
     limit: int = 100, status: str | None = None,

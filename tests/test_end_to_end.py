@@ -4,6 +4,7 @@ import json
 import time
 
 import pytest
+import requests
 
 from tests.conftest import make_key
 from tests.support import ApiServer, WorkerProcess, wait_until
@@ -106,6 +107,47 @@ def test_follow_a_running_job_with_events_then_download_its_results(stack):
     lines = api.http.get(f"{api.url}/v1/jobs/{job['id']}/results.jsonl").text.splitlines()
     assert [json.loads(x)["index"] for x in lines] == list(range(6))
     assert all(json.loads(x)["status"] == "succeeded" for x in lines)
+
+
+def read_events(blocks, until):
+    """(event, body) pairs from the blocks of a server-sent event stream (one iterator, read on
+    from call to call), until ``until(events)`` is true."""
+    events = []
+    for block in blocks:
+        lines = block.decode().split("\n")
+        if lines[0].startswith("event:"):
+            events.append((lines[0][7:], json.loads(lines[1][6:])))
+            if until(events):
+                return events
+    raise AssertionError(f"the stream ended first: {events}")
+
+
+@pytest.mark.slow
+def test_follow_all_jobs_of_a_key_with_one_stream(stack, database_url):
+    api, worker = stack
+    ended = api.http.post(f"{api.url}/v1/jobs", json={"model": "tiny", "prompts": ["before"],
+                                                      "params": {"max_new_tokens": 2}}).json()
+    api.wait_for_job(ended["id"])
+    other = requests.Session()
+    other.headers["Authorization"] = f"Bearer {make_key(database_url, owner='bob')}"
+    with api.http.get(f"{api.url}/v1/jobs/events", stream=True, timeout=60) as resp:
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        # First what is active or ended in the last minute: the job that just ended.
+        blocks = resp.iter_lines(delimiter=b"\n\n")
+        first = read_events(blocks, lambda ev: any(b["id"] == ended["id"] for _, b in ev))
+        assert first[-1][1]["status"] == "completed"
+        theirs = other.post(f"{api.url}/v1/jobs", json={"model": "tiny", "prompts": ["not yours"]}).json()
+        job = api.http.post(f"{api.url}/v1/jobs", json={"model": "tiny", "prompts": [f"p{i}" for i in range(6)],
+                                                        "params": {"max_new_tokens": 8}}).json()
+        events = read_events(blocks, lambda ev: ev[-1][1]["id"] == job["id"] and ev[-1][1]["status"] == "completed")
+    seen = [b for _, b in events]
+    assert {k for k, _ in events} == {"progress"}
+    assert theirs["id"] not in {b["id"] for _, b in first + events}  # another key's jobs are not shown
+    mine = [b for b in seen if b["id"] == job["id"]]
+    done = [b["counts"]["succeeded"] for b in mine]
+    assert done == sorted(done) and done[-1] == 6, worker.log()
+    assert len(mine) == len({(b["status"], json.dumps(b["counts"]), json.dumps(b["usage"])) for b in mine})  # changes only
+    other.close()
 
 
 @pytest.mark.slow

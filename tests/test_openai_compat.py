@@ -200,3 +200,21 @@ def test_errors_are_openai_shaped(stack):
     with pytest.raises(openai.AuthenticationError) as err:
         openai.OpenAI(base_url=f"{api.url}/v1", api_key="key_x.y", max_retries=0).files.list()
     assert err.value.body["code"] == "invalid_api_key"
+
+
+def test_models_lists_what_is_served_with_openai_types(stack):
+    from openai.types import Model
+
+    client, api, _, _ = stack
+    models = {m.id: m for m in client.models.list()}
+    for model in models.values():
+        Model.model_validate(model.model_dump())
+    chat, base = models["tiny-chat"], models["tiny-base"]
+    extra = chat.model_extra or {}
+    # One worker serves tiny-chat (counted from its heartbeat in Redis); none serves tiny-base.
+    assert (extra["chat"], extra["workers"], extra["aliases"]) == (True, 1, ["tiny"])
+    assert ((base.model_extra or {})["chat"], (base.model_extra or {})["workers"]) == (False, 0)
+    assert extra["context_length"] == 256 and extra["defaults"] == {"max_new_tokens": 8}
+    assert chat.owned_by == "batchgen" and chat.created > 0  # its files are on this machine
+    assert models["meta-llama/Llama-2-70b-chat-hf"].created == 0  # not converted here
+    assert "demo" in models

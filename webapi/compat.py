@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 from flask import Blueprint, Response, g, request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.errors import UnknownModelError
 from core.schemas import (
@@ -28,10 +28,9 @@ from core.schemas import (
     RequestCreate,
     Text,
     check_chat_shape,
-    error_details,
 )
 from webapi.auth import current_principal
-from webapi.errors import ApiError, read_body
+from webapi.errors import ApiError, read_body, validated
 from webapi.jobs import json_body
 from webapi.services import services
 
@@ -107,16 +106,6 @@ class EasRequest(BaseModel):
     system_prompt: Text | None = None
 
 
-def _validated(model: Any, body: Any) -> Any:
-    if not isinstance(body, dict):
-        raise ApiError(400, "invalid_request", "the request body must be a JSON object")
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        details = error_details(exc)
-        raise ApiError(400, "invalid_request", f"{details[0]['loc']}: {details[0]['message']}", details) from None
-
-
 def _run(model_name: str, request_item: RequestCreate, stream: bool = False) -> tuple[Any, Any]:
     svc = services()
     try:
@@ -136,7 +125,7 @@ def _failed(row: Any) -> ApiError:
 @dashscope.post("/api/v1/services/aigc/text-generation/generation")
 def dashscope_generation() -> Any:
     """DashScope's text generation, answered when the request has run."""
-    req = _validated(DashScopeRequest, json_body())
+    req = validated(DashScopeRequest, json_body(), loc_in_message=True)
     p = req.parameters
     stops = [p.stop] if isinstance(p.stop, str) else p.stop
     params = GenerationParams(max_new_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
@@ -222,7 +211,7 @@ def eas_generate() -> Any:
     svc = services()
     model_name = svc.settings.eas_model or svc.settings.model
     if request.mimetype == "application/json":
-        req = _validated(EasRequest, json_body())
+        req = validated(EasRequest, json_body(), loc_in_message=True)
         params = GenerationParams(max_new_tokens=req.max_length, temperature=req.temperature, top_p=req.top_p,
                                   top_k=req.top_k)
         try:

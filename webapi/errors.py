@@ -178,3 +178,20 @@ def init_app(app: Flask) -> None:
     def _unexpected(exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(500, "internal_error", "internal error; quote the request_id if you report it")
+
+
+def validated(model: Any, body: Any, *, loc_in_message: bool = False) -> Any:
+    """``body`` (parsed JSON) validated as ``model``; a 400 ``invalid_request`` listing every
+    problem otherwise. ``loc_in_message`` puts the first problem's place in the message, for error
+    shapes that have no field of their own for it (DashScope, PAI-EAS)."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_request", "the request body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        from core.schemas import error_details
+
+        details = error_details(exc)
+        first = details[0]
+        message = f"{first['loc']}: {first['message']}" if loc_in_message else first["message"]
+        raise ApiError(400, "invalid_request", message, details) from None

@@ -10,7 +10,8 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request, url_for
@@ -45,6 +46,7 @@ MAX_PAGE = 1000
 STREAM_CHUNK = 500
 EVENTS_INTERVAL_S = 0.5
 KEEPALIVE_S = 15.0
+ALL_EVENTS_MAX_S = 600.0
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 
@@ -214,6 +216,61 @@ def list_jobs() -> dict[str, Any]:
     return page.model_dump(mode="json")
 
 
+def event_stream(poll: Callable[[], tuple[list[tuple[str, str]], bool]], max_s: float | None = None) -> Response:
+    """Server-sent events by polling: ``poll()`` gives the events to send now and whether the
+    stream is over; it is asked every ``EVENTS_INTERVAL_S``, a comment keeps a quiet connection
+    alive, and the stream ends after ``max_s`` seconds if given, or when ``poll`` fails (the
+    database is away); clients reconnect."""
+
+    def events() -> Iterator[str]:
+        yield "retry: 2000\n\n"
+        opened = quiet_since = time.monotonic()
+        while max_s is None or time.monotonic() - opened < max_s:
+            try:
+                batch, over = poll()
+            except Exception as exc:  # the database is away: end the stream; the client reconnects
+                log.warning("event stream ended: %s", exc)
+                return
+            for name, data in batch:
+                yield f"event: {name}\ndata: {data}\n\n"
+            if over:
+                return
+            if batch:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since > KEEPALIVE_S:
+                quiet_since = time.monotonic()
+                yield ": keep-alive\n\n"
+            time.sleep(EVENTS_INTERVAL_S)
+
+    return Response(events(), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@bp.get("/events")
+def all_job_events() -> Response:
+    """Server-sent events for all the caller's jobs: ``progress`` with a job whenever one is
+    submitted or changes status, counts or usage. First the jobs that are active or ended in the
+    last minute; then changes, until the client goes away or ``ALL_EVENTS_MAX_S`` has passed (a
+    stream holds a server thread; clients reconnect, as the web page does)."""
+    svc = services()
+    owner = current_principal().owner_filter
+    since = job_service.utcnow() - timedelta(minutes=1)
+    sent: dict[str, tuple[Any, ...]] = {}
+
+    def poll() -> tuple[list[tuple[str, str]], bool]:
+        with svc.db.read() as session:
+            views = [job_read(j) for j in job_service.jobs_in_motion(session=session, owner=owner, since=since)]
+        changed = []
+        for view in reversed(views):  # oldest first, as they happened
+            state = (view.status, view.counts, view.usage)
+            if sent.get(view.id) != state:
+                sent[view.id] = state
+                changed.append(("progress", view.model_dump_json()))
+        return changed, False
+
+    return event_stream(poll, max_s=ALL_EVENTS_MAX_S)
+
+
 @bp.get("/<job_id>")
 def get_job(job_id: str) -> dict[str, Any]:
     """Status, counts, usage, timestamps and, while it runs, an estimated completion time."""
@@ -268,33 +325,24 @@ def job_events(job_id: str) -> Response:
     owner = current_principal().owner_filter
     with svc.db.read() as session:
         job_service.get_job(session=session, job_id=job_id, owner=owner)
+    last: list[tuple[Any, ...]] = []
 
-    def events() -> Iterator[str]:
-        yield "retry: 2000\n\n"
-        last: tuple[Any, ...] | None = None
-        quiet_since = time.monotonic()
-        while True:
-            try:
-                with svc.db.read() as session:
-                    job = job_service.get_job(session=session, job_id=job_id, owner=owner)
-                    view = job_read(job)
-            except NotFoundError:  # deleted while followed
-                yield 'event: end\ndata: {"deleted": true}\n\n'
-                return
-            state = (view.status, view.counts, view.usage)
-            if state != last:
-                last, quiet_since = state, time.monotonic()
-                yield f"event: progress\ndata: {view.model_dump_json()}\n\n"
-            if view.status in job_service.FINISHED_JOB_STATUSES:
-                yield f"event: end\ndata: {view.model_dump_json()}\n\n"
-                return
-            if time.monotonic() - quiet_since > KEEPALIVE_S:
-                quiet_since = time.monotonic()
-                yield ": keep-alive\n\n"
-            time.sleep(EVENTS_INTERVAL_S)
+    def poll() -> tuple[list[tuple[str, str]], bool]:
+        try:
+            with svc.db.read() as session:
+                view = job_read(job_service.get_job(session=session, job_id=job_id, owner=owner))
+        except NotFoundError:  # deleted while followed
+            return [("end", '{"deleted": true}')], True
+        out = []
+        state = (view.status, view.counts, view.usage)
+        if not last or last[0] != state:
+            last[:] = [state]
+            out.append(("progress", view.model_dump_json()))
+        if view.status in job_service.FINISHED_JOB_STATUSES:
+            return [*out, ("end", view.model_dump_json())], True
+        return out, False
 
-    return Response(events(), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return event_stream(poll)
 
 
 @bp.post("/<job_id>/cancel")

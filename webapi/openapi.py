@@ -38,6 +38,7 @@ from webapi.openai.protocol import (
     FileDeleted,
     FileList,
     FileObjectRead,
+    ModelList,
     OpenAIError,
 )
 
@@ -46,7 +47,7 @@ bp = Blueprint("docs", __name__)
 ERROR_TEXT = {
     400: "The body is not JSON.",
     401: "No API key, or not a valid one.",
-    404: "No such job for this key.",
+    404: "Not found: no such object for this key (another owner's is answered the same), or no such file.",
     409: "Not possible in the job's current state, or an Idempotency-Key reused for another request.",
     413: "The body is larger than the configured limit.",
     422: "The input is not valid; details lists every problem and where it is.",
@@ -107,6 +108,12 @@ OPERATIONS: tuple[Operation, ...] = (
                       Param("limit", "query", "1-100, default 20.", {**_LIMIT, "maximum": 100}),
                       Param("status", "query", "Only jobs in this status.", {"enum": list(JOB_STATUSES)})),
               errors=(401, 422, 429, 503)),
+    Operation("get", "/v1/jobs/events", "jobs.all_job_events", "Follow all your jobs: server-sent events",
+              description="`event: progress` with a JobRead for each job that is active or ended in the last "
+                          "minute, then again whenever one of your jobs is submitted or changes status, counts "
+                          "or usage. Runs until the client disconnects, or for 10 minutes (then reconnect); keep-alive "
+                          "comments every 15 s.",
+              responses={200: ("text/event-stream", {"type": "string"})}, errors=(401, 429, 503)),
     Operation("get", "/v1/jobs/{job_id}", "jobs.get_job", "A job: status, counts, usage, times",
               responses={200: JobRead}, params=(JOB_ID,), errors=(401, 404, 429, 503)),
     Operation("get", "/v1/jobs/{job_id}/results", "jobs.list_results", "A page of results in request order",
@@ -133,6 +140,10 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("delete", "/v1/jobs/{job_id}", "jobs.delete_job", "Delete a job that has ended, and its results",
               responses={200: Deleted}, params=(JOB_ID,), errors=(401, 404, 409, 429, 503)),
     # --- OpenAI-compatible ---
+    Operation("get", "/v1/models", "openai.list_models", "The models this deployment serves", tag="openai",
+              responses={200: ModelList}, errors=(401, 429, 503), error_model=OpenAIError,
+              description="OpenAI's model list, with each model's chat flag, context length, defaults and "
+                          "the number of workers serving it now."),
     Operation("post", "/v1/files", "openai.upload_file", "Upload a batch input file (JSONL)", tag="openai",
               body=("multipart/form-data", {"type": "object", "required": ["file", "purpose"], "properties": {
                   "file": {"type": "string", "format": "binary"}, "purpose": {"enum": ["batch"]}}}),
@@ -191,6 +202,11 @@ OPERATIONS: tuple[Operation, ...] = (
               responses={200: ("application/json", {"type": "object"})}),
     Operation("get", "/docs", "docs.docs_page", "A page that renders this description", public=True, errors=(),
               responses={200: ("text/html", {"type": "string"})}),
+    Operation("get", "/", "web.index", "The web page: submit and watch jobs, chat with a model", public=True,
+              errors=(), tag="web", responses={200: ("text/html", {"type": "string"})}),
+    Operation("get", "/ui/{name}", "web.asset", "A file of the web page (app.js, app.css, icon.svg)", public=True,
+              errors=(404,), tag="web", params=(Param("name", "path", "The file's name.", required=True),),
+              responses={200: ("application/octet-stream", {"type": "string"})}),
 )
 
 
@@ -198,7 +214,7 @@ def build_spec() -> dict[str, Any]:
     """The OpenAPI 3.1 document."""
     inputs = [JobCreate, BatchCreateRequest, CompletionRequest, ChatCompletionRequest, DashScopeRequest, EasRequest]
     outputs = [JobRead, JobPage, ResultRead, ResultPage, Deleted, ErrorEnvelope, FileObjectRead, FileList,
-               FileDeleted, BatchRead, BatchList, CompletionRead, ChatCompletionRead, OpenAIError, DashScopeError]
+               FileDeleted, BatchRead, BatchList, ModelList, CompletionRead, ChatCompletionRead, OpenAIError, DashScopeError]
     _, defs = models_json_schema([(m, "validation") for m in inputs] + [(m, "serialization") for m in outputs],
                                  ref_template="#/components/schemas/{model}")
     schemas = defs.get("$defs", {})
@@ -243,7 +259,8 @@ def build_spec() -> dict[str, Any]:
         "tags": [{"name": "jobs", "description": "The native jobs API"},
                  {"name": "openai", "description": "OpenAI-compatible (errors and times as OpenAI has them)"},
                  {"name": "compat", "description": "DashScope and PAI-EAS request shapes"},
-                 {"name": "ops", "description": "Health, readiness, metrics"}],
+                 {"name": "ops", "description": "Health, readiness, metrics"},
+                 {"name": "web", "description": "The web page for people"}],
         "paths": paths,
         "components": {"schemas": schemas,
                        "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer",

@@ -66,6 +66,29 @@ def _redis() -> Any:
     return svc._ops_redis
 
 
+def live_workers() -> dict[str, int] | None:
+    """Workers alive now, per model, from the snapshots workers publish to Redis (a snapshot
+    expires when its worker stops); None when Redis cannot be asked."""
+    svc = services()
+    if not svc.settings.redis_url:
+        return None
+    prefix = f"{svc.settings.redis_prefix}metrics:worker:"
+    counts: dict[str, int] = {}
+    try:
+        client = _redis()
+        for key in client.scan_iter(match=prefix + "*", count=500):
+            raw = client.get(key)
+            loaded = json.loads(raw).get("batchgen_model_load_seconds", {}) if raw else {}
+            for labels in loaded:
+                model = dict(json.loads(labels)).get("model")
+                if model:
+                    counts[model] = counts.get(model, 0) + 1
+    except Exception as exc:
+        log.warning("worker heartbeats unavailable: %s", exc)
+        return None
+    return counts
+
+
 @bp.get("/readyz")
 def readyz() -> tuple[dict[str, Any], int]:
     """Ready to serve: database, Redis, schema."""

@@ -22,8 +22,15 @@ from core.settings import Settings, SettingsError
 log = logging.getLogger("batchgen.worker")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m worker", description=__doc__,
+EXAMPLES = """examples:
+  batchgen worker --model demo                                  # the demo model on the CPU
+  batchgen worker --model meta-llama/Llama-2-7b-chat-hf --device cuda --device-index 1
+  BATCHGEN_REDIS_URL=redis://queue:6379/0 BATCHGEN_DATABASE_URL=postgresql://... batchgen worker --model demo
+"""
+
+
+def parse_args(argv: list[str] | None, prog: str = "python -m worker") -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="registered model name or alias (default: BATCHGEN_MODEL or demo)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: BATCHGEN_DEVICE or cpu")
@@ -42,9 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m worker") -> int:
     """Start the worker; returns the exit status."""
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
     try:
         settings = Settings.from_env(
             model=args.model, device=args.device, device_index=args.device_index,
@@ -98,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     from worker.batcher import Batcher, BatchPolicy
     from worker.celery_app import create_celery
     from worker.runner import ModelRunner
+    from worker.tasks import QuietHandBack
+
+    logging.getLogger("celery.app.trace").addFilter(QuietHandBack())
 
     try:
         runner = ModelRunner(model_dir, spec, device=plan.device, device_index=plan.device_index,
@@ -138,7 +148,12 @@ def main(argv: list[str] | None = None) -> int:
             metrics.set("batchgen_device_memory_bytes", used, device=f"{plan.device}{plan.physical_index}")
 
     exporter = RedisExporter(metrics, redis_client, f"{settings.redis_prefix}metrics:{process_name}",
-                             before_publish=_device_memory).start()
+                             before_publish=_device_memory)
+    try:
+        exporter.publish()  # at once: GET /v1/models counts this worker from its first snapshot
+    except Exception as exc:
+        log.warning("could not publish metrics: %s", exc)
+    exporter.start()
 
     from celery.signals import worker_shutting_down
 

@@ -182,6 +182,28 @@ class FileObjectRead(BaseModel):
     status_details: str | None = None
 
 
+class ModelRead(BaseModel):
+    """A model this deployment serves (OpenAI's Model, with what a client needs to choose one)."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(description="Unix time the model's files were written where the API can see "
+                                     "them; 0 when they are only on the workers' machines.")
+    owned_by: str = "batchgen"
+    chat: bool = Field(description="Prompts are wrapped in the Llama-2 chat template.")
+    context_length: int
+    aliases: list[str]
+    description: str
+    defaults: dict[str, Any] = Field(description="Parameters used when a request does not set them.")
+    workers: int | None = Field(description="Workers serving it now (from their heartbeats); null when "
+                                            "the queue cannot be asked.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelRead]
+
+
 class FileList(BaseModel):
     object: Literal["list"] = "list"
     data: list[FileObjectRead]

@@ -12,32 +12,21 @@ from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Response, request
-from pydantic import ValidationError
 
 from core import batches as batch_service
 from core import files as file_service
 from core import jobs as job_service
 from core.errors import InvalidRequestError, UnknownModelError
-from core.schemas import JobCreate, check_metadata, error_details
+from core.schemas import JobCreate, check_metadata
 from core.tables import Job
 from webapi.auth import current_principal
-from webapi.errors import ApiError
+from webapi.errors import ApiError, validated
 from webapi.jobs import json_body
 from webapi.openai import protocol, serving
 from webapi.services import services
 
 log = logging.getLogger("batchgen.api")
 bp = Blueprint("openai", __name__, url_prefix="/v1")
-
-
-def _validate(model: Any, body: Any) -> Any:
-    if not isinstance(body, dict):
-        raise ApiError(400, "invalid_request", "the request body must be a JSON object")
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        details = error_details(exc)
-        raise ApiError(400, "invalid_request", details[0]["message"], details) from None
 
 
 def _int_arg(name: str, default: int, high: int) -> int:
@@ -51,6 +40,29 @@ def _int_arg(name: str, default: int, high: int) -> int:
 def _page(items: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
     return {"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
             "last_id": items[-1]["id"] if items else None, "has_more": has_more}
+
+
+# --- models --------------------------------------------------------------------------------
+
+
+@bp.get("/models")
+def list_models() -> dict[str, Any]:
+    """The registered models, with how many workers serve each now."""
+    from webapi.ops import live_workers
+
+    registry = services().registry()
+    workers = live_workers()
+    data = []
+    for spec in registry:
+        try:
+            created = int(registry.directory(spec).stat().st_mtime)
+        except OSError:
+            created = 0
+        data.append(protocol.ModelRead(
+            id=spec.name, created=created, chat=spec.chat, context_length=spec.context_length,
+            aliases=list(spec.aliases), description=spec.description, defaults=spec.defaults,
+            workers=None if workers is None else workers.get(spec.name, 0)))
+    return protocol.ModelList(data=data).model_dump(mode="json")
 
 
 # --- files ---------------------------------------------------------------------------------
@@ -118,7 +130,7 @@ def delete_file(file_id: str) -> dict[str, Any]:
 def create_batch() -> dict[str, Any]:
     """Validate the input file line by line and run it as a job; a bad file fails the batch."""
     principal = current_principal()
-    req = _validate(protocol.BatchCreateRequest, json_body())
+    req = validated(protocol.BatchCreateRequest, json_body())
     try:
         check_metadata(req.metadata)
     except ValueError as exc:
@@ -210,7 +222,7 @@ def cancel_batch(batch_id: str) -> dict[str, Any]:
 
 def _start(endpoint: str) -> tuple[Any, Any, Any]:
     principal = current_principal()
-    req = _validate(protocol.ENDPOINTS[endpoint], json_body())
+    req = validated(protocol.ENDPOINTS[endpoint], json_body())
     svc = services()
     try:
         model = svc.registry().resolve(req.model)
