@@ -23,6 +23,9 @@ test: install
 	@# The compose file is checked with docker-compose (no Docker engine needed); install it if we can.
 	@command -v docker-compose >/dev/null 2>&1 || (apt-get install -y -q docker-compose >/dev/null 2>&1 \
 	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q docker-compose >/dev/null 2>&1)) || true
+	@# The web page is tested in Debian's chromium (driven by Playwright); install it if we can.
+	@test -x /usr/bin/chromium || (apt-get install -y -q chromium >/dev/null 2>&1 \
+	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) || true
 	$(BIN)/python -m pytest
 
 bench: install

@@ -1,4 +1,4 @@
-"""Who is calling: every route but health and documentation needs ``Authorization: Bearer <key>``.
+"""Who is calling: every route but health, documentation and the web page's files needs ``Authorization: Bearer <key>``.
 
 Valid keys are cached for a few seconds per process, so a poll does not cost a database read; a
 revoked key stops working within ``CACHE_SECONDS``.
@@ -15,7 +15,8 @@ from core.auth import Principal, authenticate
 from webapi.errors import ApiError
 from webapi.services import services
 
-PUBLIC_ENDPOINTS = {"health.healthz", "ops.readyz", "ops.metrics", "docs.openapi_json", "docs.docs_page"}
+PUBLIC_ENDPOINTS = {"health.healthz", "ops.readyz", "ops.metrics", "docs.openapi_json", "docs.docs_page",
+                    "web.index", "web.asset"}
 CACHE_SECONDS = 10.0
 
 
