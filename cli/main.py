@@ -1,5 +1,16 @@
-"""``batchgen``: the operator's command line.
+"""batchgen: submit and follow jobs, and run the service.
 
+Using a running server (URL and key from --server/--key, BATCHGEN_SERVER/BATCHGEN_API_KEY, or the
+local `make run` defaults):
+    batchgen submit prompts.txt --model demo --wait
+                                     submit a job (one prompt per line, or JSONL requests)
+    batchgen status JOB [--wait]     a job's status and counts (with a progress bar while waiting)
+    batchgen results JOB -o out.jsonl
+                                     download its results
+    batchgen cancel JOB              cancel what has not started
+    batchgen jobs                    your jobs, newest first
+
+Running the service:
     batchgen up                      everything on this machine (what `make run` runs)
     batchgen api                     the HTTP API (gunicorn)
     batchgen worker --model demo     one worker (same flags as `python -m worker`)
@@ -11,6 +22,8 @@
     batchgen models                  list registered models and whether they are installed
     batchgen keys create --owner alice
                                      create an API key (also: keys list, keys revoke KEY_ID)
+
+`batchgen COMMAND --help` explains each, with examples.
 """
 
 from __future__ import annotations
@@ -20,6 +33,7 @@ import os
 import sys
 from pathlib import Path
 
+from cli.client import CliError
 from core.settings import Settings, SettingsError
 
 
@@ -46,12 +60,6 @@ def cmd_api(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
-    from worker.main import main as worker_main
-
-    return worker_main(args.rest)
-
-
 def cmd_migrate(args: argparse.Namespace) -> int:
     from core.db import upgrade
 
@@ -73,6 +81,8 @@ def cmd_build_model(args: argparse.Namespace) -> int:
     if args.keep_if_present and (out / "model.bin").is_file():
         print(f"{name} is already built in {out}")
         return 0
+    if out.exists() and not args.force:
+        raise CliError(f"{out} exists; pass --force to replace it (or --keep-if-present to keep it)")
     build_model(out, preset=args.preset, seed=args.seed, quantization=args.quantization,
                 keep_checkpoint=args.keep_checkpoint, force=args.force)
     if name != "demo":  # demo is built in; others are added to the registry file
@@ -89,6 +99,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     settings = _settings()
     configure_logging(settings.log_level, process="convert")
+    if not Path(args.source).is_dir() and (args.source.startswith((".", "/", "~")) or args.source.count("/") != 1):
+        raise CliError(f"no checkpoint directory {args.source!r} (give a directory, or an org/name hub id "
+                       "where the hub is reachable)")
     name = args.name or Path(args.source).name
     registry = load_registry(settings)
     try:
@@ -150,31 +163,131 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from cli import client
+
     parser = argparse.ArgumentParser(prog="batchgen", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("up", help="run Redis (if needed), the API and workers on this machine")
+    def command(name: str, help: str, examples: tuple[str, ...], description: str | None = None,
+                **kwargs: object) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=description or help[0].upper() + help[1:] + ".",
+                              epilog=_examples(*examples), formatter_class=argparse.RawDescriptionHelpFormatter,
+                              **kwargs)
+
+    # --- using a server ---
+    remote = argparse.ArgumentParser(add_help=False)
+    where = remote.add_argument_group("server")
+    where.add_argument("--server", metavar="URL",
+                       help="the batchgen API (default: BATCHGEN_SERVER, else http://BATCHGEN_HOST:BATCHGEN_PORT, "
+                            f"i.e. {client.DEFAULT_SERVER})")
+    where.add_argument("--key", metavar="KEY",
+                       help="API key (default: BATCHGEN_API_KEY, else var/dev-api-key written by `make run`)")
+
+    p = command("submit", "submit a job: prompts from a text file, or requests from a JSONL file", (
+        "batchgen submit prompts.txt --model demo --wait",
+        "batchgen submit requests.jsonl --model meta-llama/Llama-2-7b-chat-hf --param max_new_tokens=128 "
+        "--param temperature=0.2",
+        "batchgen submit - --model demo --system 'Answer briefly.' < prompts.txt",
+        "batchgen submit prompts.txt --model demo --param 'stop=[\"\\n\\n\"]' --name nightly --priority 7",
+    ), description="Submit a job. FILE holds one prompt per line (.txt, blank lines skipped) or one request "
+                   "per line (.jsonl: a JSON object such as {\"custom_id\": \"a\", \"prompt\": \"...\"} or "
+                   "{\"messages\": [{\"role\": \"user\", \"content\": \"...\"}]}, or a JSON string). The "
+                   "job id is printed on stdout. With --wait, a progress bar is drawn on stderr until the job "
+                   "ends, and the exit status is 1 unless it completed.", parents=[remote])
+    p.add_argument("file", metavar="FILE", help="prompts.txt or requests.jsonl; - reads standard input")
+    p.add_argument("--model", required=True, help="a registered model or alias (see GET /v1/models)")
+    p.add_argument("--format", choices=["text", "jsonl"], help="how to read FILE (default: from its extension)")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="a generation parameter for every request: max_new_tokens, min_new_tokens, temperature, "
+                        "top_p, top_k, repetition_penalty, stop (VALUE is JSON where it parses); repeatable")
+    p.add_argument("--system", help="system prompt (chat models)")
+    p.add_argument("--priority", type=int, help="0-9, higher runs first (default 5)")
+    p.add_argument("--name", help="a name for the job (stored as metadata.name)")
+    p.add_argument("--metadata", action="append", metavar="KEY=VALUE", help="your own labels; repeatable")
+    p.add_argument("--completion-window", dest="completion_window", metavar="WINDOW",
+                   help="how long it may take before what is left expires, e.g. 1h, 24h (default 24h)")
+    p.add_argument("--wait", action="store_true", help="follow the job with a progress bar until it ends")
+    p.add_argument("--json", action="store_true", help="print the job as JSON")
+    p.set_defaults(func=client.cmd_submit)
+
+    p = command("status", "show a job's status, counts and tokens", (
+        "batchgen status job_01j9...",
+        "batchgen status job_01j9... --wait     # progress bar until it ends; exit 1 unless completed",
+        "batchgen status job_01j9... --json | jq .counts",
+    ), parents=[remote])
+    p.add_argument("job", metavar="JOB", help="the job id (job_...)")
+    p.add_argument("--wait", action="store_true", help="follow the job with a progress bar until it ends")
+    p.add_argument("--json", action="store_true", help="print the job as JSON")
+    p.set_defaults(func=client.cmd_status)
+
+    p = command("results", "download a job's results as JSONL, one result per line in request order", (
+        "batchgen results job_01j9... -o out.jsonl",
+        "batchgen results job_01j9... --status failed          # to stdout",
+        "batchgen results job_01j9... --wait -o out.jsonl       # when it has ended",
+    ), parents=[remote])
+    p.add_argument("job", metavar="JOB", help="the job id (job_...)")
+    p.add_argument("-o", "--output", metavar="FILE", help="write here (default: standard output); the file "
+                                                          "appears only when complete")
+    p.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "cancelled", "expired"],
+                   help="only results in this status")
+    p.add_argument("--wait", action="store_true", help="wait for the job to end first")
+    p.set_defaults(func=client.cmd_results)
+
+    p = command("cancel", "cancel a job: what has not started is cancelled, what runs finishes", (
+        "batchgen cancel job_01j9...",
+    ), parents=[remote])
+    p.add_argument("job", metavar="JOB", help="the job id (job_...)")
+    p.add_argument("--json", action="store_true", help="print the job as JSON")
+    p.set_defaults(func=client.cmd_cancel)
+
+    p = command("jobs", "list your jobs, newest first", (
+        "batchgen jobs",
+        "batchgen jobs --status running --limit 50",
+    ), parents=[remote])
+    p.add_argument("--status", choices=["queued", "running", "cancelling", "completed", "failed", "cancelled",
+                                        "expired"], help="only jobs in this status")
+    p.add_argument("--limit", type=int, default=20, help="how many (1-100, default 20)")
+    p.add_argument("--json", action="store_true", help="print the page as JSON")
+    p.set_defaults(func=client.cmd_jobs)
+
+    # --- running the service ---
+    p = command("up", "run Redis (if needed), the API and workers on this machine", (
+        "batchgen up                 # what `make run` runs: SQLite, embedded Redis, the demo model",
+        "BATCHGEN_DATABASE_URL=postgresql://... BATCHGEN_REDIS_URL=redis://host:6379/0 batchgen up --workers 2",
+    ))
     p.add_argument("--workers", type=int, default=1, help="worker processes for the model (default 1)")
     p.set_defaults(func=cmd_up)
 
-    p = sub.add_parser("api", help="serve the HTTP API with gunicorn")
+    p = command("api", "serve the HTTP API with gunicorn", (
+        "batchgen api --bind 0.0.0.0:8000 --workers 4",
+    ))
     p.add_argument("--bind", help="host:port (default BATCHGEN_HOST:BATCHGEN_PORT)")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--threads", type=int, default=8)
+    p.add_argument("--workers", type=int, default=2, help="gunicorn processes (default 2)")
+    p.add_argument("--threads", type=int, default=8, help="threads per process (default 8)")
     p.set_defaults(func=cmd_api)
 
-    p = sub.add_parser("worker", help="run one worker (flags of `python -m worker --help`)",
-                       add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_worker)
+    # Listed for --help; main() hands `batchgen worker ...` to the worker's own parser.
+    sub.add_parser("worker", help="run one worker: one model on one device (`batchgen worker --help`)",
+                   add_help=False)
 
-    p = sub.add_parser("migrate", help="migrate the database to the current schema")
+    p = command("migrate", "migrate the database to the current schema", (
+        "batchgen migrate                 # var/batchgen.db, the laptop default",
+        "BATCHGEN_DATABASE_URL=postgresql://batchgen@db/batchgen batchgen migrate",
+    ))
     p.set_defaults(func=cmd_migrate)
 
-    p = sub.add_parser("build-model", help="build a small random-weight Llama model")
-    p.add_argument("--preset", default="demo", help="tiny, demo, bench or llama-2-7b-shape")
+    p = command("build-model", "build a small random-weight Llama model (for trying things without weights)", (
+        "batchgen build-model --preset demo",
+        "batchgen build-model --preset llama-2-7b-shape --name shape-7b   # 7B shapes, random weights",
+    ))
+    p.add_argument("--preset", default="demo", choices=["tiny", "demo", "bench", "llama-2-7b-shape"],
+                   help="model shape (default demo)")
     p.add_argument("--name", help="registry name (default: the preset)")
     p.add_argument("--output", type=Path, help="model directory (default: models dir / name)")
     p.add_argument("--seed", type=int, default=0)
@@ -184,7 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-if-present", action="store_true", help="do nothing if the model is already built")
     p.set_defaults(func=cmd_build_model)
 
-    p = sub.add_parser("convert", help="convert a Hugging Face Llama checkpoint to CTranslate2")
+    p = command("convert", "convert a Hugging Face Llama checkpoint to CTranslate2 and register it", (
+        "batchgen convert /data/Llama-2-7b-chat-hf --name meta-llama/Llama-2-7b-chat-hf",
+        "batchgen convert ./my-finetune --name acme/llama-ft --chat --quantization int8_float16",
+    ))
     p.add_argument("source", help="checkpoint directory, or a hub id where the hub is reachable")
     p.add_argument("--name", help="registry name (default: the directory name)")
     p.add_argument("--output", type=Path, help="model directory (default: from the registry)")
@@ -195,27 +311,72 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing model directory")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("keys", help="create, list or revoke API keys",
-                       description="Keys are stored only as salted hashes: a new key is shown once.")
+    p = command("keys", "create, list or revoke API keys", (
+        "batchgen keys create --owner alice --name laptop",
+        "batchgen keys list",
+        "batchgen keys revoke key_01j9...",
+    ), description="Create, list or revoke API keys. Keys are stored only as salted hashes: a new key is "
+                   "shown once. Uses BATCHGEN_DATABASE_URL directly (no server needed).")
     keys = p.add_subparsers(dest="action", required=True)
-    k = keys.add_parser("create", help="create a key for an owner (prints it once)")
+    k = keys.add_parser("create", help="create a key for an owner (prints it once)",
+                        epilog=_examples("batchgen keys create --owner alice", "batchgen keys create --owner ops --admin"),
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     k.add_argument("--owner", required=True, help="whose jobs the key reaches")
     k.add_argument("--name", help="a label, e.g. who or what uses it")
     k.add_argument("--admin", action="store_true", help="may see every owner's jobs")
-    keys.add_parser("list", help="list keys (never the secrets)")
-    k = keys.add_parser("revoke", help="revoke a key by its id (key_...)")
+    keys.add_parser("list", help="list keys (never the secrets)", epilog=_examples("batchgen keys list"),
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    k = keys.add_parser("revoke", help="revoke a key by its id (key_...)",
+                        epilog=_examples("batchgen keys revoke key_01j9..."),
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     k.add_argument("key_id")
     p.set_defaults(func=cmd_keys)
 
-    p = sub.add_parser("models", help="list registered models")
+    p = command("models", "list registered models, and whether each is installed on this machine", (
+        "batchgen models",
+    ))
     p.set_defaults(func=cmd_models)
     return parser
 
 
+def one_line(exc: BaseException) -> str:
+    """What went wrong, in one line: the database or a file by name, else the exception's message."""
+    from sqlalchemy.exc import DBAPIError
+
+    if isinstance(exc, DBAPIError):
+        reason = str(exc.orig or exc).strip().splitlines()[0]
+        if "no such table" in reason or ("relation" in reason and "does not exist" in reason):
+            reason += "; run `batchgen migrate` first"
+        return f"the database ({_settings().database_url.split('@')[-1]}) failed: {reason}"
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.strerror or exc}: {exc.filename}"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else 'no details'}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``batchgen`` command."""
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    """Entry point of the ``batchgen`` command: errors are one line on stderr and exit 1."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["worker"]:  # every flag, --help too, is the worker's own
+        from worker.main import main as worker_main
+
+        return worker_main(argv[1:], prog="batchgen worker")
+    traceback = "--traceback" in argv
+    args = build_parser().parse_args([a for a in argv if a != "--traceback"])
+    try:
+        return int(args.func(args) or 0)
+    except CliError as exc:
+        print(f"batchgen: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - an operator command failed: one line, not a traceback
+        if traceback:
+            raise
+        print(f"batchgen: {one_line(exc)} (--traceback shows where)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nbatchgen: interrupted" + (f"; the job goes on on the server ({args.job})"
+                                             if getattr(args, "job", None) else ""), file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

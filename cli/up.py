@@ -207,6 +207,7 @@ def run_local(settings: Settings, *, workers: int = 1) -> int:
         _say(f"API ready at {url}  model: {spec.name}  ({workers} worker{'s' if workers > 1 else ''})")
         _say(f"try: curl -X POST {url}/v1/jobs -H \"Authorization: Bearer $(cat {key_file})\" "
              f"-H 'content-type: application/json' -d '{{\"model\": \"{spec.name}\", \"prompts\": [\"Hello\"]}}'")
+        _say(f"web page: {url}/  (sign in with the key in {key_file})")
         _say("press Ctrl-C to stop")
         while not stopping:
             for child in children:

@@ -1,6 +1,7 @@
 """The operator commands: convert registers a model that the registry and the API then know."""
 
 import json
+import logging
 
 import pytest
 
@@ -13,7 +14,12 @@ def var(tmp_path, monkeypatch):
     monkeypatch.setenv("BATCHGEN_VAR_DIR", str(tmp_path / "var"))
     for name in ("BATCHGEN_REGISTRY_FILE", "BATCHGEN_MODELS_DIR", "BATCHGEN_DATABASE_URL"):
         monkeypatch.delenv(name, raising=False)
-    return tmp_path / "var"
+    # Commands configure logging onto this test's (captured) stderr: put it back afterwards.
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield tmp_path / "var"
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def test_convert_writes_the_model_and_registers_it(var, tmp_path, capsys):
@@ -86,3 +92,23 @@ def test_make_run_dev_key_is_created_once_private_and_replaced_when_stale(var):
     upgrade(settings.database_url)
     replaced, new = ensure_dev_key(settings)
     assert new and replaced != token and path.read_text().strip() == replaced
+
+
+def test_operator_errors_are_one_line_and_exit_1(var, tmp_path, capsys, monkeypatch):
+    def fails(*argv: str) -> str:
+        capsys.readouterr()
+        assert main(list(argv)) == 1
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and err.startswith("batchgen: "), err
+        return err
+
+    assert "run `batchgen migrate` first" in fails("keys", "list")  # a database never migrated
+    assert "no checkpoint directory '/no/such/dir'" in fails("convert", "/no/such/dir", "--name", "x")
+    assert "Unrecognized model" in fails("convert", str(tmp_path), "--name", "x")  # not a checkpoint
+    (var / "models" / "demo").mkdir(parents=True)
+    assert "exists; pass --force" in fails("build-model", "--preset", "demo")
+    monkeypatch.setenv("BATCHGEN_DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")
+    assert "the database (127.0.0.1:1/none) failed: " in fails("keys", "list")
+    assert "the database (127.0.0.1:1/none) failed: " in fails("migrate")
+    with pytest.raises(Exception):  # --traceback: the exception itself, for a bug report
+        main(["--traceback", "keys", "list"])
