@@ -107,11 +107,13 @@ def describe_error(status: int, raw: bytes) -> str:
         return f"HTTP {status}: {text[0][:200] if text else 'no details'}"
     line = f"{status} {err.get('code') or err.get('type') or 'error'}: {err['message']}"
     details = err.get("details") or []
-    if details:
+    if isinstance(details, list) and details and isinstance(details[0], dict):  # problems with the input
         first = details[0]
         line += f": {first.get('loc', '')}: {first.get('message', '')}".replace(": : ", ": ")
         if len(details) > 1:
             line += f" (and {len(details) - 1} more)"
+    elif isinstance(details, dict) and "retry_after" in details:  # a limit: when to come back
+        line += f" (retry after {details['retry_after']} s)"
     if err.get("request_id"):
         line += f" [request {err['request_id']}]"
     return line
@@ -265,9 +267,12 @@ def wait(api: Api, job: dict[str, Any], out: IO[str]) -> dict[str, Any]:
                     if event == "end":
                         break
         except (CliError, OSError) as exc:
-            if isinstance(exc, CliError) and exc.status is not None and 400 <= exc.status < 500:
+            if isinstance(exc, CliError) and exc.status is not None and 400 <= exc.status < 500 \
+                    and exc.status != 429:
                 raise  # not found, not allowed: asking again will not help
-            time.sleep(1.0)  # the stream dropped (a server restart?): ask again
+            # The stream dropped (a server restart?) or the server is busy with streams (429):
+            # read the job once, then try the stream again.
+            time.sleep(1.0)
             job = api.call("GET", f"/v1/jobs/{job['id']}")
             draw(job)
     if tty:

@@ -37,9 +37,9 @@ from cli.client import CliError
 from core.settings import Settings, SettingsError
 
 
-def _settings() -> Settings:
+def _settings(**overrides: object) -> Settings:
     try:
-        return Settings.from_env()
+        return Settings.from_env(**overrides)
     except SettingsError as exc:
         raise SystemExit(f"batchgen: {exc}") from None
 
@@ -51,11 +51,12 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    settings = _settings()
+    settings = _settings(api_threads=args.threads)
     bind = args.bind or f"{settings.host}:{settings.port}"
     argv = [sys.executable, "-m", "gunicorn", "--bind", bind, "--workers", str(args.workers),
-            "--threads", str(args.threads), "--graceful-timeout", "30", "--access-logfile", "-",
+            "--threads", str(settings.api_threads), "--graceful-timeout", "30", "--access-logfile", "-",
             "webapi.wsgi:app"]
+    os.environ["BATCHGEN_API_THREADS"] = str(settings.api_threads)  # the app sizes its long-call limit by it
     os.execv(sys.executable, argv)
     return 0  # not reached
 
@@ -269,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     ))
     p.add_argument("--bind", help="host:port (default BATCHGEN_HOST:BATCHGEN_PORT)")
     p.add_argument("--workers", type=int, default=2, help="gunicorn processes (default 2)")
-    p.add_argument("--threads", type=int, default=8, help="threads per process (default 8)")
+    p.add_argument("--threads", type=int, help="threads per process (default BATCHGEN_API_THREADS or 16)")
     p.set_defaults(func=cmd_api)
 
     # Listed for --help; main() hands `batchgen worker ...` to the worker's own parser.

@@ -187,7 +187,7 @@ def run_local(settings: Settings, *, workers: int = 1) -> int:
         _say(f"started embedded Redis at {redis_url} (data in {settings.var_dir / 'redis'})")
 
     api = Child("api", [sys.executable, "-m", "gunicorn", "--bind", f"{settings.host}:{settings.port}",
-                        "--workers", "2", "--threads", "8", "--graceful-timeout", "30",
+                        "--workers", "2", "--threads", str(settings.api_threads), "--graceful-timeout", "30",
                         "--log-level", "warning", "webapi.wsgi:app"], env)
     children = [api] + [Child(f"worker-{i}", [sys.executable, "-m", "worker", "--model", spec.name],
                               env) for i in range(workers)]

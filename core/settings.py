@@ -56,6 +56,11 @@ class Settings(BaseModel):
     rate_limit_per_minute: int = Field(default=600, ge=0)
     # Synchronous calls (completions, DashScope, PAI-EAS) give up after this long.
     sync_timeout_s: float = Field(default=600.0, gt=0)
+    # Threads per API process (``batchgen api``/``up`` give gunicorn this many). Event streams and
+    # synchronous calls each hold one until they end; past max_long_calls of them in one process
+    # (0: api_threads - 4, at least 1) more get 429, so short calls always find a thread.
+    api_threads: int = Field(default=16, ge=1)
+    max_long_calls: int = Field(default=0, ge=0)
     # The model PAI-EAS-style calls (POST /) run on; empty means BATCHGEN_MODEL.
     eas_model: str = ""
 
@@ -94,6 +99,11 @@ class Settings(BaseModel):
         if self.models_dir == Path(""):
             object.__setattr__(self, "models_dir", self.var_dir / "models")
         return self
+
+    @property
+    def long_call_limit(self) -> int:
+        """Event streams and synchronous calls one API process holds at once."""
+        return self.max_long_calls or max(1, self.api_threads - 4)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:

@@ -66,6 +66,18 @@ def test_submit_wait_status_results_jobs(cli, served, tmp_path):
     assert job_id in [j["id"] for j in json.loads(out)["data"]]
 
 
+def test_wait_polls_when_the_server_refuses_more_streams(cli, served, tmp_path, monkeypatch):
+    api = served[0]
+    # As if the process served as many streams as it may (streams of earlier tests may still end).
+    monkeypatch.setattr(api.server.app.extensions["batchgen"].limits.long_calls, "limit", 0)  # until the test ends
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("one\ntwo\n")
+    status, out, err = cli("submit", str(prompts), "--model", "tiny", "--param", "max_new_tokens=5", "--wait")
+    assert status == 0, err
+    assert err.strip().splitlines()[-1].startswith("[" + "#" * 30 + "] 2/2 completed")
+    assert api.http.get(f"{api.url}/v1/jobs/{out.strip()}").json()["status"] == "completed"
+
+
 def test_jsonl_requests_and_cancel(cli, served, tmp_path):
     api = served[0]
     requests_file = tmp_path / "requests.jsonl"
@@ -157,3 +169,12 @@ def test_as_a_command_reading_standard_input(served):
     failed = subprocess.run([sys.executable, "-m", "cli", "status", "job_nope"], capture_output=True, text=True,
                             env=env, timeout=60)
     assert failed.returncode == 1 and failed.stderr.startswith("batchgen: 404 ") and failed.stdout == ""
+
+
+def test_an_error_line_says_when_to_retry_a_limit():
+    from cli.client import describe_error
+
+    body = {"error": {"code": "queue_full", "message": "model tiny-chat has more than 3 requests waiting",
+                      "details": {"retry_after": 30}, "request_id": "rid_1"}}
+    assert describe_error(429, json.dumps(body).encode()) == (
+        "429 queue_full: model tiny-chat has more than 3 requests waiting (retry after 30 s) [request rid_1]")

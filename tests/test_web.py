@@ -131,6 +131,25 @@ def test_the_jobs_list_follows_jobs_live(page, served):
     page.screenshot(path=SHOTS / "04-jobs.png", full_page=True)
 
 
+def test_a_server_busy_with_streams_still_shows_progress_by_polling(page, served, monkeypatch):
+    api, _, _, token = served
+    # As if the process served as many streams as it may (streams of earlier tests may still end).
+    monkeypatch.setattr(api.server.app.extensions["batchgen"].limits.long_calls, "limit", 0)  # until the test ends
+    sign_in(page, token)
+    job = api.http.post(f"{api.url}/v1/jobs", json={
+        "model": "tiny", "prompts": [f"busy prompt {i}" for i in range(6)], "params": {"max_new_tokens": 8}}).json()
+    item = page.locator(f"li.job[data-id={job['id']}]")
+    expect(item.locator(".status")).to_have_text("completed", timeout=60_000)
+    expect(item.locator(".job-counts")).to_contain_text("6 / 6 done")
+    expect(page.locator("#jobs-live")).not_to_have_class(re.compile(r"\bon\b"))  # polled, not streamed
+    # A chat in the playground is a long call too: the 429 is shown as it is, with when to retry.
+    page.click("a[data-nav=play]")
+    page.fill("#play-input", "Hello there")
+    page.keyboard.press("Enter")
+    expect(page.locator("#error-title")).to_have_text("Error 429 · too_many_streams")
+    expect(page.locator("#error-details")).to_contain_text("retry after 2 s")  # from Retry-After
+
+
 def test_api_errors_are_shown_as_they_are(page, served):
     _, _, _, token = served
     sign_in(page, token)

@@ -151,8 +151,7 @@ def dashscope_generation() -> Any:
     model, call = _run(req.model, item, stream=stream)
     request_id = g.request_id
     if stream:
-        return Response(_dashscope_sse(svc.sync, call, p, request_id), mimetype="text/event-stream",
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return svc.sync.respond(call, _dashscope_sse(svc.sync, call, p, request_id))
     row = svc.sync.wait(call)
     if row.status != "succeeded":
         raise _failed(row)

@@ -45,7 +45,7 @@ bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 MAX_PAGE = 1000
 STREAM_CHUNK = 500
 EVENTS_INTERVAL_S = 0.5
-KEEPALIVE_S = 15.0
+KEEPALIVE_S = 5.0  # also how soon a stream whose client went away notices and frees its thread
 ALL_EVENTS_MAX_S = 600.0
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
@@ -242,8 +242,11 @@ def event_stream(poll: Callable[[], tuple[list[tuple[str, str]], bool]], max_s: 
                 yield ": keep-alive\n\n"
             time.sleep(EVENTS_INTERVAL_S)
 
-    return Response(events(), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    held = services().limits.long_calls.take()  # a stream holds a server thread: 429 past the limit
+    response = Response(events(), mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    response.call_on_close(held.release)
+    return response
 
 
 @bp.get("/events")

@@ -1,5 +1,6 @@
 """Backpressure: per-key request rate (Redis, shared by every API process), per-key pending
-requests and per-model queue depth (the database). Past a limit a client gets 429 with
+requests and per-model queue depth (the database), and long calls per API process (event streams
+and synchronous generation, each holding a server thread). Past a limit a client gets 429 with
 Retry-After; if Redis cannot be reached the rate limit lets requests through rather than fail them.
 """
 
@@ -21,11 +22,49 @@ from webapi.errors import ApiError
 log = logging.getLogger("batchgen.api")
 
 
+class LongCall:
+    """One held place among the process's long calls; ``release`` may be called more than once."""
+
+    def __init__(self, pool: LongCalls) -> None:
+        self._pool: LongCalls | None = pool
+
+    def release(self) -> None:
+        with LongCalls.lock:
+            pool, self._pool = self._pool, None
+            if pool is not None:
+                pool.held -= 1
+
+
+class LongCalls:
+    """Calls that hold a server thread until they end: event streams and synchronous generation.
+
+    A gunicorn thread serves one call at a time; if streams took every thread, no one could even
+    poll a job. Past ``limit`` of them in this process a new one gets 429 at once (the web page and
+    the CLI fall back or retry), and short calls always find a thread.
+    """
+
+    lock = threading.Lock()
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.held = limit, 0
+
+    def take(self) -> LongCall:
+        with self.lock:
+            if self.held >= self.limit:
+                raise ApiError(429, "too_many_streams",
+                               f"this API process already serves {self.limit} event streams and synchronous "
+                               "calls; retry shortly, poll instead of streaming, or use the batch API",
+                               {"retry_after": 2, "limit": self.limit}, headers={"Retry-After": "2"})
+            self.held += 1
+        return LongCall(self)
+
+
 class Limits:
     """The checks views make before accepting work."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.long_calls = LongCalls(settings.long_call_limit)
         self._redis: Any = None
         self._lock = threading.Lock()
 

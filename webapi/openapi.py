@@ -112,7 +112,8 @@ OPERATIONS: tuple[Operation, ...] = (
               description="`event: progress` with a JobRead for each job that is active or ended in the last "
                           "minute, then again whenever one of your jobs is submitted or changes status, counts "
                           "or usage. Runs until the client disconnects, or for 10 minutes (then reconnect); keep-alive "
-                          "comments every 15 s.",
+                          "comments every 5 s. A stream holds a server thread: past the API process's limit "
+                          "(BATCHGEN_MAX_LONG_CALLS) it is refused with 429 `too_many_streams`; poll instead.",
               responses={200: ("text/event-stream", {"type": "string"})}, errors=(401, 429, 503)),
     Operation("get", "/v1/jobs/{job_id}", "jobs.get_job", "A job: status, counts, usage, times",
               responses={200: JobRead}, params=(JOB_ID,), errors=(401, 404, 429, 503)),
@@ -130,7 +131,8 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("get", "/v1/jobs/{job_id}/events", "jobs.job_events",
               "Follow a job: server-sent events until it ends",
               description="`event: progress` with a JobRead each time status, counts or usage change; "
-                          "`event: end` with the final JobRead.",
+                          "`event: end` with the final JobRead. Past the API process's limit of streams: 429 "
+                          "`too_many_streams`; poll GET /v1/jobs/{job_id} instead.",
               responses={200: ("text/event-stream", {"type": "string"})}, params=(JOB_ID,),
               errors=(401, 404, 429, 503)),
     Operation("post", "/v1/jobs/{job_id}/cancel", "jobs.cancel_job", "Cancel a job",

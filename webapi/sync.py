@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from flask import Response
+
 from core import jobs as job_service
 from core.auth import Principal
 from core.queueing import stream_channel
@@ -23,6 +25,7 @@ from core.registry import ModelSpec
 from core.schemas import JobCreate
 from core.tables import JobRequest
 from webapi.errors import ApiError
+from webapi.limits import LongCall
 
 log = logging.getLogger("batchgen.sync")
 
@@ -38,6 +41,9 @@ class Call:
     request_id: str
     model: ModelSpec
     pubsub: Any
+    held: LongCall
+    finished: bool = False
+    closed: bool = False
 
 
 class SyncRunner:
@@ -57,6 +63,16 @@ class SyncRunner:
     def start(self, *, principal: Principal, spec: JobCreate, model: ModelSpec, stream: bool) -> Call:
         """Store and dispatch the request; raises ``ApiError``/domain errors for bad input."""
         svc = self.svc
+        held = svc.limits.long_calls.take()  # 429 before anything is stored
+        try:
+            return self._start(held, principal=principal, spec=spec, model=model, stream=stream)
+        except BaseException:
+            held.release()
+            raise
+
+    def _start(self, held: LongCall, *, principal: Principal, spec: JobCreate, model: ModelSpec,
+               stream: bool) -> Call:
+        svc = self.svc
         spec = spec.model_copy(update={"priority": SYNC_PRIORITY, "completion_window": "1h"})
         limits = job_service.Limits(max_requests=1, max_prompt_chars=svc.settings.max_prompt_chars)
         with svc.db.read() as session:
@@ -74,7 +90,21 @@ class SyncRunner:
             self._cancel(job.id)
             raise ApiError(503, "unavailable", "the queue is unavailable; retry shortly",
                            headers={"Retry-After": "5"}) from None
-        return Call(job_id=job.id, request_id=request_id, model=model, pubsub=pubsub)
+        return Call(job_id=job.id, request_id=request_id, model=model, pubsub=pubsub, held=held)
+
+    def close(self, call: Call) -> None:
+        """Let go of a call: its place among long calls, its subscription, and the request itself
+        if it has not finished (the client went away). Safe to call more than once; a streamed
+        response calls it when it is closed, even if its body was never read."""
+        if call.closed:
+            return
+        call.closed = True
+        try:
+            call.pubsub.close()
+            if not call.finished:
+                self._cancel(call.job_id)
+        finally:
+            call.held.release()
 
     def events(self, call: Call) -> Iterator[tuple[str, Any]]:
         """``("delta", text)`` while it generates, then ``("done", JobRequest)``.
@@ -83,7 +113,6 @@ class SyncRunner:
         """
         deadline = time.monotonic() + self.svc.settings.sync_timeout_s
         next_poll = time.monotonic() + POLL_FALLBACK_S
-        finished = False
         try:
             while True:
                 message = call.pubsub.get_message(timeout=0.25)
@@ -94,30 +123,39 @@ class SyncRunner:
                         continue
                     row = self._result(call)
                     if row is not None:
-                        finished = True
+                        call.finished = True
                         yield "done", row
                         return
                 if time.monotonic() >= next_poll:
                     next_poll = time.monotonic() + POLL_FALLBACK_S
                     row = self._result(call)
                     if row is not None:
-                        finished = True
+                        call.finished = True
                         yield "done", row
                         return
                 if time.monotonic() > deadline:
                     raise ApiError(504, "timeout", f"no result within {self.svc.settings.sync_timeout_s} s; "
                                    "the request was cancelled if it had not started")
         finally:
-            call.pubsub.close()
-            if not finished:
-                self._cancel(call.job_id)
+            self.close(call)
 
     def wait(self, call: Call) -> JobRequest:
         """The finished request (text or error)."""
-        for kind, value in self.events(call):
-            if kind == "done":
-                return value  # type: ignore[no-any-return]
+        events = self.events(call)
+        try:
+            for kind, value in events:
+                if kind == "done":
+                    return value  # type: ignore[no-any-return]
+        finally:
+            events.close()
         raise AssertionError("events ended without a result")
+
+    def respond(self, call: Call, body: Iterator[str]) -> Response:
+        """A streamed response of ``body`` that lets go of the call when the server closes it."""
+        response = Response(body, mimetype="text/event-stream",
+                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        response.call_on_close(lambda: self.close(call))
+        return response
 
     def _result(self, call: Call) -> JobRequest | None:
         with self.svc.db.read() as session:

@@ -140,3 +140,47 @@ def test_rate_limit_per_key_answers_429(make_settings, sqlite_url):
     assert 1 <= int(limited.headers["Retry-After"]) <= 60
     other = authed(app, make_key(sqlite_url, owner="bob"))
     assert other.get("/v1/jobs").status_code == 200  # per key
+
+
+def test_long_calls_past_the_limit_get_429_and_a_closed_stream_frees_its_place(make_settings, sqlite_url):
+    from webapi import create_app
+
+    app = create_app(make_settings(sqlite_url, max_long_calls=1))
+    client = authed(app, make_key(sqlite_url))
+    job = client.post("/v1/jobs", json=TINY).get_json()
+    stream = client.get(f"/v1/jobs/{job['id']}/events", buffered=False)
+    assert stream.status_code == 200 and next(stream.response).startswith(b"retry:")
+    busy = client.get("/v1/jobs/events")  # a second stream in this process: refused at once
+    assert busy.status_code == 429 and busy.headers["Retry-After"] == "2"
+    assert busy.get_json()["error"]["code"] == "too_many_streams"
+    # A synchronous call holds a thread as long: refused too, in its route's shape, storing nothing.
+    with app.extensions["batchgen"].db.read() as s:
+        jobs_before = s.scalar(select(func.count()).select_from(Job))
+    chat = client.post("/v1/chat/completions", json={"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}]})
+    assert chat.status_code == 429 and chat.get_json()["error"]["code"] == "too_many_streams"
+    assert set(chat.get_json()["error"]) == {"message", "type", "param", "code"}
+    with app.extensions["batchgen"].db.read() as s:
+        assert s.scalar(select(func.count()).select_from(Job)) == jobs_before
+    assert client.get(f"/v1/jobs/{job['id']}").status_code == 200  # short calls are still served
+    stream.close()  # the client went away: its place is free again
+    again = client.get("/v1/jobs/events", buffered=False)
+    assert again.status_code == 200
+    again.close()
+
+
+def test_a_streamed_completion_never_read_frees_its_place_and_cancels_its_request(make_settings, sqlite_url):
+    from webapi import create_app
+
+    app = create_app(make_settings(sqlite_url, max_long_calls=1))
+    client = authed(app, make_key(sqlite_url))
+    body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    unread = client.post("/v1/chat/completions", json=body, buffered=False)
+    assert unread.status_code == 200
+    assert client.post("/v1/chat/completions", json=body).status_code == 429
+    unread.close()  # closed before its first chunk: no worker ran it, and none will
+    with app.extensions["batchgen"].db.read() as s:
+        (status,) = s.execute(select(Job.status)).one()
+    assert status == "cancelled"
+    second = client.post("/v1/chat/completions", json=body, buffered=False)
+    assert second.status_code == 200
+    second.close()

@@ -257,8 +257,7 @@ def _complete(endpoint: str) -> Any:
         if row.status != "succeeded":
             raise _fail(row)
         return serving.BODY[endpoint](row, model.name, row.created_at)
-    return Response(_sse(svc.sync, endpoint, req, model, call), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return svc.sync.respond(call, _sse(svc.sync, endpoint, req, model, call))
 
 
 def _sse(sync: Any, endpoint: str, req: Any, model: Any, call: Any) -> Iterator[str]:

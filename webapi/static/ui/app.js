@@ -21,7 +21,11 @@
       super(message);
       this.status = status;
       this.code = e.code || e.type || "";
-      this.details = Array.isArray(e.details) ? e.details : (e.param ? [{loc: e.param, message}] : []);
+      // A list of problems with the input, or an object of facts (a limit's retry_after).
+      this.details = Array.isArray(e.details) ? e.details
+        : e.details && typeof e.details === "object"
+          ? Object.entries(e.details).map(([loc, value]) => ({loc, message: String(value)}))
+          : (e.param ? [{loc: e.param, message}] : []);
       this.requestId = e.request_id || (body && body.request_id) || "";
     }
   }
@@ -45,7 +49,9 @@
       let data = null;
       try { data = JSON.parse(text); } catch (_) { /* not JSON: shown as text */ }
       if (resp.status === 401) forgetKey();
-      throw new ApiError(resp.status, data, text.slice(0, 500));
+      const error = new ApiError(resp.status, data, text.slice(0, 500));
+      error.retryAfter = resp.headers.get("Retry-After") || "";
+      throw error;
     }
     return raw ? resp : resp.json();
   }
@@ -82,7 +88,9 @@
   }
 
   // Follow a stream until onEvent returns false or the view changes; reconnect when it drops.
-  function follow(path, onEvent, onLive = () => {}) {
+  // A server busy with streams answers 429: then onRefused reads the state once (a poll) before
+  // the next try, and returning false from it ends the following.
+  function follow(path, onEvent, onLive = () => {}, onRefused = null) {
     const abort = new AbortController();
     leaving.push(() => abort.abort());
     let stopped = false;
@@ -101,6 +109,13 @@
           if (err instanceof ApiError && err.status >= 400 && err.status < 500 && err.status !== 429) {
             fail(err);
             return;
+          }
+          if (err instanceof ApiError && err.status === 429 && onRefused) {
+            try {
+              if (await onRefused() === false) stopped = true;
+            } catch (pollErr) {
+              if (pollErr instanceof ApiError && pollErr.status >= 400 && pollErr.status < 500) { fail(pollErr); return; }
+            }
           }
         }
         if (stopped || abort.signal.aborted) break;
@@ -132,6 +147,11 @@
     if ((err.details || []).length > 20) {
       const li = document.createElement("li");
       li.textContent = `…and ${err.details.length - 20} more`;
+      list.append(li);
+    }
+    if (err.retryAfter && !(err.details || []).some((d) => d.loc === "retry_after")) {
+      const li = document.createElement("li");
+      li.textContent = `retry after ${err.retryAfter} s`;
       list.append(li);
     }
     $("#error-request").textContent = err.requestId ? `request id: ${err.requestId}` : "";
@@ -303,7 +323,9 @@
     await page();
     follow("/v1/jobs/events", (event, data) => {
       if (event === "progress") render(JSON.parse(data));
-    }, (on) => live.classList.toggle("on", on));
+    }, (on) => live.classList.toggle("on", on), async () => {
+      (await call("GET", "/v1/jobs?limit=20")).data.forEach(render);
+    });
     const timer = setInterval(() => {
       for (const {job, el} of shown.values()) $(".job-age", el).textContent = ago(job.created_at);
     }, 10000);
@@ -424,6 +446,9 @@
         if (body.deleted) { location.hash = "#/jobs"; return false; }
         if (renderJob(body)) refresh();
         return event !== "end";
+      }, () => {}, async () => {
+        if (renderJob(await call("GET", `/v1/jobs/${id}`))) refresh();
+        return !ENDED.has(job.status);
       });
     }
   }
