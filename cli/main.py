@@ -53,7 +53,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_api(args: argparse.Namespace) -> int:
     settings = _settings(api_threads=args.threads)
     bind = args.bind or f"{settings.host}:{settings.port}"
-    argv = [sys.executable, "-m", "gunicorn", "--bind", bind, "--workers", str(args.workers),
+    argv = [sys.executable, "-m", "gunicorn", "-c", "python:webapi.gunicorn_conf", "--bind", bind,
+            "--workers", str(args.workers),
             "--threads", str(settings.api_threads), "--graceful-timeout", "30", "--access-logfile", "-",
             "webapi.wsgi:app"]
     os.environ["BATCHGEN_API_THREADS"] = str(settings.api_threads)  # the app sizes its long-call limit by it

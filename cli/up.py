@@ -186,7 +186,8 @@ def run_local(settings: Settings, *, workers: int = 1) -> int:
         env["BATCHGEN_REDIS_URL"] = redis_url
         _say(f"started embedded Redis at {redis_url} (data in {settings.var_dir / 'redis'})")
 
-    api = Child("api", [sys.executable, "-m", "gunicorn", "--bind", f"{settings.host}:{settings.port}",
+    api = Child("api", [sys.executable, "-m", "gunicorn", "-c", "python:webapi.gunicorn_conf",
+                        "--bind", f"{settings.host}:{settings.port}",
                         "--workers", "2", "--threads", str(settings.api_threads), "--graceful-timeout", "30",
                         "--log-level", "warning", "webapi.wsgi:app"], env)
     children = [api] + [Child(f"worker-{i}", [sys.executable, "-m", "worker", "--model", spec.name],

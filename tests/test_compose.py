@@ -16,6 +16,7 @@ import requests
 import yaml
 
 from cli.up import free_port, wait_for_port
+from tests.conftest import make_key
 from tests.support import ROOT, wait_until
 
 COMPOSE = shutil.which("docker-compose")
@@ -101,9 +102,21 @@ def test_every_command_the_compose_file_runs_starts_here_the_same_way(make_setti
     api = started(api_cmd)
     try:
         wait_for_port("127.0.0.1", port, 30, api)
-        assert requests.get(f"http://127.0.0.1:{port}/readyz", timeout=10).json()["status"] == "ready"
+        url = f"http://127.0.0.1:{port}"
+        assert requests.get(f"{url}/readyz", timeout=10).json()["status"] == "ready"
+        # A client following a job while the API stops: its stream ends cleanly (the server process
+        # does not hold on to it until it is killed), and the client can reconnect elsewhere.
+        http = requests.Session()
+        http.headers["Authorization"] = f"Bearer {make_key(settings.database_url)}"
+        job = http.post(f"{url}/v1/jobs", json={"model": "demo", "prompts": ["still queued"]}, timeout=10).json()
+        stream = http.get(f"{url}/v1/jobs/{job['id']}/events", stream=True, timeout=60)
+        events = stream.iter_lines()
+        assert next(events).startswith(b"retry:") and next(events) == b""
+        assert next(events) == b"event: progress"
     finally:
         assert stop(api) == 0
+    rest = list(events)  # the stream ended; a cut connection would raise ChunkedEncodingError here
+    assert b"event: end" not in rest  # the job did not end: the server did
     # worker-cpu: consumes (its healthcheck is the ready file), stops cleanly on SIGTERM.
     worker = started(config["worker-cpu"]["command"])
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -47,6 +48,8 @@ STREAM_CHUNK = 500
 EVENTS_INTERVAL_S = 0.5
 KEEPALIVE_S = 5.0  # also how soon a stream whose client went away notices and frees its thread
 ALL_EVENTS_MAX_S = 600.0
+# Set when this server process is stopping (see webapi/gunicorn_conf.py): open streams end cleanly.
+STOPPING = threading.Event()
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 
@@ -225,7 +228,7 @@ def event_stream(poll: Callable[[], tuple[list[tuple[str, str]], bool]], max_s: 
     def events() -> Iterator[str]:
         yield "retry: 2000\n\n"
         opened = quiet_since = time.monotonic()
-        while max_s is None or time.monotonic() - opened < max_s:
+        while (max_s is None or time.monotonic() - opened < max_s) and not STOPPING.is_set():
             try:
                 batch, over = poll()
             except Exception as exc:  # the database is away: end the stream; the client reconnects
@@ -240,7 +243,7 @@ def event_stream(poll: Callable[[], tuple[list[tuple[str, str]], bool]], max_s: 
             elif time.monotonic() - quiet_since > KEEPALIVE_S:
                 quiet_since = time.monotonic()
                 yield ": keep-alive\n\n"
-            time.sleep(EVENTS_INTERVAL_S)
+            STOPPING.wait(EVENTS_INTERVAL_S)
 
     held = services().limits.long_calls.take()  # a stream holds a server thread: 429 past the limit
     response = Response(events(), mimetype="text/event-stream",

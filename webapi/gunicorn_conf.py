@@ -1,0 +1,25 @@
+"""gunicorn settings for the API (``batchgen api`` and ``batchgen up`` pass ``-c python:webapi.gunicorn_conf``).
+
+On SIGTERM a gunicorn worker stops accepting and waits, up to its graceful timeout, for the calls
+it is serving. An event stream would hold it there until killed (and the client would see a cut
+connection): so the worker also tells open streams to end cleanly, and the clients reconnect to a
+process that is still serving. Synchronous calls are left to finish.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+
+def post_worker_init(worker: Any) -> None:
+    from webapi.jobs import STOPPING
+
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum: int, frame: Any) -> None:
+        STOPPING.set()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_term)
