@@ -24,11 +24,13 @@ from core.jobs import Outcome, WorkItem
 from core.prompts import Special, render
 from core.registry import ModelSpec
 from core.schemas import ChatMessage
+from worker.detokenizer import CONTEXT, StreamDecoder, first_stop
 
 log = logging.getLogger("batchgen.runner")
 
-# Prompt ids kept to decode the first generated token in context (see _decode_continuation).
-_TAIL = 4
+# Prompt ids kept to decode the first generated token in context (see decode_continuation);
+# the incremental decoder uses the same number, so both give the same text.
+_TAIL = CONTEXT
 
 
 @dataclass
@@ -66,6 +68,16 @@ class _Sequence:
     reason: str | None = None
     text: str | None = None
     sent: int = 0  # characters already streamed
+    searched: int = 0  # characters of decoder.text known to hold no stop string
+    decoder: StreamDecoder | None = None
+
+    def __post_init__(self) -> None:
+        params = self.enc.item.params
+        self.streaming = self.on_delta is not None and params.delivery == "stream"
+        if params.stop or self.streaming:  # only then is the text needed while generating
+            self.decoder = self.runner.stream_decoder(self.enc.ids)
+        # Of the final text, hold back what a stop string could still claim.
+        self.hold = max((len(s) for s in params.stop), default=1) - 1
 
     def push(self, token_id: int) -> bool:
         """Take one generated token; True stops this sequence."""
@@ -76,34 +88,81 @@ class _Sequence:
             return True
         self.ids.append(token_id)
         params = self.enc.item.params
-        streaming = self.on_delta is not None and params.delivery == "stream"
-        if params.stop or streaming:
-            text = self.runner.decode_continuation(self.enc.ids, self.ids)
-            cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
+        if self.decoder is not None and self.decoder.push(token_id):
+            text = self.decoder.text
+            cut = first_stop(text, params.stop, self.searched)
+            self.searched = len(text)
             if cut >= 0:
                 self.reason, self.text = "stop", text[:cut]
                 return True
-            if streaming:
-                self._stream()
+            if self.streaming:
+                self._stream(text)
         if len(self.ids) >= params.max_new_tokens:
             self.reason = "length"
             return True
         return False
 
-    def _stream(self) -> None:
-        # Only text up to the last ordinary token is final: a run of byte-fallback tokens decodes as
-        # a whole (one invalid byte turns the run's valid ones into U+FFFD too), so it waits for the
-        # run to end. Of the rest, hold back what a stop string could still claim.
-        stable = len(self.ids)
-        while stable and self.ids[stable - 1] in self.runner.byte_ids:
-            stable -= 1
-        text = self.runner.decode_continuation(self.enc.ids, self.ids[:stable])
-        hold = max((len(s) for s in self.enc.item.params.stop), default=1) - 1
-        end = len(text) - hold
+    def _stream(self, text: str) -> None:
+        # ``text`` is final up to its end (the decoder holds byte runs back until they end).
+        end = len(text) - self.hold
         if end > self.sent:
             assert self.on_delta is not None
             self.on_delta(self.enc.item.id, text[self.sent:end])
             self.sent = end
+
+    def finish(self, ids: list[int]) -> str:
+        """The stored text, given the ids the result holds."""
+        if self.text is not None:
+            return self.text
+        text = self.runner.decode_continuation(self.enc.ids, ids)
+        stops = self.enc.item.params.stop
+        if stops:  # a stop string may sit in a byte run the decoder was still holding back
+            cut = first_stop(text, stops, self.searched)
+            if cut >= 0:
+                self.reason, text = "stop", text[:cut]
+        return text
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """The model's tokenizer as the worker uses it: the Rust ``tokenizers`` object of the model's
+    ``tokenizer.json`` (what transformers itself wraps), without transformers or PyTorch."""
+
+    backend: Any
+    bos_id: int
+    eos_id: int
+    special_ids: frozenset[int]
+
+    def encode_texts(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text: no BOS/EOS added, special-token strings kept as text."""
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return str(self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens))
+
+
+def load_tokenizer(model_dir: Path) -> Tokenizer:
+    """The tokenizer saved next to a converted model (``tokenizer.json`` + ``tokenizer_config.json``)."""
+    from tokenizers import Tokenizer as RustTokenizer
+
+    backend = RustTokenizer.from_file(str(model_dir / "tokenizer.json"))
+    # What transformers' split_special_tokens does: a special token's text in a prompt is
+    # tokenized as text, so "<s>" typed by a user can never become BOS.
+    backend.encode_special_tokens = True
+    config_file = model_dir / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+
+    def token_id(name: str, default: str) -> int:
+        token = config.get(name) or default
+        content = token.get("content", default) if isinstance(token, dict) else str(token)
+        found = backend.token_to_id(content)
+        if found is None:
+            raise ValueError(f"{model_dir}: the tokenizer has no {name} {content!r}")
+        return int(found)
+
+    specials = frozenset(int(i) for i, t in backend.get_added_tokens_decoder().items() if t.special)
+    return Tokenizer(backend=backend, bos_id=token_id("bos_token", "<s>"), eos_id=token_id("eos_token", "</s>"),
+                     special_ids=specials)
 
 
 class ModelRunner:
@@ -113,14 +172,13 @@ class ModelRunner:
                  compute_type: str = "int8", inter_threads: int = 1, intra_threads: int = 1,
                  fault_kill_on: str = "") -> None:
         import ctranslate2
-        from transformers import AutoTokenizer
 
         started = time.monotonic()
         self.fault_kill_on = fault_kill_on
         self.spec = spec
         self.model_dir = Path(model_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        self._backend = self.tokenizer.backend_tokenizer  # the Rust tokenizer, for hot paths
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self._backend = self.tokenizer.backend  # the Rust tokenizer
         self.generator = ctranslate2.Generator(
             str(model_dir), device=device, device_index=device_index, compute_type=compute_type,
             inter_threads=inter_threads, intra_threads=intra_threads,
@@ -129,8 +187,9 @@ class ModelRunner:
         self.vocabulary: list[str] = json.loads((self.model_dir / "vocabulary.json").read_text())
         self.byte_ids = frozenset(i for i, t in enumerate(self.vocabulary)
                                   if len(t) == 6 and t.startswith("<0x") and t.endswith(">"))
-        self.bos_id = self.tokenizer.bos_token_id
-        self.eos_id = self.tokenizer.eos_token_id
+        self.special_ids = self.tokenizer.special_ids
+        self.bos_id = self.tokenizer.bos_id
+        self.eos_id = self.tokenizer.eos_id
         self.device, self.compute_type = device, compute_type
         self.inter_threads = inter_threads
         self.load_seconds = time.monotonic() - started
@@ -150,9 +209,8 @@ class ModelRunner:
         except ValueError as exc:
             raise RequestError("invalid_prompt", str(exc)) from None
         texts = [s for s in segments if isinstance(s, str)]
-        # split_special_tokens: "<s>" typed in a prompt stays text, it never becomes BOS.
-        encoded = iter(self.tokenizer(texts, add_special_tokens=False,
-                                      split_special_tokens=True)["input_ids"]) if texts else iter(())
+        # "<s>" typed in a prompt stays text, it never becomes BOS (see ``load_tokenizer``).
+        encoded = iter(self.tokenizer.encode_texts(texts)) if texts else iter(())
         ids: list[int] = []
         for segment in segments:
             if segment is Special.BOS:
@@ -201,6 +259,14 @@ class ModelRunner:
         # The prompt ended inside a multi-byte character completed by the output.
         return self._backend.decode(list(ids), skip_special_tokens=True)
 
+    def stream_decoder(self, prompt_ids: Sequence[int]) -> StreamDecoder:
+        """An incremental decoder giving what ``decode_continuation`` gives, token by token."""
+        return StreamDecoder(self._decode_skipping, prompt_ids, byte_ids=self.byte_ids,
+                             special_ids=self.special_ids)
+
+    def _decode_skipping(self, ids: list[int]) -> str:
+        return self._backend.decode(ids, skip_special_tokens=True)
+
     # --- generation -------------------------------------------------------------------------
 
     def generate(self, batch: Sequence[Encoded], on_delta: DeltaSink | None = None) -> list[Outcome]:
@@ -242,7 +308,7 @@ class ModelRunner:
             ids = list(result.sequences_ids[0])[: len(seq.ids)] if seq.reason else list(result.sequences_ids[0])
             if seq.reason is None:
                 seq.reason = "length" if len(ids) >= seq.enc.item.params.max_new_tokens else "stop"
-            text = seq.text if seq.text is not None else self.decode_continuation(seq.enc.ids, ids)
+            text = seq.finish(ids)
             outcomes.append(Outcome(request_id=seq.enc.item.id, job_id=seq.enc.item.job_id, text=text,
                                     finish_reason=seq.reason, prompt_tokens=seq.enc.length,
                                     completion_tokens=len(ids)))

@@ -23,7 +23,7 @@ def item(prompt=None, messages=None, system=None, n=0, **params):
 def test_raw_prompt_is_bos_plus_text(runner):
     enc = runner.encode(item("Hello world"))
     assert enc.ids[0] == runner.bos_id and runner.eos_id not in enc.ids
-    assert enc.ids[1:] == runner.tokenizer("Hello world", add_special_tokens=False)["input_ids"]
+    assert enc.ids[1:] == runner.tokenizer.encode_texts(["Hello world"])[0]
     assert enc.tokens == [runner.vocabulary[i] for i in enc.ids]
 
 
@@ -92,3 +92,19 @@ def test_submit_time_token_count_equals_what_the_worker_feeds_the_model(runner, 
         messages = [ChatMessage(**m) for m in it.messages] if it.messages else None
         segments = render(chat_model=True, prompt=it.prompt, messages=messages, system=it.system)
         assert counter.count(segments) == runner.encode(it).length <= token_upper_bound(segments)
+
+
+def test_the_worker_tokenizes_exactly_as_transformers_does(runner, tiny_model):
+    # The worker reads tokenizer.json with the tokenizers library alone (no transformers, no
+    # PyTorch in a serving process); what it feeds the model must not change because of that.
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(tiny_model))
+    texts = ["Hello world", " leading space", "<s> [INST] typed tags </s>", "naïve café €5 😀", "\n\n  x\t",
+             "", "<unk>", "a" * 300, "中文字符"]
+    want = hf(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert runner.tokenizer.encode_texts(texts) == want
+    assert (runner.bos_id, runner.eos_id) == (hf.bos_token_id, hf.eos_token_id)
+    assert runner.special_ids == frozenset(hf.all_special_ids)
+    ids = want[3] + [runner.bos_id] + want[2]
+    assert runner.tokenizer.decode(ids, skip_special_tokens=True) == hf.decode(ids, skip_special_tokens=True)

@@ -1,0 +1,101 @@
+"""Incremental detokenization: the text of a growing continuation at O(1) cost per token.
+
+The step callback needs the text generated so far at every token (stop strings, streaming).
+Decoding the whole continuation at every token is quadratic in its length and runs under the GIL,
+which serialises the CTranslate2 replicas. ``StreamDecoder`` decodes only the tokens since the
+last cut, in the context of the few tokens before them, and gives exactly the text a full decode
+of the continuation gives (``ModelRunner.decode_continuation``):
+
+- Llama's decoder (Metaspace ``▁`` -> space, byte fallback, fuse, strip one leading space) is
+  concatenative at every ordinary token: decoding ``a + b`` equals decoding ``a``, then ``b`` in the
+  context of ``a``'s last tokens. Byte-fallback tokens are not: a run of them decodes as a whole
+  (one invalid byte turns the run's valid ones into U+FFFD too), and special tokens are dropped
+  before the byte runs are joined. So text is cut only after an ordinary token; a byte run (with
+  any special tokens inside it) waits for the ordinary token after it, or for ``finish``.
+- The leading space of the first generated token is kept by decoding it after the prompt's last
+  tokens, as the full decode does; when the prompt ends inside a character the output completes,
+  both fall back to decoding the output alone.
+
+``tokenizers.decoders.DecodeStream`` does a similar job, but it holds back any text ending in
+U+FFFD until more tokens come, so a run that never becomes valid UTF-8 would never be emitted;
+this class has one rule (cut after ordinary tokens) that provably matches the full decode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+# Tokens of context decoded in front of each new piece: enough for the leading-space rule.
+CONTEXT = 4
+
+Decode = Callable[[list[int]], str]
+
+
+class StreamDecoder:
+    """Text of one sequence's generated ids, appended one id at a time."""
+
+    __slots__ = ("_decode", "_special", "_byte", "_ids", "_held", "_context", "_started", "text")
+
+    def __init__(self, decode: Decode, prompt_ids: Sequence[int], *, byte_ids: frozenset[int],
+                 special_ids: frozenset[int]) -> None:
+        """``decode(ids)`` decodes skipping special tokens (the backend tokenizer's ``decode``)."""
+        self._decode = decode
+        self._special, self._byte = special_ids, byte_ids
+        self._ids: list[int] = []  # every generated id
+        self._held: list[int] = []  # ids since the last cut
+        # What is decoded in front of the next piece: the last few non-special ids of the
+        # prompt's tail and the output so far (specials decode to nothing, so dropping them
+        # changes no text; the last one kept is always an ordinary token or the prompt's end).
+        self._context: list[int] = [i for i in prompt_ids[-CONTEXT:] if i not in special_ids]
+        self._started = False
+        self.text = ""  # the final text up to the last cut
+
+    @property
+    def ids(self) -> list[int]:
+        """Every id pushed so far."""
+        return self._ids
+
+    def push(self, token_id: int) -> str:
+        """Take one generated id; returns the text that became final with it ('' if none)."""
+        self._ids.append(token_id)
+        self._held.append(token_id)
+        if token_id in self._byte or token_id in self._special:
+            return ""  # inside a byte run (or possibly one): wait for an ordinary token
+        return self._cut()
+
+    def finish(self) -> str:
+        """The text still held back (a trailing byte run); then ``text`` is the whole text."""
+        return self._cut() if self._held else ""
+
+    def _cut(self) -> str:
+        held, context = self._held, self._context
+        if context:
+            head = self._decode(context)
+            full = self._decode(context + held)
+            if full.startswith(head):
+                piece = full[len(head):]
+            elif not self._started:
+                # The prompt ended inside a character the output completes: the full decode
+                # then decodes the output alone, and so does every later piece.
+                context = []
+                piece = self._decode(held)
+            else:  # cannot happen: a later context always ends on an ordinary token
+                raise AssertionError("context does not prefix its own decode")
+        else:
+            piece = self._decode(held)
+        self._started = True
+        self.text += piece
+        self._context = (context + [i for i in held if i not in self._special])[-CONTEXT:]
+        self._held = []
+        return piece
+
+
+def first_stop(text: str, stops: Sequence[str], searched: int = 0) -> int:
+    """Index of the earliest stop string in ``text``, or -1; the first ``searched`` characters are
+    known to hold none (a match must end after them), so only the rest is scanned."""
+    if not stops:
+        return -1
+    longest = max(len(s) for s in stops)
+    start = max(0, searched - longest + 1)
+    found = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(found) if found else -1
