@@ -45,10 +45,10 @@ def create_failed_batch(*, session: Session, owner: str, input_file_id: str, end
 
 def create_batch(*, session: Session, owner: str, input_file_id: str, endpoint: str, completion_window: str,
                  metadata: dict[str, str] | None, spec: JobCreate, model: ModelSpec, limits: Limits,
-                 counter: Any = None) -> tuple[Batch, Job, list[str]]:
+                 counter: Any = None, dispatching: bool = False) -> tuple[Batch, Job, list[str]]:
     """The job for a validated input file and the batch around it, in the caller's transaction."""
     job, request_ids = job_service.create_job(session=session, spec=spec, model=model, limits=limits,
-                                              owner=owner, counter=counter)
+                                              owner=owner, counter=counter, dispatching=dispatching)
     now = utcnow()
     batch = Batch(id=new_id("batch"), owner=owner, job_id=job.id, input_file_id=input_file_id, endpoint=endpoint,
                   completion_window=completion_window, model=model.name, status="in_progress",

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, delete, func, or_, select, update
+from sqlalchemy import bindparam, case, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from core.errors import ConflictError, InvalidRequestError, NotFoundError
@@ -32,7 +32,7 @@ from core.ids import new_id, new_ids
 from core.prompts import render
 from core.registry import ModelSpec
 from core.schemas import JobCreate, ResolvedParams, window_seconds
-from core.tables import Job, JobRequest, utcnow
+from core.tables import Job, JobRequest, UTCDateTime, utcnow
 from core.tokens import TokenCounter, token_upper_bound
 
 ACTIVE_JOB_STATUSES = ("queued", "running", "cancelling")
@@ -132,6 +132,10 @@ def _check_context(*, loc: str, item: Any, spec: ModelSpec, params: ResolvedPara
             f"exceeds the context of {spec.name} ({spec.context_length} tokens)", "context_length_exceeded"))
 
 
+_INSERT_JOB = Job.__table__.insert()
+_INSERT_REQUEST = JobRequest.__table__.insert()
+
+
 def find_idempotent(*, session: Session, owner: str, idempotency_key: str, fingerprint: str) -> Job | None:
     """The job an earlier request with this key created, or None; ``ConflictError`` if that request
     was a different one."""
@@ -145,8 +149,12 @@ def find_idempotent(*, session: Session, owner: str, idempotency_key: str, finge
 
 def create_job(*, session: Session, spec: JobCreate, model: ModelSpec, limits: Limits, owner: str,
                counter: TokenCounter | None = None, idempotency_key: str | None = None,
-               fingerprint: str | None = None, delivery: str = "store") -> tuple[Job, list[str]]:
+               fingerprint: str | None = None, delivery: str = "store",
+               dispatching: bool = False) -> tuple[Job, list[str]]:
     """Validate ``spec`` against the model and limits, then insert the job and its requests.
+
+    ``dispatching``: the caller publishes the requests right after this transaction commits, so
+    the job is stored as dispatched (``undispatched`` clears that if publishing fails).
 
     ``counter`` counts prompt tokens with the model's tokenizer, to refuse prompts too long for the
     context now; without one, a worker fails such a request alone. ``delivery`` is how results
@@ -198,16 +206,20 @@ def create_job(*, session: Session, spec: JobCreate, model: ModelSpec, limits: L
 
     now = utcnow()
     window = window_seconds(spec.completion_window)
-    job = Job(
+    values = dict(
         id=new_id("job"), owner=owner, model=model.name, status="queued",
         params=spec.params.model_dump(exclude_none=True) if spec.params else {},
         system=spec.system, total=len(items), queued=len(items), running=0, succeeded=0, failed=0,
         cancelled=0, expired=0, prompt_tokens=0, completion_tokens=0, created_at=now,
         job_metadata=spec.metadata, priority=spec.priority, idempotency_key=idempotency_key,
         request_hash=fingerprint, completion_window_s=window, expires_at=now + timedelta(seconds=window),
+        dispatched_at=now if dispatching else None,
     )
-    session.add(job)
-    session.flush()  # the job row must exist before its requests (foreign key)
+    # Core inserts for the job and its requests: the ORM's unit of work costs more per row (and
+    # a flush per job) and buys nothing here. The job returned is not attached to the session.
+    conn = session.connection()  # Core statements: the ORM's execute layer is not needed here
+    conn.execute(_INSERT_JOB, [{("metadata" if k == "job_metadata" else k): v for k, v in values.items()}])
+    job = Job(**values)
     ids = new_ids("req", len(items))
     rows = [
         {"id": request_id, "job_id": job.id, "idx": i, "custom_id": item.custom_id, "prompt": item.prompt,
@@ -215,8 +227,7 @@ def create_job(*, session: Session, spec: JobCreate, model: ModelSpec, limits: L
          "params": params_json, "status": "queued", "attempts": 0, "created_at": now}
         for i, (request_id, item, (_, params_json)) in enumerate(zip(ids, items, resolved, strict=True))
     ]
-    # Core executemany: the ORM's bulk path costs more per row and buys nothing here.
-    session.execute(JobRequest.__table__.insert(), rows)
+    conn.execute(_INSERT_REQUEST, rows)
     return job, ids
 
 
@@ -231,6 +242,11 @@ def get_job(*, session: Session, job_id: str, owner: str | None = None) -> Job:
 def mark_dispatched(*, session: Session, job_id: str) -> None:
     """Note that every request of the job has been put on its queue."""
     session.execute(update(Job).where(Job.id == job_id).values(dispatched_at=utcnow()))
+
+
+def mark_undispatched(*, session: Session, job_id: str) -> None:
+    """Publishing a job stored as dispatched failed: it waits for the reconciler."""
+    session.execute(update(Job).where(Job.id == job_id).values(dispatched_at=None))
 
 
 def list_jobs(*, session: Session, owner: str | None, after: str | None = None, limit: int = 20,
@@ -448,15 +464,6 @@ def claim(*, session: Session, request_ids: Sequence[str], run_id: str, now: dat
     ids = list(request_ids)
     lease = now + timedelta(seconds=lease_s)
     live_jobs = select(Job.id).where(or_(Job.expires_at.is_(None), Job.expires_at > now))
-    lapsed = (JobRequest.status == "running") & (JobRequest.lease_until < now)
-
-    exhausted = session.execute(
-        update(JobRequest)
-        .where(JobRequest.id.in_(ids), lapsed, JobRequest.attempts >= max_attempts)
-        .values(status="failed", error_code="attempts_exhausted", completed_at=now,
-                error_message=f"its worker stopped while running it {max_attempts} times")
-        .returning(JobRequest.id, JobRequest.job_id)
-    ).all()
     fresh = session.execute(
         update(JobRequest)
         .where(JobRequest.id.in_(ids), JobRequest.status == "queued", JobRequest.job_id.in_(live_jobs))
@@ -464,29 +471,48 @@ def claim(*, session: Session, request_ids: Sequence[str], run_id: str, now: dat
                 lease_until=lease)
         .returning(JobRequest.id, JobRequest.job_id)
     ).all()
-    retaken = session.execute(
-        update(JobRequest)
-        .where(JobRequest.id.in_(ids), lapsed, JobRequest.attempts < max_attempts)
-        .values(attempts=JobRequest.attempts + 1, run_id=run_id, lease_until=lease)
-        .returning(JobRequest.id)
-    ).all()
+    exhausted: list[Any] = []
+    retaken: list[Any] = []
+    rest = list(set(ids) - {row.id for row in fresh})
+    if rest:  # the usual case claims everything above; only the others can have lapsed leases
+        lapsed = (JobRequest.status == "running") & (JobRequest.lease_until < now)
+        exhausted = session.execute(
+            update(JobRequest)
+            .where(JobRequest.id.in_(rest), lapsed, JobRequest.attempts >= max_attempts)
+            .values(status="failed", error_code="attempts_exhausted", completed_at=now,
+                    error_message=f"its worker stopped while running it {max_attempts} times")
+            .returning(JobRequest.id, JobRequest.job_id)
+        ).all()
+        retaken = session.execute(
+            update(JobRequest)
+            .where(JobRequest.id.in_(rest), lapsed, JobRequest.attempts < max_attempts)
+            .values(attempts=JobRequest.attempts + 1, run_id=run_id, lease_until=lease)
+            .returning(JobRequest.id)
+        ).all()
 
     per_job: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for row in fresh:
         per_job[row.job_id][0] += 1
     for row in exhausted:
         per_job[row.job_id][1] += 1
-    for job_id, (started, failed) in sorted(per_job.items()):  # fixed order: no lock-order deadlocks
-        session.execute(
-            update(Job).where(Job.id == job_id).values(
-                queued=Job.queued - started, running=Job.running + started - failed, failed=Job.failed + failed,
-                status=case((Job.status == "queued", "running"), else_=Job.status),
-                started_at=func.coalesce(Job.started_at, now),
-            )
-        )
+    if per_job:  # one statement for all jobs, in a fixed order (no lock-order deadlocks)
+        session.connection().execute(_CLAIM_JOB, [
+            {"jid": job_id, "started": started, "failed": failed, "now": now}
+            for job_id, (started, failed) in sorted(per_job.items())])
     if exhausted:
         _finalize(session, sorted({row.job_id for row in exhausted}), now)
     return [row.id for row in fresh] + [row.id for row in retaken]
+
+
+_JOBS = Job.__table__.c
+_CLAIM_JOB = (
+    update(Job.__table__).where(_JOBS.id == bindparam("jid"))
+    .values(queued=_JOBS.queued - bindparam("started"),
+            running=_JOBS.running + bindparam("started") - bindparam("failed"),
+            failed=_JOBS.failed + bindparam("failed"),
+            status=case((_JOBS.status == "queued", "running"), else_=_JOBS.status),
+            started_at=func.coalesce(_JOBS.started_at, bindparam("now", type_=UTCDateTime())))
+)
 
 
 def renew_leases(*, session: Session, run_ids: Sequence[str], lease_s: float, now: datetime | None = None) -> int:
@@ -555,38 +581,54 @@ def record(*, session: Session, outcomes: Iterable[Outcome], now: datetime | Non
     request ran twice; counters and usage move only for rows that changed here.
     """
     now = now or utcnow()
+    by_id = {o.request_id: o for o in outcomes}
+    if not by_id:
+        return []
+    # Which of them still run: in the same transaction as the writes (SQLite's write lock, or
+    # PostgreSQL row locks taken in id order), so the set cannot change before they are written.
+    running = select(JobRequest.id).where(JobRequest.id.in_(sorted(by_id)), JobRequest.status == "running")
+    if session.get_bind().dialect.name == "postgresql":
+        running = running.order_by(JobRequest.id).with_for_update()
+    todo = [by_id[i] for i in sorted(session.scalars(running))]
+    if not todo:
+        return []
+    conn = session.connection()
+    conn.execute(_RECORD_REQUEST, [
+        {"rid": o.request_id, "st": "succeeded" if o.ok else "failed", "tx": storable(o.text),
+         "fr": o.finish_reason, "pt": o.prompt_tokens, "ct": o.completion_tokens, "ec": o.error_code,
+         "em": storable(o.error_message), "now": now}
+        for o in todo])
     deltas: dict[str, _JobDelta] = defaultdict(_JobDelta)
-    for o in sorted(outcomes, key=lambda o: o.request_id):
-        changed = session.execute(
-            update(JobRequest)
-            .where(JobRequest.id == o.request_id, JobRequest.status == "running")
-            .values(
-                status="succeeded" if o.ok else "failed", text=storable(o.text),
-                finish_reason=o.finish_reason, prompt_tokens=o.prompt_tokens,
-                completion_tokens=o.completion_tokens, error_code=o.error_code,
-                error_message=storable(o.error_message), completed_at=now,
-            )
-        ).rowcount
-        if changed:
-            d = deltas[o.job_id]
-            d.ids.append(o.request_id)
-            d.succeeded += o.ok
-            d.failed += not o.ok
-            if o.ok:
-                d.prompt_tokens += o.prompt_tokens or 0
-                d.completion_tokens += o.completion_tokens or 0
-    for job_id, d in sorted(deltas.items()):
-        session.execute(
-            update(Job).where(Job.id == job_id).values(
-                running=Job.running - (d.succeeded + d.failed),
-                succeeded=Job.succeeded + d.succeeded, failed=Job.failed + d.failed,
-                prompt_tokens=Job.prompt_tokens + d.prompt_tokens,
-                completion_tokens=Job.completion_tokens + d.completion_tokens,
-            )
-        )
+    for o in todo:
+        d = deltas[o.job_id]
+        d.ids.append(o.request_id)
+        d.succeeded += o.ok
+        d.failed += not o.ok
+        if o.ok:
+            d.prompt_tokens += o.prompt_tokens or 0
+            d.completion_tokens += o.completion_tokens or 0
+    conn.execute(_RECORD_JOB, [
+        {"jid": job_id, "done": d.succeeded + d.failed, "ok": d.succeeded, "bad": d.failed,
+         "pt": d.prompt_tokens, "ct": d.completion_tokens}
+        for job_id, d in sorted(deltas.items())])
     # Same transaction, rows already locked by the updates above: the last result closes the job.
     _finalize(session, sorted(deltas), now)
     return [i for d in deltas.values() for i in d.ids]
+
+
+_REQUESTS = JobRequest.__table__.c
+_RECORD_REQUEST = (
+    update(JobRequest.__table__).where(_REQUESTS.id == bindparam("rid"), _REQUESTS.status == "running")
+    .values(status=bindparam("st"), text=bindparam("tx"), finish_reason=bindparam("fr"),
+            prompt_tokens=bindparam("pt"), completion_tokens=bindparam("ct"), error_code=bindparam("ec"),
+            error_message=bindparam("em"), completed_at=bindparam("now", type_=UTCDateTime()))
+)
+_RECORD_JOB = (
+    update(Job.__table__).where(_JOBS.id == bindparam("jid"))
+    .values(running=_JOBS.running - bindparam("done"), succeeded=_JOBS.succeeded + bindparam("ok"),
+            failed=_JOBS.failed + bindparam("bad"), prompt_tokens=_JOBS.prompt_tokens + bindparam("pt"),
+            completion_tokens=_JOBS.completion_tokens + bindparam("ct"))
+)
 
 
 def fail_queued(*, session: Session, outcomes: Sequence[Outcome], run_id: str) -> list[str]:

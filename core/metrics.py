@@ -35,7 +35,8 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[float, ...]]] = {
     "batchgen_device_memory_bytes": ("gauge", "Memory in use on the worker's device (RSS on CPU).", ()),
     "batchgen_jobs": ("gauge", "Jobs by status.", ()),
     "batchgen_requests": ("gauge", "Requests by status.", ()),
-    "batchgen_queue_depth": ("gauge", "Messages waiting in a model's queue.", ()),
+    "batchgen_queue_depth": ("gauge", "Messages waiting in a model's queue (each carries up to "
+                                      "BATCHGEN_REQUESTS_PER_MESSAGE request ids).", ()),
 }
 
 

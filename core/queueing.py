@@ -1,10 +1,21 @@
 """What the API and the workers must agree on about Celery, without importing either side:
-task names, message routing and broker options."""
+task names, message routing, broker options, and the messages themselves.
+
+The API does not go through Celery to publish. ``send_task`` costs ~0.4 ms of CPU per message
+(kombu builds a Redis client per message) and one Redis round trip each; a 50,000-request job
+spent 20 s there. ``publish`` writes the same bytes kombu's Redis transport would (Celery's task
+message protocol 2, base64 body, the transport's priority lists) with one pipelined ``LPUSH`` per
+thousand messages. A test checks the message against Celery's own, key for key, and every end to
+end test has real Celery workers consume them.
+"""
 
 from __future__ import annotations
 
 import base64
 import json
+import os
+import socket
+import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -52,13 +63,52 @@ def stream_channel(settings: Settings, request_id: str) -> str:
     return f"{settings.redis_prefix}stream:{request_id}"
 
 
-def publish(app: Any, settings: Settings, *, model: str, request_ids: Sequence[str], priority: int = 5) -> None:
-    """Put one ``generate`` message per request on the model's queue (``app`` is a Celery app)."""
+_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+_ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
+
+
+def task_message(request_ids: Sequence[str], *, queue: str, priority: int) -> str:
+    """One ``generate`` task message for these request ids, as kombu's Redis transport stores it
+    (``priority`` is the Redis priority, 0 first)."""
+    task_id = str(uuid.uuid4())
+    args = [list(request_ids)]
+    body = base64.b64encode(json.dumps([args, {}, _EMBED]).encode()).decode()
+    return json.dumps({
+        "body": body, "content-encoding": "utf-8", "content-type": "application/json",
+        "headers": {
+            "lang": "py", "task": GENERATE_TASK, "id": task_id, "shadow": None, "eta": None,
+            "expires": None, "group": None, "group_index": None, "retries": 0, "timelimit": [None, None],
+            "root_id": task_id, "parent_id": None, "argsrepr": repr(args), "kwargsrepr": "{}",
+            "origin": _ORIGIN, "ignore_result": None, "replaced_task_nesting": 0, "stamped_headers": None,
+            "stamps": {},
+        },
+        "properties": {
+            "correlation_id": task_id, "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": queue}, "priority": priority,
+            "body_encoding": "base64", "delivery_tag": str(uuid.uuid4()),
+        },
+    })
+
+
+def publish(redis: Any, settings: Settings, *, model: str, request_ids: Sequence[str], priority: int = 5,
+            per_message: int = 1) -> int:
+    """Put ``generate`` messages of up to ``per_message`` request ids each on the model's queue
+    (``redis`` is a redis-py client); returns how many messages. Raises what redis-py raises."""
     queue = settings.queue_for(model)
-    with app.producer_or_acquire() as producer:
-        for request_id in request_ids:
-            app.send_task(GENERATE_TASK, args=[[request_id]], queue=queue, producer=producer,
-                          priority=celery_priority(priority))
+    pri = celery_priority(priority)
+    key = queue_keys(settings, model)[pri]
+    step = max(1, per_message)
+    messages = [task_message(request_ids[i:i + step], queue=queue, priority=pri)
+                for i in range(0, len(request_ids), step)]
+    # LPUSH of many values puts the last at the head; BRPOP takes from the tail: FIFO.
+    if len(messages) <= 1000:
+        redis.lpush(key, *messages)  # one round trip, no pipeline to build
+    else:
+        pipe = redis.pipeline(transaction=False)
+        for i in range(0, len(messages), 1000):
+            pipe.lpush(key, *messages[i:i + 1000])
+        pipe.execute()
+    return len(messages)
 
 
 def _ids_of(raw: bytes | str) -> list[str]:

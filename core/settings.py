@@ -50,6 +50,10 @@ class Settings(BaseModel):
     max_prompt_chars: int = Field(default=200_000, ge=1)
     # Jobs with more requests than this are dispatched by a background thread, not in the request.
     inline_dispatch_limit: int = Field(default=1_000, ge=0)
+    # Request ids per queue message: a worker pays Celery's per-message cost once for this many,
+    # and takes work from the queue in steps of this many (so, with several workers, one may hold
+    # up to this many times its in-flight messages). 1 gives every request its own message.
+    requests_per_message: int = Field(default=8, ge=1, le=256)
     # Backpressure (429 with Retry-After past these; 0 turns a limit off).
     max_pending_per_model: int = Field(default=1_000_000, ge=0)
     max_pending_per_key: int = Field(default=500_000, ge=0)

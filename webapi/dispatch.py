@@ -1,8 +1,10 @@
 """Putting requests on their model's queue, by task *name*: the API never imports the worker.
 
-One small message per request (its id). Small jobs are dispatched inside the HTTP request after
-the job is committed; large ones by a background thread so the client gets its ``202`` at once.
-Celery is imported on first use so the API process starts fast.
+Small messages of request ids (up to ``BATCHGEN_REQUESTS_PER_MESSAGE`` each, so a big job costs
+the broker and the worker a fraction of a message per request), written to Redis directly in the
+format Celery workers consume (``core.queueing.publish``). Small jobs are dispatched inside the
+HTTP request after the job is committed; large ones by a background thread so the client gets
+its ``202`` at once.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from core.queueing import celery_config, publish
+from core.queueing import publish
 from core.settings import Settings
 
 log = logging.getLogger("batchgen.dispatch")
@@ -28,30 +30,31 @@ class Dispatcher:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._celery: Any = None
+        self._redis: Any = None
         self._lock = threading.Lock()
         self._backlog: queue.Queue[tuple[str, str, list[str], int, Callable[[str], None]]] = queue.Queue()
         self._thread: threading.Thread | None = None
 
-    def _app(self) -> Any:
+    def _client(self) -> Any:
         with self._lock:
-            if self._celery is None:
+            if self._redis is None:
                 if not self.settings.redis_url:
                     raise DispatchError("BATCHGEN_REDIS_URL is not set: there is no broker to dispatch to")
-                from celery import Celery
+                import redis
 
-                app = Celery("batchgen-api", set_as_current=False)
-                app.conf.update(celery_config(self.settings))
-                self._celery = app
-            return self._celery
+                self._redis = redis.Redis.from_url(self.settings.redis_url, socket_timeout=5,
+                                                   socket_connect_timeout=2)
+            return self._redis
 
-    def dispatch(self, *, model: str, request_ids: Sequence[str], priority: int = 5) -> None:
-        """Publish one message per request id now; raises ``DispatchError`` if the broker fails."""
+    def dispatch(self, *, model: str, request_ids: Sequence[str], priority: int = 5,
+                 per_message: int | None = None) -> None:
+        """Publish the request ids now; raises ``DispatchError`` if the broker fails."""
         try:
-            publish(self._app(), self.settings, model=model, request_ids=request_ids, priority=priority)
+            publish(self._client(), self.settings, model=model, request_ids=request_ids, priority=priority,
+                    per_message=per_message or self.settings.requests_per_message)
         except DispatchError:
             raise
-        except Exception as exc:  # kombu raises many kinds; the caller needs one
+        except Exception as exc:  # redis-py raises many kinds; the caller needs one
             raise DispatchError(f"could not publish to {self.settings.queue_for(model)}: {exc}") from exc
 
     def dispatch_later(self, *, job_id: str, model: str, request_ids: Sequence[str], priority: int,

@@ -161,7 +161,8 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
         with svc.db.write() as session:
             job, request_ids = job_service.create_job(
                 session=session, spec=spec, model=model, limits=limits, owner=principal.owner,
-                counter=svc.token_counter(model), idempotency_key=key, fingerprint=fingerprint)
+                counter=svc.token_counter(model), idempotency_key=key, fingerprint=fingerprint,
+                dispatching=dispatches_inline(spec.count()))
     except IntegrityError:
         # Two requests with one Idempotency-Key raced; the other one created the job.
         replay = _replay(key, fingerprint) if key else None
@@ -170,7 +171,7 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
         return replay
     log.info("job accepted: %d requests for %s", job.total, job.model, extra={"job_id": job.id})
     _dispatch(job, request_ids)
-    location = url_for("jobs.get_job", job_id=job.id)
+    location = f"{request.script_root}/v1/jobs/{job.id}"  # url_for("jobs.get_job"), without its cost
     return jsonify(job_read(job).model_dump(mode="json")), 202, {"Location": location}
 
 
@@ -185,24 +186,35 @@ def _replay(key: str, fingerprint: str) -> tuple[Response, int, dict[str, str]] 
                 {"Location": url_for("jobs.get_job", job_id=job.id), "Idempotent-Replayed": "true"})
 
 
+def dispatches_inline(count: int) -> bool:
+    """Whether a job of ``count`` requests is published inside its HTTP request (stored as
+    dispatched) rather than by the background dispatcher."""
+    return count <= services().settings.inline_dispatch_limit
+
+
 def _dispatch(job: Job, request_ids: list[str]) -> None:
+    """Publish a committed job's requests (inline: it was stored as dispatched)."""
     svc = services()
 
     def mark_done(job_id: str) -> None:
         with svc.db.write() as session:
             job_service.mark_dispatched(session=session, job_id=job_id)
 
-    if len(request_ids) > svc.settings.inline_dispatch_limit:
+    if not dispatches_inline(len(request_ids)):
         svc.dispatcher.dispatch_later(job_id=job.id, model=job.model, request_ids=request_ids,
                                       priority=job.priority, on_done=mark_done)
         return
     try:
         svc.dispatcher.dispatch(model=job.model, request_ids=request_ids, priority=job.priority)
     except DispatchError:
-        # The job is stored and stays queued; it is not lost. It is answered 202 all the same.
+        # The job is stored and stays queued; it is not lost: the reconciler dispatches it. It
+        # is answered 202 all the same.
         log.exception("dispatch failed; job stored but not yet on a queue", extra={"job_id": job.id})
-        return
-    mark_done(job.id)
+        try:
+            with svc.db.write() as session:
+                job_service.mark_undispatched(session=session, job_id=job.id)
+        except Exception:
+            log.exception("could not note the failed dispatch", extra={"job_id": job.id})
 
 
 @bp.get("")

@@ -59,11 +59,47 @@ class LongCalls:
         return LongCall(self)
 
 
+class PendingCounts:
+    """Requests pending per model and per owner, as this process last read them from the database
+    plus what it has accepted since; read again once a reading is ``ttl_s`` old.
+
+    Summing the pending requests of every active job on each submission costs time that grows
+    with the backlog (1.5 ms with a thousand active jobs on SQLite, far more with 50,000). With
+    this, one API process is exact about what it accepts itself; across processes the figure can
+    lag by what the others accepted in the last ``ttl_s``: a soft limit, which is what it is for.
+    """
+
+    def __init__(self, ttl_s: float = 1.0) -> None:
+        self.ttl_s = ttl_s
+        self._lock = threading.Lock()
+        self._values: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def get(self, key: tuple[str, str], session: Session) -> int:
+        now = time.monotonic()
+        with self._lock:
+            seen = self._values.get(key)
+        if seen is not None and now - seen[0] < self.ttl_s:
+            return seen[1]
+        kind, name = key
+        value = (job_service.pending_for_model(session=session, model=name) if kind == "model"
+                 else job_service.pending_for_owner(session=session, owner=name))
+        with self._lock:
+            self._values[key] = (now, value)
+        return value
+
+    def add(self, key: tuple[str, str], count: int) -> None:
+        with self._lock:
+            seen = self._values.get(key)
+            if seen is not None:
+                self._values[key] = (seen[0], seen[1] + count)
+
+
 class Limits:
     """The checks views make before accepting work."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self._pending = PendingCounts()
         self.long_calls = LongCalls(settings.long_call_limit)
         self._redis: Any = None
         self._lock = threading.Lock()
@@ -101,10 +137,12 @@ class Limits:
     def check_capacity(self, *, session: Session, principal: Principal, model: str, new: int) -> None:
         """Refuse ``new`` requests when the model's queue or the key's pending work is full."""
         cap = self.settings.max_pending_per_model
-        if cap and job_service.pending_for_model(session=session, model=model) + new > cap:
+        if cap and self._pending.get(("model", model), session) + new > cap:
             raise ApiError(429, "queue_full", f"model {model} has more than {cap} requests waiting; retry later",
                            {"retry_after": 30}, headers={"Retry-After": "30"})
         cap = self.settings.max_pending_per_key
-        if cap and job_service.pending_for_owner(session=session, owner=principal.owner) + new > cap:
+        if cap and self._pending.get(("owner", principal.owner), session) + new > cap:
             raise ApiError(429, "too_many_pending", f"this owner has more than {cap} requests waiting or "
                            "running; wait for some to finish", {"retry_after": 60}, headers={"Retry-After": "60"})
+        self._pending.add(("model", model), new)
+        self._pending.add(("owner", principal.owner), new)

@@ -80,7 +80,8 @@ class SyncRunner:
         with svc.db.write() as session:
             job, (request_id,) = job_service.create_job(
                 session=session, spec=spec, model=model, limits=limits, owner=principal.owner,
-                counter=svc.token_counter(model), delivery="stream" if stream else "notify")
+                counter=svc.token_counter(model), delivery="stream" if stream else "notify",
+                dispatching=True)
         pubsub = self._client().pubsub(ignore_subscribe_messages=True)
         pubsub.subscribe(stream_channel(svc.settings, request_id))  # before dispatch: nothing is missed
         try:

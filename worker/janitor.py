@@ -30,9 +30,9 @@ class Janitor:
     """A daemon thread: expiry and reconciliation every ``interval_s`` seconds."""
 
     def __init__(self, db: Database, interval_s: float = 15.0, *, settings: Settings | None = None,
-                 model: str | None = None, celery: Any = None, redis: Any = None) -> None:
+                 model: str | None = None, redis: Any = None) -> None:
         self.db, self.interval_s = db, interval_s
-        self.settings, self.model, self.celery, self.redis = settings, model, celery, redis
+        self.settings, self.model, self.redis = settings, model, redis
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="janitor", daemon=True)
 
@@ -54,7 +54,7 @@ class Janitor:
 
     def reconcile(self) -> int:
         """Re-dispatch this model's requests that no queue holds; returns how many."""
-        if self.settings is None or self.redis is None or self.celery is None or self.model is None:
+        if self.settings is None or self.redis is None or self.model is None:
             return 0
         settings = self.settings
         lock = f"{settings.redis_prefix}reconcile:{self.model}"
@@ -72,7 +72,8 @@ class Janitor:
         for request_id, priority in lost:
             by_priority[priority].append(request_id)
         for priority, ids in by_priority.items():
-            queueing.publish(self.celery, settings, model=self.model, request_ids=ids, priority=priority)
+            queueing.publish(self.redis, settings, model=self.model, request_ids=ids, priority=priority,
+                             per_message=settings.requests_per_message)
         if lost:
             log.warning("re-dispatched %d requests of %s that no queue held", len(lost), self.model)
         return len(lost)

@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m worker") -> int:
 
     redis_client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
     janitor = Janitor(db, interval_s=settings.reconcile_interval_s, settings=settings, model=spec.name,
-                      celery=app, redis=redis_client).start()
+                      redis=redis_client).start()
     node = "".join(c if c.isalnum() or c in "-_." else "-" for c in spec.name)
     process_name = f"worker:{socket.gethostname()}:{os.getpid()}"
 

@@ -56,7 +56,8 @@ def test_metrics_show_jobs_requests_queues_and_this_process(app, client, setting
     requests = {s[1]["status"]: s[2] for s in samples(fams, "batchgen_requests")}
     assert (requests["queued"], requests["cancelled"], requests["succeeded"]) == (3, 1, 0)
     depth = {s[1]["model"]: s[2] for s in samples(fams, "batchgen_queue_depth")}
-    assert depth["tiny-chat"] == 4  # every message published, none consumed (no worker)
+    # Every message published, none consumed (no worker): one per job, its requests share it.
+    assert depth["tiny-chat"] == 2
     submit = samples(fams, "batchgen_submit_seconds_count")
     assert submit and submit[0][1]["process"].startswith("api:") and submit[0][2] == 2
     http = {(s[1]["route"], s[1]["status"]) for s in samples(fams, "batchgen_http_requests_total")}

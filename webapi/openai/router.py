@@ -21,7 +21,7 @@ from core.schemas import JobCreate, check_metadata
 from core.tables import Job
 from webapi.auth import current_principal
 from webapi.errors import ApiError, validated
-from webapi.jobs import json_body
+from webapi.jobs import _dispatch, dispatches_inline, json_body
 from webapi.openai import protocol, serving
 from webapi.services import services
 
@@ -158,7 +158,8 @@ def create_batch() -> dict[str, Any]:
                 batch, job, request_ids = batch_service.create_batch(
                     session=session, owner=principal.owner, input_file_id=file.id, endpoint=req.endpoint,
                     completion_window=req.completion_window, metadata=req.metadata, spec=spec, model=model,
-                    limits=limits, counter=svc.token_counter(model))
+                    limits=limits, counter=svc.token_counter(model),
+                    dispatching=dispatches_inline(spec.count()))
                 view = serving.batch_view(batch, job)
         except InvalidRequestError as exc:
             errors = serving.errors_from_problems(exc, lines)
@@ -171,7 +172,6 @@ def create_batch() -> dict[str, Any]:
         log.info("batch failed validation with %d errors", len(errors))
         return view
     assert job is not None
-    from webapi.jobs import _dispatch
 
     _dispatch(job, request_ids)
     log.info("batch accepted: %d requests", len(request_ids), extra={"job_id": job.id})
