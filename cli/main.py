@@ -20,6 +20,8 @@ Running the service:
     batchgen convert meta-llama/Llama-2-7b-chat-hf --name meta-llama/Llama-2-7b-chat-hf
                                      convert a Hugging Face checkpoint to CTranslate2 int8
     batchgen models                  list registered models and whether they are installed
+    batchgen tune --model demo       measure the model on this device: the curve, the batch limits
+                                     a worker will use, and a plot of it
     batchgen keys create --owner alice
                                      create an API key (also: keys list, keys revoke KEY_ID)
 
@@ -162,6 +164,46 @@ def cmd_models(args: argparse.Namespace) -> int:
         kind = "chat" if spec.chat else "base"
         aliases = f" (aliases: {', '.join(spec.aliases)})" if spec.aliases else ""
         print(f"{spec.name:36} {kind:4} ctx={spec.context_length:<5} {state:13} {registry.directory(spec)}{aliases}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from core.errors import UnknownModelError
+    from core.registry import load_registry
+    from worker import calibration as calibration_service
+    from worker.device import pin_cuda_device
+
+    settings = _settings(model=args.model, device=args.device, device_index=args.device_index,
+                         compute_type=args.compute_type, inter_threads=args.inter_threads,
+                         intra_threads=args.intra_threads)
+    if settings.device == "cuda":
+        pin_cuda_device(settings.device_index)
+    registry = load_registry(settings)
+    try:
+        spec = registry.resolve(settings.model)
+    except UnknownModelError as exc:
+        raise CliError(exc.message) from None
+    model_dir = registry.directory(spec)
+    if not registry.is_installed(spec):
+        raise CliError(f"model {spec.name} is not installed in {model_dir}")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    print(f"measuring {spec.name} on {settings.device}:{settings.device_index} "
+          f"(at most about {settings.calibration_budget_s:.0f} s) ...", file=sys.stderr, flush=True)
+    result = calibration_service.for_worker(
+        model=spec.name, model_dir=model_dir, device=settings.device, device_index=0,
+        physical_index=settings.device_index, context_length=spec.context_length,
+        compute_type=settings.compute_type, inter_threads=settings.inter_threads,
+        intra_threads=settings.intra_threads, cache_dir=settings.calibration_dir,
+        mode="auto" if args.cached else "force", budget_s=args.budget or settings.calibration_budget_s)
+    print(result.table())
+    print(f"cached in {calibration_service.cache_path(settings.calibration_dir, result.key)}: workers of "
+          f"{spec.name} on this device start with these limits")
+    out = args.plot or settings.calibration_dir / f"{calibration_service.cache_path(settings.calibration_dir, result.key).stem}.png"
+    try:
+        calibration_service.plot(result, out)
+        print(f"plot: {out}")
+    except ImportError:
+        print("no plot: matplotlib is not installed (pip install matplotlib, or the 'ops' extra)", file=sys.stderr)
     return 0
 
 
@@ -338,6 +380,24 @@ def build_parser() -> argparse.ArgumentParser:
         "batchgen models",
     ))
     p.set_defaults(func=cmd_models)
+
+    p = command("tune", "measure a model on this device and show the batch limits a worker will use", (
+        "batchgen tune --model demo                          # CPU: thread layouts, compute types, batch sizes",
+        "batchgen tune --model meta-llama/Llama-2-7b-chat-hf --device cuda --device-index 1",
+        "batchgen tune --model demo --cached                 # show what is cached, measure only if nothing is",
+    ), description="Measure output tokens/s of a model on this device over batch sizes and prompt lengths "
+                   "(on CPU also thread layouts; every int8 compute type the device supports), print the curve "
+                   "as a table, plot it, and cache the choice so workers on this device start with it.")
+    p.add_argument("--model", help="registered model name or alias (default: BATCHGEN_MODEL or demo)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: BATCHGEN_DEVICE or cpu")
+    p.add_argument("--device-index", type=int, help="GPU index on this machine (default 0)")
+    p.add_argument("--compute-type", help="measure only this compute type")
+    p.add_argument("--inter-threads", type=int, help="measure only this many replicas")
+    p.add_argument("--intra-threads", type=int, help="measure only this many threads per replica")
+    p.add_argument("--budget", type=float, help="seconds to spend (default BATCHGEN_CALIBRATION_BUDGET_S or 30)")
+    p.add_argument("--cached", action="store_true", help="use a cached calibration if there is one")
+    p.add_argument("--plot", type=Path, help="PNG to write (default: next to the cached calibration)")
+    p.set_defaults(func=cmd_tune)
     return parser
 
 

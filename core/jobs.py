@@ -387,21 +387,8 @@ def expire_due(*, session: Session, now: datetime | None = None, limit: int = 10
 
 def _finalize(session: Session, job_ids: Sequence[str], now: datetime) -> None:
     """End the jobs that have nothing queued or running, with the status their requests earned."""
-    if not job_ids:
-        return
-    session.execute(
-        update(Job)
-        .where(Job.id.in_(list(job_ids)), Job.status.in_(ACTIVE_JOB_STATUSES), Job.queued == 0, Job.running == 0)
-        .values(
-            status=case(
-                (Job.cancel_requested_at.is_not(None), "cancelled"),
-                (Job.expired > 0, "expired"),
-                (Job.succeeded == 0, "failed"),
-                else_="completed",
-            ),
-            completed_at=now,
-        )
-    )
+    if job_ids:
+        session.connection().execute(_FINALIZE, {"jids": list(job_ids), "now": now})
 
 
 # --- worker side ---------------------------------------------------------------------------
@@ -463,32 +450,17 @@ def claim(*, session: Session, request_ids: Sequence[str], run_id: str, now: dat
     now = now or utcnow()
     ids = list(request_ids)
     lease = now + timedelta(seconds=lease_s)
-    live_jobs = select(Job.id).where(or_(Job.expires_at.is_(None), Job.expires_at > now))
-    fresh = session.execute(
-        update(JobRequest)
-        .where(JobRequest.id.in_(ids), JobRequest.status == "queued", JobRequest.job_id.in_(live_jobs))
-        .values(status="running", attempts=JobRequest.attempts + 1, started_at=now, run_id=run_id,
-                lease_until=lease)
-        .returning(JobRequest.id, JobRequest.job_id)
-    ).all()
+    conn = session.connection()  # Core statements, built once (see below): this runs per batch
+    fresh = conn.execute(_CLAIM_FRESH, {"ids": ids, "now": now, "run": run_id, "lease": lease}).all()
     exhausted: list[Any] = []
     retaken: list[Any] = []
     rest = list(set(ids) - {row.id for row in fresh})
     if rest:  # the usual case claims everything above; only the others can have lapsed leases
-        lapsed = (JobRequest.status == "running") & (JobRequest.lease_until < now)
-        exhausted = session.execute(
-            update(JobRequest)
-            .where(JobRequest.id.in_(rest), lapsed, JobRequest.attempts >= max_attempts)
-            .values(status="failed", error_code="attempts_exhausted", completed_at=now,
-                    error_message=f"its worker stopped while running it {max_attempts} times")
-            .returning(JobRequest.id, JobRequest.job_id)
-        ).all()
-        retaken = session.execute(
-            update(JobRequest)
-            .where(JobRequest.id.in_(rest), lapsed, JobRequest.attempts < max_attempts)
-            .values(attempts=JobRequest.attempts + 1, run_id=run_id, lease_until=lease)
-            .returning(JobRequest.id)
-        ).all()
+        exhausted = conn.execute(_CLAIM_EXHAUSTED, {
+            "ids": rest, "now": now, "max": max_attempts,
+            "msg": f"its worker stopped while running it {max_attempts} times"}).all()
+        retaken = conn.execute(_CLAIM_LAPSED, {"ids": rest, "now": now, "max": max_attempts, "run": run_id,
+                                               "lease": lease}).all()
 
     per_job: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for row in fresh:
@@ -505,13 +477,44 @@ def claim(*, session: Session, request_ids: Sequence[str], run_id: str, now: dat
 
 
 _JOBS = Job.__table__.c
+_REQUESTS = JobRequest.__table__.c
+_NOW = bindparam("now", type_=UTCDateTime())
+_LAPSED = (_REQUESTS.status == "running") & (_REQUESTS.lease_until < _NOW)
+_CLAIM_FRESH = (
+    update(JobRequest.__table__)
+    .where(_REQUESTS.id.in_(bindparam("ids", expanding=True)), _REQUESTS.status == "queued",
+           _REQUESTS.job_id.in_(select(_JOBS.id).where(or_(_JOBS.expires_at.is_(None), _JOBS.expires_at > _NOW))))
+    .values(status="running", attempts=_REQUESTS.attempts + 1, started_at=_NOW, run_id=bindparam("run"),
+            lease_until=bindparam("lease", type_=UTCDateTime()))
+    .returning(_REQUESTS.id, _REQUESTS.job_id)
+)
+_CLAIM_EXHAUSTED = (
+    update(JobRequest.__table__)
+    .where(_REQUESTS.id.in_(bindparam("ids", expanding=True)), _LAPSED, _REQUESTS.attempts >= bindparam("max"))
+    .values(status="failed", error_code="attempts_exhausted", completed_at=_NOW, error_message=bindparam("msg"))
+    .returning(_REQUESTS.id, _REQUESTS.job_id)
+)
+_CLAIM_LAPSED = (
+    update(JobRequest.__table__)
+    .where(_REQUESTS.id.in_(bindparam("ids", expanding=True)), _LAPSED, _REQUESTS.attempts < bindparam("max"))
+    .values(attempts=_REQUESTS.attempts + 1, run_id=bindparam("run"), lease_until=bindparam("lease", type_=UTCDateTime()))
+    .returning(_REQUESTS.id)
+)
+_FINALIZE = (
+    update(Job.__table__)
+    .where(_JOBS.id.in_(bindparam("jids", expanding=True)), _JOBS.status.in_(ACTIVE_JOB_STATUSES),
+           _JOBS.queued == 0, _JOBS.running == 0)
+    .values(status=case((_JOBS.cancel_requested_at.is_not(None), "cancelled"), (_JOBS.expired > 0, "expired"),
+                        (_JOBS.succeeded == 0, "failed"), else_="completed"),
+            completed_at=_NOW)
+)
 _CLAIM_JOB = (
     update(Job.__table__).where(_JOBS.id == bindparam("jid"))
     .values(queued=_JOBS.queued - bindparam("started"),
             running=_JOBS.running + bindparam("started") - bindparam("failed"),
             failed=_JOBS.failed + bindparam("failed"),
             status=case((_JOBS.status == "queued", "running"), else_=_JOBS.status),
-            started_at=func.coalesce(_JOBS.started_at, bindparam("now", type_=UTCDateTime())))
+            started_at=func.coalesce(_JOBS.started_at, _NOW))
 )
 
 
@@ -586,13 +589,11 @@ def record(*, session: Session, outcomes: Iterable[Outcome], now: datetime | Non
         return []
     # Which of them still run: in the same transaction as the writes (SQLite's write lock, or
     # PostgreSQL row locks taken in id order), so the set cannot change before they are written.
-    running = select(JobRequest.id).where(JobRequest.id.in_(sorted(by_id)), JobRequest.status == "running")
-    if session.get_bind().dialect.name == "postgresql":
-        running = running.order_by(JobRequest.id).with_for_update()
-    todo = [by_id[i] for i in sorted(session.scalars(running))]
+    conn = session.connection()
+    running = _RUNNING_LOCKED if conn.dialect.name == "postgresql" else _RUNNING
+    todo = [by_id[i] for i in sorted(conn.execute(running, {"ids": sorted(by_id)}).scalars())]
     if not todo:
         return []
-    conn = session.connection()
     conn.execute(_RECORD_REQUEST, [
         {"rid": o.request_id, "st": "succeeded" if o.ok else "failed", "tx": storable(o.text),
          "fr": o.finish_reason, "pt": o.prompt_tokens, "ct": o.completion_tokens, "ec": o.error_code,
@@ -616,12 +617,14 @@ def record(*, session: Session, outcomes: Iterable[Outcome], now: datetime | Non
     return [i for d in deltas.values() for i in d.ids]
 
 
-_REQUESTS = JobRequest.__table__.c
+_RUNNING = (select(_REQUESTS.id).where(_REQUESTS.id.in_(bindparam("ids", expanding=True)),
+                                      _REQUESTS.status == "running").order_by(_REQUESTS.id))
+_RUNNING_LOCKED = _RUNNING.with_for_update()
 _RECORD_REQUEST = (
     update(JobRequest.__table__).where(_REQUESTS.id == bindparam("rid"), _REQUESTS.status == "running")
     .values(status=bindparam("st"), text=bindparam("tx"), finish_reason=bindparam("fr"),
             prompt_tokens=bindparam("pt"), completion_tokens=bindparam("ct"), error_code=bindparam("ec"),
-            error_message=bindparam("em"), completed_at=bindparam("now", type_=UTCDateTime()))
+            error_message=bindparam("em"), completed_at=_NOW)
 )
 _RECORD_JOB = (
     update(Job.__table__).where(_JOBS.id == bindparam("jid"))

@@ -32,6 +32,16 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[float, ...]]] = {
     "batchgen_time_to_result_seconds": ("histogram", "From a request's submission to its result stored.",
                                         (0.1, 0.5, 1, 5, 15, 60, 300, 1800, 3600, 86400)),
     "batchgen_model_load_seconds": ("gauge", "Time the worker took to load its model.", ()),
+    "batchgen_batch_limit": ("gauge", "Batch limits in force in a worker (max_batch_tokens, max_batch_size, "
+                                      "slots), from its calibration and what it has seen since.", ()),
+    "batchgen_calibration_ratio": ("gauge", "Output tokens/s a worker sees over what its calibration expects "
+                                            "for batches of that shape (recent average).", ()),
+    "batchgen_batch_limit_moves_total": ("counter", "Times a worker moved its token budget.", ()),
+    "batchgen_calibration_seconds": ("gauge", "Time the worker spent measuring its device (0: from the cache).", ()),
+    "batchgen_worker_info": ("gauge", "A worker's device, compute type, thread layout and where its limits "
+                                      "came from (value 1).", ()),
+    "batchgen_worker_cpu_seconds_total": ("counter", "A worker's CPU time: part=engine for CTranslate2's own "
+                                                     "threads, part=service for everything else.", ()),
     "batchgen_device_memory_bytes": ("gauge", "Memory in use on the worker's device (RSS on CPU).", ()),
     "batchgen_jobs": ("gauge", "Jobs by status.", ()),
     "batchgen_requests": ("gauge", "Requests by status.", ()),

@@ -77,7 +77,14 @@ class Settings(BaseModel):
     intra_threads: int = Field(default=0, ge=0)  # 0: chosen per device
     max_batch_size: int = Field(default=0, ge=0)  # 0: chosen per device
     max_batch_tokens: int = Field(default=0, ge=0)  # 0: chosen per device
-    max_wait_ms: float = Field(default=20.0, ge=0)
+    # 0: derived from how long a batch takes here (a tenth of it, 2-200 ms; 20 ms if unknown).
+    max_wait_ms: float = Field(default=0.0, ge=0)
+    # Calibration: "auto" measures the device once per model, device and version and caches it
+    # under var_dir/calibration; "force" measures at every start; "off" uses fixed defaults.
+    calibrate: Literal["auto", "force", "off"] = "auto"
+    calibration_budget_s: float = Field(default=30.0, gt=0)
+    # Where calibrations are cached; empty means ``var_dir/calibration``.
+    calibration_dir: Path = Field(default=Path(""))
     worker_inflight: int = Field(default=256, ge=1)
     # Recovery: a message a worker took and never acked goes back to the queue after
     # visibility_timeout_s; a running request whose worker stopped renewing its lease (lease_s)
@@ -102,6 +109,8 @@ class Settings(BaseModel):
             object.__setattr__(self, "database_url", f"sqlite:///{self.var_dir / 'batchgen.db'}")
         if self.models_dir == Path(""):
             object.__setattr__(self, "models_dir", self.var_dir / "models")
+        if self.calibration_dir == Path(""):
+            object.__setattr__(self, "calibration_dir", self.var_dir / "calibration")
         return self
 
     @property

@@ -134,6 +134,9 @@ def make_settings(tmp_path: Path, redis_server: RedisServer, registry_file: Path
             "var_dir": tmp_path / "var", "database_url": database_url, "redis_url": redis_server.url,
             "redis_prefix": f"test-{uuid.uuid4().hex[:8]}:", "registry_file": registry_file,
             "models_dir": tmp_path / "models", "max_wait_ms": 5.0, "log_level": "INFO",
+            # Fixed batch limits: tests about batching must not depend on this machine's speed
+            # (calibration has tests of its own).
+            "calibrate": "off",
         }
         values.update(overrides)
         return Settings.model_validate(values)
@@ -201,7 +204,7 @@ def served(tmp_path_factory, redis_server, registry_file, sqlite_template):  # t
     settings = Settings.model_validate({
         "var_dir": var, "database_url": f"sqlite:///{var / 'batchgen.db'}", "redis_url": redis_server.url,
         "redis_prefix": f"test-{uuid.uuid4().hex[:8]}:", "registry_file": registry_file, "max_wait_ms": 5.0,
-        "model": "tiny-chat"})
+        "model": "tiny-chat", "calibrate": "off"})
     app = create_app(settings)
     token = make_key(settings.database_url)
     api = ApiServer(app, token).start()

@@ -66,27 +66,56 @@ def _redis() -> Any:
     return svc._ops_redis
 
 
-def live_workers() -> dict[str, int] | None:
-    """Workers alive now, per model, from the snapshots workers publish to Redis (a snapshot
-    expires when its worker stops); None when Redis cannot be asked."""
+def live_workers() -> dict[str, list[dict[str, Any]]] | None:
+    """Workers alive now, per model, each with its device and the batch limits it has in force,
+    from the snapshots workers publish to Redis (a snapshot expires when its worker stops); None
+    when Redis cannot be asked."""
     svc = services()
     if not svc.settings.redis_url:
         return None
-    prefix = f"{svc.settings.redis_prefix}metrics:worker:"
-    counts: dict[str, int] = {}
+    prefix = f"{svc.settings.redis_prefix}metrics:"
+    found: dict[str, list[dict[str, Any]]] = {}
     try:
         client = _redis()
-        for key in client.scan_iter(match=prefix + "*", count=500):
+        for key in client.scan_iter(match=prefix + "worker:*", count=500):
             raw = client.get(key)
-            loaded = json.loads(raw).get("batchgen_model_load_seconds", {}) if raw else {}
-            for labels in loaded:
+            if not raw:
+                continue
+            snapshot = json.loads(raw)
+            for labels in snapshot.get("batchgen_model_load_seconds", {}):
                 model = dict(json.loads(labels)).get("model")
                 if model:
-                    counts[model] = counts.get(model, 0) + 1
+                    found.setdefault(model, []).append(_serving(key.decode()[len(prefix):], model, snapshot))
     except Exception as exc:
         log.warning("worker heartbeats unavailable: %s", exc)
         return None
-    return counts
+    return found
+
+
+def _serving(process: str, model: str, snapshot: dict[str, Any]) -> dict[str, Any]:
+    """What one worker's snapshot says about how it serves ``model``."""
+    info: dict[str, str] = {}
+    for labels in snapshot.get("batchgen_worker_info", {}):
+        found = dict(json.loads(labels))
+        if found.get("model") == model:
+            info = found
+    limits: dict[str, float] = {}
+    for labels, value in snapshot.get("batchgen_batch_limit", {}).items():
+        found = dict(json.loads(labels))
+        if found.get("model") == model:
+            limits[found.get("limit", "")] = value
+    ratio = next((v for labels, v in snapshot.get("batchgen_calibration_ratio", {}).items()
+                  if dict(json.loads(labels)).get("model") == model), None)
+
+    def whole(name: str) -> int | None:
+        return int(limits[name]) if name in limits else None
+
+    return {"worker": process, "device": info.get("device", ""), "compute_type": info.get("compute_type", ""),
+            "inter_threads": int(info.get("inter_threads", 0) or 0),
+            "intra_threads": int(info.get("intra_threads", 0) or 0),
+            "max_batch_tokens": whole("max_batch_tokens"), "max_batch_size": whole("max_batch_size"),
+            "slots": whole("slots"), "source": info.get("source", ""),
+            "calibration_ratio": round(ratio, 3) if ratio is not None else None}
 
 
 @bp.get("/readyz")

@@ -34,7 +34,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from sqlalchemy.exc import OperationalError
@@ -45,6 +45,7 @@ from core.ids import new_id
 from core.jobs import Outcome, WorkItem
 from core.metrics import Metrics
 from core.tables import utcnow
+from worker.tuning import OnlineTuner
 
 log = logging.getLogger("batchgen.batcher")
 
@@ -71,8 +72,12 @@ class BatchPolicy:
 
     max_batch_size: int = 16
     max_batch_tokens: int = 2048  # prompt + max_new_tokens, summed over the batch
-    max_wait_ms: float = 20.0
+    max_wait_ms: float = 20.0  # 0: a tenth of batch_seconds (2-200 ms), or 20 ms if that is unknown
     slots: int = 1
+    # How long a full batch takes on this device (calibration, then what the worker sees); 0 if
+    # unknown. Waits scale with it: waiting 5% of a batch's time costs a lone request little,
+    # while starting a batch of one costs a whole batch's time of a replica.
+    batch_seconds: float = 0.0
     # Two requests share a batch only if their prompt lengths differ by at most this many
     # tokens or this fraction of the shorter one, whichever is larger.
     length_slack_tokens: int = 16
@@ -83,6 +88,26 @@ class BatchPolicy:
     burst_wait_factor: float = 8.0
     # A request that has waited this long is served first, whatever the size of its batch.
     starvation_ms: float = 30_000.0
+
+    def waits(self) -> tuple[float, float, float]:
+        """Seconds: (max_wait, idle_wait, burst_wait).
+
+        - max_wait: a partial batch waits this long for more while the device is busy;
+        - idle_wait: an idle device waits this long for company for a lone request (a twentieth
+          of a batch's time), so the first request of a burst does not take a replica alone;
+        - burst_wait: while requests keep arriving, a partial batch waits up to this long
+          (``burst_wait_factor`` x max_wait, at most 30% of a batch's time).
+        """
+        b = self.batch_seconds
+        if self.max_wait_ms > 0:
+            max_wait = self.max_wait_ms / 1000
+        else:
+            max_wait = min(0.2, max(0.002, 0.1 * b)) if b > 0 else 0.02
+        idle = min(max_wait, 0.05 * b) if b > 0 else 0.0
+        burst = max_wait * self.burst_wait_factor
+        if b > 0:
+            burst = max(max_wait, min(burst, 0.3 * b))
+        return max_wait, idle, burst
 
 
 @dataclass(eq=False)  # identity: two entries are never "equal"
@@ -162,7 +187,8 @@ def select_batch(pending: Sequence[Pending], *, now: float, device_idle: bool, p
         by_key[p.key].append(p)
     oldest = min(pending, key=lambda p: p.arrived)
     waited = now - oldest.arrived
-    wait_s = policy.max_wait_ms / 1000 * (policy.burst_wait_factor if arriving else 1)
+    max_wait, idle_wait, burst_wait = policy.waits()
+    wait_s = burst_wait if arriving else max_wait
     largest: tuple[tuple[int, int], list[Pending]] | None = None
     any_full = False
     count = 0
@@ -177,13 +203,15 @@ def select_batch(pending: Sequence[Pending], *, now: float, device_idle: bool, p
             if largest is None or rank > largest[0]:
                 largest = (rank, batch)
     assert largest is not None
-    idle = device_idle and not arriving  # an idle device still lets a burst gather first
+    # An idle device still lets a burst gather first, and gives a lone request a moment's company.
+    idle = device_idle and not arriving and waited >= idle_wait
     if any_full or idle or waited >= wait_s:
         batch = largest[1]
         if count == 1 and free_slots > 1 and not arriving and len(batch) > 1:
             batch = batch[len(batch) // free_slots * (free_slots - 1):]  # the longest share
         return batch, 0.0, "full" if any_full else "idle" if idle else "time"
-    return None, max(0.0005, min(wait_s - waited, policy.max_wait_ms / 1000)), ""
+    until = idle_wait - waited if device_idle and not arriving else wait_s - waited
+    return None, max(0.0005, min(until, max_wait)), ""
 
 
 class Batcher:
@@ -191,9 +219,13 @@ class Batcher:
 
     def __init__(self, *, runner: Runner, db: Database, policy: BatchPolicy,
                  clock: Callable[[], float] = time.monotonic, announcer: Announcer | None = None,
-                 lease_s: float = 60.0, max_attempts: int = 3, metrics: Metrics | None = None) -> None:
+                 lease_s: float = 60.0, max_attempts: int = 3, metrics: Metrics | None = None,
+                 tuner: OnlineTuner | None = None, labels: dict[str, str] | None = None) -> None:
         self.runner, self.db, self.policy, self.clock = runner, db, policy, clock
         self.metrics = metrics or Metrics()
+        self.tuner = tuner
+        self.labels = labels or {}
+        self._publish_limits()
         self.announcer = announcer
         self.lease_s, self.max_attempts = lease_s, max_attempts
         self._active_runs: set[str] = set()  # runs generating now: their leases are renewed
@@ -387,7 +419,29 @@ class Batcher:
                 self._busy_slots += 1
                 self._slots.submit(self._run, batch, reason)
 
+    def _policy_now(self) -> BatchPolicy:
+        """The policy with the limits the tuner has in force now (called under the lock)."""
+        t = self.tuner
+        if t is None:
+            return self.policy
+        p = self.policy
+        if (p.max_batch_tokens, p.max_batch_size) != (t.limit, t.size_limit) or \
+                abs(p.batch_seconds - t.typical_batch_seconds) > 0.1 * max(p.batch_seconds, 1e-6):
+            self.policy = replace(p, max_batch_tokens=t.limit, max_batch_size=t.size_limit,
+                                  batch_seconds=t.typical_batch_seconds)
+        return self.policy
+
+    def _publish_limits(self) -> None:
+        p = self._policy_now()
+        m, labels = self.metrics, self.labels
+        m.set("batchgen_batch_limit", p.max_batch_tokens, limit="max_batch_tokens", **labels)
+        m.set("batchgen_batch_limit", p.max_batch_size, limit="max_batch_size", **labels)
+        m.set("batchgen_batch_limit", p.slots, limit="slots", **labels)
+        if self.tuner is not None:
+            m.set("batchgen_calibration_ratio", self.tuner.ratio, **labels)
+
     def _select(self) -> tuple[list[Pending] | None, float, str]:
+        self._policy_now()
         now = self.clock()
         window = self.policy.burst_window_ms / 1000
         while self._arrivals and self._arrivals[0] < now - window:
@@ -453,7 +507,18 @@ class Batcher:
         seconds = self.clock() - started
         new_tokens = sum(o.completion_tokens or 0 for o in outcomes)
         prompt_tokens = sum(p.length for p in todo)
+        batch_tokens = prompt_tokens + sum(p.enc.item.params.max_new_tokens for p in todo)
+        tuned = ""
         with self._cond:
+            if self.tuner is not None and reason not in ("isolate", "retry"):  # alone: not the usual shape
+                limit = self.tuner.limit
+                move = self.tuner.observe(batch_tokens=batch_tokens, requests=len(todo),
+                                          prompt_tokens=prompt_tokens / len(todo), new_tokens=new_tokens,
+                                          seconds=seconds, concurrent=self._busy_slots)
+                tuned = f", budget {limit}, {self.tuner.ratio:.2f} of calibration"
+                if move is not None:
+                    log.info("batch limits moved: max_batch_tokens %d -> %d (%s)", move.old, move.new, move.reason)
+                    self.metrics.inc("batchgen_batch_limit_moves_total", **self.labels)
             self.stats.batches += 1
             self.stats.requests += len(todo)
             self.stats.generated_tokens += new_tokens
@@ -461,17 +526,20 @@ class Batcher:
             self.stats.sizes.append(len(todo))
         m = self.metrics
         m.observe("batchgen_batch_size", len(todo))
-        m.observe("batchgen_batch_tokens", prompt_tokens + sum(p.enc.item.params.max_new_tokens for p in todo))
+        m.observe("batchgen_batch_tokens", batch_tokens)
         m.inc("batchgen_generated_tokens_total", new_tokens)
         m.inc("batchgen_generation_seconds_total", seconds)
         if seconds > 0:
             m.set("batchgen_generation_tokens_per_second", new_tokens / seconds)
         for p in todo:
             m.observe("batchgen_queue_wait_seconds", max(0.0, started - p.arrived))
+        if self.tuner is not None:
+            with self._cond:
+                self._publish_limits()
         log.info("batch %s: %d requests, %d prompt + %d new tokens, lengths %d-%d, left %s after "
-                 "%.0f ms, generated in %.3f s (%.0f tokens/s)", run_id, len(todo), prompt_tokens,
+                 "%.0f ms, generated in %.3f s (%.0f tokens/s%s)", run_id, len(todo), prompt_tokens,
                  new_tokens, todo[0].length, todo[-1].length, reason or "-", waited * 1000, seconds,
-                 new_tokens / seconds if seconds > 0 else 0.0)
+                 new_tokens / seconds if seconds > 0 else 0.0, tuned)
         return outcomes
 
     def _heartbeat_loop(self) -> None:

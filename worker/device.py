@@ -1,17 +1,19 @@
-"""Devices: pinning a process to one GPU, and the defaults each kind of device runs best with.
+"""Devices: pinning a process to one GPU, and how a worker uses its device.
 
-Defaults come from measurements (see ``bench/`` and the README):
+A worker measures its device before it serves (``worker.calibration``) and runs with what it
+measured; the fixed defaults here are for ``BATCHGEN_CALIBRATE=off`` and for a failed calibration:
 - CPU: ``int8``, one single-threaded CTranslate2 replica per core (``inter_threads`` = cores,
-  ``intra_threads=1``) and as many batches in flight as replicas. On the 2-core development
-  machine two replicas gave 1.6-2x the throughput of one replica with ``intra_threads=2``.
+  ``intra_threads=1``) and as many batches in flight as replicas.
 - CUDA: ``int8_float16``, one replica, two batches in flight (one generating, the next queued
   behind it in CTranslate2 so the GPU never waits for Python).
+Settings given explicitly win over both.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from core.settings import Settings
 
@@ -29,6 +31,29 @@ class DevicePlan:
     slots: int
     max_batch_size: int
     max_batch_tokens: int
+    batch_seconds: float = 0.0  # expected duration of a full batch (0: unknown)
+    source: str = "defaults"  # where the limits came from: defaults, measured, cached
+
+
+def apply_choice(plan: DevicePlan, choice: Any, settings: Settings, source: str) -> DevicePlan:
+    """``plan`` with a calibration's choice (``worker.calibration.Choice``); settings given
+    explicitly still win."""
+    inter = settings.inter_threads or choice.inter_threads
+    return replace(
+        plan, compute_type=choice.compute_type if settings.compute_type == "auto" else settings.compute_type,
+        inter_threads=inter, intra_threads=settings.intra_threads or choice.intra_threads,
+        slots=inter + 1 if plan.device == "cuda" else inter,
+        max_batch_size=settings.max_batch_size or choice.max_batch_size,
+        max_batch_tokens=settings.max_batch_tokens or choice.max_batch_tokens,
+        batch_seconds=choice.batch_seconds, source=source,
+    )
+
+
+def fully_explicit(settings: Settings) -> bool:
+    """Nothing is left to measure: layout, compute type and both batch limits are set."""
+    layout = settings.device == "cuda" or bool(settings.inter_threads and settings.intra_threads)
+    return (layout and settings.compute_type != "auto" and bool(settings.max_batch_size)
+            and bool(settings.max_batch_tokens))
 
 
 def pin_cuda_device(index: int) -> None:

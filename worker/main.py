@@ -109,6 +109,23 @@ def main(argv: list[str] | None = None, prog: str = "python -m worker") -> int:
 
     logging.getLogger("celery.app.trace").addFilter(QuietHandBack())
 
+    from worker.device import apply_choice, fully_explicit
+
+    calibration = None
+    if settings.calibrate != "off" and not fully_explicit(settings):
+        from worker import calibration as calibration_service
+
+        try:
+            calibration = calibration_service.for_worker(
+                model=spec.name, model_dir=model_dir, device=plan.device, device_index=plan.device_index,
+                physical_index=plan.physical_index, context_length=spec.context_length,
+                compute_type=settings.compute_type, inter_threads=settings.inter_threads,
+                intra_threads=settings.intra_threads, cache_dir=settings.calibration_dir,
+                mode=settings.calibrate, budget_s=settings.calibration_budget_s)
+            plan = apply_choice(plan, calibration.choice, settings, calibration.source)
+        except Exception:  # no model library quirk may keep a worker from serving
+            log.exception("calibration failed; serving with the device defaults")
+
     try:
         runner = ModelRunner(model_dir, spec, device=plan.device, device_index=plan.device_index,
                              compute_type=plan.compute_type, inter_threads=plan.inter_threads,
@@ -118,8 +135,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m worker") -> int:
                   plan.compute_type, exc)
         return 2
     policy = BatchPolicy(max_batch_size=plan.max_batch_size, max_batch_tokens=plan.max_batch_tokens,
-                         max_wait_ms=settings.max_wait_ms, slots=plan.slots)
-    log.info("batching: %s", policy)
+                         max_wait_ms=settings.max_wait_ms, slots=plan.slots, batch_seconds=plan.batch_seconds)
+    from worker.tuning import OnlineTuner
+
+    # The batcher keeps measuring and moves its token budget, unless the budget was given
+    # explicitly or calibration is off (fixed defaults, as tests and benchmarks may want).
+    tuner = OnlineTuner(budget=plan.max_batch_tokens, max_batch_size=plan.max_batch_size,
+                        expected=calibration.expected if calibration is not None else None,
+                        batch_seconds=plan.batch_seconds,
+                        frozen=bool(settings.max_batch_tokens) or settings.calibrate == "off")
+    log.info("batching (%s): %s", plan.source, policy)
     from worker.streaming import Publisher
 
     publisher = Publisher(settings)
@@ -128,8 +153,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m worker") -> int:
 
     metrics = Metrics()
     metrics.set("batchgen_model_load_seconds", runner.load_seconds, model=spec.name)
+    metrics.set("batchgen_worker_info", 1, model=spec.name, device=f"{plan.device}{plan.physical_index}",
+                compute_type=plan.compute_type, inter_threads=str(plan.inter_threads),
+                intra_threads=str(plan.intra_threads), source=plan.source)
+    metrics.set("batchgen_calibration_seconds",
+                calibration.seconds if calibration is not None and calibration.source == "measured" else 0.0,
+                model=spec.name)
     batcher = Batcher(runner=runner, db=db, policy=policy, announcer=publisher, lease_s=settings.lease_s,
-                      max_attempts=settings.max_attempts, metrics=metrics).start()
+                      max_attempts=settings.max_attempts, metrics=metrics, tuner=tuner,
+                      labels={"model": spec.name}).start()
     app = create_celery(settings, batcher)
     queue = settings.queue_for(spec.name)
     import redis
@@ -142,10 +174,17 @@ def main(argv: list[str] | None = None, prog: str = "python -m worker") -> int:
     node = "".join(c if c.isalnum() or c in "-_." else "-" for c in spec.name)
     process_name = f"worker:{socket.gethostname()}:{os.getpid()}"
 
+    from worker.cpu import CpuSplit
+
+    cpu = CpuSplit().start()
+
     def _device_memory() -> None:
         used = memory_in_use(plan.device, plan.physical_index)
         if used is not None:
             metrics.set("batchgen_device_memory_bytes", used, device=f"{plan.device}{plan.physical_index}")
+        engine, service = cpu.read()
+        metrics.set("batchgen_worker_cpu_seconds_total", engine, part="engine")
+        metrics.set("batchgen_worker_cpu_seconds_total", service, part="service")
 
     exporter = RedisExporter(metrics, redis_client, f"{settings.redis_prefix}metrics:{process_name}",
                              before_publish=_device_memory)

@@ -182,6 +182,23 @@ class FileObjectRead(BaseModel):
     status_details: str | None = None
 
 
+class ServingWorker(BaseModel):
+    """One worker serving a model, with the batch limits it has in force now."""
+
+    worker: str = Field(description="The worker process: worker:<host>:<pid>.")
+    device: str = Field(description="cpu0, cuda0, cuda1, ...")
+    compute_type: str
+    inter_threads: int
+    intra_threads: int
+    max_batch_tokens: int | None = Field(description="Prompt + new tokens per batch, as the worker's "
+                                                     "calibration chose and its own measurements moved it.")
+    max_batch_size: int | None = Field(description="Requests per batch.")
+    slots: int | None = Field(description="Batches the device runs at once.")
+    source: str = Field(description="Where the limits came from: measured (calibrated at start), cached "
+                                    "(an earlier calibration on this device) or defaults (calibration off).")
+    calibration_ratio: float | None = Field(description="Tokens/s seen over what the calibration expects.")
+
+
 class ModelRead(BaseModel):
     """A model this deployment serves (OpenAI's Model, with what a client needs to choose one)."""
 
@@ -197,6 +214,8 @@ class ModelRead(BaseModel):
     defaults: dict[str, Any] = Field(description="Parameters used when a request does not set them.")
     workers: int | None = Field(description="Workers serving it now (from their heartbeats); null when "
                                             "the queue cannot be asked.")
+    serving: list[ServingWorker] | None = Field(default=None, description="Those workers and the batch limits "
+                                                                          "each has in force.")
 
 
 class ModelList(BaseModel):

@@ -61,7 +61,8 @@ def list_models() -> dict[str, Any]:
         data.append(protocol.ModelRead(
             id=spec.name, created=created, chat=spec.chat, context_length=spec.context_length,
             aliases=list(spec.aliases), description=spec.description, defaults=spec.defaults,
-            workers=None if workers is None else workers.get(spec.name, 0)))
+            workers=None if workers is None else len(workers.get(spec.name, [])),
+            serving=None if workers is None else [protocol.ServingWorker(**w) for w in workers.get(spec.name, [])]))
     return protocol.ModelList(data=data).model_dump(mode="json")
 
 

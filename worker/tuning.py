@@ -1,0 +1,165 @@
+"""The batcher keeps measuring: it learns tokens/s per batch size from its own batches and moves
+its token budget when what it sees argues for another.
+
+Calibration measures the device on synthetic prompts once; service then differs: prompts get
+longer or shorter, another process takes a core, outputs stop early. So the tuner:
+
+- keeps, per batch size (batch tokens rounded to a ladder of budgets, factors of two around the
+  calibrated one), a recent average of output tokens/s with every replica's work counted
+  (tokens/s of the batch times the batches running beside it, itself included);
+- compares what it sees with what the calibration expects for batches of that many requests of
+  that prompt length (``ratio``, a metric): a ratio far from 1 means the calibration no longer
+  describes the work;
+- probes: after ``probe_every`` batches (at once when the ratio departs by more than
+  ``depart``), it sets the budget one step up or down (alternating) until ``probe_batches`` batches
+  of that size were seen, and moves there if they did better than the current size by
+  ``gain``; otherwise it goes back. Probes compare batches close in time, so a change of workload
+  affects both sides alike.
+
+A budget given explicitly in the settings is never moved.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class _Bucket:
+    tps: float = 0.0
+    count: int = 0
+    seconds: float = 0.0  # recent duration of a batch of this size
+
+
+@dataclass
+class Move:
+    """A change of budget, for the log and metrics."""
+
+    old: int
+    new: int
+    reason: str
+
+
+@dataclass
+class OnlineTuner:
+    """Online choice of ``max_batch_tokens`` (and ``max_batch_size`` in proportion)."""
+
+    budget: int
+    max_batch_size: int
+    expected: Callable[[float, float], float] | None = None  # (batch size, prompt tokens) -> tokens/s
+    batch_seconds: float = 0.0  # expected duration of a full batch at ``budget``
+    frozen: bool = False  # explicit settings: observe, never move
+    min_budget: int = 64
+    max_budget: int = 1 << 17
+    probe_every: int = 32
+    probe_batches: int = 3
+    probe_patience: int = 12  # batches a probe may wait for its own size before giving up
+    gain: float = 1.05
+    depart: float = 1.3
+    alpha: float = 0.3
+    ratio: float = 1.0  # recent observed / expected
+    moves: list[Move] = field(default_factory=list)
+    _buckets: dict[int, _Bucket] = field(default_factory=dict)
+    _since_probe: int = 0
+    _probe: int | None = None  # the budget being tried
+    _probe_waited: int = 0
+    _probe_seen: int = 0
+    _direction: int = -1
+    _base_size: float = 0.0
+    _home: int = 0
+    _settled: float = 1.0  # the ratio the last probe ended at: departures are measured from it
+
+    def __post_init__(self) -> None:
+        self._base_size = self.max_batch_size / max(1, self.budget)
+        self._home = self.budget
+
+    # --- what the batcher reads ---------------------------------------------------------------
+
+    @property
+    def limit(self) -> int:
+        """The token budget batches are cut to now (the probe's while one runs)."""
+        return self._probe if self._probe is not None else self.budget
+
+    @property
+    def size_limit(self) -> int:
+        """Requests per batch, in proportion to the budget in force."""
+        return max(1, round(self._base_size * self.limit))
+
+    @property
+    def typical_batch_seconds(self) -> float:
+        """How long a full batch takes, as last seen (the calibration's figure until then)."""
+        seen = self._buckets.get(self._level(self.budget))
+        return seen.seconds if seen is not None and seen.count else self.batch_seconds
+
+    # --- learning -----------------------------------------------------------------------------
+
+    def _level(self, tokens: float) -> int:
+        """The ladder step a batch of ``tokens`` belongs to: budget x 2^k, nearest in log."""
+        k = round(math.log2(max(1.0, tokens) / self._home))
+        return max(self.min_budget, min(self.max_budget, int(self._home * 2.0 ** k)))
+
+    def observe(self, *, batch_tokens: int, requests: int, prompt_tokens: float, new_tokens: int,
+                seconds: float, concurrent: int = 1) -> Move | None:
+        """Learn from one finished batch; returns the move it caused, if any."""
+        if seconds <= 0 or new_tokens <= 0:
+            return None
+        tps = new_tokens / seconds * max(1, concurrent)
+        level = self._level(batch_tokens)
+        b = self._buckets.setdefault(level, _Bucket())
+        b.tps = tps if b.count == 0 else (1 - self.alpha) * b.tps + self.alpha * tps
+        b.seconds = seconds if b.count == 0 else (1 - self.alpha) * b.seconds + self.alpha * seconds
+        b.count += 1
+        if self.expected is not None:
+            want = self.expected(requests, prompt_tokens)
+            if want > 0:
+                self.ratio = (1 - self.alpha) * self.ratio + self.alpha * (tps / want)
+        if self.frozen:
+            return None
+        return self._decide(level)
+
+    def _decide(self, level: int) -> Move | None:
+        if self._probe is not None:
+            self._probe_waited += 1
+            if level == self._probe:
+                self._probe_seen += 1
+            if self._probe_seen >= self.probe_batches:
+                return self._conclude()
+            if self._probe_waited >= self.probe_patience:  # not enough work to fill that size
+                self._probe = None
+            return None
+        self._since_probe += 1
+        departed = abs(math.log(max(1e-6, self.ratio / self._settled))) > math.log(self.depart)
+        if self._since_probe >= self.probe_every or (departed and self._since_probe >= self.probe_batches):
+            self._start_probe()
+        return None
+
+    def _start_probe(self) -> None:
+        self._since_probe = 0
+        for direction in (self._direction, -self._direction):
+            target = self._level(self.budget * 2.0 ** direction)
+            if target != self.budget:
+                self._direction = -direction  # alternate next time
+                self._probe, self._probe_seen, self._probe_waited = target, 0, 0
+                return
+
+    def _conclude(self) -> Move | None:
+        assert self._probe is not None
+        probe, self._probe = self._probe, None
+        self._settled = self.ratio  # what is seen now is explained by this budget or the probed one
+        here = self._buckets.get(self.budget)
+        there = self._buckets[probe]
+        if here is None or here.count == 0 or there.tps > self.gain * here.tps:
+            old, self.budget = self.budget, probe
+            move = Move(old, probe, f"{there.tps:.0f} tokens/s at {probe} tokens per batch against "
+                                    f"{here.tps if here else 0:.0f} at {old}")
+            self.moves.append(move)
+            self._direction = 1 if probe > old else -1  # keep going the way that paid
+            return move
+        return None
+
+    def state(self) -> dict[str, float]:
+        """For metrics and logs."""
+        return {"max_batch_tokens": float(self.limit), "max_batch_size": float(self.size_limit),
+                "calibration_ratio": self.ratio, "moves": float(len(self.moves))}
