@@ -25,8 +25,11 @@ class Stack:
         self.dir = Path(tempfile.mkdtemp(prefix="batchgen-bench-"))
         self.model_name, self.worker_args, self.api_workers = model_name, worker_args, api_workers
         registry = self.dir / "models.json"
+        # The same model again under a name no worker serves: jobs for it only cost the API.
+        self.unserved = f"{model_name}-unserved"
         registry.write_text(json.dumps({"models": [
-            {"name": model_name, "path": str(model_dir), "chat": False, "context_length": 4096}]}))
+            {"name": name, "path": str(model_dir), "chat": False, "context_length": 4096}
+            for name in (model_name, self.unserved)]}))
         self.redis_port = free_port()
         self.api_port = free_port()
         self.settings = Settings.model_validate({
@@ -74,6 +77,16 @@ class Stack:
     def database(self) -> Database:
         return Database(self.settings.database_url)
 
+    @property
+    def api_pids(self) -> list[int]:
+        """The gunicorn master and its workers."""
+        master = self.procs[1].pid
+        return [master] + children(master)
+
+    @property
+    def worker_pid(self) -> int:
+        return self.procs[2].pid
+
     def stop(self) -> None:
         for proc in reversed(self.procs):
             if proc.poll() is None:
@@ -83,3 +96,28 @@ class Stack:
                 except subprocess.TimeoutExpired:
                     proc.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of a process (Linux)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of these processes so far."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total

@@ -1,18 +1,29 @@
 """``make bench``: how close the whole service gets to what CTranslate2 can do on this machine.
 
-Rows, all on the same prompts (mixed lengths) with fixed-length outputs
-(``min_new_tokens = max_new_tokens``), each with its own best settings:
+Two models, each built here with random weights (``worker/builder.py``):
 
-- raw: CTranslate2 alone, prompts pre-tokenized, the best thread layout and batching found;
-- sequential: one prompt at a time through CTranslate2, the best layout for one prompt;
-- system: the prompts as that many single-prompt jobs submitted at once to the REST API, run by a
-  real worker through Redis, results stored in SQLite; first submit to last result stored;
-- transformers: Hugging Face ``generate`` in PyTorch (float32 or bfloat16, whichever is faster).
+- ``bench`` (~82M parameters, the CPU benchmark model), on two prompt mixes (16-256 and 16-64
+  tokens): raw CTranslate2, one prompt at a time, the service with every prompt as its own job,
+  the service with all prompts in one job, and Hugging Face transformers;
+- ``demo`` (the tiny model ``make run`` serves, so fast that the service's own cost shows, as it
+  will in front of a GPU): raw, one job of all prompts, every prompt as its own job.
 
-Also the latency of one single-prompt job on an idle system against one raw ``generate_batch``
-call. Prints a table and writes ``bench/results/latest.json``.
+All rows of a model run the same prompts with fixed-length outputs (``min_new_tokens =
+max_new_tokens``) and the same sampling. Rows:
 
-    python -m bench.throughput [--prompts 64] [--min-len 16] [--max-len 256] [--new-tokens 64]
+- raw: CTranslate2 alone on pre-tokenized prompts; thread layouts x batchings searched, best kept;
+  also raw at exactly the layout and token budget the worker's calibration chose;
+- sequential: one prompt at a time, the best layout for one prompt;
+- system: the real stack (gunicorn API, Redis, one worker that calibrates itself as a user's
+  would, SQLite), from the first submit to the last result stored. For each system row: the API's
+  CPU per request (every gunicorn process, from /proc) and the worker's CPU per request outside
+  CTranslate2's threads (the worker's own ``batchgen_worker_cpu_seconds_total{part="service"}``);
+- transformers: ``generate`` in PyTorch, float32 or bfloat16, best batch size.
+
+Also: the API's CPU per request inside a 1,000-prompt job, and the calibration's choice next to
+the raw search's best. Prints a table and writes ``bench/results/latest.json``.
+
+    python -m bench.throughput [--models bench,demo] [--prompts 64] [--demo-prompts 192] [--quick]
 """
 
 from __future__ import annotations
@@ -30,12 +41,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from bench.workload import Prompt, ensure_model, make_prompts, save_prompts
 from core.settings import PROJECT_ROOT
 
 SAMPLING = {"top_k": 50, "top_p": 0.9, "temperature": 0.8}
 RESULTS = PROJECT_ROOT / "bench" / "results"
+CALIBRATION_DIR = PROJECT_ROOT / "var" / "bench" / "calibration"
 
 
 def _say(message: str) -> None:
@@ -79,8 +92,10 @@ def run_ct2(generator, vocabulary: list[str], batches: list[list[Prompt]], new_t
     return generated, time.perf_counter() - started
 
 
-def bench_raw(model_dir: Path, prompts: list[Prompt], new_tokens: int, device: str) -> dict:
-    """Try thread layouts and batchings; the best is the ceiling."""
+def bench_raw(model_dir: Path, prompts: list[Prompt], new_tokens: int, device: str, *, quick: bool,
+              choice: dict[str, Any] | None = None) -> dict:
+    """Try thread layouts and batchings; the best is the ceiling. With ``choice`` (the worker's
+    calibration), also raw at exactly its layout, compute type and token budget."""
     import ctranslate2
 
     vocabulary = json.loads((model_dir / "vocabulary.json").read_text())
@@ -91,9 +106,11 @@ def bench_raw(model_dir: Path, prompts: list[Prompt], new_tokens: int, device: s
         gen = ctranslate2.Generator(str(model_dir), device=device, compute_type="int8",
                                     inter_threads=inter, intra_threads=intra)
         run_ct2(gen, vocabulary, chunk(prompts[:4], size=2), 4)  # warm-up
-        plans = [("size", s) for s in (2, 4, 8, 16)] + [("tokens", t) for t in (512, 768, 1024, 2048)]
-        if inter == 1:
-            plans = [("size", s) for s in (8, 32)]
+        plans = [("size", s) for s in (4, 8, 16, 32)] + [("tokens", t) for t in (1024, 2048, 4096)]
+        if quick:
+            plans = [("size", 8), ("size", 16)]
+        if inter == 1 and cores > 1:
+            plans = [("size", 32)]
         for kind, value in plans:
             batches = chunk(prompts, new_tokens=new_tokens, **{kind: value})
             n, s = run_ct2(gen, vocabulary, batches, new_tokens)
@@ -103,7 +120,18 @@ def bench_raw(model_dir: Path, prompts: list[Prompt], new_tokens: int, device: s
             _say(f"  raw inter={inter} intra={intra} {kind}={value}: {n / s:.0f} tok/s ({s:.1f}s)")
         del gen
     best = max(trials, key=lambda t: t["tps"])
-    return {"tps": best["tps"], "settings": best, "trials": trials}
+    out: dict[str, Any] = {"tps": best["tps"], "settings": best, "trials": trials}
+    if choice is not None:
+        gen = ctranslate2.Generator(str(model_dir), device=device, compute_type=choice["compute_type"],
+                                    inter_threads=choice["inter_threads"], intra_threads=choice["intra_threads"])
+        run_ct2(gen, vocabulary, chunk(prompts[:4], size=2), 4)
+        batches = [b for group in chunk(prompts, size=choice["max_batch_size"], new_tokens=new_tokens)
+                   for b in chunk(group, tokens=choice["max_batch_tokens"], new_tokens=new_tokens)]
+        n, s = run_ct2(gen, vocabulary, batches, new_tokens)
+        out["at_choice"] = {"tps": n / s, "seconds": s, "batches": len(batches), **choice}
+        _say(f"  raw at the calibration's choice: {n / s:.0f} tok/s")
+        del gen
+    return out
 
 
 def bench_sequential(model_dir: Path, prompts: list[Prompt], new_tokens: int, device: str) -> dict:
@@ -129,87 +157,7 @@ def bench_sequential(model_dir: Path, prompts: list[Prompt], new_tokens: int, de
     for p in prompts:
         dn, ds = run_ct2(gen, vocabulary, [[p]], new_tokens)
         n, s = n + dn, s + ds
-    # Latency of one call on an idle machine: the median-length prompt, median of 5.
-    median_prompt = sorted(prompts, key=lambda p: len(p.ids))[len(prompts) // 2]
-    latencies = [run_ct2(gen, vocabulary, [[median_prompt]], new_tokens)[1] for _ in range(5)]
-    return {"tps": n / s, "seconds": s, "settings": {"inter_threads": 1, "intra_threads": intra},
-            "single_raw_latency_s": statistics.median(latencies), "latency_prompt_tokens": len(median_prompt.ids)}
-
-
-# --- the whole service ---------------------------------------------------------------------
-
-
-def bench_system(model_dir: Path, prompts: list[Prompt], new_tokens: int, worker_args: list[str]) -> dict:
-    """Many single-prompt jobs at once through the REST API, a worker, Redis and SQLite."""
-    import requests
-    from sqlalchemy import func, select
-
-    from bench.stack import Stack
-    from core.tables import JobRequest
-
-    stack = Stack(model_dir=model_dir, model_name="bench", worker_args=worker_args).start()
-    db = stack.database()
-    local = threading.local()
-    params = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "temperature": SAMPLING["temperature"],
-              "top_p": SAMPLING["top_p"], "top_k": SAMPLING["top_k"]}
-
-    def submit(text: str) -> str:
-        if not hasattr(local, "http"):
-            local.http = requests.Session()
-            local.http.headers["Authorization"] = f"Bearer {stack.token}"
-        resp = local.http.post(f"{stack.url}/v1/jobs", json={"model": "bench", "prompts": [text], "params": params},
-                               timeout=60)
-        resp.raise_for_status()
-        return resp.json()["id"]  # type: ignore[no-any-return]
-
-    def wait_done(count: int, timeout: float = 900) -> None:
-        # Times come from the stored completed_at, so polling slowly measures the same thing and
-        # keeps this process from taking CPU from the system it measures.
-        deadline = time.monotonic() + timeout
-        while True:
-            with db.read() as s:
-                done = s.scalar(select(func.count()).where(JobRequest.status.in_(("succeeded", "failed"))))
-            if done >= count:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{done}/{count} done after {timeout}s")
-            time.sleep(0.05)
-
-    try:
-        submit("warm up")  # first call: imports, connections, CTranslate2 buffers
-        wait_done(1)
-        median_prompt = sorted(prompts, key=lambda p: len(p.ids))[len(prompts) // 2]
-        latencies = []
-        for i in range(5):
-            time.sleep(0.3)  # idle
-            t0 = datetime.now(UTC)
-            submit(median_prompt.text)
-            wait_done(2 + i)
-            with db.read() as s:
-                finished = s.scalar(select(func.max(JobRequest.completed_at)))
-            latencies.append((finished - t0).total_seconds())
-        time.sleep(0.5)
-        before = 6
-        with db.read() as s:
-            tokens_before = s.scalar(select(func.coalesce(func.sum(JobRequest.completion_tokens), 0)))
-        t0 = datetime.now(UTC)
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            list(pool.map(submit, [p.text for p in prompts]))
-        submitted = (datetime.now(UTC) - t0).total_seconds()
-        wait_done(before + len(prompts))
-        with db.read() as s:
-            finished = s.scalar(select(func.max(JobRequest.completed_at)))
-            tokens = s.scalar(select(func.sum(JobRequest.completion_tokens))) - tokens_before
-            failed = s.scalar(select(func.count()).where(JobRequest.status == "failed"))
-        seconds = (finished - t0).total_seconds()
-        batches = [line for line in stack.worker_log.read_text().splitlines() if "batchgen.batcher: batch" in line]
-        return {"tps": tokens / seconds, "seconds": seconds, "tokens": tokens, "failed": failed,
-                "submit_seconds": submitted, "single_job_latency_s": statistics.median(latencies),
-                "single_job_latencies_s": latencies, "worker_args": worker_args,
-                "batch_log": batches[-40:]}
-    finally:
-        db.dispose()
-        stack.stop()
+    return {"tps": n / s, "seconds": s, "settings": {"inter_threads": 1, "intra_threads": intra}}
 
 
 def bench_transformers(checkpoint: Path, prompts_file: Path, new_tokens: int) -> dict:
@@ -222,71 +170,258 @@ def bench_transformers(checkpoint: Path, prompts_file: Path, new_tokens: int) ->
             "trials": result["trials"]}
 
 
+# --- the whole service ---------------------------------------------------------------------
+
+
+class Service:
+    """The real stack for one model, its worker calibrated as a user's would be."""
+
+    def __init__(self, model_dir: Path, model_name: str, *, calibrate: str) -> None:
+        import requests
+
+        from bench.stack import Stack
+
+        self.stack = Stack(model_dir=model_dir, model_name=model_name, worker_args=[], calibrate=calibrate,
+                           calibration_dir=CALIBRATION_DIR, metrics_interval_s=0.5).start()
+        self.model = model_name
+        self.db = self.stack.database()
+        self.local = threading.local()
+        self.http = requests.Session()
+        self.http.headers["Authorization"] = f"Bearer {self.stack.token}"
+        self.submit_job({"prompts": ["warm up"], "params": {"max_new_tokens": 4}})  # imports, connections
+        self.wait_jobs(1)
+
+    def close(self) -> None:
+        self.db.dispose()
+        self.stack.stop()
+
+    def serving(self) -> dict[str, Any]:
+        """The worker's entry in GET /v1/models: its limits in force."""
+        for _ in range(100):
+            models = self.http.get(f"{self.stack.url}/v1/models").json()["data"]
+            entry = next(m for m in models if m["id"] == self.model)
+            if entry.get("serving"):
+                return entry["serving"][0]  # type: ignore[no-any-return]
+            time.sleep(0.1)
+        raise RuntimeError("the worker does not show in /v1/models")
+
+    def worker_cpu(self) -> dict[str, float]:
+        """The worker's engine/service CPU seconds, from its freshest metrics snapshot."""
+        import redis
+
+        client = redis.Redis.from_url(self.stack.settings.redis_url)
+        time.sleep(1.2)  # a snapshot published after the work ended (every 0.5 s)
+        prefix = self.stack.settings.redis_prefix + "metrics:worker:"
+        for key in client.scan_iter(match=prefix + "*"):
+            snapshot = json.loads(client.get(key))
+            series = snapshot.get("batchgen_worker_cpu_seconds_total", {})
+            return {dict(json.loads(labels))["part"]: value for labels, value in series.items()}
+        return {}
+
+    def submit_job(self, body: dict[str, Any], model: str | None = None) -> str:
+        if not hasattr(self.local, "http"):
+            import requests
+
+            self.local.http = requests.Session()
+            self.local.http.headers["Authorization"] = f"Bearer {self.stack.token}"
+        resp = self.local.http.post(f"{self.stack.url}/v1/jobs", json={"model": model or self.model, **body},
+                                    timeout=120)
+        resp.raise_for_status()
+        return resp.json()["id"]  # type: ignore[no-any-return]
+
+    def wait_jobs(self, count: int, timeout: float = 1800) -> None:
+        """Until ``count`` jobs of the served model have ended (times come from the stored
+        completed_at, so slow polling measures the same and takes little CPU from the system)."""
+        from sqlalchemy import func, select
+
+        from core.tables import Job
+
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.db.read() as s:
+                done = s.scalar(select(func.count()).where(Job.model == self.model, Job.completed_at.is_not(None)))
+            if done >= count:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{done}/{count} jobs done after {timeout}s")
+            time.sleep(0.05)
+
+    def run(self, prompts: list[Prompt], new_tokens: int, *, single: bool) -> dict[str, Any]:
+        """All prompts as single-prompt jobs (16 client threads) or as one job; tokens/s from the
+        first submit to the last result stored, and CPU per request."""
+        from sqlalchemy import func, select
+
+        from bench.stack import cpu_seconds
+        from core.tables import Job, JobRequest
+
+        params = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "temperature": SAMPLING["temperature"],
+                  "top_p": SAMPLING["top_p"], "top_k": SAMPLING["top_k"]}
+        with self.db.read() as s:
+            before = s.scalar(select(func.count()).where(Job.model == self.model))
+        time.sleep(0.5)
+        worker0, api0 = self.worker_cpu(), cpu_seconds(self.stack.api_pids)
+        t0 = datetime.now(UTC)
+        if single:
+            with ThreadPoolExecutor(max_workers=16) as pool:
+                list(pool.map(lambda p: self.submit_job({"prompts": [p.text], "params": params}), prompts))
+            jobs = len(prompts)
+        else:
+            self.submit_job({"prompts": [p.text for p in prompts], "params": params})
+            jobs = 1
+        submitted = (datetime.now(UTC) - t0).total_seconds()
+        self.wait_jobs(before + jobs)
+        api1 = cpu_seconds(self.stack.api_pids)
+        worker1 = self.worker_cpu()
+        with self.db.read() as s:
+            rows = s.execute(select(func.max(JobRequest.completed_at), func.sum(JobRequest.completion_tokens),
+                                    func.count())
+                             .join(Job, Job.id == JobRequest.job_id)
+                             .where(Job.model == self.model, JobRequest.created_at >= t0)).one()
+            failed = s.scalar(select(func.count()).select_from(JobRequest).join(Job, Job.id == JobRequest.job_id)
+                              .where(Job.model == self.model, JobRequest.status == "failed"))
+        finished, tokens, count = rows
+        seconds = (finished - t0).total_seconds()
+        n = len(prompts)
+        service = worker1.get("service", 0.0) - worker0.get("service", 0.0)
+        engine = worker1.get("engine", 0.0) - worker0.get("engine", 0.0)
+        batches = [line.split("batchgen.batcher: ", 1)[-1] for line in self.stack.worker_log.read_text().splitlines()
+                   if "batchgen.batcher: batch" in line]
+        return {"tps": tokens / seconds, "seconds": seconds, "tokens": tokens, "requests": count, "failed": failed,
+                "submit_seconds": submitted, "api_cpu_ms_per_request": 1000 * (api1 - api0) / n,
+                "worker_service_cpu_ms_per_request": 1000 * service / n,
+                "worker_engine_cpu_s": engine, "limits_after": self.serving(), "batch_log": batches[-12:]}
+
+    def api_cost_of_big_job(self, n: int = 1000) -> float:
+        """API CPU ms per request of one ``n``-prompt job (for a model no worker serves: only the
+        API's work counts; the job is cancelled afterwards)."""
+        from bench.stack import cpu_seconds
+
+        prompts = [f"Question {i}: what is the capital of country number {i}?" for i in range(n)]
+        self.submit_job({"prompts": prompts[:10]}, model=self.stack.unserved)  # warm the path
+        costs = []
+        for _ in range(3):
+            before = cpu_seconds(self.stack.api_pids)
+            job = self.submit_job({"prompts": prompts, "params": {"max_new_tokens": 16}}, model=self.stack.unserved)
+            costs.append(1000 * (cpu_seconds(self.stack.api_pids) - before) / n)
+            self.http.post(f"{self.stack.url}/v1/jobs/{job}/cancel")
+        return statistics.median(costs)
+
+
+# --- one model -----------------------------------------------------------------------------
+
+
+def bench_model(preset: str, mixes: list[tuple[int, int]], n_prompts: int, new_tokens: int, *, rows: set[str],
+                device: str, quick: bool) -> dict[str, Any]:
+    _say(f"== {preset} model")
+    model_dir, checkpoint = ensure_model(preset)
+    out: dict[str, Any] = {"model": preset, "mixes": {}}
+    service = None
+    if rows & {"system", "calibration"}:
+        _say("  starting the service; its worker calibrates itself (BATCHGEN_CALIBRATE=force)")
+        service = Service(model_dir, preset, calibrate="force")
+        out["calibration"] = service.serving()
+        cached = sorted(CALIBRATION_DIR.glob(f"{preset}-{device}-*.json"), key=lambda p: p.stat().st_mtime)
+        if cached:
+            data = json.loads(cached[-1].read_text())
+            out["calibration"].update(choice=data["choice"], seconds=data["seconds"])
+        _say(f"  calibration: {out['calibration']}")
+        if "system" in rows:
+            out["api_cpu_ms_per_request_in_1000_prompt_job"] = service.api_cost_of_big_job()
+    mixes_prompts = {f"{lo}-{hi}": make_prompts(model_dir, n_prompts, lo, hi) for lo, hi in mixes}
+    for name, prompts in mixes_prompts.items():
+        lengths = [len(p.ids) for p in prompts]
+        out["mixes"][name] = {"prompts": n_prompts, "min_len": min(lengths), "max_len": max(lengths),
+                              "mean_len": statistics.mean(lengths), "new_tokens": new_tokens}
+    try:  # the service first, then it is stopped: nothing of it runs beside the raw rows
+        if "system" in rows and service is not None:
+            for name, prompts in mixes_prompts.items():
+                mix = out["mixes"][name]
+                _say(f"  system, prompts of {name} tokens (mean {mix['mean_len']:.0f}): single-prompt jobs")
+                mix["system_single"] = service.run(prompts, new_tokens, single=True)
+                _say(f"    {mix['system_single']['tps']:.0f} tok/s; one job")
+                mix["system_one_job"] = service.run(prompts, new_tokens, single=False)
+                _say(f"    {mix['system_one_job']['tps']:.0f} tok/s")
+    finally:
+        if service is not None:
+            service.close()
+    for name, prompts in mixes_prompts.items():
+        mix = out["mixes"][name]
+        if "raw" in rows:
+            _say(f"  raw, prompts of {name} tokens: CTranslate2 alone")
+            choice = out.get("calibration", {}).get("choice")
+            mix["raw"] = bench_raw(model_dir, prompts, new_tokens, device, quick=quick, choice=choice)
+        if "sequential" in rows:
+            _say("  sequential: one prompt at a time")
+            mix["sequential"] = bench_sequential(model_dir, prompts, new_tokens, device)
+        if "transformers" in rows:
+            _say("  transformers: Hugging Face generate (PyTorch)")
+            prompts_file = model_dir.parent / f"prompts-{preset}-{name}.json"
+            save_prompts(prompts, prompts_file)
+            mix["transformers"] = bench_transformers(checkpoint, prompts_file, new_tokens)
+    return out
+
+
 # --- report --------------------------------------------------------------------------------
+
+
+TARGETS = {
+    ("bench", "system_single/raw"): 0.95, ("bench", "system_one_job/raw"): 0.95,
+    ("bench", "system_single/sequential"): 4.0, ("bench", "system_one_job/sequential"): 4.0,
+    ("demo", "system_one_job/raw"): 0.9, ("demo", "system_single/raw"): 0.7,
+}
+
+
+def ratios(model: dict[str, Any]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for name, mix in model["mixes"].items():
+        r: dict[str, float] = {}
+        for system in ("system_single", "system_one_job"):
+            for other in ("raw", "sequential", "transformers"):
+                if system in mix and other in mix:
+                    r[f"{system}/{other}"] = mix[system]["tps"] / mix[other]["tps"]
+        if "raw" in mix and "transformers" in mix:
+            r["raw/transformers"] = mix["raw"]["tps"] / mix["transformers"]["tps"]
+        if "raw" in mix and "at_choice" in mix["raw"]:
+            r["raw_at_calibration/raw"] = mix["raw"]["at_choice"]["tps"] / mix["raw"]["tps"]
+        out[name] = r
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompts", type=int, default=64)
-    p.add_argument("--min-len", type=int, default=16)
-    p.add_argument("--max-len", type=int, default=256)
+    p.add_argument("--models", default="bench,demo")
+    p.add_argument("--prompts", type=int, default=64, help="prompts per mix on the bench model")
+    p.add_argument("--demo-prompts", type=int, default=192)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--preset", default="bench", help="model shape (worker/builder.py PRESETS)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--worker-args", default="", help="extra flags for the system row's worker")
     p.add_argument("--rows", default="raw,sequential,system,transformers")
+    p.add_argument("--quick", action="store_true", help="a smaller raw search (for trying the bench itself)")
     p.add_argument("--out", type=Path, default=RESULTS / "latest.json")
     args = p.parse_args(argv)
     rows = set(args.rows.split(","))
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _say(f"building/loading the {args.preset} model")
-    model_dir, checkpoint = ensure_model(args.preset)
-    prompts = make_prompts(model_dir, args.prompts, args.min_len, args.max_len)
-    lengths = [len(p.ids) for p in prompts]
-    prompts_file = model_dir.parent / "prompts.json"
-    save_prompts(prompts, prompts_file)
-    _say(f"{len(prompts)} prompts, {min(lengths)}-{max(lengths)} tokens (mean {statistics.mean(lengths):.0f}), "
-         f"{args.new_tokens} new tokens each")
-
-    report: dict = {
+    started = time.monotonic()
+    report: dict[str, Any] = {
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": len(os.sched_getaffinity(0)), "processor": _cpu_name(), "python": platform.python_version()},
-        "workload": {"prompts": len(prompts), "min_len": min(lengths), "max_len": max(lengths),
-                     "mean_len": statistics.mean(lengths), "new_tokens": args.new_tokens, "sampling": SAMPLING,
-                     "model": args.preset, "device": args.device},
+        "models": {},
     }
-    if "raw" in rows:
-        _say("raw: CTranslate2 alone")
-        report["raw"] = bench_raw(model_dir, prompts, args.new_tokens, args.device)
-    if "sequential" in rows:
-        _say("sequential: one prompt at a time")
-        report["sequential"] = bench_sequential(model_dir, prompts, args.new_tokens, args.device)
-    if "system" in rows:
-        _say("system: REST API -> Redis -> worker -> SQLite")
-        report["system"] = bench_system(model_dir, prompts, args.new_tokens, args.worker_args.split())
-    if "transformers" in rows:
-        _say("transformers: Hugging Face generate (PyTorch)")
-        report["transformers"] = bench_transformers(checkpoint, prompts_file, args.new_tokens)
-
-    flat = {f"{row}_tps": report[row]["tps"] for row in ("raw", "sequential", "system", "transformers") if row in report}
-    if "system" in report:
-        flat["single_job_latency_s"] = report["system"]["single_job_latency_s"]
-    if "sequential" in report:
-        flat["single_raw_latency_s"] = report["sequential"]["single_raw_latency_s"]
-    ratios = {}
-    for other in ("raw", "sequential", "transformers"):
-        if "system" in report and other in report:
-            ratios[f"system/{other}"] = report["system"]["tps"] / report[other]["tps"]
-    if "single_job_latency_s" in flat and "single_raw_latency_s" in flat:
-        ratios["single_job_latency_over_raw_ms"] = 1000 * (flat["single_job_latency_s"] - flat["single_raw_latency_s"])
-    report.update(flat)
-    report["ratios"] = ratios
+    for model in args.models.split(","):
+        if model == "bench":
+            report["models"]["bench"] = bench_model("bench", [(16, 256), (16, 64)], args.prompts, args.new_tokens,
+                                                    rows=rows, device=args.device, quick=args.quick)
+        elif model == "demo":
+            report["models"]["demo"] = bench_model("demo", [(16, 256)], args.demo_prompts, args.new_tokens,
+                                                   rows=rows - {"sequential", "transformers"}, device=args.device,
+                                                   quick=args.quick)
+    for name, model in report["models"].items():
+        model["ratios"] = ratios(model)
+    report["seconds"] = time.monotonic() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    _print_table(report)
-    print(f"\nwritten to {args.out}")
+    args.out.write_text(json.dumps(report, indent=2, default=str))
+    print_report(report)
+    print(f"\nwritten to {args.out} ({report['seconds']:.0f} s)")
     return 0
 
 
@@ -300,27 +435,71 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
-def _print_table(report: dict) -> None:
-    w = report["workload"]
-    print(f"\nbatchgen throughput — {w['prompts']} prompts of {w['min_len']}-{w['max_len']} tokens "
-          f"(mean {w['mean_len']:.0f}), {w['new_tokens']} new tokens each, {report['machine']['cpus']} CPUs, "
-          f"model '{w['model']}'")
-    print(f"{'row':<14}{'tokens/s':>10}  settings")
-    for row in ("raw", "sequential", "system", "transformers"):
-        if row not in report:
-            continue
-        r = report[row]
-        settings = r.get("settings") or {"worker_args": r.get("worker_args") or "defaults"}
-        shown = ", ".join(f"{k}={v}" for k, v in settings.items() if k not in ("tps", "seconds", "tokens"))
-        print(f"{row:<14}{r['tps']:>10.0f}  {shown}")
-    if "transformers" in report:
-        b1 = report["transformers"]["batch1"]
-        print(f"{'  (batch 1)':<14}{b1['tps']:>10.0f}  dtype={b1['dtype']}, first {b1['prompts']} prompts")
-    for name, value in report["ratios"].items():
-        print(f"{name:<34}{value:>8.2f}")
-    if "single_job_latency_s" in report and "single_raw_latency_s" in report:
-        print(f"single-prompt job on an idle system {report['single_job_latency_s'] * 1000:.0f} ms, "
-              f"one raw generate_batch call {report['single_raw_latency_s'] * 1000:.0f} ms")
+def _layout(settings: dict[str, Any]) -> str:
+    keys = [k for k in settings if k.startswith("max_batch_")]
+    what = ", ".join(f"{k.removeprefix('max_batch_')} {settings[k]}" for k in keys)
+    return f"inter {settings.get('inter_threads')} x intra {settings.get('intra_threads')}, {what}"
+
+
+def print_report(report: dict[str, Any]) -> None:
+    m = report["machine"]
+    print(f"\nbatchgen throughput on {m['processor']} ({m['cpus']} CPUs); output tokens/s, one run")
+    print(f"{'model':<7}{'prompts':<9}{'row':<30}{'tokens/s':>9}{'of raw':>8}  notes")
+    for name, model in report["models"].items():
+        for mix_name, mix in model["mixes"].items():
+            raw = mix.get("raw", {}).get("tps")
+
+            def line(row: str, tps: float, notes: str = "") -> None:
+                share = f"{tps / raw:>8.2f}" if raw else f"{'':>8}"
+                print(f"{name:<7}{mix_name:<9}{row:<30}{tps:>9.0f}{share}  {notes}")
+
+            if "raw" in mix:
+                line("raw (best of the search)", mix["raw"]["tps"], _layout(mix["raw"]["settings"]))
+                if "at_choice" in mix["raw"]:
+                    c = mix["raw"]["at_choice"]
+                    line("raw at calibration's choice", c["tps"], f"{c['compute_type']}, inter {c['inter_threads']} x "
+                         f"intra {c['intra_threads']}, {c['max_batch_tokens']} tokens / {c['max_batch_size']} requests")
+            if "sequential" in mix:
+                line("sequential", mix["sequential"]["tps"], f"intra {mix['sequential']['settings']['intra_threads']}")
+            for key, label in (("system_single", f"system, {mix['prompts']} single jobs"),
+                               ("system_one_job", f"system, one job of {mix['prompts']}")):
+                if key in mix:
+                    r = mix[key]
+                    limits = r["limits_after"]
+                    line(label, r["tps"], f"API {r['api_cpu_ms_per_request']:.2f} ms/req, worker outside CT2 "
+                         f"{r['worker_service_cpu_ms_per_request']:.2f} ms/req; budget after "
+                         f"{limits.get('max_batch_tokens')}; {r['failed']} failed")
+            if "transformers" in mix:
+                t = mix["transformers"]
+                line("transformers", t["tps"], f"{t['settings']['dtype']}, batch {t['settings']['batch_size']}")
+    print()
+    for name, model in report["models"].items():
+        if "calibration" in model:
+            c = model["calibration"]
+            choice = c.get("choice", {})
+            print(f"{name}: calibration chose {c.get('compute_type')}, inter {c.get('inter_threads')} x intra "
+                  f"{c.get('intra_threads')}, {choice.get('max_batch_tokens')} tokens / "
+                  f"{choice.get('max_batch_size')} requests per batch, in {c.get('seconds', 0):.1f} s")
+        if "api_cpu_ms_per_request_in_1000_prompt_job" in model:
+            print(f"{name}: API CPU per request inside a 1,000-prompt job: "
+                  f"{model['api_cpu_ms_per_request_in_1000_prompt_job']:.3f} ms")
+        for mix_name, r in model.get("ratios", {}).items():
+            for ratio, value in r.items():
+                target = TARGETS.get((name, ratio))
+                if ratio.endswith("/transformers"):
+                    target = 1.15 if r.get("raw/transformers", 0) > 1.15 else None
+                verdict = "" if target is None else (f"  target >= {target}: " + ("met" if value >= target else "NOT met"))
+                print(f"{name} {mix_name} {ratio:<34}{value:>6.2f}{verdict}")
+    for name, model in report["models"].items():
+        for mix_name, mix in model["mixes"].items():
+            if "system_single" in mix:
+                v = mix["system_single"]["api_cpu_ms_per_request"]
+                print(f"{name} {mix_name} API CPU per single-prompt job {v:.2f} ms  target <= 1.5: "
+                      + ("met" if v <= 1.5 else "NOT met"))
+        if "api_cpu_ms_per_request_in_1000_prompt_job" in model:
+            v = model["api_cpu_ms_per_request_in_1000_prompt_job"]
+            print(f"{name} API CPU per request in a 1,000-prompt job {v:.3f} ms  target <= 0.2: "
+                  + ("met" if v <= 0.2 else "NOT met"))
 
 
 if __name__ == "__main__":

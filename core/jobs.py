@@ -421,16 +421,19 @@ def load_work(*, session: Session, request_ids: Sequence[str]) -> list[WorkItem]
     """The requests with these ids (any that exist), with what is needed to run them."""
     if not request_ids:
         return []
-    rows = session.execute(
-        select(JobRequest.id, JobRequest.job_id, Job.model, JobRequest.status, JobRequest.prompt,
-               JobRequest.messages, Job.system, JobRequest.params, Job.priority, JobRequest.lease_until,
-               JobRequest.attempts, JobRequest.created_at)
-        .join(Job, Job.id == JobRequest.job_id)
-        .where(JobRequest.id.in_(list(request_ids)))
-    )
+    rows = session.connection().execute(_LOAD_WORK, {"ids": list(request_ids)})
+    parsed: dict[str, ResolvedParams] = {}  # the requests of a job mostly share their parameters
+
+    def params_of(raw: dict[str, Any]) -> ResolvedParams:
+        key = json.dumps(raw, sort_keys=True)
+        found = parsed.get(key)
+        if found is None:
+            found = parsed[key] = ResolvedParams.model_validate(raw)
+        return found
+
     return [
         WorkItem(id=r.id, job_id=r.job_id, model=r.model, status=r.status, prompt=r.prompt,
-                 messages=r.messages, system=r.system, params=ResolvedParams.model_validate(r.params),
+                 messages=r.messages, system=r.system, params=params_of(r.params),
                  priority=r.priority, lease_until=r.lease_until, attempts=r.attempts, created_at=r.created_at)
         for r in rows
     ]
@@ -617,6 +620,13 @@ def record(*, session: Session, outcomes: Iterable[Outcome], now: datetime | Non
     return [i for d in deltas.values() for i in d.ids]
 
 
+_LOAD_WORK = (
+    select(_REQUESTS.id, _REQUESTS.job_id, _JOBS.model, _REQUESTS.status, _REQUESTS.prompt, _REQUESTS.messages,
+           _JOBS.system, _REQUESTS.params, _JOBS.priority, _REQUESTS.lease_until, _REQUESTS.attempts,
+           _REQUESTS.created_at)
+    .join(Job.__table__, _JOBS.id == _REQUESTS.job_id)
+    .where(_REQUESTS.id.in_(bindparam("ids", expanding=True)))
+)
 _RUNNING = (select(_REQUESTS.id).where(_REQUESTS.id.in_(bindparam("ids", expanding=True)),
                                       _REQUESTS.status == "running").order_by(_REQUESTS.id))
 _RUNNING_LOCKED = _RUNNING.with_for_update()

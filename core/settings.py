@@ -98,6 +98,9 @@ class Settings(BaseModel):
     # Testing only: a worker SIGKILLs itself when a request's text contains this marker.
     fault_kill_on: str = ""
 
+    # How often each process publishes its metrics to Redis (what /metrics and /v1/models read).
+    metrics_interval_s: float = Field(default=5.0, gt=0)
+
     log_level: str = "INFO"
     # "json": one JSON object per line (time, level, process, logger, message, job_id, request_id).
     log_format: Literal["text", "json"] = "text"

@@ -2,9 +2,10 @@
 
 Small messages of request ids (up to ``BATCHGEN_REQUESTS_PER_MESSAGE`` each, so a big job costs
 the broker and the worker a fraction of a message per request), written to Redis directly in the
-format Celery workers consume (``core.queueing.publish``). Small jobs are dispatched inside the
-HTTP request after the job is committed; large ones by a background thread so the client gets
-its ``202`` at once.
+format Celery workers consume (``core.queueing.publish``). A committed job is handed to a
+publishing thread, so the client gets its ``202`` without waiting on Redis, and jobs submitted
+together share messages. Synchronous calls (completions) publish at once, in the request.
+A job whose publishing fails stays stored and queued; the workers' reconciler dispatches it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,6 +21,11 @@ from core.queueing import publish
 from core.settings import Settings
 
 log = logging.getLogger("batchgen.dispatch")
+
+# The publishing thread waits this long after the first job it takes, then publishes everything
+# handed over meanwhile (up to COALESCE_MAX request ids) together.
+LINGER_S = 0.002
+COALESCE_MAX = 5000
 
 
 class DispatchError(RuntimeError):
@@ -58,27 +65,67 @@ class Dispatcher:
             raise DispatchError(f"could not publish to {self.settings.queue_for(model)}: {exc}") from exc
 
     def dispatch_later(self, *, job_id: str, model: str, request_ids: Sequence[str], priority: int,
-                       on_done: Callable[[str], None]) -> None:
-        """Queue a job for the background dispatcher; ``on_done(job_id)`` runs when published."""
-        self._backlog.put((job_id, model, list(request_ids), priority, on_done))
+                       on_done: Callable[[str], None] | None = None,
+                       on_failed: Callable[[str], None] | None = None) -> None:
+        """Hand a committed job's requests to the publishing thread; ``on_done(job_id)`` runs once
+        they are on the queue, ``on_failed(job_id)`` if the broker refused them (the reconciler
+        then dispatches them)."""
+        self._backlog.put((job_id, model, list(request_ids), priority, on_done, on_failed))
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._drain, name="dispatcher", daemon=True)
                 self._thread.start()
 
     def _drain(self) -> None:
+        """Publish what is handed over, many jobs' requests at a time: jobs submitted at the same
+        moment (a burst of single-prompt jobs) share messages, so a worker pays Celery's cost per
+        message once for several of them."""
         while True:
-            job_id, model, ids, priority, on_done = self._backlog.get()
-            try:
-                self.dispatch(model=model, request_ids=ids, priority=priority)
-                on_done(job_id)
-                log.info("dispatched %d requests in the background", len(ids), extra={"job_id": job_id})
-            except Exception:
-                log.exception("background dispatch failed; the job stays undispatched",
-                              extra={"job_id": job_id})
-            finally:
+            taken = [self._backlog.get()]
+            time.sleep(LINGER_S)  # let the other submissions of a burst catch up
+            held = len(taken[0][2])
+            while held < COALESCE_MAX:
+                try:
+                    taken.append(self._backlog.get_nowait())
+                except queue.Empty:
+                    break
+                held += len(taken[-1][2])
+            groups: dict[tuple[str, int], list[tuple[str, list[str], Any, Any]]] = {}
+            for job_id, model, ids, priority, on_done, on_failed in taken:
+                groups.setdefault((model, priority), []).append((job_id, ids, on_done, on_failed))
+            for (model, priority), jobs in groups.items():
+                try:
+                    self.dispatch(model=model, request_ids=[i for _, ids, _, _ in jobs for i in ids],
+                                  priority=priority)
+                except Exception:
+                    log.exception("dispatch failed; %d jobs stay stored for the reconciler", len(jobs))
+                    for job_id, _, _, on_failed in jobs:
+                        self._call(on_failed, job_id)
+                    continue
+                for job_id, ids, on_done, _ in jobs:
+                    self._call(on_done, job_id)
+                    if len(ids) > COALESCE_MAX:
+                        log.info("dispatched %d requests in the background", len(ids), extra={"job_id": job_id})
+            for _ in taken:
                 self._backlog.task_done()
 
-    def wait_idle(self) -> None:
-        """Block until the background backlog is published (tests, shutdown)."""
-        self._backlog.join()
+    @staticmethod
+    def _call(callback: Callable[[str], None] | None, job_id: str) -> None:
+        if callback is None:
+            return
+        try:
+            callback(job_id)
+        except Exception:
+            log.exception("dispatch bookkeeping failed", extra={"job_id": job_id})
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until everything handed over is published (tests, shutdown); False if
+        ``timeout`` passed first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._backlog.all_tasks_done:
+            while self._backlog.unfinished_tasks:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._backlog.all_tasks_done.wait(left)
+        return True

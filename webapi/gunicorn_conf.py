@@ -23,3 +23,12 @@ def post_worker_init(worker: Any) -> None:
             previous(signum, frame)
 
     signal.signal(signal.SIGTERM, on_term)
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    # Jobs answered 202 whose requests the publishing thread still holds go on the queue before
+    # this process ends (if it dies instead, the workers' reconciler dispatches them).
+    app = getattr(worker, "wsgi", None)
+    services = getattr(app, "extensions", {}).get("batchgen") if app is not None else None
+    if services is not None:
+        services.dispatcher.wait_idle(timeout=5)

@@ -36,7 +36,6 @@ from core.schemas import (
 )
 from core.tables import Job, JobRequest
 from webapi.auth import current_principal
-from webapi.dispatch import DispatchError
 from webapi.errors import ApiError, read_body
 from webapi.services import services
 
@@ -187,34 +186,27 @@ def _replay(key: str, fingerprint: str) -> tuple[Response, int, dict[str, str]] 
 
 
 def dispatches_inline(count: int) -> bool:
-    """Whether a job of ``count`` requests is published inside its HTTP request (stored as
-    dispatched) rather than by the background dispatcher."""
+    """Whether a job of ``count`` requests is stored as dispatched: small jobs are published
+    within milliseconds of their commit; a big one is marked once all of it is on the queue."""
     return count <= services().settings.inline_dispatch_limit
 
 
 def _dispatch(job: Job, request_ids: list[str]) -> None:
-    """Publish a committed job's requests (inline: it was stored as dispatched)."""
+    """Hand a committed job's requests to the publishing thread."""
     svc = services()
 
     def mark_done(job_id: str) -> None:
         with svc.db.write() as session:
             job_service.mark_dispatched(session=session, job_id=job_id)
 
-    if not dispatches_inline(len(request_ids)):
-        svc.dispatcher.dispatch_later(job_id=job.id, model=job.model, request_ids=request_ids,
-                                      priority=job.priority, on_done=mark_done)
-        return
-    try:
-        svc.dispatcher.dispatch(model=job.model, request_ids=request_ids, priority=job.priority)
-    except DispatchError:
-        # The job is stored and stays queued; it is not lost: the reconciler dispatches it. It
-        # is answered 202 all the same.
-        log.exception("dispatch failed; job stored but not yet on a queue", extra={"job_id": job.id})
-        try:
-            with svc.db.write() as session:
-                job_service.mark_undispatched(session=session, job_id=job.id)
-        except Exception:
-            log.exception("could not note the failed dispatch", extra={"job_id": job.id})
+    def mark_failed(job_id: str) -> None:
+        # The job is stored and stays queued; it is not lost: the reconciler dispatches it.
+        with svc.db.write() as session:
+            job_service.mark_undispatched(session=session, job_id=job_id)
+
+    inline = dispatches_inline(len(request_ids))
+    svc.dispatcher.dispatch_later(job_id=job.id, model=job.model, request_ids=request_ids, priority=job.priority,
+                                  on_done=None if inline else mark_done, on_failed=mark_failed)
 
 
 @bp.get("")

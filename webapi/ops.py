@@ -54,7 +54,7 @@ def init_app(app: Flask) -> None:
 
         key = f"{svc.settings.redis_prefix}metrics:api:{socket.gethostname()}:{os.getpid()}"
         svc.exporter = RedisExporter(svc.metrics, redis.Redis.from_url(svc.settings.redis_url, socket_timeout=2),
-                                     key).start()
+                                     key, interval_s=svc.settings.metrics_interval_s).start()
 
 
 def _redis() -> Any:

@@ -37,6 +37,7 @@ class Services:
 
     def close(self) -> None:
         """Stop background work and close connections (tests, shutdown)."""
+        self.dispatcher.wait_idle(timeout=10)  # what was accepted goes on the queue first
         exporter = getattr(self, "exporter", None)
         if exporter is not None:
             exporter.stop()

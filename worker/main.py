@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m worker") -> int:
         metrics.set("batchgen_worker_cpu_seconds_total", service, part="service")
 
     exporter = RedisExporter(metrics, redis_client, f"{settings.redis_prefix}metrics:{process_name}",
-                             before_publish=_device_memory)
+                             interval_s=settings.metrics_interval_s, before_publish=_device_memory)
     try:
         exporter.publish()  # at once: GET /v1/models counts this worker from its first snapshot
     except Exception as exc:

@@ -63,9 +63,10 @@ def test_out_of_bounds_job_fields_are_422(client, extra, loc):
         assert "not supported" in resp.get_json()["error"]["details"][0]["message"]
 
 
-def test_higher_priority_jobs_are_queued_ahead(client, settings):
+def test_higher_priority_jobs_are_queued_ahead(app, client, settings):
     low = client.post("/v1/jobs", json={**TINY, "priority": 1}).get_json()
     high = client.post("/v1/jobs", json={**TINY, "priority": 9}).get_json()
+    app.extensions["batchgen"].dispatcher.wait_idle()  # published by the dispatcher's thread
     ids = queued_request_ids(settings, "tiny-chat")
     page = lambda j: [r["id"] for r in client.get(f"/v1/jobs/{j['id']}/results").get_json()["data"]]  # noqa: E731
     assert ids == page(high) + page(low)
