@@ -176,13 +176,14 @@ def bench_transformers(checkpoint: Path, prompts_file: Path, new_tokens: int) ->
 class Service:
     """The real stack for one model, its worker calibrated as a user's would be."""
 
-    def __init__(self, model_dir: Path, model_name: str, *, calibrate: str) -> None:
+    def __init__(self, model_dir: Path, model_name: str, *, calibrate: str, worker_args: list[str] | None = None) -> None:
         import requests
 
         from bench.stack import Stack
 
-        self.stack = Stack(model_dir=model_dir, model_name=model_name, worker_args=[], calibrate=calibrate,
-                           calibration_dir=CALIBRATION_DIR, metrics_interval_s=0.5).start()
+        self.stack = Stack(model_dir=model_dir, model_name=model_name, worker_args=worker_args or [],
+                           calibrate=calibrate,
+                           calibration_dir=CALIBRATION_DIR, metrics_interval_s=1.0).start()
         self.model = model_name
         self.db = self.stack.database()
         self.local = threading.local()
@@ -190,6 +191,13 @@ class Service:
         self.http.headers["Authorization"] = f"Bearer {self.stack.token}"
         self.submit_job({"prompts": ["warm up"], "params": {"max_new_tokens": 4}})  # imports, connections
         self.wait_jobs(1)
+        # What the idle worker spends (heartbeats, reconciler, publishing its metrics): subtracted
+        # from each row's figure, which is about the work of the requests.
+        first, t0 = self.worker_cpu(), time.monotonic()
+        time.sleep(2.0)
+        last = self.worker_cpu()
+        self.idle_service_cpu_per_s = max(0.0, last.get("service", 0.0) - first.get("service", 0.0)) / (
+            time.monotonic() - t0)
 
     def close(self) -> None:
         self.db.dispose()
@@ -210,7 +218,7 @@ class Service:
         import redis
 
         client = redis.Redis.from_url(self.stack.settings.redis_url)
-        time.sleep(1.2)  # a snapshot published after the work ended (every 0.5 s)
+        time.sleep(2.2)  # a snapshot published after the work ended (every second)
         prefix = self.stack.settings.redis_prefix + "metrics:worker:"
         for key in client.scan_iter(match=prefix + "*"):
             snapshot = json.loads(client.get(key))
@@ -260,6 +268,7 @@ class Service:
             before = s.scalar(select(func.count()).where(Job.model == self.model))
         time.sleep(0.5)
         worker0, api0 = self.worker_cpu(), cpu_seconds(self.stack.api_pids)
+        m0 = time.monotonic()
         t0 = datetime.now(UTC)
         if single:
             with ThreadPoolExecutor(max_workers=16) as pool:
@@ -272,6 +281,7 @@ class Service:
         self.wait_jobs(before + jobs)
         api1 = cpu_seconds(self.stack.api_pids)
         worker1 = self.worker_cpu()
+        idle = self.idle_service_cpu_per_s * (time.monotonic() - m0)
         with self.db.read() as s:
             rows = s.execute(select(func.max(JobRequest.completed_at), func.sum(JobRequest.completion_tokens),
                                     func.count())
@@ -282,7 +292,7 @@ class Service:
         finished, tokens, count = rows
         seconds = (finished - t0).total_seconds()
         n = len(prompts)
-        service = worker1.get("service", 0.0) - worker0.get("service", 0.0)
+        service = max(0.0, worker1.get("service", 0.0) - worker0.get("service", 0.0) - idle)
         engine = worker1.get("engine", 0.0) - worker0.get("engine", 0.0)
         batches = [line.split("batchgen.batcher: ", 1)[-1] for line in self.stack.worker_log.read_text().splitlines()
                    if "batchgen.batcher: batch" in line]

@@ -489,6 +489,8 @@ class Batcher:
                 self._cond.notify_all()
 
     def _generate(self, todo: list[Pending], run_id: str, waited: float, reason: str = "") -> list[Outcome]:
+        with self._cond:
+            busy_at_start = self._busy_slots  # batches running beside this one (itself included)
         started = self.clock()
         try:
             on_delta = self.announcer.delta if self.announcer is not None else None
@@ -514,7 +516,7 @@ class Batcher:
                 limit = self.tuner.limit
                 move = self.tuner.observe(batch_tokens=batch_tokens, requests=len(todo),
                                           prompt_tokens=prompt_tokens / len(todo), new_tokens=new_tokens,
-                                          seconds=seconds, concurrent=self._busy_slots)
+                                          seconds=seconds, concurrent=min(busy_at_start, self._busy_slots))
                 tuned = f", budget {limit}, {self.tuner.ratio:.2f} of calibration"
                 if move is not None:
                     log.info("batch limits moved: max_batch_tokens %d -> %d (%s)", move.old, move.new, move.reason)

@@ -59,7 +59,7 @@ class Plan:
     batch_sizes: list[int]  # tried in order, per replica
     screen_batch: int  # batch size of the layout/compute-type screening
     budget_s: float
-    min_trial_s: float = 0.25  # a quick trial is repeated until this much time (at most 5 runs)
+    min_trial_s: float = 0.4  # a quick trial is repeated until this much time (at most 7 runs)
 
 
 @dataclass(frozen=True)
@@ -321,7 +321,7 @@ def run(plan: Plan, measure: Measure, *, clock: Callable[[], float] = time.monot
         batches = max(1, inter)
         try:
             runs = [measure(ct, inter, intra, length, plan.new_tokens, size, batches)]
-            while sum(runs) < plan.min_trial_s and len(runs) < 5:  # fast ones: the median of several
+            while sum(runs) < plan.min_trial_s and len(runs) < 7:  # fast ones: the median of several
                 runs.append(measure(ct, inter, intra, length, plan.new_tokens, size, batches))
             seconds = sorted(runs)[len(runs) // 2]
             t = Trial(ct, inter, intra, length, plan.new_tokens, size, batches, seconds,
@@ -369,10 +369,11 @@ def _clear_winner(trials: list[Trial], margin: float = 1.03) -> Trial:
 
 # --- choosing ------------------------------------------------------------------------------
 
-# The service's own work per batch (claiming, recording; ~1-3 ms of CPU on the development
-# machines). Counting it keeps a fast device from choosing batches so short that this work,
-# not the model, sets the pace; the worker then measures what it really gets (worker.tuning).
-BATCH_OVERHEAD_S = 0.002
+# The service's own work per batch (claiming, recording, scheduling: 3-6 ms of CPU per batch in
+# bench/throughput.py's demo rows, on the same cores as the model). Counting it keeps a fast
+# device from choosing batches so short that this work, not the model, sets the pace. It is a
+# property of batchgen's code more than of the device; the tuner counts it the same way.
+BATCH_OVERHEAD_S = 0.005
 
 
 def _interpolate(points: list[tuple[float, float]], x: float) -> float:

@@ -140,9 +140,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m worker") -> int:
 
     # The batcher keeps measuring and moves its token budget, unless the budget was given
     # explicitly or calibration is off (fixed defaults, as tests and benchmarks may want).
+    from worker.calibration import BATCH_OVERHEAD_S
+
     tuner = OnlineTuner(budget=plan.max_batch_tokens, max_batch_size=plan.max_batch_size,
                         expected=calibration.expected if calibration is not None else None,
-                        batch_seconds=plan.batch_seconds,
+                        batch_seconds=plan.batch_seconds, slots=plan.slots, overhead_s=BATCH_OVERHEAD_S,
                         frozen=bool(settings.max_batch_tokens) or settings.calibrate == "off")
     log.info("batching (%s): %s", plan.source, policy)
     from worker.streaming import Publisher

@@ -5,8 +5,9 @@ Calibration measures the device on synthetic prompts once; service then differs:
 longer or shorter, another process takes a core, outputs stop early. So the tuner:
 
 - keeps, per batch size (batch tokens rounded to a ladder of budgets, factors of two around the
-  calibrated one), a recent average of output tokens/s with every replica's work counted
-  (tokens/s of the batch times the batches running beside it, itself included);
+  calibrated one), a recent average of output tokens/s per replica, counting the service's own
+  work per batch (``overhead_s``, as calibration does), from batches that ran with every replica
+  busy (a batch running alone at the end of a burst is faster and would flatter its size);
 - compares what it sees with what the calibration expects for batches of that many requests of
   that prompt length (``ratio``, a metric): a ratio far from 1 means the calibration no longer
   describes the work;
@@ -51,12 +52,14 @@ class OnlineTuner:
     expected: Callable[[float, float], float] | None = None  # (batch size, prompt tokens) -> tokens/s
     batch_seconds: float = 0.0  # expected duration of a full batch at ``budget``
     frozen: bool = False  # explicit settings: observe, never move
+    slots: int = 1  # batches the device runs at once; only batches with all of them busy teach
+    overhead_s: float = 0.0  # the service's own time per batch (worker.calibration.BATCH_OVERHEAD_S)
     min_budget: int = 64
     max_budget: int = 1 << 17
     probe_every: int = 32
-    probe_batches: int = 3
+    probe_batches: int = 4
     probe_patience: int = 12  # batches a probe may wait for its own size before giving up
-    gain: float = 1.05
+    gain: float = 1.08
     depart: float = 1.3
     alpha: float = 0.3
     ratio: float = 1.0  # recent observed / expected
@@ -105,16 +108,18 @@ class OnlineTuner:
         """Learn from one finished batch; returns the move it caused, if any."""
         if seconds <= 0 or new_tokens <= 0:
             return None
-        tps = new_tokens / seconds * max(1, concurrent)
+        tps = new_tokens / (seconds + self.overhead_s) * max(1, concurrent)
+        if self.expected is not None:
+            want = self.expected(requests, prompt_tokens)
+            if want > 0:
+                self.ratio = (1 - self.alpha) * self.ratio + self.alpha * (new_tokens / seconds * concurrent / want)
+        if concurrent < self.slots:
+            return None  # not the steady state: no lesson about its size
         level = self._level(batch_tokens)
         b = self._buckets.setdefault(level, _Bucket())
         b.tps = tps if b.count == 0 else (1 - self.alpha) * b.tps + self.alpha * tps
         b.seconds = seconds if b.count == 0 else (1 - self.alpha) * b.seconds + self.alpha * seconds
         b.count += 1
-        if self.expected is not None:
-            want = self.expected(requests, prompt_tokens)
-            if want > 0:
-                self.ratio = (1 - self.alpha) * self.ratio + self.alpha * (tps / want)
         if self.frozen:
             return None
         return self._decide(level)
