@@ -92,10 +92,8 @@ def run_ct2(generator, vocabulary: list[str], batches: list[list[Prompt]], new_t
     return generated, time.perf_counter() - started
 
 
-def bench_raw(model_dir: Path, prompts: list[Prompt], new_tokens: int, device: str, *, quick: bool,
-              choice: dict[str, Any] | None = None) -> dict:
-    """Try thread layouts and batchings; the best is the ceiling. With ``choice`` (the worker's
-    calibration), also raw at exactly its layout, compute type and token budget."""
+def raw_search(model_dir: Path, prompts: list[Prompt], new_tokens: int, device: str, *, quick: bool) -> dict:
+    """Try thread layouts and batchings; the best is the ceiling."""
     import ctranslate2
 
     vocabulary = json.loads((model_dir / "vocabulary.json").read_text())
@@ -114,24 +112,38 @@ def bench_raw(model_dir: Path, prompts: list[Prompt], new_tokens: int, device: s
         for kind, value in plans:
             batches = chunk(prompts, new_tokens=new_tokens, **{kind: value})
             n, s = run_ct2(gen, vocabulary, batches, new_tokens)
-            trial = {"inter_threads": inter, "intra_threads": intra, f"max_batch_{kind}": value,
-                     "batches": len(batches), "tps": n / s, "seconds": s, "tokens": n}
+            trial = {"inter_threads": inter, "intra_threads": intra, "compute_type": "int8",
+                     f"max_batch_{kind}": value, "batches": len(batches), "tps": n / s, "seconds": s, "tokens": n}
             trials.append(trial)
             _say(f"  raw inter={inter} intra={intra} {kind}={value}: {n / s:.0f} tok/s ({s:.1f}s)")
         del gen
-    best = max(trials, key=lambda t: t["tps"])
-    out: dict[str, Any] = {"tps": best["tps"], "settings": best, "trials": trials}
-    if choice is not None:
-        gen = ctranslate2.Generator(str(model_dir), device=device, compute_type=choice["compute_type"],
-                                    inter_threads=choice["inter_threads"], intra_threads=choice["intra_threads"])
-        run_ct2(gen, vocabulary, chunk(prompts[:4], size=2), 4)
-        batches = [b for group in chunk(prompts, size=choice["max_batch_size"], new_tokens=new_tokens)
-                   for b in chunk(group, tokens=choice["max_batch_tokens"], new_tokens=new_tokens)]
-        n, s = run_ct2(gen, vocabulary, batches, new_tokens)
-        out["at_choice"] = {"tps": n / s, "seconds": s, "batches": len(batches), **choice}
-        _say(f"  raw at the calibration's choice: {n / s:.0f} tok/s")
-        del gen
-    return out
+    return {"settings": max(trials, key=lambda t: t["tps"]), "trials": trials}
+
+
+class RawRunner:
+    """CTranslate2 alone with one fixed layout and batching, run again and again: measured in
+    rounds beside the system rows, so both see the machine as it is at that moment."""
+
+    def __init__(self, model_dir: Path, prompts: list[Prompt], new_tokens: int, device: str, *, compute_type: str,
+                 inter_threads: int, intra_threads: int, size: int | None = None, tokens: int | None = None) -> None:
+        import ctranslate2
+
+        self.vocabulary = json.loads((model_dir / "vocabulary.json").read_text())
+        self.gen = ctranslate2.Generator(str(model_dir), device=device, compute_type=compute_type,
+                                         inter_threads=inter_threads, intra_threads=intra_threads)
+        run_ct2(self.gen, self.vocabulary, chunk(prompts[:4], size=2), 4)
+        groups = chunk(prompts, size=size, new_tokens=new_tokens) if size else [prompts]
+        self.batches = [b for g in groups for b in (chunk(g, tokens=tokens, new_tokens=new_tokens) if tokens else [g])]
+        self.new_tokens = new_tokens
+        self.runs: list[float] = []
+
+    def run(self) -> float:
+        n, s = run_ct2(self.gen, self.vocabulary, self.batches, self.new_tokens)
+        self.runs.append(n / s)
+        return n / s
+
+    def result(self, **extra: Any) -> dict[str, Any]:
+        return {"tps": statistics.median(self.runs), "runs": self.runs, "batches": len(self.batches), **extra}
 
 
 def bench_sequential(model_dir: Path, prompts: list[Prompt], new_tokens: int, device: str) -> dict:
@@ -321,12 +333,22 @@ class Service:
 
 
 def bench_model(preset: str, mixes: list[tuple[int, int]], n_prompts: int, new_tokens: int, *, rows: set[str],
-                device: str, quick: bool) -> dict[str, Any]:
+                device: str, quick: bool, repeat: int = 3) -> dict[str, Any]:
     _say(f"== {preset} model")
     model_dir, checkpoint = ensure_model(preset)
     out: dict[str, Any] = {"model": preset, "mixes": {}}
+    mixes_prompts = {f"{lo}-{hi}": make_prompts(model_dir, n_prompts, lo, hi) for lo, hi in mixes}
+    for name, prompts in mixes_prompts.items():
+        lengths = [len(p.ids) for p in prompts]
+        out["mixes"][name] = {"prompts": n_prompts, "min_len": min(lengths), "max_len": max(lengths),
+                              "mean_len": statistics.mean(lengths), "new_tokens": new_tokens}
+    searched: dict[str, dict[str, Any]] = {}
+    if "raw" in rows:  # the search, alone on the machine
+        for name, prompts in mixes_prompts.items():
+            _say(f"  raw search, prompts of {name} tokens: CTranslate2 alone")
+            searched[name] = raw_search(model_dir, prompts, new_tokens, device, quick=quick)
     service = None
-    if rows & {"system", "calibration"}:
+    if "system" in rows:
         _say("  starting the service; its worker calibrates itself (BATCHGEN_CALIBRATE=force)")
         service = Service(model_dir, preset, calibrate="force")
         out["calibration"] = service.serving()
@@ -335,33 +357,53 @@ def bench_model(preset: str, mixes: list[tuple[int, int]], n_prompts: int, new_t
             data = json.loads(cached[-1].read_text())
             out["calibration"].update(choice=data["choice"], seconds=data["seconds"])
         _say(f"  calibration: {out['calibration']}")
-        if "system" in rows:
-            out["api_cpu_ms_per_request_in_1000_prompt_job"] = service.api_cost_of_big_job()
-    mixes_prompts = {f"{lo}-{hi}": make_prompts(model_dir, n_prompts, lo, hi) for lo, hi in mixes}
-    for name, prompts in mixes_prompts.items():
-        lengths = [len(p.ids) for p in prompts]
-        out["mixes"][name] = {"prompts": n_prompts, "min_len": min(lengths), "max_len": max(lengths),
-                              "mean_len": statistics.mean(lengths), "new_tokens": new_tokens}
-    try:  # the service first, then it is stopped: nothing of it runs beside the raw rows
-        if "system" in rows and service is not None:
+        out["api_cpu_ms_per_request_in_1000_prompt_job"] = service.api_cost_of_big_job()
+    try:
+        # Rounds: raw's best, raw at the calibration's choice, the service with single-prompt jobs
+        # and with one job, each once a round; medians of the rounds. The machine's speed drifts
+        # by tens of percent over minutes here, and rows measured side by side drift together.
+        runners: dict[str, dict[str, RawRunner]] = {}
+        for name, prompts in mixes_prompts.items():
+            runners[name] = {}
+            if name in searched:
+                best = searched[name]["settings"]
+                runners[name]["best"] = RawRunner(model_dir, prompts, new_tokens, device, compute_type="int8",
+                                                  inter_threads=best["inter_threads"], intra_threads=best["intra_threads"],
+                                                  size=best.get("max_batch_size"), tokens=best.get("max_batch_tokens"))
+                choice = out.get("calibration", {}).get("choice")
+                if choice:
+                    runners[name]["choice"] = RawRunner(
+                        model_dir, prompts, new_tokens, device, compute_type=choice["compute_type"],
+                        inter_threads=choice["inter_threads"], intra_threads=choice["intra_threads"],
+                        size=choice["max_batch_size"], tokens=choice["max_batch_tokens"])
+        system_runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for round_ in range(repeat):
             for name, prompts in mixes_prompts.items():
-                mix = out["mixes"][name]
-                _say(f"  system, prompts of {name} tokens (mean {mix['mean_len']:.0f}): single-prompt jobs")
-                mix["system_single"] = service.run(prompts, new_tokens, single=True)
-                _say(f"    {mix['system_single']['tps']:.0f} tok/s; one job")
-                mix["system_one_job"] = service.run(prompts, new_tokens, single=False)
-                _say(f"    {mix['system_one_job']['tps']:.0f} tok/s")
+                _say(f"  round {round_ + 1}/{repeat}, prompts of {name} tokens")
+                for kind, runner in runners[name].items():
+                    _say(f"    raw {kind}: {runner.run():.0f} tok/s")
+                if service is not None:
+                    for key, single in (("system_single", True), ("system_one_job", False)):
+                        r = service.run(prompts, new_tokens, single=single)
+                        system_runs.setdefault((name, key), []).append(r)
+                        _say(f"    {key}: {r['tps']:.0f} tok/s")
+        for (name, key), runs in system_runs.items():
+            runs.sort(key=lambda r: r["tps"])
+            out["mixes"][name][key] = {**runs[len(runs) // 2], "runs": [r["tps"] for r in runs]}
+        for name, found in runners.items():
+            if "best" in found:
+                raw = found["best"].result(settings=searched[name]["settings"], trials=searched[name]["trials"])
+                if "choice" in found:
+                    raw["at_choice"] = found["choice"].result(**out["calibration"]["choice"])
+                out["mixes"][name]["raw"] = raw
+        del runners
     finally:
         if service is not None:
             service.close()
     for name, prompts in mixes_prompts.items():
         mix = out["mixes"][name]
-        if "raw" in rows:
-            _say(f"  raw, prompts of {name} tokens: CTranslate2 alone")
-            choice = out.get("calibration", {}).get("choice")
-            mix["raw"] = bench_raw(model_dir, prompts, new_tokens, device, quick=quick, choice=choice)
         if "sequential" in rows:
-            _say("  sequential: one prompt at a time")
+            _say(f"  sequential, prompts of {name} tokens: one prompt at a time")
             mix["sequential"] = bench_sequential(model_dir, prompts, new_tokens, device)
         if "transformers" in rows:
             _say("  transformers: Hugging Face generate (PyTorch)")
@@ -381,16 +423,28 @@ TARGETS = {
 }
 
 
+def ceiling(mix: dict[str, Any]) -> float | None:
+    """Raw CTranslate2's best here: the search's best or the calibration's choice, whichever ran
+    faster (medians of the same rounds)."""
+    raw = mix.get("raw")
+    if not raw:
+        return None
+    return max(raw["tps"], raw.get("at_choice", {}).get("tps", 0.0))
+
+
 def ratios(model: dict[str, Any]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for name, mix in model["mixes"].items():
         r: dict[str, float] = {}
+        top = ceiling(mix)
         for system in ("system_single", "system_one_job"):
-            for other in ("raw", "sequential", "transformers"):
+            if system in mix and top:
+                r[f"{system}/raw"] = mix[system]["tps"] / top
+            for other in ("sequential", "transformers"):
                 if system in mix and other in mix:
                     r[f"{system}/{other}"] = mix[system]["tps"] / mix[other]["tps"]
-        if "raw" in mix and "transformers" in mix:
-            r["raw/transformers"] = mix["raw"]["tps"] / mix["transformers"]["tps"]
+        if top and "transformers" in mix:
+            r["raw/transformers"] = top / mix["transformers"]["tps"]
         if "raw" in mix and "at_choice" in mix["raw"]:
             r["raw_at_calibration/raw"] = mix["raw"]["at_choice"]["tps"] / mix["raw"]["tps"]
         out[name] = r
@@ -407,8 +461,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--rows", default="raw,sequential,system,transformers")
     p.add_argument("--quick", action="store_true", help="a smaller raw search (for trying the bench itself)")
+    p.add_argument("--repeat", type=int, default=3, help="runs of each system row and of raw's best; medians")
     p.add_argument("--out", type=Path, default=RESULTS / "latest.json")
+    p.add_argument("--report", type=Path, help="print the table of an earlier run's JSON and exit")
     args = p.parse_args(argv)
+    if args.report is not None:
+        report = json.loads(args.report.read_text())
+        for model in report["models"].values():
+            model["ratios"] = ratios(model)
+        print_report(report)
+        return 0
     rows = set(args.rows.split(","))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     started = time.monotonic()
@@ -420,11 +482,12 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.models.split(","):
         if model == "bench":
             report["models"]["bench"] = bench_model("bench", [(16, 256), (16, 64)], args.prompts, args.new_tokens,
-                                                    rows=rows, device=args.device, quick=args.quick)
+                                                    rows=rows, device=args.device, quick=args.quick,
+                                                    repeat=args.repeat)
         elif model == "demo":
             report["models"]["demo"] = bench_model("demo", [(16, 256)], args.demo_prompts, args.new_tokens,
                                                    rows=rows - {"sequential", "transformers"}, device=args.device,
-                                                   quick=args.quick)
+                                                   quick=args.quick, repeat=args.repeat)
     for name, model in report["models"].items():
         model["ratios"] = ratios(model)
     report["seconds"] = time.monotonic() - started
@@ -451,24 +514,30 @@ def _layout(settings: dict[str, Any]) -> str:
     return f"inter {settings.get('inter_threads')} x intra {settings.get('intra_threads')}, {what}"
 
 
+def _runs(row: dict[str, Any]) -> str:
+    runs = row.get("runs")
+    return f"; runs {'/'.join(str(round(r)) for r in sorted(runs))}" if runs and len(runs) > 1 else ""
+
+
 def print_report(report: dict[str, Any]) -> None:
     m = report["machine"]
-    print(f"\nbatchgen throughput on {m['processor']} ({m['cpus']} CPUs); output tokens/s, one run")
-    print(f"{'model':<7}{'prompts':<9}{'row':<30}{'tokens/s':>9}{'of raw':>8}  notes")
+    print(f"\nbatchgen throughput on {m['processor']} ({m['cpus']} CPUs); output tokens/s, medians of each row's runs")
+    print(f"{'model':<7}{'prompts':<9}{'row':<30}{'tokens/s':>9}{'of raw':>8}  notes   (of raw: of the faster raw row)")
     for name, model in report["models"].items():
         for mix_name, mix in model["mixes"].items():
-            raw = mix.get("raw", {}).get("tps")
+            raw = ceiling(mix)
 
             def line(row: str, tps: float, notes: str = "") -> None:
                 share = f"{tps / raw:>8.2f}" if raw else f"{'':>8}"
                 print(f"{name:<7}{mix_name:<9}{row:<30}{tps:>9.0f}{share}  {notes}")
 
             if "raw" in mix:
-                line("raw (best of the search)", mix["raw"]["tps"], _layout(mix["raw"]["settings"]))
+                line("raw (best of the search)", mix["raw"]["tps"], _layout(mix["raw"]["settings"]) + _runs(mix["raw"]))
                 if "at_choice" in mix["raw"]:
                     c = mix["raw"]["at_choice"]
                     line("raw at calibration's choice", c["tps"], f"{c['compute_type']}, inter {c['inter_threads']} x "
-                         f"intra {c['intra_threads']}, {c['max_batch_tokens']} tokens / {c['max_batch_size']} requests")
+                         f"intra {c['intra_threads']}, {c['max_batch_tokens']} tokens / {c['max_batch_size']} requests"
+                         + _runs(c))
             if "sequential" in mix:
                 line("sequential", mix["sequential"]["tps"], f"intra {mix['sequential']['settings']['intra_threads']}")
             for key, label in (("system_single", f"system, {mix['prompts']} single jobs"),
@@ -478,7 +547,7 @@ def print_report(report: dict[str, Any]) -> None:
                     limits = r["limits_after"]
                     line(label, r["tps"], f"API {r['api_cpu_ms_per_request']:.2f} ms/req, worker outside CT2 "
                          f"{r['worker_service_cpu_ms_per_request']:.2f} ms/req; budget after "
-                         f"{limits.get('max_batch_tokens')}; {r['failed']} failed")
+                         f"{limits.get('max_batch_tokens')}; {r['failed']} failed" + _runs(r))
             if "transformers" in mix:
                 t = mix["transformers"]
                 line("transformers", t["tps"], f"{t['settings']['dtype']}, batch {t['settings']['batch_size']}")

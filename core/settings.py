@@ -77,8 +77,9 @@ class Settings(BaseModel):
     intra_threads: int = Field(default=0, ge=0)  # 0: chosen per device
     max_batch_size: int = Field(default=0, ge=0)  # 0: chosen per device
     max_batch_tokens: int = Field(default=0, ge=0)  # 0: chosen per device
-    # 0: derived from how long a batch takes here (a tenth of it, 2-200 ms; 20 ms if unknown).
-    max_wait_ms: float = Field(default=0.0, ge=0)
+    # Unset: derived from how long a batch takes here (a tenth of it, 2-200 ms; 20 ms if that is
+    # unknown). 0: a batch never waits to fill.
+    max_wait_ms: float | None = Field(default=None, ge=0)
     # Calibration: "auto" measures the device once per model, device and version and caches it
     # under var_dir/calibration; "force" measures at every start; "off" uses fixed defaults.
     calibrate: Literal["auto", "force", "off"] = "auto"

@@ -72,7 +72,7 @@ class BatchPolicy:
 
     max_batch_size: int = 16
     max_batch_tokens: int = 2048  # prompt + max_new_tokens, summed over the batch
-    max_wait_ms: float = 20.0  # 0: a tenth of batch_seconds (2-200 ms), or 20 ms if that is unknown
+    max_wait_ms: float | None = 20.0  # None: a tenth of batch_seconds (2-200 ms), 20 ms if unknown
     slots: int = 1
     # How long a full batch takes on this device (calibration, then what the worker sees); 0 if
     # unknown. Waits scale with it: waiting 5% of a batch's time costs a lone request little,
@@ -99,7 +99,7 @@ class BatchPolicy:
           (``burst_wait_factor`` x max_wait, at most 30% of a batch's time).
         """
         b = self.batch_seconds
-        if self.max_wait_ms > 0:
+        if self.max_wait_ms is not None:
             max_wait = self.max_wait_ms / 1000
         else:
             max_wait = min(0.2, max(0.002, 0.1 * b)) if b > 0 else 0.02
@@ -118,6 +118,7 @@ class Pending:
     cost: int
     arrived: float
     priority: int = 5
+    interactive: bool = False  # a synchronous or streamed call: someone waits on it now
 
 
 @dataclass
@@ -203,7 +204,10 @@ def select_batch(pending: Sequence[Pending], *, now: float, device_idle: bool, p
             if largest is None or rank > largest[0]:
                 largest = (rank, batch)
     assert largest is not None
-    # An idle device still lets a burst gather first, and gives a lone request a moment's company.
+    # An idle device still lets a burst gather first, and gives a lone request a moment's company
+    # (not a synchronous call: someone is waiting on that one).
+    if any(p.interactive for p in pending):
+        idle_wait = 0.0
     idle = device_idle and not arriving and waited >= idle_wait
     if any_full or idle or waited >= wait_s:
         batch = largest[1]
@@ -362,7 +366,8 @@ class Batcher:
                 continue
             cost = enc.length + item.params.max_new_tokens
             key = item.params.sampling_key()  # (a retried one, attempts > 0, runs alone: see _schedule_loop)
-            fresh.append(Pending(enc, key, enc.length, cost, now, item.priority))
+            fresh.append(Pending(enc, key, enc.length, cost, now, item.priority,
+                                 interactive=item.params.delivery != "store"))
         if self._draining:  # arrived during shutdown: straight back to the queue
             self._fail_futures([p.enc.item.id for p in fresh], Requeue("the worker is shutting down"))
             fresh = []
@@ -505,6 +510,9 @@ class Batcher:
             # Find the request that broke the batch: run each alone, the others still succeed.
             log.warning("batch %s of %d failed (%s); running its requests one by one",
                         run_id, len(todo), exc)
+            if self.tuner is not None:  # e.g. out of memory: no batch this big again
+                with self._cond:
+                    self.tuner.failed(sum(p.cost for p in todo))
             return [o for p in todo for o in self._generate([p], run_id, waited, "isolate")]
         seconds = self.clock() - started
         new_tokens = sum(o.completion_tokens or 0 for o in outcomes)

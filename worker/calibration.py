@@ -126,6 +126,10 @@ class Calibration:
                        and (t.inter_threads, t.intra_threads) == (c.inter_threads, c.intra_threads)),
                       key=lambda t: t.batch_size)
 
+    def largest_batch(self) -> int:
+        """Prompt + new tokens of the largest batch measured without error."""
+        return max((t.batch_tokens for t in self.trials if not t.error), default=self.choice.max_batch_tokens)
+
     @property
     def shapes(self) -> list[int]:
         return sorted({t.prompt_tokens for t in self.trials if t.phase == "curve"})
@@ -225,12 +229,13 @@ def model_fingerprint(model_dir: Path) -> str:
 
 
 def cache_key(*, model: str, model_dir: Path, device: str, physical_index: int, compute_type: str,
-              inter_threads: int, intra_threads: int, ctranslate2_version: str) -> dict[str, Any]:
+              inter_threads: int, intra_threads: int, ctranslate2_version: str, context_length: int = 0,
+              budget_s: float = 0.0) -> dict[str, Any]:
     """Everything a calibration depends on; a change in any of it means measuring again."""
     return {"model": model, "weights": model_fingerprint(model_dir), "device": device,
             "device_name": device_name(device, physical_index), "compute_type": compute_type,
-            "inter_threads": inter_threads, "intra_threads": intra_threads,
-            "ctranslate2": ctranslate2_version, "procedure": VERSION}
+            "inter_threads": inter_threads, "intra_threads": intra_threads, "context_length": context_length,
+            "budget_s": budget_s, "ctranslate2": ctranslate2_version, "procedure": VERSION}
 
 
 def cache_path(cache_dir: Path, key: dict[str, Any]) -> Path:
@@ -253,7 +258,7 @@ def save(cache_dir: Path, calibration: Calibration) -> Path:
     """Write a calibration where ``load_cached`` finds it (atomically)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_path(cache_dir, calibration.key)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # two workers calibrating at once do not clash
     tmp.write_text(calibration.to_json())
     tmp.replace(path)
     return path
@@ -467,7 +472,7 @@ def for_worker(*, model: str, model_dir: Path, device: str, device_index: int, p
 
     key = cache_key(model=model, model_dir=model_dir, device=device, physical_index=physical_index,
                     compute_type=compute_type, inter_threads=inter_threads, intra_threads=intra_threads,
-                    ctranslate2_version=ctranslate2.__version__)
+                    ctranslate2_version=ctranslate2.__version__, context_length=context_length, budget_s=budget_s)
     if mode != "force":
         cached = load_cached(cache_dir, key)
         if cached is not None:

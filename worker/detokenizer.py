@@ -24,6 +24,7 @@ this class has one rule (cut after ordinary tokens) that provably matches the fu
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 # Tokens of context decoded in front of each new piece: enough for the leading-space rule.
 CONTEXT = 4
@@ -34,7 +35,8 @@ Decode = Callable[[list[int]], str]
 class StreamDecoder:
     """Text of one sequence's generated ids, appended one id at a time."""
 
-    __slots__ = ("_decode", "_special", "_byte", "_ids", "_held", "_context", "_started", "text")
+    __slots__ = ("_decode", "_special", "_byte", "_ids", "_held", "_context", "_started", "text", "_whole",
+                 "_prompt")
 
     def __init__(self, decode: Decode, prompt_ids: Sequence[int], *, byte_ids: frozenset[int],
                  special_ids: frozenset[int]) -> None:
@@ -49,6 +51,10 @@ class StreamDecoder:
         self._context: list[int] = [i for i in prompt_ids[-CONTEXT:] if i not in special_ids]
         self._started = False
         self.text = ""  # the final text up to the last cut
+        # Whole mode: decode everything at each cut (quadratic, always right), for decoders this
+        # class's rule does not hold for (``incremental_ok``) or after an unexpected mismatch.
+        self._whole = False
+        self._prompt = [i for i in prompt_ids[-CONTEXT:] if i not in special_ids]
 
     @property
     def ids(self) -> list[int]:
@@ -63,11 +69,32 @@ class StreamDecoder:
             return ""  # inside a byte run (or possibly one): wait for an ordinary token
         return self._cut()
 
+    def whole(self) -> StreamDecoder:
+        """Decode everything at each cut from now on."""
+        self._whole = True
+        return self
+
+    def _cut_whole(self) -> str:
+        tail = self._prompt
+        if tail:
+            head = self._decode(tail)
+            full = self._decode(tail + self._ids)
+            text = full[len(head):] if full.startswith(head) else self._decode(self._ids)
+        else:
+            text = self._decode(self._ids)
+        self._held = []
+        if not text.startswith(self.text):  # a byte-level decoder can revise its last piece
+            return ""
+        piece, self.text = text[len(self.text):], text
+        return piece
+
     def finish(self) -> str:
         """The text still held back (a trailing byte run); then ``text`` is the whole text."""
         return self._cut() if self._held else ""
 
     def _cut(self) -> str:
+        if self._whole:
+            return self._cut_whole()
         held, context = self._held, self._context
         if context:
             head = self._decode(context)
@@ -79,8 +106,9 @@ class StreamDecoder:
                 # then decodes the output alone, and so does every later piece.
                 context = []
                 piece = self._decode(held)
-            else:  # cannot happen: a later context always ends on an ordinary token
-                raise AssertionError("context does not prefix its own decode")
+            else:  # not seen with Llama's decoder; stay correct rather than fast from here on
+                self._whole = True
+                piece = ""
         else:
             piece = self._decode(held)
         self._started = True
@@ -88,6 +116,16 @@ class StreamDecoder:
         self._context = (context + [i for i in held if i not in self._special])[-CONTEXT:]
         self._held = []
         return piece
+
+
+def incremental_ok(tokenizer_json: dict[str, Any]) -> bool:
+    """Whether a tokenizer's decoder is the kind ``StreamDecoder`` cuts correctly: Llama's
+    (``▁`` as space, byte fallback, fuse, strip); not a byte-level one (GPT-2, Llama 3)."""
+    decoder = tokenizer_json.get("decoder") or {}
+    parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
+    kinds = {d.get("type") for d in parts if isinstance(d, dict)}
+    return "ByteFallback" in kinds and "ByteLevel" not in kinds and kinds <= {
+        "Replace", "ByteFallback", "Fuse", "Strip", "Metaspace"}
 
 
 def first_stop(text: str, stops: Sequence[str], searched: int = 0) -> int:

@@ -65,7 +65,8 @@ class Janitor:
             candidates = job_service.needing_dispatch(
                 session=session, model=self.model, now=now,
                 older_than=now - timedelta(seconds=settings.reconcile_grace_s))
-        if not candidates or len(candidates) <= queueing.messages_held(self.redis, settings, self.model):
+        held = queueing.messages_held(self.redis, settings, self.model) * settings.requests_per_message
+        if not candidates or len(candidates) <= held:
             return 0  # the queue can hold them all: the usual case, no scan
         lost = queueing.missing(candidates, queueing.ids_held(self.redis, settings, self.model))
         by_priority: dict[int, list[str]] = defaultdict(list)

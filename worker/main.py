@@ -144,7 +144,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m worker") -> int:
 
     tuner = OnlineTuner(budget=plan.max_batch_tokens, max_batch_size=plan.max_batch_size,
                         expected=calibration.expected if calibration is not None else None,
-                        batch_seconds=plan.batch_seconds, slots=plan.slots, overhead_s=BATCH_OVERHEAD_S,
+                        batch_seconds=plan.batch_seconds, slots=plan.slots, replicas=plan.inter_threads,
+                        overhead_s=BATCH_OVERHEAD_S, size_cap=settings.max_batch_size,
+                        # never beyond the largest batch calibration ran without error
+                        max_budget=calibration.largest_batch() if calibration is not None else 4 * plan.max_batch_tokens,
                         frozen=bool(settings.max_batch_tokens) or settings.calibrate == "off")
     log.info("batching (%s): %s", plan.source, policy)
     from worker.streaming import Publisher

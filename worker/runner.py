@@ -24,7 +24,7 @@ from core.jobs import Outcome, WorkItem
 from core.prompts import Special, render
 from core.registry import ModelSpec
 from core.schemas import ChatMessage
-from worker.detokenizer import CONTEXT, StreamDecoder, first_stop
+from worker.detokenizer import CONTEXT, StreamDecoder, first_stop, incremental_ok
 
 log = logging.getLogger("batchgen.runner")
 
@@ -188,6 +188,7 @@ class ModelRunner:
         self.byte_ids = frozenset(i for i, t in enumerate(self.vocabulary)
                                   if len(t) == 6 and t.startswith("<0x") and t.endswith(">"))
         self.special_ids = self.tokenizer.special_ids
+        self.incremental = incremental_ok(json.loads((self.model_dir / "tokenizer.json").read_text()))
         self.bos_id = self.tokenizer.bos_id
         self.eos_id = self.tokenizer.eos_id
         self.device, self.compute_type = device, compute_type
@@ -261,8 +262,9 @@ class ModelRunner:
 
     def stream_decoder(self, prompt_ids: Sequence[int]) -> StreamDecoder:
         """An incremental decoder giving what ``decode_continuation`` gives, token by token."""
-        return StreamDecoder(self._decode_skipping, prompt_ids, byte_ids=self.byte_ids,
-                             special_ids=self.special_ids)
+        decoder = StreamDecoder(self._decode_skipping, prompt_ids, byte_ids=self.byte_ids,
+                                special_ids=self.special_ids)
+        return decoder if self.incremental else decoder.whole()
 
     def _decode_skipping(self, ids: list[int]) -> str:
         return self._backend.decode(ids, skip_special_tokens=True)

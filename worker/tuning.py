@@ -53,6 +53,8 @@ class OnlineTuner:
     batch_seconds: float = 0.0  # expected duration of a full batch at ``budget``
     frozen: bool = False  # explicit settings: observe, never move
     slots: int = 1  # batches the device runs at once; only batches with all of them busy teach
+    replicas: int = 1  # CTranslate2 replicas: with more slots than replicas, batches queue inside it
+    size_cap: int = 0  # an explicit max_batch_size: never more requests per batch than this
     overhead_s: float = 0.0  # the service's own time per batch (worker.calibration.BATCH_OVERHEAD_S)
     min_budget: int = 64
     max_budget: int = 1 << 17
@@ -87,8 +89,18 @@ class OnlineTuner:
 
     @property
     def size_limit(self) -> int:
-        """Requests per batch, in proportion to the budget in force."""
-        return max(1, round(self._base_size * self.limit))
+        """Requests per batch, in proportion to the budget in force (at most an explicit cap)."""
+        size = max(1, round(self._base_size * self.limit))
+        return min(size, self.size_cap) if self.size_cap else size
+
+    def failed(self, batch_tokens: int) -> None:
+        """A batch this big failed (out of memory, say): never try one this big again."""
+        self.max_budget = max(self.min_budget, min(self.max_budget, batch_tokens // 2))
+        if self._probe is not None and self._probe > self.max_budget:
+            self._probe = None
+        if self.budget > self.max_budget:
+            old, self.budget = self.budget, self._level(self.max_budget)
+            self.moves.append(Move(old, self.budget, f"a batch of {batch_tokens} tokens failed"))
 
     @property
     def typical_batch_seconds(self) -> float:
@@ -118,7 +130,9 @@ class OnlineTuner:
         level = self._level(batch_tokens)
         b = self._buckets.setdefault(level, _Bucket())
         b.tps = tps if b.count == 0 else (1 - self.alpha) * b.tps + self.alpha * tps
-        b.seconds = seconds if b.count == 0 else (1 - self.alpha) * b.seconds + self.alpha * seconds
+        # With more slots than replicas a batch also waits inside CTranslate2 for the one before.
+        own = seconds / max(1, math.ceil(concurrent / max(1, self.replicas)))
+        b.seconds = own if b.count == 0 else (1 - self.alpha) * b.seconds + self.alpha * own
         b.count += 1
         if self.frozen:
             return None
@@ -144,7 +158,7 @@ class OnlineTuner:
         self._since_probe = 0
         for direction in (self._direction, -self._direction):
             target = self._level(self.budget * 2.0 ** direction)
-            if target != self.budget:
+            if target != self.budget and target <= self.max_budget:
                 self._direction = -direction  # alternate next time
                 self._probe, self._probe_seen, self._probe_waited = target, 0, 0
                 return
@@ -155,10 +169,12 @@ class OnlineTuner:
         self._settled = self.ratio  # what is seen now is explained by this budget or the probed one
         here = self._buckets.get(self.budget)
         there = self._buckets[probe]
-        if here is None or here.count == 0 or there.tps > self.gain * here.tps:
+        if here is None or here.count < self.probe_batches:
+            return None  # nothing recent to compare with: no evidence for a move
+        if there.tps > self.gain * here.tps:
             old, self.budget = self.budget, probe
             move = Move(old, probe, f"{there.tps:.0f} tokens/s at {probe} tokens per batch against "
-                                    f"{here.tps if here else 0:.0f} at {old}")
+                                    f"{here.tps:.0f} at {old}")
             self.moves.append(move)
             self._direction = 1 if probe > old else -1  # keep going the way that paid
             return move

@@ -145,7 +145,7 @@ def simulate(policy, arrivals, run_s, window_s=0.05):
 def test_a_burst_onto_an_idle_device_is_batched_not_trickled():
     # 40 requests 5 ms apart onto an idle device with two replicas; a batch takes 1 s and holds 8.
     arrivals = [0.005 * k for k in range(40)]
-    calibrated = BatchPolicy(max_batch_size=8, max_batch_tokens=10_000, max_wait_ms=0, slots=2, batch_seconds=1.0)
+    calibrated = BatchPolicy(max_batch_size=8, max_batch_tokens=10_000, max_wait_ms=None, slots=2, batch_seconds=1.0)
     starts = simulate(calibrated, arrivals, run_s=1.0)
     assert starts[0][1] > 1 and starts[1][1] > 1, starts  # the first batches wait for company
     assert [size for _, size in starts] == [8, 8, 8, 8, 8]
@@ -157,9 +157,9 @@ def test_a_burst_onto_an_idle_device_is_batched_not_trickled():
 
 
 def test_a_lone_request_on_an_idle_device_waits_only_a_twentieth_of_a_batch():
-    policy = BatchPolicy(max_batch_size=8, max_wait_ms=0, slots=2, batch_seconds=0.4)
+    policy = BatchPolicy(max_batch_size=8, max_wait_ms=None, slots=2, batch_seconds=0.4)
     assert simulate(policy, [0.0], run_s=0.4) == [(0.02, 1)]
-    fast = BatchPolicy(max_batch_size=8, max_wait_ms=0, slots=2, batch_seconds=0.01)  # a GPU-fast device
+    fast = BatchPolicy(max_batch_size=8, max_wait_ms=None, slots=2, batch_seconds=0.01)  # a GPU-fast device
     assert simulate(fast, [0.0], run_s=0.01)[0][0] <= 0.001
 
 

@@ -132,3 +132,20 @@ def test_streamed_text_is_a_prefix_of_the_stored_text(runner):
                 break
         stored = seq.finish(output[: len(seq.ids)])
         assert stored.startswith("".join(sent))
+
+
+def test_whole_mode_gives_the_same_text_and_byte_level_decoders_use_it(runner, tiny_model):
+    import json
+
+    from worker.detokenizer import incremental_ok
+
+    rng = random.Random(4)
+    for _ in range(300):
+        prompt = random_ids(runner, rng, rng.randint(0, 6))
+        output = random_ids(runner, rng, rng.randint(0, 24))
+        decoder = runner.stream_decoder(prompt).whole()
+        pieces = [decoder.push(i) for i in output] + [decoder.finish()]
+        assert "".join(pieces) == runner.decode_continuation(prompt, output)
+    assert incremental_ok(json.loads((tiny_model / "tokenizer.json").read_text()))
+    assert not incremental_ok({"decoder": {"type": "ByteLevel", "add_prefix_space": True}})
+    assert not incremental_ok({"decoder": None})

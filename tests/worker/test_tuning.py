@@ -78,3 +78,18 @@ def test_a_probe_without_work_to_fill_it_is_given_up():
     for _ in range(40):  # only small batches: the queue never holds enough for a bigger probe
         tuner.observe(batch_tokens=300, requests=2, prompt_tokens=86, new_tokens=128, seconds=0.5, concurrent=2)
     assert tuner.budget == 1024 and tuner.limit in (512, 1024, 2048)
+
+
+def test_a_failed_batch_caps_the_budget_and_ends_a_probe():
+    tuner = OnlineTuner(budget=2048, max_batch_size=16, expected=calibrated(2048), probe_every=5)
+    serve(tuner, peaked(2048), 6)  # a probe has started
+    tuner.failed(4096)  # a batch this big ran out of memory
+    assert tuner.max_budget == 2048 and tuner.limit <= 2048
+    serve(tuner, peaked(1 << 16), 200)  # however well big batches would do, none is tried again
+    assert tuner.budget <= 2048 and all(m.new <= 2048 for m in tuner.moves)
+
+
+def test_an_explicit_batch_size_caps_the_requests_per_batch():
+    tuner = OnlineTuner(budget=1024, max_batch_size=8, expected=calibrated(1024), size_cap=8)
+    serve(tuner, peaked(8192), 400)
+    assert tuner.budget > 1024 and tuner.size_limit == 8
