@@ -83,10 +83,6 @@ class Stack:
         master = self.procs[1].pid
         return [master] + children(master)
 
-    @property
-    def worker_pid(self) -> int:
-        return self.procs[2].pid
-
     def stop(self) -> None:
         for proc in reversed(self.procs):
             if proc.poll() is None:

@@ -34,7 +34,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -502,12 +502,6 @@ def for_worker(*, model: str, model_dir: Path, device: str, device_index: int, p
 def _summary(c: Choice) -> str:
     return (f"{c.compute_type}, inter_threads={c.inter_threads}, intra_threads={c.intra_threads}, "
             f"max_batch_tokens={c.max_batch_tokens}, max_batch_size={c.max_batch_size}")
-
-
-def with_overrides(choice: Choice, **explicit: Any) -> Choice:
-    """``choice`` with the explicitly set values (non-zero, not ``auto``) in place of its own."""
-    given = {k: v for k, v in explicit.items() if v not in (0, None, "auto")}
-    return replace(choice, **given)
 
 
 @dataclass
