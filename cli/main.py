@@ -75,13 +75,16 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_build_model(args: argparse.Namespace) -> int:
     from core.logs import configure_logging
-    from core.registry import ModelSpec, register_model
+    from core.registry import ModelSpec, default_directory, register_model
     from worker.builder import build_model
 
     settings = _settings()
     configure_logging(settings.log_level, process="build")
     name = args.name or args.preset
-    out = args.output or settings.models_dir / name
+    try:
+        out = args.output or default_directory(settings.models_dir, name)
+    except ValueError as exc:
+        raise CliError(f"{exc} (--name)") from None
     if args.keep_if_present and (out / "model.bin").is_file():
         print(f"{name} is already built in {out}")
         return 0
@@ -98,7 +101,7 @@ def cmd_build_model(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from core.logs import configure_logging
-    from core.registry import ModelSpec, load_registry, register_model
+    from core.registry import ModelSpec, check_model_name, default_directory, load_registry, register_model
     from worker.convert import convert_checkpoint
 
     settings = _settings()
@@ -106,13 +109,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if not Path(args.source).is_dir() and (args.source.startswith((".", "/", "~")) or args.source.count("/") != 1):
         raise CliError(f"no checkpoint directory {args.source!r} (give a directory, or an org/name hub id "
                        "where the hub is reachable)")
-    name = args.name or Path(args.source).name
+    name = args.name if args.name is not None else Path(args.source).resolve().name
+    try:
+        check_model_name(name)
+    except ValueError as exc:
+        raise CliError(f"{exc} (--name)") from None
     registry = load_registry(settings)
     try:
         known = registry.resolve(name)
     except Exception:
         known = None
-    out = args.output or (registry.directory(known) if known else settings.models_dir / name.replace("/", "--"))
+    out = args.output or (registry.directory(known) if known else default_directory(settings.models_dir, name))
     convert_checkpoint(args.source, out, quantization=args.quantization, force=args.force)
     chat = args.chat if args.chat is not None else (known.chat if known else "chat" in name.lower())
     spec = ModelSpec(name=name, path=str(Path(out).resolve()), chat=chat,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,6 +20,28 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import UnknownModelError
 from core.settings import Settings
+
+# A model name: a bare name or a hub-style "org/name", each part starting with a letter or digit,
+# so that no name can be "", ".", ".." or reach outside the models directory as a path.
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}(/[A-Za-z0-9][A-Za-z0-9._-]{0,99})?$")
+
+
+def check_model_name(name: str) -> str:
+    """``name`` if it can name a model (and a directory under the models directory); else ValueError."""
+    if not _MODEL_NAME.match(name):
+        raise ValueError(f"{name!r} cannot name a model: use letters, digits, '.', '_' and '-', optionally "
+                         "as org/name, each part starting with a letter or digit")
+    return name
+
+
+def default_directory(models_dir: Path, name: str) -> Path:
+    """Where a model named ``name`` is written by default: a directory strictly inside
+    ``models_dir`` (``org/name`` becomes ``org--name``)."""
+    out = (models_dir / check_model_name(name).replace("/", "--")).resolve()
+    if out.parent != models_dir.resolve():
+        raise ValueError(f"{name!r} would be written outside {models_dir}")
+    return out
+
 
 # Meta's generation_config.json for every Llama-2 checkpoint samples with these.
 LLAMA2_DEFAULTS: dict[str, Any] = {"temperature": 0.6, "top_p": 0.9, "max_new_tokens": 256}

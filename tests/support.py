@@ -316,3 +316,48 @@ class Launcher:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return -9
+
+
+class GunicornApi:
+    """``batchgen api`` (gunicorn, as deployed) with the test's settings, on a free port.
+
+    Flask's test client and werkzeug's server forgive what gunicorn refuses (a header value
+    that is not Latin-1, say): tests of what reaches the wire run here."""
+
+    def __init__(self, settings: Settings, token: str | None = None, *, workers: int = 1, threads: int = 4,
+                 env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.settings, self.workers, self.threads = settings, workers, threads
+        self.env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.http = requests.Session()
+        if token is not None:
+            self.http.headers["Authorization"] = f"Bearer {token}"
+        self.log_path = Path(tempfile.mkstemp(prefix="gunicorn-", suffix=".log")[1])
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30) -> GunicornApi:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cli", "api", "--bind", f"127.0.0.1:{self.port}", "--workers", str(self.workers),
+             "--threads", str(self.threads)], env=self.env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+        wait_for_port("127.0.0.1", self.port, timeout, self.proc)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-8000:]
+
+    def stop(self, timeout: float = 40) -> int | None:
+        self.http.close()
+        code = None
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.terminate()
+            try:
+                code = self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                code = self.proc.wait()
+        if hasattr(self, "_log"):
+            self._log.close()
+        return code

@@ -112,3 +112,29 @@ def test_operator_errors_are_one_line_and_exit_1(var, tmp_path, capsys, monkeypa
     assert "the database (127.0.0.1:1/none) failed: " in fails("migrate")
     with pytest.raises(Exception):  # --traceback: the exception itself, for a bug report
         main(["--traceback", "keys", "list"])
+
+
+@pytest.mark.parametrize("argv", [
+    ["--name", ".."], ["--name", "."], ["--name", "../escape"], ["--name", "acme/../.."], ["--name", "/etc"],
+    ["--name", ""], ["--name", "a/b/c"], ["--output", "{var}"], ["--output", "{var}/models"],
+])
+def test_convert_never_writes_or_deletes_outside_a_model_directory(var, tmp_path, capsys, argv):
+    checkpoint = build_checkpoint(tmp_path / "ckpt", preset="tiny")
+    (var / "models" / "kept").mkdir(parents=True)
+    (var / "models" / "kept" / "model.bin").write_bytes(b"weights")
+    (var / "batchgen.db").write_bytes(b"the database")
+    before = sorted(p.relative_to(var) for p in var.rglob("*"))
+    argv = [a.replace("{var}", str(var)) for a in argv]
+    capsys.readouterr()
+    assert main(["convert", str(checkpoint), *argv, "--force"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("batchgen: ") and ("cannot name a model" in err or "not a model directory" in err), err
+    assert sorted(p.relative_to(var) for p in var.rglob("*")) == before
+    assert (var / "batchgen.db").read_bytes() == b"the database"
+
+
+def test_convert_of_the_current_directory_takes_its_name(var, tmp_path, monkeypatch):
+    checkpoint = build_checkpoint(tmp_path / "Llama-dot-hf", preset="tiny")
+    monkeypatch.chdir(checkpoint)
+    assert main(["convert", "."]) == 0
+    assert (var / "models" / "Llama-dot-hf" / "model.bin").is_file()

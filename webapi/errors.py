@@ -6,9 +6,11 @@ Every error leaves as ``{"error": {"code", "message", "details", "request_id"}}`
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from typing import Any
+from urllib.parse import quote
 
 from flask import Flask, Response, current_app, g, jsonify, request
 from pydantic import ValidationError
@@ -63,6 +65,40 @@ def read_body() -> bytes:
     if limit and request.content_length is None and len(raw) >= limit:
         raise RequestEntityTooLarge()
     return raw
+
+
+def parse_json(raw: bytes | str) -> Any:
+    """``raw`` parsed as JSON; ``ValueError`` (with a reason a client can act on) if it is not
+    JSON or nests too deeply for the parser (a ``RecursionError`` would otherwise be a 500)."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("the JSON nests too deeply") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8: {exc}") from None
+
+
+def int_arg(name: str, default: int, low: int, high: int) -> int:
+    """The query argument ``name`` as an integer from ``low`` to ``high`` (``default`` if absent);
+    a 422 naming it otherwise (400 on the compatibility routes). Only ASCII digits count:
+    ``"²".isdigit()`` is true, and ``int("²")`` fails."""
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    value = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 12 else low - 1
+    if not low <= value <= high:
+        message = f"must be an integer from {low} to {high}"
+        raise ApiError(422, "invalid_request", f"'{name}' {message}",
+                       [{"loc": f"query.{name}", "message": message, "type": "invalid_query"}])
+    return value
+
+
+def attachment(filename: str) -> str:
+    """A Content-Disposition header value for any file name: an ASCII ``filename`` for old
+    clients and the exact name as RFC 5987 ``filename*`` (a raw non-Latin-1 name is refused by
+    WSGI servers, and a quote would end the value early)."""
+    fallback = "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in filename)
+    return f"attachment; filename=\"{fallback or 'download'}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
 def _param(details: Any) -> str | None:

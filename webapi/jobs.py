@@ -6,7 +6,6 @@ not exist; an admin key reaches every job.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import threading
@@ -36,7 +35,7 @@ from core.schemas import (
 )
 from core.tables import Job, JobRequest
 from webapi.auth import current_principal
-from webapi.errors import ApiError, read_body
+from webapi.errors import ApiError, attachment, int_arg, parse_json, read_body
 from webapi.services import services
 
 log = logging.getLogger("batchgen.api")
@@ -58,8 +57,8 @@ def json_body() -> Any:
     if not raw:
         raise ApiError(400, "invalid_json", "the request body is empty; send a JSON object")
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
+        return parse_json(raw)
+    except ValueError as exc:
         raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from None
 
 
@@ -96,21 +95,6 @@ def result_read(row: JobRequest) -> ResultRead:
         error=ErrorInfo(code=row.error_code, message=row.error_message or "") if row.error_code else None,
         created_at=row.created_at, completed_at=row.completed_at,
     )
-
-
-def _int_arg(name: str, default: int, low: int, high: int) -> int:
-    raw = request.args.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = low - 1
-    if not low <= value <= high:
-        raise ApiError(422, "invalid_request", f"'{name}' must be an integer from {low} to {high}",
-                       [{"loc": f"query.{name}", "message": f"must be an integer from {low} to {high}",
-                         "type": "invalid_query"}])
-    return value
 
 
 def _choice_arg(name: str, choices: tuple[str, ...]) -> str | None:
@@ -212,7 +196,7 @@ def _dispatch(job: Job, request_ids: list[str]) -> None:
 @bp.get("")
 def list_jobs() -> dict[str, Any]:
     """The caller's jobs, newest first: ``after`` (a job id), ``limit``, ``status``."""
-    limit = _int_arg("limit", 20, 1, 100)
+    limit = int_arg("limit", 20, 1, 100)
     status = _choice_arg("status", JOB_STATUSES)
     with services().db.read() as session:
         rows, has_more = job_service.list_jobs(session=session, owner=current_principal().owner_filter,
@@ -292,7 +276,7 @@ def get_job(job_id: str) -> dict[str, Any]:
 @bp.get("/<job_id>/results")
 def list_results(job_id: str) -> dict[str, Any]:
     """A page of results in request order: ``after`` (a request id), ``limit``, ``status``."""
-    limit = _int_arg("limit", 100, 1, MAX_PAGE)
+    limit = int_arg("limit", 100, 1, MAX_PAGE)
     status = _choice_arg("status", REQUEST_STATUSES)
     with services().db.read() as session:
         rows, has_more = job_service.list_results(session=session, job_id=job_id,
@@ -325,7 +309,7 @@ def download_results(job_id: str) -> Response:
             after = rows[-1].idx
 
     return Response(lines(), mimetype="application/jsonl",
-                    headers={"Content-Disposition": f'attachment; filename="{job_id}.jsonl"'})
+                    headers={"Content-Disposition": attachment(f"{job_id}.jsonl")})
 
 
 @bp.get("/<job_id>/events")

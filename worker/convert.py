@@ -39,6 +39,7 @@ def convert_checkpoint(
     output_dir = Path(output_dir)
     if output_dir.exists() and not force:
         raise FileExistsError(f"{output_dir} exists; pass force=True (--force) to replace it")
+    refuse_to_replace(output_dir)
     from ctranslate2.converters import TransformersConverter
     from transformers import AutoConfig, AutoTokenizer
 
@@ -72,6 +73,17 @@ def convert_checkpoint(
     log.info("converted %s to %s (%s) in %.1fs", source, output_dir, quantization,
              time.monotonic() - started)
     return output_dir
+
+
+def refuse_to_replace(output_dir: Path) -> None:
+    """Raise unless ``output_dir`` is absent, empty or a model directory: replacing it (``--force``)
+    must never delete anything else, whatever path it was given."""
+    if not output_dir.exists() and not output_dir.is_symlink():
+        return
+    if output_dir.is_symlink() or not output_dir.is_dir():
+        raise FileExistsError(f"{output_dir} exists and is not a model directory; not replacing it")
+    if any(output_dir.iterdir()) and not (output_dir / "model.bin").is_file():
+        raise FileExistsError(f"{output_dir} is not a model directory (no model.bin); not replacing it")
 
 
 def read_metadata(model_dir: Path) -> dict[str, object]:

@@ -20,21 +20,13 @@ from core.errors import InvalidRequestError, UnknownModelError
 from core.schemas import JobCreate, check_metadata
 from core.tables import Job
 from webapi.auth import current_principal
-from webapi.errors import ApiError, validated
+from webapi.errors import ApiError, attachment, int_arg, validated
 from webapi.jobs import _dispatch, dispatches_inline, json_body
 from webapi.openai import protocol, serving
 from webapi.services import services
 
 log = logging.getLogger("batchgen.api")
 bp = Blueprint("openai", __name__, url_prefix="/v1")
-
-
-def _int_arg(name: str, default: int, high: int) -> int:
-    raw = request.args.get(name, str(default))
-    if not raw.isdigit() or not 1 <= int(raw) <= high:
-        raise ApiError(400, "invalid_request", f"{name} must be an integer from 1 to {high}",
-                       [{"loc": name, "message": "out of range", "type": "invalid_query"}])
-    return int(raw)
 
 
 def _page(items: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
@@ -96,7 +88,7 @@ def list_files() -> dict[str, Any]:
         raise ApiError(400, "invalid_request", "order must be asc or desc")
     with services().db.read() as session:
         rows, more = file_service.list_files(session=session, owner=current_principal().owner_filter,
-                                             after=request.args.get("after"), limit=_int_arg("limit", 100, 10_000),
+                                             after=request.args.get("after"), limit=int_arg("limit", 100, 1, 10_000),
                                              order=order, purpose=request.args.get("purpose"))
         return _page([serving.file_view(f) for f in rows], more)
 
@@ -114,7 +106,7 @@ def file_content(file_id: str) -> Response:
         file = file_service.get_file(session=session, file_id=file_id, owner=current_principal().owner_filter)
         content = file_service.file_content(session=session, file_id=file_id, owner=None)
     return Response(content, mimetype="application/jsonl",
-                    headers={"Content-Disposition": f'attachment; filename="{file.filename}"'})
+                    headers={"Content-Disposition": attachment(file.filename)})
 
 
 @bp.delete("/files/<file_id>")
@@ -205,7 +197,7 @@ def list_batches() -> dict[str, Any]:
     owner = current_principal().owner_filter
     with services().db.read() as session:
         rows, more = batch_service.list_batches(session=session, owner=owner, after=request.args.get("after"),
-                                                limit=_int_arg("limit", 20, 100))
+                                                limit=int_arg("limit", 20, 1, 100))
         ids = [b.id for b in rows]
     return _page([_view(i, owner) for i in ids], more)
 

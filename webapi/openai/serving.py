@@ -13,6 +13,7 @@ from core.errors import InvalidRequestError, UnknownModelError
 from core.registry import ModelSpec, Registry
 from core.schemas import JobCreate, RequestCreate, check_text, error_details
 from core.tables import Batch, File, Job, JobRequest
+from webapi.errors import parse_json
 from webapi.openai.protocol import (
     ENDPOINTS,
     AssistantMessage,
@@ -112,7 +113,7 @@ def parse_batch_input(content: bytes, endpoint: str, registry: Registry,
         if not raw.strip():
             continue
         try:
-            entry = json.loads(raw)
+            entry = parse_json(raw)
         except ValueError as exc:
             errors.append(_error(number, "invalid_json_line", f"not valid JSON: {exc}"))
             continue
