@@ -64,6 +64,31 @@ def test_the_stack_is_wired_for_health_order_and_gpus():
     assert (ROOT / ".dockerignore").read_text().count(".venv")
 
 
+def _seconds(value: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    number = value.rstrip("smh")
+    return float(number) * units[value[len(number):]]
+
+
+@needs_compose
+def test_only_the_api_is_published_beyond_this_host_and_it_may_stop_gracefully():
+    config = yaml.safe_load(compose("--profile", "cpu", "config").stdout)["services"]
+    published = {}
+    for name, service in config.items():
+        for port in service.get("ports", []):
+            if isinstance(port, dict):  # long syntax
+                published[name] = port.get("host_ip", "0.0.0.0")
+            else:  # "host_ip:published:target/proto"
+                published[name] = port.split(":")[0] if port.count(":") == 2 else "0.0.0.0"
+    assert published.pop("api") == "0.0.0.0"
+    assert published and all(ip == "127.0.0.1" for ip in published.values()), published  # Flower: no auth
+    command = config["api"]["command"]
+    graceful = 30.0  # what `batchgen api` gives gunicorn (cli/main.py)
+    assert "--graceful-timeout" not in command or float(command[command.index("--graceful-timeout") + 1]) == graceful
+    assert '"--graceful-timeout", "30"' in (ROOT / "cli/main.py").read_text()
+    assert _seconds(config["api"]["stop_grace_period"]) > graceful
+
+
 @needs_compose
 def test_every_command_the_compose_file_runs_starts_here_the_same_way(make_settings, sqlite_url, tmp_path):
     config = yaml.safe_load(compose("--profile", "cpu", "config").stdout)["services"]
