@@ -46,6 +46,10 @@ class Call:
     closed: bool = False
 
 
+def _unavailable() -> ApiError:
+    return ApiError(503, "unavailable", "the queue is unavailable; retry shortly", headers={"Retry-After": "5"})
+
+
 class SyncRunner:
     """Submits one-request jobs and waits for (or streams) their result."""
 
@@ -57,7 +61,8 @@ class SyncRunner:
         if self._redis is None:
             import redis
 
-            self._redis = redis.Redis.from_url(self.svc.settings.redis_url, socket_timeout=5)
+            self._redis = redis.Redis.from_url(self.svc.settings.redis_url, socket_timeout=5,
+                                               socket_connect_timeout=2)
         return self._redis
 
     def start(self, *, principal: Principal, spec: JobCreate, model: ModelSpec, stream: bool) -> Call:
@@ -77,20 +82,32 @@ class SyncRunner:
         limits = job_service.Limits(max_requests=1, max_prompt_chars=svc.settings.max_prompt_chars)
         with svc.db.read() as session:
             svc.limits.check_capacity(session=session, principal=principal, model=model.name, new=1)
-        with svc.db.write() as session:
-            job, (request_id,) = job_service.create_job(
-                session=session, spec=spec, model=model, limits=limits, owner=principal.owner,
-                counter=svc.token_counter(model), delivery="stream" if stream else "notify",
-                dispatching=True)
+        # Reach Redis before anything is stored: with Redis away the caller gets a 503 and no job
+        # is left behind to run later for nobody.
         pubsub = self._client().pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(stream_channel(svc.settings, request_id))  # before dispatch: nothing is missed
         try:
+            pubsub.ping()
+        except Exception as exc:
+            pubsub.close()
+            log.warning("synchronous call refused: the queue is unavailable (%s)", exc)
+            raise _unavailable() from None
+        try:
+            with svc.db.write() as session:
+                job, (request_id,) = job_service.create_job(
+                    session=session, spec=spec, model=model, limits=limits, owner=principal.owner,
+                    counter=svc.token_counter(model), delivery="stream" if stream else "notify",
+                    dispatching=True)
+        except BaseException:
+            pubsub.close()
+            raise
+        try:
+            pubsub.subscribe(stream_channel(svc.settings, request_id))  # before dispatch: nothing is missed
             svc.dispatcher.dispatch(model=model.name, request_ids=[request_id], priority=SYNC_PRIORITY)
-        except Exception:
+        except Exception as exc:  # Redis went away in between: the stored request is cancelled
             pubsub.close()
             self._cancel(job.id)
-            raise ApiError(503, "unavailable", "the queue is unavailable; retry shortly",
-                           headers={"Retry-After": "5"}) from None
+            log.warning("synchronous call refused: the queue is unavailable (%s)", exc, extra={"job_id": job.id})
+            raise _unavailable() from None
         return Call(job_id=job.id, request_id=request_id, model=model, pubsub=pubsub, held=held)
 
     def close(self, call: Call) -> None:
