@@ -580,25 +580,27 @@ def storable(text: str | None) -> str | None:
     return text.replace("\x00", "\ufffd") if text and "\x00" in text else text
 
 
-def record(*, session: Session, outcomes: Iterable[Outcome], now: datetime | None = None) -> list[str]:
-    """Store outcomes of running requests; returns the ids recorded by this call.
+def record(*, session: Session, outcomes: Iterable[Outcome], run_id: str, now: datetime | None = None) -> list[str]:
+    """Store outcomes of the run ``run_id``; returns the ids recorded by this call.
 
-    Only a request still ``running`` takes a result, so a result is recorded once even if the
-    request ran twice; counters and usage move only for rows that changed here.
+    Only a request still ``running`` under this run takes a result: a result is recorded once even
+    if the request ran twice, and a run whose claim another run took over (its lease lapsed: a
+    worker cut off, or thought dead) cannot overwrite the new run's result. Counters and usage
+    move only for rows that changed here.
     """
     now = now or utcnow()
     by_id = {o.request_id: o for o in outcomes}
     if not by_id:
         return []
-    # Which of them still run: in the same transaction as the writes (SQLite's write lock, or
-    # PostgreSQL row locks taken in id order), so the set cannot change before they are written.
+    # Which of them still run here: in the same transaction as the writes (SQLite's write lock,
+    # or PostgreSQL row locks taken in id order), so the set cannot change before they are written.
     conn = session.connection()
     running = _RUNNING_LOCKED if conn.dialect.name == "postgresql" else _RUNNING
-    todo = [by_id[i] for i in sorted(conn.execute(running, {"ids": sorted(by_id)}).scalars())]
+    todo = [by_id[i] for i in sorted(conn.execute(running, {"ids": sorted(by_id), "run": run_id}).scalars())]
     if not todo:
         return []
     conn.execute(_RECORD_REQUEST, [
-        {"rid": o.request_id, "st": "succeeded" if o.ok else "failed", "tx": storable(o.text),
+        {"rid": o.request_id, "run": run_id, "st": "succeeded" if o.ok else "failed", "tx": storable(o.text),
          "fr": o.finish_reason, "pt": o.prompt_tokens, "ct": o.completion_tokens, "ec": o.error_code,
          "em": storable(o.error_message), "now": now}
         for o in todo])
@@ -628,10 +630,12 @@ _LOAD_WORK = (
     .where(_REQUESTS.id.in_(bindparam("ids", expanding=True)))
 )
 _RUNNING = (select(_REQUESTS.id).where(_REQUESTS.id.in_(bindparam("ids", expanding=True)),
-                                      _REQUESTS.status == "running").order_by(_REQUESTS.id))
+                                      _REQUESTS.status == "running", _REQUESTS.run_id == bindparam("run"))
+            .order_by(_REQUESTS.id))
 _RUNNING_LOCKED = _RUNNING.with_for_update()
 _RECORD_REQUEST = (
-    update(JobRequest.__table__).where(_REQUESTS.id == bindparam("rid"), _REQUESTS.status == "running")
+    update(JobRequest.__table__).where(_REQUESTS.id == bindparam("rid"), _REQUESTS.status == "running",
+                                       _REQUESTS.run_id == bindparam("run"))
     .values(status=bindparam("st"), text=bindparam("tx"), finish_reason=bindparam("fr"),
             prompt_tokens=bindparam("pt"), completion_tokens=bindparam("ct"), error_code=bindparam("ec"),
             error_message=bindparam("em"), completed_at=_NOW)
@@ -647,4 +651,4 @@ _RECORD_JOB = (
 def fail_queued(*, session: Session, outcomes: Sequence[Outcome], run_id: str) -> list[str]:
     """Fail requests that cannot run at all (found before they were claimed)."""
     claimed = set(claim(session=session, request_ids=[o.request_id for o in outcomes], run_id=run_id))
-    return record(session=session, outcomes=[o for o in outcomes if o.request_id in claimed])
+    return record(session=session, outcomes=[o for o in outcomes if o.request_id in claimed], run_id=run_id)

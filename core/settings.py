@@ -98,6 +98,9 @@ class Settings(BaseModel):
     reconcile_grace_s: float = Field(default=60.0, ge=0)
     # Testing only: a worker SIGKILLs itself when a request's text contains this marker.
     fault_kill_on: str = ""
+    # Fault injection for the fault tests: every generate call takes at least this long (a slow
+    # device), so a test can act while a batch is generating. 0 in production.
+    fault_generate_s: float = Field(default=0.0, ge=0)
 
     # How often each process publishes its metrics to Redis (what /metrics and /v1/models read).
     metrics_interval_s: float = Field(default=5.0, gt=0)

@@ -51,3 +51,80 @@ def test_redis_down_synchronous_calls_answer_503_and_store_nothing(make_settings
         app.extensions["batchgen"].close()
         db.dispose()
         redis.stop()
+
+
+@pytest.fixture
+def paused_postgres():
+    """A throwaway PostgreSQL cluster (it is stopped and started by the test) with a migrated
+    database; yields (cluster, url)."""
+    from core.db import upgrade
+    from tests.support import PostgresCluster, create_database
+
+    try:
+        cluster = PostgresCluster()
+        admin = cluster.start()
+    except Exception as exc:
+        pytest.skip(f"no throwaway PostgreSQL here: {exc}")
+    url, _ = create_database(admin)
+    upgrade(url)
+    yield cluster, url
+    cluster.stop()
+
+
+def _submit(db: Database, prompts: list[str], params: dict) -> tuple[str, list[str]]:
+    """A job stored as the API stores it, not yet on any queue."""
+    from core import jobs as job_service
+    from core.registry import ModelSpec
+    from core.schemas import JobCreate
+
+    spec = ModelSpec(name="tiny-chat", path="-", chat=True, context_length=256)
+    with db.write() as s:
+        job, ids = job_service.create_job(session=s, spec=JobCreate.model_validate(
+            {"model": "tiny-chat", "prompts": prompts, "params": params}), model=spec,
+            limits=job_service.Limits(100, 10_000), owner="alice")
+    return job.id, ids
+
+
+@pytest.mark.postgres
+def test_three_database_outages_cost_no_attempt_and_the_worker_does_not_spin(make_settings, paused_postgres):
+    import time
+
+    import redis as redis_lib
+
+    from core import queueing
+    from tests.support import WorkerProcess, wait_until
+    from tests.test_recovery import assert_each_result_stored_once, finished, running
+
+    cluster, url = paused_postgres
+    # Leases far shorter than each outage (they lapse while the database is away), one attempt
+    # left after the first: any outage that costs an attempt fails the request.
+    settings = make_settings(url, lease_s=2.0, max_attempts=2, reconcile_interval_s=1.0, reconcile_grace_s=1.0,
+                             visibility_timeout_s=300, fault_generate_s=1.5)
+    worker = WorkerProcess(settings, "tiny-chat", "--max-batch-size", "2").start()
+    db = Database(url)
+    broker = redis_lib.Redis.from_url(settings.redis_url)
+    params = {"max_new_tokens": 8, "min_new_tokens": 8}
+    try:
+        job_id, ids = _submit(db, [f"p{i}" for i in range(6)], params)
+        late_job, late_ids = _submit(db, ["arrives during an outage"], params)
+        queueing.publish(broker, settings, model="tiny-chat", request_ids=ids)
+        for outage in range(3):
+            wait_until(lambda: running(db, job_id), 60, 0.01, "a batch generating")
+            cluster.pause()  # the batch finishes generating while the database is away
+            if outage == 0:  # a message taken in while the database is away: the intake waits
+                queueing.publish(broker, settings, model="tiny-chat", request_ids=late_ids)
+            time.sleep(20)  # longer than any retry budget a recorder might give up after
+            cluster.resume()
+        wait_until(lambda: finished(db, job_id) and finished(db, late_job), 120, what="both jobs to finish")
+        rows = assert_each_result_stored_once(db, job_id, 6, 8)
+        assert [r.attempts for r in rows] == [1] * 6
+        assert_each_result_stored_once(db, late_job, 1, 8)
+        log = worker.log_path.read_text(errors="replace")
+        # The intake waited out the outages (a minute in all) with pauses growing to 5 s instead
+        # of handing the message back to be delivered again at once (a hot loop of thousands).
+        assert 0 < log.count("intake: database unavailable") <= 25, log[-4000:]
+        assert "intake failed" not in log
+    finally:
+        worker.stop()
+        db.dispose()
+        broker.close()

@@ -323,39 +323,63 @@ class Batcher:
                     break
                 batch.append(nxt)
             try:
-                self._take_in(batch)
-            except Exception:
-                # The database is away (or worse): the messages go back to the queue at once.
-                log.exception("intake failed; handing the requests back to the queue")
-                for _ids, sub in batch:
-                    if not sub.future.done():
-                        sub.future.set_exception(Requeue("intake failed"))
+                wanted = self._register(batch)
+                self._take_in_retrying(wanted)
             finally:
                 with self._cond:
                     self._intake_busy = not self._inbox.empty()
                     self._cond.notify_all()
 
-    def _take_in(self, submissions: list[tuple[list[str], _Submission]]) -> None:
+    def _register(self, submissions: list[tuple[list[str], _Submission]]) -> list[str]:
+        """Attach each message's future to its requests; returns the requests to look up.
+
+        A request this process already holds (waiting, generating, or waiting to be stored) was
+        delivered again (kombu restores a message unacked for longer than the visibility
+        timeout, even while its worker lives): the new message waits for the same stored result,
+        and nothing settles the first one early."""
         with self._cond:
+            held_here = {i for ids, _ in submissions for i in ids if self._waiters.get(i)}
             for ids, sub in submissions:
                 for request_id in ids:
                     self._waiters[request_id].append(sub)
-        wanted = list(dict.fromkeys(i for ids, _ in submissions for i in ids))
+        if held_here:
+            log.info("%d requests delivered again while this worker holds them; both messages are acked "
+                     "once their results are stored", len(held_here))
+        return [i for i in dict.fromkeys(i for ids, _ in submissions for i in ids) if i not in held_here]
+
+    def _take_in_retrying(self, wanted: list[str]) -> None:
+        """``_take_in``, waiting out a database outage with growing pauses: handing the messages
+        back at once would have the broker deliver them again at once, in a hot loop."""
+        delay = 0.25
+        while wanted:
+            try:
+                self._take_in(wanted)
+                return
+            except OperationalError as exc:
+                if self._draining or self._halt.is_set():
+                    self._fail_futures(wanted, Requeue("the database is unavailable and the worker is stopping"))
+                    return
+                log.warning("intake: database unavailable (%s); retrying in %.2fs", exc.orig, delay)
+                self._halt.wait(delay)
+                delay = min(delay * 2, 5.0)
+            except Exception:
+                log.exception("intake failed; handing the requests back to the queue")
+                self._fail_futures(wanted, Requeue("intake failed"))
+                return
+
+    def _take_in(self, wanted: list[str]) -> None:
         with self.db.read() as session:
             items = {w.id: w for w in job_service.load_work(session=session, request_ids=wanted)}
         settled: list[str] = []
         failures: list[Outcome] = []
         now = self.clock()
         fresh: list[Pending] = []
-        with self._cond:
-            already = set(self._pending)
         moment = utcnow()
         for request_id in wanted:
             item = items.get(request_id)
-            if item is None or not item.runnable(moment) or request_id in already:
-                # Unknown, finished, running on a live worker, or already waiting here: nothing to run.
-                if request_id not in already:
-                    settled.append(request_id)
+            if item is None or not item.runnable(moment):
+                # Unknown, finished, or running on a live worker elsewhere: nothing to run here.
+                settled.append(request_id)
                 continue
             try:
                 enc = self.runner.encode(item)
@@ -368,22 +392,23 @@ class Batcher:
             key = item.params.sampling_key()  # (a retried one, attempts > 0, runs alone: see _schedule_loop)
             fresh.append(Pending(enc, key, enc.length, cost, now, item.priority,
                                  interactive=item.params.delivery != "store"))
-        if self._draining:  # arrived during shutdown: straight back to the queue
-            self._fail_futures([p.enc.item.id for p in fresh], Requeue("the worker is shutting down"))
-            fresh = []
         if failures:
             self._write(lambda s: job_service.fail_queued(session=s, outcomes=failures,
                                                           run_id=new_id("run")))
             settled.extend(o.request_id for o in failures)
             self._announce_done([o.request_id for o in failures if items[o.request_id].params.delivery != "store"])
-        with self._cond:
-            for p in fresh:
-                self._pending[p.enc.item.id] = p
-                if p.enc.item.created_at is not None:
-                    self._created[p.enc.item.id] = p.enc.item.created_at
-            if fresh:  # one arrival per intake round: what came together has fully arrived
-                self._arrivals.append(now)
-            self._cond.notify_all()
+        with self._cond:  # draining is read under the same lock hand_back sets it: nothing slips in after
+            draining = self._draining
+            if not draining:
+                for p in fresh:
+                    self._pending[p.enc.item.id] = p
+                    if p.enc.item.created_at is not None:
+                        self._created[p.enc.item.id] = p.enc.item.created_at
+                if fresh:  # one arrival per intake round: what came together has fully arrived
+                    self._arrivals.append(now)
+                self._cond.notify_all()
+        if draining:  # arrived during shutdown: straight back to the queue
+            self._fail_futures([p.enc.item.id for p in fresh], Requeue("the worker is shutting down"))
         self._settle(settled)
 
     # --- scheduling ------------------------------------------------------------------------
@@ -473,20 +498,20 @@ class Batcher:
                 self._settle(lost)
             todo = [p for p in batch if p.enc.item.id in claimed]
             if todo:
+                # The run's leases are renewed from now until its outcomes are stored (the
+                # recorder lets go of it), however long the database takes to take them.
                 with self._cond:
                     self._active_runs.add(run_id)
-                try:
-                    outcomes = self._generate(todo, run_id, waited=self.clock() - min(p.arrived for p in todo),
-                                              reason=reason)
-                finally:
-                    with self._cond:
-                        self._active_runs.discard(run_id)
+                outcomes = self._generate(todo, run_id, waited=self.clock() - min(p.arrived for p in todo),
+                                          reason=reason)
                 notify = [p.enc.item.id for p in todo if p.enc.item.params.delivery != "store"]
                 with self._cond:
                     self._unrecorded += 1
                 self._record_q.put((run_id, outcomes, [p.enc.item.id for p in todo], notify))
         except Exception:
             log.exception("batch %s failed before generation; handing its requests back to the queue", run_id)
+            with self._cond:
+                self._active_runs.discard(run_id)
             self._fail_futures(ids, Requeue("batch failed before generation"))
         finally:
             with self._cond:
@@ -575,28 +600,34 @@ class Batcher:
             run_id, outcomes, ids, notify = entry
             try:
                 self._record_run(run_id, outcomes, ids, notify)
-            except Exception:  # the recorder must outlive any one batch: its requests are redelivered
-                log.exception("could not record batch %s; it will be redelivered", run_id)
+            except Exception:  # a bug: the recorder must outlive any one batch; leases and the reconciler recover it
+                log.exception("could not record batch %s; it will run again once its lease lapses", run_id)
                 self._fail_futures(ids, RuntimeError("recording failed"))
             finally:
                 with self._cond:
+                    self._active_runs.discard(run_id)
                     self._unrecorded -= 1
                     self._cond.notify_all()
 
     def _record_run(self, run_id: str, outcomes: list[Outcome], ids: list[str], notify: list[str]) -> None:
         try:
-            recorded = self._write(lambda s: job_service.record(session=s, outcomes=outcomes))
+            # While the database is away the outcomes wait here, the run's leases are renewed as
+            # soon as it answers again, and the messages stay unacked in the broker: an outage
+            # costs time, never an attempt, and nothing is lost if this worker dies meanwhile.
+            recorded = self._write(lambda s: job_service.record(session=s, outcomes=outcomes, run_id=run_id),
+                                   attempts=None)
             self._observe_results(recorded)
-        except OperationalError:
-            log.exception("database away too long; batch %s will be redelivered", run_id)
-            self._fail_futures(ids, RuntimeError("recording failed"))
+        except OperationalError:  # only when stopping: handed back, they run again elsewhere
+            log.warning("stopping with batch %s unstored (database away); its requests go back to the queue",
+                        run_id)
+            self._fail_futures(ids, Requeue("the database is unavailable and the worker is stopping"))
             return
         except Exception:
             # One result the database refuses must not take its batch down: store them one by
             # one, and the one that cannot be stored as a failure saying why.
             log.exception("could not record batch %s whole; recording one by one", run_id)
             for outcome in outcomes:
-                self._record_alone(outcome)
+                self._record_alone(outcome, run_id)
         self._announce_done(notify)
         self._settle(ids)
 
@@ -613,30 +644,35 @@ class Batcher:
             for request_id in request_ids:
                 self.announcer.done(request_id)
 
-    def _record_alone(self, outcome: Outcome) -> None:
+    def _record_alone(self, outcome: Outcome, run_id: str) -> None:
         try:
-            self._write(lambda s: job_service.record(session=s, outcomes=[outcome]))
+            self._write(lambda s: job_service.record(session=s, outcomes=[outcome], run_id=run_id))
         except Exception as exc:
             log.exception("result could not be stored", extra={"request_id": outcome.request_id,
                                                                 "job_id": outcome.job_id})
             failure = Outcome(request_id=outcome.request_id, job_id=outcome.job_id, error_code="store_failed",
                               error_message=f"the result could not be stored: {type(exc).__name__}")
-            self._write(lambda s: job_service.record(session=s, outcomes=[failure]))
+            self._write(lambda s: job_service.record(session=s, outcomes=[failure], run_id=run_id))
 
-    def _write(self, work: Callable[[Any], Any], attempts: int = 8) -> Any:
-        """Run ``work(session)`` in a write transaction, retrying while the database is away."""
+    def _write(self, work: Callable[[Any], Any], attempts: int | None = 8) -> Any:
+        """Run ``work(session)`` in a write transaction, retrying while the database is away:
+        ``attempts`` times, or (``None``) until it answers or this batcher is stopped."""
         delay = 0.25
-        for attempt in range(attempts):
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 with self.db.write() as session:
                     return work(session)
             except OperationalError as exc:
-                if attempt == attempts - 1:
+                if (attempts is not None and attempt >= attempts) or (attempts is None and self._halt.is_set()):
                     raise
                 log.warning("database unavailable (%s); retrying in %.2fs", exc.orig, delay)
-                time.sleep(delay)
+                if attempts is None:
+                    self._halt.wait(delay)
+                else:
+                    time.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        raise AssertionError("unreachable")
 
     # --- futures ---------------------------------------------------------------------------
 

@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m worker") -> int:
     try:
         runner = ModelRunner(model_dir, spec, device=plan.device, device_index=plan.device_index,
                              compute_type=plan.compute_type, inter_threads=plan.inter_threads,
-                             intra_threads=plan.intra_threads, fault_kill_on=settings.fault_kill_on)
+                             intra_threads=plan.intra_threads, fault_kill_on=settings.fault_kill_on,
+                             fault_generate_s=settings.fault_generate_s)
     except (RuntimeError, ValueError) as exc:  # no CUDA driver, no such GPU, bad compute type
         log.error("cannot load %s on %s:%d (%s): %s", spec.name, plan.device, plan.physical_index,
                   plan.compute_type, exc)

@@ -170,11 +170,11 @@ class ModelRunner:
 
     def __init__(self, model_dir: Path, spec: ModelSpec, *, device: str = "cpu", device_index: int = 0,
                  compute_type: str = "int8", inter_threads: int = 1, intra_threads: int = 1,
-                 fault_kill_on: str = "") -> None:
+                 fault_kill_on: str = "", fault_generate_s: float = 0.0) -> None:
         import ctranslate2
 
         started = time.monotonic()
-        self.fault_kill_on = fault_kill_on
+        self.fault_kill_on, self.fault_generate_s = fault_kill_on, fault_generate_s
         self.spec = spec
         self.model_dir = Path(model_dir)
         self.tokenizer = load_tokenizer(self.model_dir)
@@ -279,6 +279,8 @@ class ModelRunner:
         """
         if self.fault_kill_on:
             self._maybe_die(batch)
+        if self.fault_generate_s:  # fault tests: a slow device
+            time.sleep(self.fault_generate_s)
         params = batch[0].item.params
         sequences = [_Sequence(enc, self, on_delta) for enc in batch]
 

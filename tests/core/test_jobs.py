@@ -83,10 +83,12 @@ def test_claim_then_record_moves_counts_once(db):
         assert (j.status, j.queued, j.running) == ("running", 0, 3) and j.started_at is not None
     ok = Outcome(request_id=ids[0], job_id=job.id, text="x", finish_reason="length", prompt_tokens=3,
                  completion_tokens=5)
+    with db.write() as s:  # a run that does not hold the claim records nothing
+        assert jobs.record(session=s, outcomes=[ok], run_id="run_2") == []
     with db.write() as s:
-        assert jobs.record(session=s, outcomes=[ok]) == [ids[0]]
+        assert jobs.record(session=s, outcomes=[ok], run_id="run_1") == [ids[0]]
     with db.write() as s:  # the same request ran twice: its second result is not recorded
-        assert jobs.record(session=s, outcomes=[ok]) == []
+        assert jobs.record(session=s, outcomes=[ok], run_id="run_1") == []
     with db.read() as s:
         j = s.get(Job, job.id)
         assert (j.running, j.succeeded, j.prompt_tokens, j.completion_tokens) == (2, 1, 3, 5)
@@ -96,12 +98,13 @@ def test_last_result_completes_the_job_and_all_failed_fails_it(db):
     job, ids = submit(db, {"model": "m", "prompts": ["a", "b"]})
     with db.write() as s:
         jobs.claim(session=s, request_ids=ids, run_id="run_1")
-        jobs.record(session=s, outcomes=[Outcome(request_id=ids[0], job_id=job.id, error_code="x", error_message="m")])
+        jobs.record(session=s, outcomes=[Outcome(request_id=ids[0], job_id=job.id, error_code="x", error_message="m")],
+                    run_id="run_1")
     with db.read() as s:
         assert s.get(Job, job.id).status == "running"
     with db.write() as s:
         jobs.record(session=s, outcomes=[Outcome(request_id=ids[1], job_id=job.id, text="t", finish_reason="stop",
-                                                 prompt_tokens=1, completion_tokens=1)])
+                                                 prompt_tokens=1, completion_tokens=1)], run_id="run_1")
     with db.read() as s:
         j = s.get(Job, job.id)
         assert (j.status, j.succeeded, j.failed) == ("completed", 1, 1) and j.completed_at is not None
@@ -120,7 +123,8 @@ def test_counters_always_match_the_rows(db):
     with db.write() as s:
         jobs.claim(session=s, request_ids=ids[:6], run_id="r")
         jobs.record(session=s, outcomes=[Outcome(request_id=i, job_id=job.id, text="", finish_reason="stop",
-                                                 prompt_tokens=1, completion_tokens=0) for i in ids[:4]])
+                                                 prompt_tokens=1, completion_tokens=0) for i in ids[:4]],
+                    run_id="r")
     with db.read() as s:
         by_status = dict(s.execute(select(JobRequest.status, func.count()).group_by(JobRequest.status)).all())
         j = s.get(Job, job.id)
@@ -175,7 +179,7 @@ def test_nul_in_generated_text_is_stored_on_every_backend(db):
         jobs.claim(session=s, request_ids=ids, run_id="r")
         assert jobs.record(session=s, outcomes=[Outcome(request_id=ids[0], job_id=job.id, text="x\x00y",
                                                         finish_reason="stop", prompt_tokens=1,
-                                                        completion_tokens=3)]) == ids
+                                                        completion_tokens=3)], run_id="r") == ids
     with db.read() as s:
         assert s.get(JobRequest, ids[0]).text == "x\ufffdy"
 
@@ -193,14 +197,14 @@ def test_cancel_keeps_running_requests_and_ends_when_they_do(db):
         assert (j.status, j.queued, j.running, j.cancelled) == ("cancelling", 0, 1, 2)
     with db.write() as s:  # a worker that took the cancelled ones now cannot claim them
         assert jobs.claim(session=s, request_ids=ids, run_id="r2") == []
-        jobs.record(session=s, outcomes=[finished(job.id, ids[0])])
+        jobs.record(session=s, outcomes=[finished(job.id, ids[0])], run_id="r")
     with db.read() as s:
         j = s.get(Job, job.id)
         assert (j.status, j.succeeded, j.cancelled) == ("cancelled", 1, 2) and j.completed_at is not None
     job2, ids2 = submit(db, {"model": "m", "prompts": ["x"]})
     with db.write() as s:
         jobs.claim(session=s, request_ids=ids2, run_id="r3")
-        jobs.record(session=s, outcomes=[finished(job2.id, ids2[0])])
+        jobs.record(session=s, outcomes=[finished(job2.id, ids2[0])], run_id="r3")
     with db.write() as s, pytest.raises(jobs.ConflictError):
         jobs.cancel_job(session=s, job_id=job2.id, owner="alice")  # completed: too late
 
@@ -213,7 +217,7 @@ def test_expiry_stops_what_has_not_started_and_keeps_what_ran(db):
     job, ids = submit(db, {"model": "m", "prompts": ["a", "b", "c"], "completion_window": "1h"})
     with db.write() as s:
         jobs.claim(session=s, request_ids=ids[:1], run_id="r")
-        jobs.record(session=s, outcomes=[finished(job.id, ids[0])])
+        jobs.record(session=s, outcomes=[finished(job.id, ids[0])], run_id="r")
     later = utcnow() + timedelta(hours=2)
     with db.write() as s:
         assert jobs.claim(session=s, request_ids=ids[1:2], run_id="r", now=later) == []  # too late to start

@@ -369,3 +369,104 @@ def test_a_result_the_database_refuses_fails_alone_and_the_batch_is_stored(runne
     with db.read() as s:
         assert s.get(Job, job_id).status == "completed"
     db.dispose()
+
+
+# --- delivery guarantees (issue: duplicate deliveries, leases until stored, warm shutdown) ---
+
+
+class Gated:
+    """The real runner, whose generate waits until the test opens the gate."""
+
+    def __init__(self, runner):
+        import threading
+
+        self.runner, self.started, self.gate = runner, threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def generate(self, encoded, **kwargs):
+        self.started.set()
+        assert self.gate.wait(30)
+        return self.runner.generate(encoded, **kwargs)
+
+
+def test_a_duplicate_delivery_while_the_request_runs_acks_neither_message_before_the_store(db, runner):
+    _, ids = submit_job(db, {"prompts": ["running when delivered again"], "params": {"max_new_tokens": 3}})
+    gated = Gated(runner)
+    batcher = Batcher(runner=gated, db=db, policy=BatchPolicy(max_wait_ms=0)).start()
+    try:
+        original = batcher.submit(ids)
+        assert gated.started.wait(30)  # claimed and generating
+        duplicate = batcher.submit(ids)  # kombu restored the unacked message: delivered again
+        time.sleep(0.5)  # the intake has long looked at it
+        assert not original.done() and not duplicate.done(), "a message was settled before the result was stored"
+        gated.gate.set()
+        original.result(timeout=30)
+        duplicate.result(timeout=30)
+        (row,) = rows(db, ids)
+        assert (row.status, row.attempts) == ("succeeded", 1)
+    finally:
+        gated.gate.set()
+        batcher.stop()
+
+
+def test_leases_are_renewed_until_the_result_is_stored_so_no_one_takes_it_over(db, runner, monkeypatch):
+    # The database takes its time storing results (a busy recorder); the lease is much shorter.
+    record = jobs.record
+    storing = []
+
+    def slow_record(**kwargs):
+        storing.append(True)
+        time.sleep(2.5)
+        return record(**kwargs)
+
+    monkeypatch.setattr(jobs, "record", slow_record)
+    job_id, ids = submit_job(db, {"prompts": ["slow to store"], "params": {"max_new_tokens": 3}})
+    batcher = Batcher(runner=runner, db=db, policy=BatchPolicy(max_wait_ms=0), lease_s=0.9).start()
+    try:
+        future = batcher.submit(ids)
+        deadline = time.monotonic() + 30
+        while not storing and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(1.5)  # past the lease the claim gave: only renewal keeps it
+        with db.write() as s:  # another worker, handed the request again, tries to take it over
+            assert jobs.claim(session=s, request_ids=ids, run_id="run_elsewhere", lease_s=60) == []
+        future.result(timeout=30)
+    finally:
+        batcher.stop()
+    (row,) = rows(db, ids)
+    assert (row.status, row.attempts) == ("succeeded", 1) and row.text is not None
+    with db.read() as s:
+        job = s.get(Job, job_id)
+        assert (job.status, job.succeeded, job.completion_tokens) == ("completed", 1, row.completion_tokens)
+
+
+def test_requests_taken_in_while_shutdown_begins_go_back_and_stop_never_hangs(db, runner, monkeypatch):
+    import threading
+
+    from worker.batcher import Requeue
+
+    # One request cannot run (too long) and is failed by a write in the intake; the warm shutdown
+    # begins during that write, while the intake still holds the other, runnable request.
+    in_write, handed_back = threading.Event(), threading.Event()
+    fail_queued = jobs.fail_queued
+
+    def slow_fail_queued(**kwargs):
+        in_write.set()
+        assert handed_back.wait(10)
+        return fail_queued(**kwargs)
+
+    monkeypatch.setattr(jobs, "fail_queued", slow_fail_queued)
+    _, ids = submit_job(db, {"prompts": ["word " * 250, "fine"], "params": {"max_new_tokens": 3}})
+    batcher = Batcher(runner=runner, db=db, policy=BatchPolicy(max_wait_ms=0)).start()
+    futures = [batcher.submit(ids)]
+    assert in_write.wait(30)
+    batcher.hand_back()
+    handed_back.set()
+    with pytest.raises(Requeue):
+        futures[0].result(timeout=10)
+    started = time.monotonic()
+    batcher.stop(timeout=20)
+    assert time.monotonic() - started < 5
+    assert [r.status for r in rows(db, ids)] == ["failed", "queued"]
