@@ -534,14 +534,15 @@ def renew_leases(*, session: Session, run_ids: Sequence[str], lease_s: float, no
 
 def needing_dispatch(*, session: Session, model: str, older_than: datetime, now: datetime | None = None,
                      limit: int = 100_000) -> list[tuple[str, int]]:
-    """(request id, job priority) of a model's requests that should be on its queue: queued ones
-    older than ``older_than``, and running ones whose lease has lapsed."""
+    """(request id, job priority) of a model's requests that should be on its queue, oldest first:
+    queued ones older than ``older_than``, and running ones whose lease has lapsed."""
     now = now or utcnow()
     rows = session.execute(
         select(JobRequest.id, Job.priority).join(Job, Job.id == JobRequest.job_id)
         .where(Job.model == model, Job.status.in_(ACTIVE_JOB_STATUSES),
                or_((JobRequest.status == "queued") & (JobRequest.created_at < older_than),
                    (JobRequest.status == "running") & (JobRequest.lease_until < now)))
+        .order_by(JobRequest.created_at, JobRequest.id)
         .limit(limit)
     ).all()
     return [(r.id, r.priority) for r in rows]

@@ -122,12 +122,6 @@ def queue_keys(settings: Settings, model: str) -> list[str]:
     return [base] + [f"{base}:{step}" for step in range(1, 10)]
 
 
-def messages_held(redis: Any, settings: Settings, model: str) -> int:
-    """How many messages a model's queue holds, waiting or taken by a worker and not yet acked."""
-    waiting = sum(redis.llen(key) for key in queue_keys(settings, model))
-    return int(waiting) + int(redis.hlen(settings.redis_prefix + "unacked"))
-
-
 def ids_held(redis: Any, settings: Settings, model: str) -> set[str]:
     """Request ids in a model's queue lists and in the unacked messages workers hold."""
     held: set[str] = set()

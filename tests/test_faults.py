@@ -128,3 +128,43 @@ def test_three_database_outages_cost_no_attempt_and_the_worker_does_not_spin(mak
         worker.stop()
         db.dispose()
         broker.close()
+
+
+def test_the_reconciler_finds_lost_work_behind_a_backlog(make_settings, sqlite_url, tmp_path):
+    from tests.support import WorkerProcess, wait_until
+    from tests.test_recovery import FAST_RECOVERY, finished, snapshot
+    from webapi import create_app
+
+    redis = RedisServer(tmp_path).start()
+    settings = make_settings(sqlite_url, redis_url=redis.url, **{**FAST_RECOVERY, "visibility_timeout_s": 300})
+    app = create_app(settings)
+    client = authed(app, make_key(sqlite_url))
+    db = Database(sqlite_url)
+    workers = []
+    try:
+        lost = client.post("/v1/jobs", json={"model": "tiny-chat", "prompts": [f"lost {i}" for i in range(100)],
+                                             "params": {"max_new_tokens": 2}}).get_json()
+        app.extensions["batchgen"].dispatcher.wait_idle(10)
+        redis.stop()
+        redis.start()  # same port, no data: job A's messages are gone
+        backlog = client.post("/v1/jobs", json={"model": "tiny-base", "prompts": [f"backlog {i}" for i in range(2000)],
+                                                "params": {"max_new_tokens": 2}}).get_json()
+        app.extensions["batchgen"].dispatcher.wait_idle(10)
+        # A slow worker takes the backlog's messages (unacked while they wait in its batcher)...
+        workers.append(WorkerProcess(make_settings(sqlite_url, redis_url=redis.url, redis_prefix=settings.redis_prefix,
+                                                   **{**FAST_RECOVERY, "visibility_timeout_s": 300},
+                                                   fault_generate_s=0.5),
+                                     "tiny-base", "--max-batch-size", "8").start())
+        # ...and the lost job's model gets a worker of its own, whose reconciler must find job A.
+        workers.append(WorkerProcess(settings, "tiny-chat").start())
+        wait_until(lambda: finished(db, lost["id"]), 30, what="the lost job, re-dispatched, to finish")
+        job, rows = snapshot(db, lost["id"])
+        assert job.status == "completed" and [r.attempts for r in rows] == [1] * 100
+        backlog_job, _ = snapshot(db, backlog["id"])
+        assert backlog_job.succeeded < 1000, "the backlog drained first: the lost job waited behind it"
+    finally:
+        for worker in workers:
+            worker.stop()
+        app.extensions["batchgen"].close()
+        db.dispose()
+        redis.stop()

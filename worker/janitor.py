@@ -4,8 +4,8 @@
 - The reconciler re-dispatches a model's requests that the database says should be on its queue
   (queued for longer than ``reconcile_grace_s``, or running with a lapsed lease) but that no
   Redis list and no unacked message holds: Redis restarted empty, the API died between commit and
-  publish, a message was lost. It runs under a Redis lock, so one worker does it at a time, and it
-  scans the queue only when the database holds more such requests than the queue has messages.
+  publish, a message was lost. It runs under a Redis lock, so one worker does it at a time, and
+  compares the oldest such requests, by id, with what the model's queue and its workers hold.
   A request that is dispatched twice still runs once: claims are guarded in the database.
 """
 
@@ -24,6 +24,10 @@ from core.settings import Settings
 from core.tables import utcnow
 
 log = logging.getLogger("batchgen.janitor")
+
+# The oldest requests looked at per pass: a pass stays bounded however large the backlog, and
+# what is lost longest is dispatched first.
+RECONCILE_LIMIT = 10_000
 
 
 class Janitor:
@@ -64,10 +68,12 @@ class Janitor:
         with self.db.read() as session:
             candidates = job_service.needing_dispatch(
                 session=session, model=self.model, now=now,
-                older_than=now - timedelta(seconds=settings.reconcile_grace_s))
-        held = queueing.messages_held(self.redis, settings, self.model) * settings.requests_per_message
-        if not candidates or len(candidates) <= held:
-            return 0  # the queue can hold them all: the usual case, no scan
+                older_than=now - timedelta(seconds=settings.reconcile_grace_s), limit=RECONCILE_LIMIT)
+        if not candidates:
+            return 0
+        # Always compare ids with what this model's queue and the unacked messages of its workers
+        # hold: counting messages instead let a backlog (of any model, stale messages included)
+        # hide lost requests until it drained.
         lost = queueing.missing(candidates, queueing.ids_held(self.redis, settings, self.model))
         by_priority: dict[int, list[str]] = defaultdict(list)
         for request_id, priority in lost:
