@@ -168,3 +168,70 @@ def test_the_reconciler_finds_lost_work_behind_a_backlog(make_settings, sqlite_u
         app.extensions["batchgen"].close()
         db.dispose()
         redis.stop()
+
+
+@pytest.mark.parametrize("route", ["openai", "dashscope"])
+def test_a_streamed_answer_never_splices_two_runs(make_settings, sqlite_url, route):
+    import json
+    import threading
+
+    import requests
+
+    from tests.support import GunicornApi, WorkerProcess, wait_until
+    from tests.test_recovery import FAST_RECOVERY
+
+    settings = make_settings(sqlite_url, **FAST_RECOVERY)
+    api = GunicornApi(settings, make_key(sqlite_url)).start()
+    # The first worker streams its whole answer, then dies before storing it (as a crash would).
+    first = WorkerProcess(make_settings(sqlite_url, redis_prefix=settings.redis_prefix, **FAST_RECOVERY,
+                                        fault_generate_s=30), "tiny-chat").start()
+    second = None
+    db = Database(sqlite_url)
+    events: list[dict] = []
+    try:
+        if route == "openai":
+            url, body = "/v1/chat/completions", {
+                "model": "tiny-chat", "stream": True, "max_tokens": 24, "temperature": 1.5,
+                "messages": [{"role": "user", "content": "Tell me anything"}]}
+        else:
+            url, body = "/api/v1/services/aigc/text-generation/generation", {
+                "model": "tiny-chat", "input": {"prompt": "Tell me anything"},
+                "parameters": {"max_tokens": 24, "temperature": 1.5, "incremental_output": True}}
+        headers = {"X-DashScope-SSE": "enable"} if route == "dashscope" else {}
+
+        def read() -> None:
+            with api.http.post(api.url + url, json=body, headers=headers, stream=True, timeout=120) as resp:
+                assert resp.status_code == 200, resp.text
+                for line in resp.iter_lines(decode_unicode=True):
+                    if line.startswith("data:") and line[5:].strip() != "[DONE]":
+                        events.append(json.loads(line[5:]))
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        wait_until(lambda: len(events) >= 2, 60, what="the first run's text to stream")
+        first.kill()
+        second = WorkerProcess(settings, "tiny-chat").start()
+        reader.join(120)
+        assert not reader.is_alive()
+
+        def text_of(event: dict) -> str:
+            if route == "openai":
+                return "".join((c.get("delta") or {}).get("content") or "" for c in event.get("choices", []))
+            return (event.get("output") or {}).get("text") or ""
+
+        streamed = "".join(text_of(e) for e in events)
+        with db.read() as s:
+            from core.tables import JobRequest
+
+            row = s.scalars(select(JobRequest)).one()
+        last = events[-1]
+        ended_with_error = "error" in last if route == "openai" else last.get("code") == "ServiceUnavailable"
+        assert ended_with_error or streamed == (row.text or ""), (streamed, row.text, last)
+        if ended_with_error:
+            assert (last.get("error") or last)["message"].startswith("the worker running this request stopped")
+    finally:
+        for worker in (first, second):
+            if worker is not None:
+                worker.stop()
+        api.stop()
+        db.dispose()

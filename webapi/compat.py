@@ -33,6 +33,7 @@ from webapi.auth import current_principal
 from webapi.errors import ApiError, read_body, validated
 from webapi.jobs import json_body
 from webapi.services import services
+from webapi.sync import stream_restarted
 
 dashscope = Blueprint("dashscope", __name__)
 MAX_TOKENS = GenerationParams.model_fields["max_new_tokens"].metadata[-1].le
@@ -196,12 +197,15 @@ def _dashscope_sse(sync: Any, call: Any, p: DashScopeParameters, request_id: str
                 yield event({"code": "InternalError", "message": err.message, "request_id": request_id}, err.status)
                 return
             final = row.text or ""
-            rest = final[len(text):] if final.startswith(text) else ""
+            if not final.startswith(text):  # a retried run's deltas were lost: what was sent is void
+                raise stream_restarted()
+            rest = final[len(text):]
             yield event(_dashscope_body(rest if p.incremental_output else final, row.finish_reason, row.prompt_tokens,
                                         row.completion_tokens, p.result_format, request_id))
             return
     except ApiError as exc:
-        yield event({"code": "RequestTimeOut", "message": exc.message, "request_id": request_id}, exc.status)
+        code = "RequestTimeOut" if exc.status == 504 else "ServiceUnavailable"
+        yield event({"code": code, "message": exc.message, "request_id": request_id}, exc.status)
 
 
 @eas.post("/")

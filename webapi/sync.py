@@ -46,6 +46,13 @@ class Call:
     closed: bool = False
 
 
+def stream_restarted() -> ApiError:
+    """What a streamed answer ends with when the text it streamed will not be the stored one."""
+    return ApiError(503, "stream_restarted", "the worker running this request stopped mid-answer and the "
+                    "request started over; the text streamed so far is void: retry the call",
+                    headers={"Retry-After": "1"})
+
+
 def _unavailable() -> ApiError:
     return ApiError(503, "unavailable", "the queue is unavailable; retry shortly", headers={"Retry-After": "5"})
 
@@ -127,16 +134,23 @@ class SyncRunner:
     def events(self, call: Call) -> Iterator[tuple[str, Any]]:
         """``("delta", text)`` while it generates, then ``("done", JobRequest)``.
 
-        Closing the iterator early (the client went away) cancels the request if it has not started.
+        Raises ``ApiError`` 503 ``stream_restarted`` when the request starts over under another
+        run (its worker died mid-answer): what was streamed is not what will be stored, and
+        splicing the second run's text onto the first's would give the client neither. Closing
+        the iterator early (the client went away) cancels the request if it has not started.
         """
         deadline = time.monotonic() + self.svc.settings.sync_timeout_s
         next_poll = time.monotonic() + POLL_FALLBACK_S
+        run: str | None = None
         try:
             while True:
                 message = call.pubsub.get_message(timeout=0.25)
                 if message is not None and message.get("type") == "message":
                     event = json.loads(message["data"])
                     if event["type"] == "delta":
+                        run = run or event.get("run")
+                        if event.get("run") != run:
+                            raise stream_restarted()
                         yield "delta", event["text"]
                         continue
                     row = self._result(call)

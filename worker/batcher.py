@@ -62,7 +62,7 @@ class Runner(Protocol):
 class Announcer(Protocol):
     """Where progress of synchronous requests goes (``worker.streaming.Publisher``)."""
 
-    def delta(self, request_id: str, text: str) -> None: ...
+    def delta(self, request_id: str, text: str, run_id: str) -> None: ...
     def done(self, request_id: str) -> None: ...
 
 
@@ -523,7 +523,8 @@ class Batcher:
             busy_at_start = self._busy_slots  # batches running beside this one (itself included)
         started = self.clock()
         try:
-            on_delta = self.announcer.delta if self.announcer is not None else None
+            announcer = self.announcer
+            on_delta = None if announcer is None else lambda rid, text: announcer.delta(rid, text, run_id)
             outcomes = self.runner.generate([p.enc for p in todo], on_delta=on_delta)
         except Exception as exc:
             if len(todo) == 1:

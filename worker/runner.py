@@ -279,8 +279,6 @@ class ModelRunner:
         """
         if self.fault_kill_on:
             self._maybe_die(batch)
-        if self.fault_generate_s:  # fault tests: a slow device
-            time.sleep(self.fault_generate_s)
         params = batch[0].item.params
         sequences = [_Sequence(enc, self, on_delta) for enc in batch]
 
@@ -306,6 +304,8 @@ class ModelRunner:
             include_prompt_in_result=False,
             callback=on_step if needs_callback else None,
         )
+        if self.fault_generate_s:  # fault tests: a slow device (text already streamed, nothing stored yet)
+            time.sleep(self.fault_generate_s)
         outcomes = []
         for seq, result in zip(sequences, results, strict=True):
             # The callback saw every token; the result is the authority on what was generated.

@@ -1,7 +1,8 @@
 """Announcing progress of synchronous requests over Redis pub/sub.
 
 A request whose delivery is ``stream`` gets a ``delta`` message per piece of new text while it
-generates; every request whose delivery is not ``store`` gets a ``done`` message once its result
+generates, tagged with the run that generated it (a request retried elsewhere streams again
+under another run, and the API must not splice two runs' texts); every request whose delivery is not ``store`` gets a ``done`` message once its result
 is stored (the API then reads the result from the database, which stays the authority). Messages
 are sent by a thread of their own, so CTranslate2's callback never waits on the network.
 """
@@ -32,8 +33,8 @@ class Publisher:
         self._thread = threading.Thread(target=self._loop, name="publisher", daemon=True)
         self._thread.start()
 
-    def delta(self, request_id: str, text: str) -> None:
-        self._queue.put((request_id, {"type": "delta", "text": text}))
+    def delta(self, request_id: str, text: str, run_id: str) -> None:
+        self._queue.put((request_id, {"type": "delta", "text": text, "run": run_id}))
 
     def done(self, request_id: str) -> None:
         self._queue.put((request_id, {"type": "done"}))

@@ -24,6 +24,7 @@ from webapi.errors import ApiError, attachment, int_arg, validated
 from webapi.jobs import _dispatch, dispatches_inline, json_body
 from webapi.openai import protocol, serving
 from webapi.services import services
+from webapi.sync import stream_restarted
 
 log = logging.getLogger("batchgen.api")
 bp = Blueprint("openai", __name__, url_prefix="/v1")
@@ -288,13 +289,16 @@ def _sse(sync: Any, endpoint: str, req: Any, model: Any, call: Any) -> Iterator[
                 yield f"data: {json.dumps({'error': {'message': err.message, 'type': 'server_error', 'param': None, 'code': err.code}})}\n\n"
                 break
             final = row.text or ""
-            rest = final[len(sent):] if final.startswith(sent) else ""
+            if not final.startswith(sent):  # a retried run's deltas were lost: what was sent is void
+                raise stream_restarted()
+            rest = final[len(sent):]
             if rest:
                 yield chunk(rest)
             yield chunk(None, finish=row.finish_reason)
             if req.include_usage():
                 yield f"data: {json.dumps({**base, 'created': created, 'choices': [], 'usage': serving.usage(row.prompt_tokens, row.completion_tokens)})}\n\n"
             break
-    except ApiError as exc:  # timeout: the headers are gone, so the error is an event
-        yield f"data: {json.dumps({'error': {'message': exc.message, 'type': 'timeout', 'param': None, 'code': exc.code}})}\n\n"
+    except ApiError as exc:  # timeout, restart: the headers are gone, so the error is an event
+        kind = "timeout" if exc.status == 504 else "server_error"
+        yield f"data: {json.dumps({'error': {'message': exc.message, 'type': kind, 'param': None, 'code': exc.code}})}\n\n"
     yield "data: [DONE]\n\n"
