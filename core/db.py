@@ -17,6 +17,29 @@ from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
+# A PostgreSQL that stops answering (packets dropped: a partition, a dead host) must cost a
+# caller seconds, never a hung thread: connecting gives up after CONNECT_TIMEOUT_S, a connection
+# whose data goes unacknowledged for NETWORK_TIMEOUT_S (or that answers no keepalive for about
+# that long) is dropped, a checkout waits at most POOL_TIMEOUT_S for a free connection, and the
+# server ends any statement after STATEMENT_TIMEOUT_S. Each surfaces as an error the API answers
+# with 503 and the worker retries.
+CONNECT_TIMEOUT_S = 3
+NETWORK_TIMEOUT_S = 5
+POOL_TIMEOUT_S = 5.0
+STATEMENT_TIMEOUT_S = 60.0
+
+
+def postgres_connect_args(*, statement_timeout_s: float | None = STATEMENT_TIMEOUT_S) -> dict[str, object]:
+    """libpq connection parameters that bound how long a dead network can hold a caller."""
+    args: dict[str, object] = {
+        "connect_timeout": CONNECT_TIMEOUT_S,
+        "keepalives": 1, "keepalives_idle": NETWORK_TIMEOUT_S, "keepalives_interval": 1, "keepalives_count": 3,
+        "tcp_user_timeout": NETWORK_TIMEOUT_S * 1000,
+    }
+    if statement_timeout_s:
+        args["options"] = f"-c statement_timeout={int(statement_timeout_s * 1000)}"
+    return args
+
 
 def normalize_url(url: str) -> str:
     """Use psycopg 3 for plain ``postgresql://`` URLs."""
@@ -26,8 +49,9 @@ def normalize_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def make_engine(url: str, *, pool_size: int = 5) -> Engine:
-    """An engine for ``url`` with the connection settings this service relies on."""
+def make_engine(url: str, *, pool_size: int = 5, statement_timeout_s: float | None = STATEMENT_TIMEOUT_S) -> Engine:
+    """An engine for ``url`` with the connection settings this service relies on
+    (``statement_timeout_s=None``: no limit on statements, for migrations)."""
     url = normalize_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -55,7 +79,9 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
         return engine
-    return create_engine(url, pool_size=pool_size, max_overflow=pool_size * 2, pool_pre_ping=True)
+    return create_engine(url, pool_size=pool_size, max_overflow=pool_size * 2, pool_pre_ping=True,
+                         pool_timeout=POOL_TIMEOUT_S,
+                         connect_args=postgres_connect_args(statement_timeout_s=statement_timeout_s))
 
 
 class Database:

@@ -30,7 +30,7 @@ def run_migrations_online() -> None:
     if connectable is not None:
         _run(connectable)
         return
-    engine = make_engine(_url())
+    engine = make_engine(_url(), statement_timeout_s=None)  # a migration may take its time
     try:
         with engine.connect() as connection:
             _run(connection)

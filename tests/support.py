@@ -361,3 +361,31 @@ class GunicornApi:
         if hasattr(self, "_log"):
             self._log.close()
         return code
+
+
+class PacketDrop:
+    """Packets to a local TCP port silently dropped (an iptables rule in this machine's own
+    network namespace), as a partition or a dead host drops them: nothing is refused, senders
+    just never hear back. ``with PacketDrop(port):`` removes the rule on the way out."""
+
+    def __init__(self, port: int) -> None:
+        self.rule = ["INPUT", "-p", "tcp", "--dport", str(port), "-j", "DROP"]
+
+    @staticmethod
+    def available() -> str | None:
+        """None if rules can be added here, else why not."""
+        if shutil.which("iptables") is None:
+            return "no iptables"
+        probe = ["INPUT", "-p", "tcp", "--dport", "1", "-j", "DROP"]
+        added = subprocess.run(["iptables", "-I", *probe], capture_output=True, text=True)
+        if added.returncode != 0:
+            return f"iptables refused a rule: {added.stderr.strip()}"
+        subprocess.run(["iptables", "-D", *probe], check=True)
+        return None
+
+    def __enter__(self) -> PacketDrop:
+        subprocess.run(["iptables", "-I", *self.rule], check=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        subprocess.run(["iptables", "-D", *self.rule], check=False)

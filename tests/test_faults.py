@@ -235,3 +235,50 @@ def test_a_streamed_answer_never_splices_two_runs(make_settings, sqlite_url, rou
                 worker.stop()
         api.stop()
         db.dispose()
+
+
+@pytest.mark.postgres
+def test_a_database_that_drops_packets_is_a_503_within_seconds_never_a_hung_thread(make_settings, paused_postgres):
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.support import GunicornApi, PacketDrop
+
+    why = PacketDrop.available()
+    if why:
+        pytest.skip(f"cannot drop packets here: {why}")
+    cluster, url = paused_postgres
+    settings = make_settings(url)
+    api = GunicornApi(settings, make_key(url), threads=32).start()
+    try:
+        job = api.http.post(f"{api.url}/v1/jobs", json={"model": "tiny", "prompts": ["x"]})
+        assert job.status_code == 202, job.text
+        job_id = job.json()["id"]
+
+        def call(i: int) -> tuple[int, float, dict]:
+            import requests
+
+            started = time.monotonic()
+            if i % 2:
+                resp = requests.get(f"{api.url}/v1/jobs/{job_id}", headers=api.http.headers, timeout=60)
+            else:
+                resp = requests.post(f"{api.url}/v1/jobs", json={"model": "tiny", "prompts": ["y"]},
+                                     headers={**api.http.headers, "Idempotency-Key": f"k{i}"}, timeout=60)
+            return resp.status_code, time.monotonic() - started, resp.json()
+
+        with PacketDrop(cluster.port):
+            # More calls at once than the process has pooled connections (5 + 10 overflow): some
+            # wait on a connection that never comes, the rest on the pool.
+            with ThreadPoolExecutor(30) as pool:
+                answers = list(pool.map(call, range(30)))
+        statuses = {status for status, _, _ in answers}
+        assert statuses == {503}, [(s, b) for s, _, b in answers if s != 503][:3]
+        assert max(seconds for _, seconds, _ in answers) < 15, sorted(seconds for _, seconds, _ in answers)
+        assert all(body["error"]["code"] == "unavailable" and body["error"]["request_id"] for _, _, body in answers)
+        # The network is back: the API recovers by itself.
+        deadline = time.monotonic() + 30
+        while api.http.get(f"{api.url}/v1/jobs/{job_id}").status_code != 200:
+            assert time.monotonic() < deadline, "the API did not recover"
+            time.sleep(0.5)
+    finally:
+        api.stop()

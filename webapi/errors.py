@@ -15,6 +15,7 @@ from urllib.parse import quote
 from flask import Flask, Response, current_app, g, jsonify, request
 from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from core.errors import (
@@ -204,8 +205,9 @@ def init_app(app: Flask) -> None:
         return error_response(422, "invalid_request", f"{details[0]['loc']}: {details[0]['message']}", details)
 
     @app.errorhandler(OperationalError)
-    def _database_down(exc: OperationalError) -> Response:
-        log.error("database unavailable on %s %s: %s", request.method, request.path, exc.orig)
+    @app.errorhandler(PoolTimeoutError)  # every pooled connection busy (a slow or unreachable database)
+    def _database_down(exc: OperationalError | PoolTimeoutError) -> Response:
+        log.error("database unavailable on %s %s: %s", request.method, request.path, getattr(exc, "orig", exc))
         response = error_response(503, "unavailable", "the database is unavailable; retry shortly")
         response.headers["Retry-After"] = "5"
         return response
