@@ -14,7 +14,9 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, Flask, Response, g, request
@@ -35,6 +37,7 @@ def init_app(app: Flask) -> None:
     """Count every answer, time submissions, and publish this process's metrics to Redis."""
     svc = app.extensions["batchgen"]
     svc.metrics = Metrics()
+    svc.metrics_page = Cached(max(1.0, svc.settings.metrics_interval_s))
 
     @app.before_request
     def _start_clock() -> None:
@@ -141,9 +144,41 @@ def readyz() -> tuple[dict[str, Any], int]:
     return {"status": "ready" if ready else "not ready", "checks": checks}, 200 if ready else 503
 
 
+class Cached:
+    """A value recomputed at most once per ``ttl_s`` in this process, by one caller at a time;
+    callers arriving while it is recomputed get the previous value instead of waiting (or
+    recomputing it too). ``/metrics`` is public: a scraper in a loop must not be able to make
+    every call an aggregate over the jobs table."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._lock = threading.Lock()
+        self._value: Any = None
+        self._at = float("-inf")
+
+    def get(self, compute: Callable[[], Any]) -> Any:
+        if time.monotonic() - self._at < self.ttl_s:
+            return self._value
+        if not self._lock.acquire(blocking=self._value is None):
+            return self._value  # someone is recomputing it: the previous value will do
+        try:
+            if time.monotonic() - self._at >= self.ttl_s:
+                self._value, self._at = compute(), time.monotonic()
+            return self._value
+        finally:
+            self._lock.release()
+
+
 @bp.get("/metrics")
 def metrics() -> Response:
-    """Prometheus exposition of every batchgen process, and of the jobs in the database."""
+    """Prometheus exposition of every batchgen process, and of the jobs in the database
+    (recomputed at most every ``metrics_interval_s`` per API process: processes publish their
+    own figures that often anyway)."""
+    svc = services()
+    return Response(svc.metrics_page.get(_render_metrics), mimetype="text/plain; version=0.0.4")
+
+
+def _render_metrics() -> str:
     svc = services()
     shared = Metrics()
     with svc.db.read() as session:
@@ -167,4 +202,4 @@ def metrics() -> Response:
                 snapshots[key.decode()[len(prefix):]] = json.loads(raw)
     except Exception as exc:  # Redis away: the database gauges still go out
         log.warning("metrics from Redis unavailable: %s", exc)
-    return Response(render(snapshots), mimetype="text/plain; version=0.0.4")
+    return render(snapshots)

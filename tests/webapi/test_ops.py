@@ -88,3 +88,27 @@ def test_json_logs_carry_job_and_request_ids(app, capsys):
     assert [(x["message"], x["job_id"], x["request_id"]) for x in lines] == [
         ("plain line", None, None), ("about a job", "job_x", "req_y"), ("inside a request", None, "rid_123")]
     assert all(x["process"] == "api" and x["level"] and x["time"].endswith("+00:00") for x in lines)
+
+
+def test_a_scraper_in_a_loop_cannot_load_the_database(client, app):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sqlalchemy import event
+
+    aggregates = []
+
+    def count(conn, cursor, statement, *args):  # type: ignore[no-untyped-def]
+        if "sum(" in statement.lower() or "count(" in statement.lower():
+            aggregates.append(statement)
+
+    engine = app.extensions["batchgen"].db.engine
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda _: client.get("/metrics"), range(200)))
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert {a.status_code for a in answers} == {200}
+    assert all("batchgen_jobs" in a.get_data(as_text=True) or "batchgen_requests" in a.get_data(as_text=True)
+               for a in answers)
+    assert 1 <= len(aggregates) <= 4, len(aggregates)  # one refresh (two statements), not 200
