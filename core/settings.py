@@ -60,6 +60,9 @@ class Settings(BaseModel):
     rate_limit_per_minute: int = Field(default=600, ge=0)
     # Synchronous calls (completions, DashScope, PAI-EAS) give up after this long.
     sync_timeout_s: float = Field(default=600.0, gt=0)
+    # An event stream ends after this long (clients reconnect, as the web page and CLI do): a
+    # stream cannot hold its place, nor a revoked key's access, forever.
+    stream_max_s: float = Field(default=600.0, gt=0)
     # Threads per API process (``batchgen api``/``up`` give gunicorn this many). Event streams and
     # synchronous calls each hold one until they end; past max_long_calls of them in one process
     # (0: api_threads - 4, at least 1) more get 429, so short calls always find a thread.

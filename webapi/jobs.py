@@ -45,7 +45,6 @@ MAX_PAGE = 1000
 STREAM_CHUNK = 500
 EVENTS_INTERVAL_S = 0.5
 KEEPALIVE_S = 5.0  # also how soon a stream whose client went away notices and frees its thread
-ALL_EVENTS_MAX_S = 600.0
 # Set when this server process is stopping (see webapi/gunicorn_conf.py): open streams end cleanly.
 STOPPING = threading.Event()
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
@@ -244,7 +243,7 @@ def event_stream(poll: Callable[[], tuple[list[tuple[str, str]], bool]], max_s: 
 def all_job_events() -> Response:
     """Server-sent events for all the caller's jobs: ``progress`` with a job whenever one is
     submitted or changes status, counts or usage. First the jobs that are active or ended in the
-    last minute; then changes, until the client goes away or ``ALL_EVENTS_MAX_S`` has passed (a
+    last minute; then changes, until the client goes away or ``stream_max_s`` has passed (a
     stream holds a server thread; clients reconnect, as the web page does)."""
     svc = services()
     owner = current_principal().owner_filter
@@ -262,7 +261,7 @@ def all_job_events() -> Response:
                 changed.append(("progress", view.model_dump_json()))
         return changed, False
 
-    return event_stream(poll, max_s=ALL_EVENTS_MAX_S)
+    return event_stream(poll, max_s=svc.settings.stream_max_s)
 
 
 @bp.get("/<job_id>")
@@ -336,7 +335,7 @@ def job_events(job_id: str) -> Response:
             return [*out, ("end", view.model_dump_json())], True
         return out, False
 
-    return event_stream(poll)
+    return event_stream(poll, max_s=svc.settings.stream_max_s)
 
 
 @bp.post("/<job_id>/cancel")

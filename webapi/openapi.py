@@ -44,6 +44,21 @@ from webapi.openai.protocol import (
 
 bp = Blueprint("docs", __name__)
 
+
+def job_events(*names: str) -> tuple[str, dict[str, Any]]:
+    """A ``text/event-stream`` of job events, described (as OpenAPI 3.1 tooling reads an event
+    stream's ``schema``) one event at a time: ``event`` is one of ``names`` and ``data`` is JSON,
+    a JobRead (or, for ``end``, ``{"deleted": true}`` when the job was deleted while followed).
+    The stream's first block only sets ``retry``; comments keep a quiet connection alive."""
+    data = {"anyOf": [{"$ref": "#/components/schemas/JobRead"},
+                      {"type": "object", "properties": {"deleted": {"const": True}}, "required": ["deleted"]}]}
+    return ("text/event-stream", {
+        "type": "object",
+        "properties": {"event": {"type": "string", "enum": list(names)},
+                       "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": data},
+                       "id": {"type": "string"}, "retry": {"type": "integer", "minimum": 0}},
+    })
+
 ERROR_TEXT = {
     400: "The body is not JSON.",
     401: "No API key, or not a valid one.",
@@ -114,7 +129,7 @@ OPERATIONS: tuple[Operation, ...] = (
                           "or usage. Runs until the client disconnects, or for 10 minutes (then reconnect); keep-alive "
                           "comments every 5 s. A stream holds a server thread: past the API process's limit "
                           "(BATCHGEN_MAX_LONG_CALLS) it is refused with 429 `too_many_streams`; poll instead.",
-              responses={200: ("text/event-stream", {"type": "string"})}, errors=(401, 429, 503)),
+              responses={200: job_events("progress")}, errors=(401, 429, 503)),
     Operation("get", "/v1/jobs/{job_id}", "jobs.get_job", "A job: status, counts, usage, times",
               responses={200: JobRead}, params=(JOB_ID,), errors=(401, 404, 429, 503)),
     Operation("get", "/v1/jobs/{job_id}/results", "jobs.list_results", "A page of results in request order",
@@ -133,7 +148,7 @@ OPERATIONS: tuple[Operation, ...] = (
               description="`event: progress` with a JobRead each time status, counts or usage change; "
                           "`event: end` with the final JobRead. Past the API process's limit of streams: 429 "
                           "`too_many_streams`; poll GET /v1/jobs/{job_id} instead.",
-              responses={200: ("text/event-stream", {"type": "string"})}, params=(JOB_ID,),
+              responses={200: job_events("progress", "end")}, params=(JOB_ID,),
               errors=(401, 404, 429, 503)),
     Operation("post", "/v1/jobs/{job_id}/cancel", "jobs.cancel_job", "Cancel a job",
               description="Requests not started are cancelled at once; running ones finish and are kept. "
