@@ -39,6 +39,12 @@ def new_ids(prefix: str, count: int) -> list[str]:
     return [head + tails[i : i + 16] for i in range(0, 16 * count, 16)]
 
 
+def floor_id(prefix: str) -> str:
+    """An id-shaped string that sorts at or below every id of ``prefix`` made from now on (and
+    above those made in earlier milliseconds): ``id >= floor_id(...)`` selects what is newer."""
+    return f"{prefix}_{_encode(time.time_ns() // 1_000_000, 10)}"
+
+
 def looks_like(value: str, prefix: str) -> bool:
     """True if ``value`` has the shape of an id made by ``new_id(prefix)``."""
     body = value[len(prefix) + 1 :]

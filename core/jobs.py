@@ -325,6 +325,14 @@ def pending_for_model(*, session: Session, model: str) -> int:
                               .where(Job.model == model, Job.status.in_(ACTIVE_JOB_STATUSES))) or 0)
 
 
+def submitted_since(*, session: Session, since_id: str, model: str | None = None, owner: str | None = None) -> int:
+    """Requests of the jobs of a model (or an owner) whose ids sort at or after ``since_id``:
+    what was submitted since that id was current (an index range scan)."""
+    column, value = (Job.model, model) if model is not None else (Job.owner, owner)
+    return int(session.scalar(select(func.coalesce(func.sum(Job.total), 0))
+                              .where(column == value, Job.id >= since_id)) or 0)
+
+
 def pending_for_owner(*, session: Session, owner: str) -> int:
     """An owner's requests waiting or running."""
     return int(session.scalar(select(func.coalesce(func.sum(Job.queued + Job.running), 0))

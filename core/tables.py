@@ -88,6 +88,7 @@ class Job(Base):
         Index("ix_jobs_owner_id", "owner", "id"),
         Index("ix_jobs_owner_status", "owner", "status"),
         Index("ix_jobs_model_status", "model", "status"),
+        Index("ix_jobs_model_id", "model", "id"),
         Index("ix_jobs_expires_at", "expires_at"),
         Index("ux_jobs_owner_idempotency_key", "owner", "idempotency_key", unique=True),
     )
@@ -114,6 +115,7 @@ class JobRequest(Base):
     error_message: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     run_id: Mapped[str | None] = mapped_column(String(40))
+    run_size: Mapped[int | None] = mapped_column(Integer)  # requests in the run that last claimed it
     # While running: the worker holding it renews this; past it, the request may be claimed again.
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -137,10 +137,9 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
                        [{"loc": "model", "message": exc.message, "type": exc.code}]) from None
     limits = job_service.Limits(max_requests=svc.settings.max_requests_per_job,
                                 max_prompt_chars=svc.settings.max_prompt_chars)
-    with svc.db.read() as session:
-        svc.limits.check_capacity(session=session, principal=principal, model=model.name, new=spec.count())
     try:
         with svc.db.write() as session:
+            svc.limits.check_capacity(session=session, principal=principal, model=model.name, new=spec.count())
             job, request_ids = job_service.create_job(
                 session=session, spec=spec, model=model, limits=limits, owner=principal.owner,
                 counter=svc.token_counter(model), idempotency_key=key, fingerprint=fingerprint,

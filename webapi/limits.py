@@ -12,10 +12,12 @@ import threading
 import time
 from typing import Any
 
+from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from core import jobs as job_service
 from core.auth import Principal
+from core.ids import floor_id
 from core.settings import Settings
 from webapi.errors import ApiError
 
@@ -60,38 +62,46 @@ class LongCalls:
 
 
 class PendingCounts:
-    """Requests pending per model and per owner, as this process last read them from the database
-    plus what it has accepted since; read again once a reading is ``ttl_s`` old.
+    """Requests pending per model and per owner, as a bound that never undercounts.
 
     Summing the pending requests of every active job on each submission costs time that grows
-    with the backlog (1.5 ms with a thousand active jobs on SQLite, far more with 50,000). With
-    this, one API process is exact about what it accepts itself; across processes the figure can
-    lag by what the others accepted in the last ``ttl_s``: a soft limit, which is what it is for.
+    with the backlog (1.5 ms with a thousand active jobs on SQLite, far more with 50,000). So the
+    sum is read at most once per ``ttl_s`` per process; in between, what any process submitted
+    since that reading (jobs with newer ids: an index range scan) is added to it. Requests that
+    finished since are not subtracted until the next reading: the bound errs, briefly, on the
+    side of refusing. Read under ``serialize`` (no submission for the same key is in flight), it
+    is exact about every submission, whichever process took it.
     """
 
     def __init__(self, ttl_s: float = 1.0) -> None:
         self.ttl_s = ttl_s
         self._lock = threading.Lock()
-        self._values: dict[tuple[str, str], tuple[float, int]] = {}
+        self._values: dict[tuple[str, str], tuple[float, int, str]] = {}
 
     def get(self, key: tuple[str, str], session: Session) -> int:
+        kind, name = key
+        who = {"model": name} if kind == "model" else {"owner": name}
         now = time.monotonic()
         with self._lock:
             seen = self._values.get(key)
         if seen is not None and now - seen[0] < self.ttl_s:
-            return seen[1]
-        kind, name = key
+            return seen[1] + job_service.submitted_since(session=session, since_id=seen[2], **who)
+        since = floor_id("job")  # read before the sum: a job of this millisecond may count twice, never zero times
         value = (job_service.pending_for_model(session=session, model=name) if kind == "model"
                  else job_service.pending_for_owner(session=session, owner=name))
         with self._lock:
-            self._values[key] = (now, value)
+            self._values[key] = (now, value, since)
         return value
 
-    def add(self, key: tuple[str, str], count: int) -> None:
-        with self._lock:
-            seen = self._values.get(key)
-            if seen is not None:
-                self._values[key] = (seen[0], seen[1] + count)
+
+def serialize(session: Session, keys: list[tuple[str, str]]) -> None:
+    """Hold back, until this transaction ends, every other transaction that takes one of these
+    keys (on SQLite a write transaction already holds the one write lock)."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    for kind, name in sorted(keys):  # one order everywhere: no deadlock between two submitters
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"),
+                        {"k": f"batchgen:capacity:{kind}:{name}"})
 
 
 class Limits:
@@ -135,14 +145,24 @@ class Limits:
                            {"retry_after": retry}, headers={"Retry-After": str(retry)})
 
     def check_capacity(self, *, session: Session, principal: Principal, model: str, new: int) -> None:
-        """Refuse ``new`` requests when the model's queue or the key's pending work is full."""
-        cap = self.settings.max_pending_per_model
-        if cap and self._pending.get(("model", model), session) + new > cap:
-            raise ApiError(429, "queue_full", f"model {model} has more than {cap} requests waiting; retry later",
-                           {"retry_after": 30}, headers={"Retry-After": "30"})
-        cap = self.settings.max_pending_per_key
-        if cap and self._pending.get(("owner", principal.owner), session) + new > cap:
+        """Refuse ``new`` requests when the model's queue or the key's pending work is full.
+
+        Call it in the write transaction that stores them: every other submission for the same
+        model or owner waits until this transaction ends (SQLite's one write lock; PostgreSQL
+        advisory locks taken in a fixed order), so parallel submissions on any number of API
+        processes cannot together overshoot a cap.
+        """
+        limits = [(("model", model), self.settings.max_pending_per_model),
+                  (("owner", principal.owner), self.settings.max_pending_per_key)]
+        limits = [(key, cap) for key, cap in limits if cap]
+        if not limits:
+            return
+        serialize(session, [key for key, _ in limits])
+        for key, cap in limits:
+            if self._pending.get(key, session) + new <= cap:
+                continue
+            if key[0] == "model":
+                raise ApiError(429, "queue_full", f"model {model} has more than {cap} requests waiting; "
+                               "retry later", {"retry_after": 30}, headers={"Retry-After": "30"})
             raise ApiError(429, "too_many_pending", f"this owner has more than {cap} requests waiting or "
                            "running; wait for some to finish", {"retry_after": 60}, headers={"Retry-After": "60"})
-        self._pending.add(("model", model), new)
-        self._pending.add(("owner", principal.owner), new)

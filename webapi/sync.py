@@ -87,8 +87,6 @@ class SyncRunner:
         svc = self.svc
         spec = spec.model_copy(update={"priority": SYNC_PRIORITY, "completion_window": "1h"})
         limits = job_service.Limits(max_requests=1, max_prompt_chars=svc.settings.max_prompt_chars)
-        with svc.db.read() as session:
-            svc.limits.check_capacity(session=session, principal=principal, model=model.name, new=1)
         # Reach Redis before anything is stored: with Redis away the caller gets a 503 and no job
         # is left behind to run later for nobody.
         pubsub = self._client().pubsub(ignore_subscribe_messages=True)
@@ -100,6 +98,7 @@ class SyncRunner:
             raise _unavailable() from None
         try:
             with svc.db.write() as session:
+                svc.limits.check_capacity(session=session, principal=principal, model=model.name, new=1)
                 job, (request_id,) = job_service.create_job(
                     session=session, spec=spec, model=model, limits=limits, owner=principal.owner,
                     counter=svc.token_counter(model), delivery="stream" if stream else "notify",

@@ -143,12 +143,11 @@ def create_batch() -> dict[str, Any]:
     job: Job | None = None
     if not errors:
         assert spec is not None and model is not None
-        with svc.db.read() as session:
-            svc.limits.check_capacity(session=session, principal=principal, model=model.name, new=spec.count())
         limits = job_service.Limits(max_requests=svc.settings.max_requests_per_job,
                                     max_prompt_chars=svc.settings.max_prompt_chars)
         try:
             with svc.db.write() as session:
+                svc.limits.check_capacity(session=session, principal=principal, model=model.name, new=spec.count())
                 batch, job, request_ids = batch_service.create_batch(
                     session=session, owner=principal.owner, input_file_id=file.id, endpoint=req.endpoint,
                     completion_window=req.completion_window, metadata=req.metadata, spec=spec, model=model,
