@@ -6,7 +6,7 @@ same files; a file row carries no content, so listing files reads none.
 
 from __future__ import annotations
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from core.errors import NotFoundError
@@ -24,6 +24,13 @@ def create_file(*, session: Session, owner: str, purpose: str, filename: str, co
     session.flush()
     session.add(FileBlob(file_id=file.id, content=content))
     return file
+
+
+def uploaded(*, session: Session, owner: str) -> tuple[int, int]:
+    """(bytes, count) of the files an owner uploaded (not those the service wrote for it)."""
+    total, count = session.execute(select(func.coalesce(func.sum(File.bytes), 0), func.count())
+                                   .where(File.owner == owner, File.purpose.in_(PURPOSES_ACCEPTED))).one()
+    return int(total), int(count)
 
 
 def get_file(*, session: Session, file_id: str, owner: str | None) -> File:

@@ -333,6 +333,11 @@ def submitted_since(*, session: Session, since_id: str, model: str | None = None
                               .where(column == value, Job.id >= since_id)) or 0)
 
 
+def stored_for_owner(*, session: Session, owner: str) -> int:
+    """Requests an owner's jobs hold, in any status (until the jobs are deleted)."""
+    return int(session.scalar(select(func.coalesce(func.sum(Job.total), 0)).where(Job.owner == owner)) or 0)
+
+
 def pending_for_owner(*, session: Session, owner: str) -> int:
     """An owner's requests waiting or running."""
     return int(session.scalar(select(func.coalesce(func.sum(Job.queued + Job.running), 0))

@@ -58,6 +58,12 @@ class Settings(BaseModel):
     max_pending_per_model: int = Field(default=1_000_000, ge=0)
     max_pending_per_key: int = Field(default=500_000, ge=0)
     rate_limit_per_minute: int = Field(default=600, ge=0)
+    # Storage per owner (0 turns a quota off): bytes and number of uploaded files (413 / 429 past
+    # them; files the service writes, batch outputs, do not count), and requests stored in jobs
+    # of any status until deleted (429).
+    max_file_bytes_per_owner: int = Field(default=2 * 1024**3, ge=0)
+    max_files_per_owner: int = Field(default=1000, ge=0)
+    max_stored_requests_per_owner: int = Field(default=10_000_000, ge=0)
     # Synchronous calls (completions, DashScope, PAI-EAS) give up after this long.
     sync_timeout_s: float = Field(default=600.0, gt=0)
     # An event stream ends after this long (clients reconnect, as the web page and CLI do): a

@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from core import files as file_service
 from core import jobs as job_service
 from core.auth import Principal
 from core.ids import floor_id
@@ -87,8 +88,10 @@ class PendingCounts:
         if seen is not None and now - seen[0] < self.ttl_s:
             return seen[1] + job_service.submitted_since(session=session, since_id=seen[2], **who)
         since = floor_id("job")  # read before the sum: a job of this millisecond may count twice, never zero times
-        value = (job_service.pending_for_model(session=session, model=name) if kind == "model"
-                 else job_service.pending_for_owner(session=session, owner=name))
+        read = {"model": lambda: job_service.pending_for_model(session=session, model=name),
+                "owner": lambda: job_service.pending_for_owner(session=session, owner=name),
+                "stored": lambda: job_service.stored_for_owner(session=session, owner=name)}[kind]
+        value = read()
         with self._lock:
             self._values[key] = (now, value, since)
         return value
@@ -153,7 +156,8 @@ class Limits:
         processes cannot together overshoot a cap.
         """
         limits = [(("model", model), self.settings.max_pending_per_model),
-                  (("owner", principal.owner), self.settings.max_pending_per_key)]
+                  (("owner", principal.owner), self.settings.max_pending_per_key),
+                  (("stored", principal.owner), self.settings.max_stored_requests_per_owner)]
         limits = [(key, cap) for key, cap in limits if cap]
         if not limits:
             return
@@ -164,5 +168,25 @@ class Limits:
             if key[0] == "model":
                 raise ApiError(429, "queue_full", f"model {model} has more than {cap} requests waiting; "
                                "retry later", {"retry_after": 30}, headers={"Retry-After": "30"})
+            if key[0] == "stored":
+                raise ApiError(429, "storage_quota_exceeded", f"this owner's jobs hold {cap} requests, the most "
+                               "it may store; delete jobs that have ended to make room", {"limit": cap})
             raise ApiError(429, "too_many_pending", f"this owner has more than {cap} requests waiting or "
                            "running; wait for some to finish", {"retry_after": 60}, headers={"Retry-After": "60"})
+
+    def check_upload(self, *, session: Session, principal: Principal, size: int) -> None:
+        """Refuse an upload past the owner's file quotas; call it in the transaction that stores
+        the file (uploads of one owner are serialized there, so parallel ones cannot overshoot).
+        Called in a read transaction with the body's size before reading it, it refuses early."""
+        max_bytes, max_files = self.settings.max_file_bytes_per_owner, self.settings.max_files_per_owner
+        if not max_bytes and not max_files:
+            return
+        serialize(session, [("files", principal.owner)])
+        used, count = file_service.uploaded(session=session, owner=principal.owner)
+        if max_bytes and used + size > max_bytes:
+            raise ApiError(413, "storage_quota_exceeded", f"this file ({size} bytes) would take this owner's files "
+                           f"past {max_bytes} bytes ({used} in use); delete files to make room",
+                           {"limit_bytes": max_bytes, "used_bytes": used, "file_bytes": size})
+        if max_files and count + 1 > max_files:
+            raise ApiError(429, "too_many_files", f"this owner has {count} files, the most it may keep; "
+                           "delete files to make room", {"limit": max_files})

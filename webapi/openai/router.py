@@ -65,6 +65,10 @@ def list_models() -> dict[str, Any]:
 @bp.post("/files")
 def upload_file() -> dict[str, Any]:
     """Upload a JSONL file for a batch (multipart: ``file`` and ``purpose=batch``)."""
+    svc = services()
+    if request.content_length:  # refused before the body is read (or spooled to disk) if it cannot fit
+        with svc.db.read() as session:
+            svc.limits.check_upload(session=session, principal=current_principal(), size=request.content_length)
     purpose = request.form.get("purpose")
     upload = request.files.get("file")
     if purpose not in file_service.PURPOSES_ACCEPTED:
@@ -76,7 +80,8 @@ def upload_file() -> dict[str, Any]:
     content = upload.read()
     # Keep the name printable: control characters (NUL among them) are dropped.
     filename = "".join(c for c in (upload.filename or "") if c.isprintable())[:255] or "upload.jsonl"
-    with services().db.write() as session:
+    with svc.db.write() as session:
+        svc.limits.check_upload(session=session, principal=current_principal(), size=len(content))
         file = file_service.create_file(session=session, owner=current_principal().owner, purpose=purpose,
                                         filename=filename, content=content)
         return serving.file_view(file)
