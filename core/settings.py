@@ -74,6 +74,11 @@ class Settings(BaseModel):
     # (0: api_threads - 4, at least 1) more get 429, so short calls always find a thread.
     api_threads: int = Field(default=16, ge=1)
     max_long_calls: int = Field(default=0, ge=0)
+    # Event streams, synchronous calls and downloads one API key may hold open at once, across
+    # every API process (429 past it; 0: no cap).
+    max_long_calls_per_key: int = Field(default=128, ge=0)
+    # Requests with keys that are not valid, per client address and minute, before 429 (0: no cap).
+    auth_failures_per_minute: int = Field(default=60, ge=0)
     # The model PAI-EAS-style calls (POST /) run on; empty means BATCHGEN_MODEL.
     eas_model: str = ""
 

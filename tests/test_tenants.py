@@ -102,3 +102,108 @@ def test_stored_requests_have_a_quota_until_jobs_are_deleted(make_settings, data
         assert submit(10).status_code == 202
     finally:
         api.stop()
+
+
+def _open_stream(url: str, token: str) -> requests.Response:
+    resp = requests.get(url, headers={"Authorization": f"Bearer {token}"}, stream=True, timeout=60)
+    if resp.status_code == 200:
+        next(resp.iter_lines())  # the stream is open and its place taken
+    return resp
+
+
+def test_one_key_cannot_take_every_long_call_and_a_revoked_keys_streams_end(make_settings, sqlite_url):
+    import threading
+
+    from core.auth import revoke_key
+
+    settings = make_settings(sqlite_url, max_long_calls_per_key=3, rate_limit_per_minute=0, stream_max_s=120)
+    alice, bob = make_key(sqlite_url), make_key(sqlite_url, owner="bob")
+    api = GunicornApi(settings, alice, workers=2, threads=16).start()
+    opened: list[requests.Response] = []
+    try:
+        url = f"{api.url}/v1/jobs/events"
+        for _ in range(3):  # on either process: the cap is the key's, across processes
+            opened.append(_open_stream(url, alice))
+        assert [r.status_code for r in opened] == [200, 200, 200]
+        refused = _open_stream(url, alice)
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_streams"
+        assert refused.headers["Retry-After"]
+        job = api.http.post(f"{api.url}/v1/jobs", json={"model": "tiny-base", "prompts": ["x"]})
+        assert job.status_code == 202  # short calls are not held back
+        download = requests.get(f"{api.url}/v1/jobs/{job.json()['id']}/results.jsonl",
+                                headers={"Authorization": f"Bearer {alice}"})
+        assert download.status_code == 429  # downloads count too
+        other = _open_stream(url, bob)
+        assert other.status_code == 200  # another key is not affected
+        opened.append(other)
+        opened.pop(0).close()  # one of alice's streams ends: its place is free again
+        assert wait_for(lambda: _held(_open_stream(url, alice), opened), 10)
+
+        # Revoking alice's key ends her open streams within the key cache's window.
+        ended = []
+
+        def drain(resp: requests.Response) -> None:
+            for _ in resp.iter_lines():
+                pass
+            ended.append(time.monotonic())
+
+        alices = [r for r in opened if r.request.headers["Authorization"].endswith(alice)]
+        readers = [threading.Thread(target=drain, args=(r,), daemon=True) for r in alices]
+        for reader in readers:
+            reader.start()
+        db = Database(sqlite_url)
+        with db.write() as s:
+            revoke_key(session=s, key_id=alice.split(".")[0])
+        db.dispose()
+        revoked_at = time.monotonic()
+        for reader in readers:
+            reader.join(30)
+        assert len(alices) == 3 and not any(t.is_alive() for t in readers), "a revoked key's stream is still open"
+        assert max(ended) - revoked_at < 25
+    finally:
+        for resp in opened:
+            resp.close()
+        api.stop()
+
+
+def _held(resp: requests.Response, opened: list[requests.Response]) -> bool:
+    if resp.status_code == 200:
+        opened.append(resp)
+        return True
+    resp.close()
+    return False
+
+
+def wait_for(predicate, timeout: float):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def test_a_flood_of_made_up_keys_is_rate_limited_before_the_database(make_settings, sqlite_url):
+    from sqlalchemy import event
+
+    from core.ids import new_id
+    from webapi import create_app
+
+    app = create_app(make_settings(sqlite_url, auth_failures_per_minute=20))
+    client = app.test_client()
+    key_reads = []
+
+    def count(conn, cursor, statement, *args):  # type: ignore[no-untyped-def]
+        if "api_keys" in statement:
+            key_reads.append(statement)
+
+    engine = app.extensions["batchgen"].db.engine
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        statuses = [client.get("/v1/jobs", headers={"Authorization": f"Bearer {new_id('key')}.{i:040d}"}).status_code
+                    for i in range(300)]
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+        app.extensions["batchgen"].close()
+    assert statuses[:20] == [401] * 20 and set(statuses[20:]) == {429}
+    assert len(key_reads) == 20  # the rest never reached the database

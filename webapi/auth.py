@@ -9,7 +9,9 @@ from __future__ import annotations
 import threading
 import time
 
-from flask import Flask, g, request
+from collections.abc import Callable
+
+from flask import Flask, current_app, g, request
 
 from core.auth import Principal, authenticate
 from webapi.errors import ApiError
@@ -58,13 +60,38 @@ def init_app(app: Flask) -> None:
             raise ApiError(401, "unauthorized", "send an API key: Authorization: Bearer <key>")
         principal = cache.get(token)
         if principal is None:
+            limits = services().limits
+            client = request.remote_addr or "unknown"
+            limits.check_auth_failures(client)  # before the database is asked
             with services().db.read() as session:
                 principal = authenticate(session=session, token=token)
             if principal is None:
+                limits.note_auth_failure(client)
                 raise ApiError(401, "unauthorized", "the API key is not valid (or was revoked)")
             cache.put(token, principal)
         g.principal = principal
+        g.token = token
         services().limits.check_rate(principal)
+
+    app.extensions["batchgen.keys"] = cache
+
+
+def key_still_valid() -> Callable[[], bool]:
+    """For a call that lasts (an event stream): a check that the caller's key is still valid,
+    answered from the key cache, so a revoked key's streams end within ``CACHE_SECONDS``."""
+    token, cache, svc = g.token, current_app.extensions["batchgen.keys"], services()
+
+    def check() -> bool:
+        if cache.get(token) is not None:
+            return True
+        with svc.db.read() as session:
+            principal = authenticate(session=session, token=token)
+        if principal is None:
+            return False
+        cache.put(token, principal)
+        return True
+
+    return check
 
 
 def current_principal() -> Principal:

@@ -34,7 +34,7 @@ from core.schemas import (
     error_details,
 )
 from core.tables import Job, JobRequest
-from webapi.auth import current_principal
+from webapi.auth import CACHE_SECONDS, current_principal, key_still_valid
 from webapi.errors import ApiError, attachment, int_arg, parse_json, read_body
 from webapi.services import services
 
@@ -208,14 +208,23 @@ def list_jobs() -> dict[str, Any]:
 def event_stream(poll: Callable[[], tuple[list[tuple[str, str]], bool]], max_s: float | None = None) -> Response:
     """Server-sent events by polling: ``poll()`` gives the events to send now and whether the
     stream is over; it is asked every ``EVENTS_INTERVAL_S``, a comment keeps a quiet connection
-    alive, and the stream ends after ``max_s`` seconds if given, or when ``poll`` fails (the
-    database is away); clients reconnect."""
+    alive, and the stream ends after ``max_s`` seconds if given, when the caller's key is revoked
+    (seen within the key cache's ``CACHE_SECONDS``), or when ``poll`` fails (the database is
+    away); clients reconnect."""
+    held = services().limits.take_long_call(current_principal())  # 429 past the process's or the key's limit
+    still_valid = key_still_valid()
 
     def events() -> Iterator[str]:
         yield "retry: 2000\n\n"
-        opened = quiet_since = time.monotonic()
+        opened = quiet_since = checked = time.monotonic()
         while (max_s is None or time.monotonic() - opened < max_s) and not STOPPING.is_set():
+            held.renew()
             try:
+                if time.monotonic() - checked >= CACHE_SECONDS:
+                    checked = time.monotonic()
+                    if not still_valid():
+                        log.info("event stream ended: its key was revoked")
+                        return
                 batch, over = poll()
             except Exception as exc:  # the database is away: end the stream; the client reconnects
                 log.warning("event stream ended: %s", exc)
@@ -231,7 +240,6 @@ def event_stream(poll: Callable[[], tuple[list[tuple[str, str]], bool]], max_s: 
                 yield ": keep-alive\n\n"
             STOPPING.wait(EVENTS_INTERVAL_S)
 
-    held = services().limits.long_calls.take()  # a stream holds a server thread: 429 past the limit
     response = Response(events(), mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     response.call_on_close(held.release)
@@ -293,10 +301,12 @@ def download_results(job_id: str) -> Response:
     svc = services()
     with svc.db.read() as session:
         job_service.get_job(session=session, job_id=job_id, owner=current_principal().owner_filter)
+    held = svc.limits.take_long_call(current_principal())  # a download lasts: it counts among long calls
 
     def lines() -> Iterator[str]:
         after = -1
         while True:  # a short read per chunk: no transaction is held while the client reads
+            held.renew()
             with svc.db.read() as session:
                 rows = job_service.results_after(session=session, job_id=job_id, after_idx=after,
                                                  limit=STREAM_CHUNK, status=status)
@@ -306,8 +316,10 @@ def download_results(job_id: str) -> Response:
             yield chunk
             after = rows[-1].idx
 
-    return Response(lines(), mimetype="application/jsonl",
-                    headers={"Content-Disposition": attachment(f"{job_id}.jsonl")})
+    response = Response(lines(), mimetype="application/jsonl",
+                        headers={"Content-Disposition": attachment(f"{job_id}.jsonl")})
+    response.call_on_close(held.release)
+    return response
 
 
 @bp.get("/<job_id>/events")

@@ -10,6 +10,8 @@ import logging
 import math
 import threading
 import time
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import text
@@ -26,16 +28,84 @@ log = logging.getLogger("batchgen.api")
 
 
 class LongCall:
-    """One held place among the process's long calls; ``release`` may be called more than once."""
+    """One held place among the process's long calls and among its key's (``release`` may be
+    called more than once). A call renews its key's place while it lasts (``renew``, cheap to
+    call often); a place not renewed for ``KEY_PLACE_TTL_S`` (its process died) lapses."""
 
-    def __init__(self, pool: LongCalls) -> None:
+    def __init__(self, pool: LongCalls, keys: KeyCalls | None = None, key_id: str = "", member: str = "") -> None:
         self._pool: LongCalls | None = pool
+        self._keys, self._key_id, self._member = keys, key_id, member
+        self._renewed = time.monotonic()
+
+    def renew(self) -> None:
+        if self._keys is not None and time.monotonic() - self._renewed > KEY_PLACE_TTL_S / 3:
+            self._renewed = time.monotonic()
+            self._keys.renew(self._key_id, self._member)
 
     def release(self) -> None:
         with LongCalls.lock:
             pool, self._pool = self._pool, None
             if pool is not None:
                 pool.held -= 1
+        keys, self._keys = self._keys, None
+        if keys is not None:
+            keys.release(self._key_id, self._member)
+
+
+KEY_PLACE_TTL_S = 30.0
+# Take a place for a key: drop lapsed places, refuse past the cap, else hold one until ttl.
+_TAKE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[2]), ARGV[4])
+redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2])) + 1)
+return 1
+"""
+
+
+class KeyCalls:
+    """Long calls per API key, across every API process (a sorted set per key in Redis, places
+    scored by when they lapse): one tenant cannot take every stream or synchronous slot. Without
+    Redis the cap is not enforced (as the rate limit), rather than failing the call."""
+
+    def __init__(self, settings: Settings, client: Callable[[], Any]) -> None:
+        self.settings, self._client = settings, client
+        self._take: Any = None
+
+    def _key(self, key_id: str) -> str:
+        return f"{self.settings.redis_prefix}longcalls:{key_id}"
+
+    def take(self, key_id: str) -> str | None:
+        """A place for this key (its member id), None if Redis cannot be asked; 429 past the cap."""
+        cap = self.settings.max_long_calls_per_key
+        member = uuid.uuid4().hex
+        try:
+            if self._take is None:
+                self._take = self._client().register_script(_TAKE)
+            taken = self._take(keys=[self._key(key_id)], args=[time.time(), KEY_PLACE_TTL_S, cap, member])
+        except Exception as exc:  # Redis down: do not turn it into an outage of the API
+            log.warning("long calls per key not counted (redis: %s)", exc)
+            return None
+        if not taken:
+            raise ApiError(429, "too_many_streams", f"this key already has {cap} event streams, synchronous "
+                           "calls and downloads open; wait for one to end", {"retry_after": 2, "limit": cap},
+                           headers={"Retry-After": "2"})
+        return member
+
+    def renew(self, key_id: str, member: str) -> None:
+        try:
+            pipe = self._client().pipeline()
+            pipe.zadd(self._key(key_id), {member: time.time() + KEY_PLACE_TTL_S}, xx=True)
+            pipe.expire(self._key(key_id), int(KEY_PLACE_TTL_S) + 1)
+            pipe.execute()
+        except Exception as exc:
+            log.warning("could not renew a long call's place (redis: %s)", exc)
+
+    def release(self, key_id: str, member: str) -> None:
+        try:
+            self._client().zrem(self._key(key_id), member)
+        except Exception as exc:
+            log.warning("could not release a long call's place (redis: %s)", exc)
 
 
 class LongCalls:
@@ -52,6 +122,7 @@ class LongCalls:
         self.limit, self.held = limit, 0
 
     def take(self) -> LongCall:
+        """A place in this process; 429 past the limit."""
         with self.lock:
             if self.held >= self.limit:
                 raise ApiError(429, "too_many_streams",
@@ -116,6 +187,52 @@ class Limits:
         self.long_calls = LongCalls(settings.long_call_limit)
         self._redis: Any = None
         self._lock = threading.Lock()
+        self.key_calls = KeyCalls(settings, self._client)
+
+    def take_long_call(self, principal: Principal) -> LongCall:
+        """A place for a call that lasts (an event stream, a synchronous call, a download): one in
+        this process and one among its key's; 429 ``too_many_streams`` past either limit."""
+        held = self.long_calls.take()
+        if not self.settings.redis_url or not self.settings.max_long_calls_per_key:
+            return held
+        try:
+            member = self.key_calls.take(principal.key_id)
+        except BaseException:
+            held.release()
+            raise
+        if member is not None:
+            held._keys, held._key_id, held._member = self.key_calls, principal.key_id, member
+        return held
+
+    def check_auth_failures(self, client: str) -> None:
+        """429 once ``client`` (an address) has sent ``auth_failures_per_minute`` keys that are not
+        valid this minute: a flood of made-up keys must not become a flood of database reads."""
+        limit = self.settings.auth_failures_per_minute
+        if not limit or not self.settings.redis_url:
+            return
+        try:
+            failures = int(self._client().get(self._failures_key(client)) or 0)
+        except Exception as exc:
+            log.warning("failed keys not counted (redis: %s)", exc)
+            return
+        if failures >= limit:
+            retry = max(1, math.ceil(60 - time.time() % 60))
+            raise ApiError(429, "rate_limited", f"more than {limit} requests with keys that are not valid this "
+                           "minute from this address", {"retry_after": retry}, headers={"Retry-After": str(retry)})
+
+    def note_auth_failure(self, client: str) -> None:
+        if not self.settings.auth_failures_per_minute or not self.settings.redis_url:
+            return
+        try:
+            pipe = self._client().pipeline()
+            pipe.incr(self._failures_key(client))
+            pipe.expire(self._failures_key(client), 120)
+            pipe.execute()
+        except Exception as exc:
+            log.warning("failed key not counted (redis: %s)", exc)
+
+    def _failures_key(self, client: str) -> str:
+        return f"{self.settings.redis_prefix}authfail:{client}:{int(time.time() // 60)}"
 
     def _client(self) -> Any:
         with self._lock:

@@ -75,7 +75,7 @@ class SyncRunner:
     def start(self, *, principal: Principal, spec: JobCreate, model: ModelSpec, stream: bool) -> Call:
         """Store and dispatch the request; raises ``ApiError``/domain errors for bad input."""
         svc = self.svc
-        held = svc.limits.long_calls.take()  # 429 before anything is stored
+        held = svc.limits.take_long_call(principal)  # 429 before anything is stored
         try:
             return self._start(held, principal=principal, spec=spec, model=model, stream=stream)
         except BaseException:
@@ -143,6 +143,7 @@ class SyncRunner:
         run: str | None = None
         try:
             while True:
+                call.held.renew()
                 message = call.pubsub.get_message(timeout=0.25)
                 if message is not None and message.get("type") == "message":
                     event = json.loads(message["data"])

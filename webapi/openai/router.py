@@ -28,6 +28,7 @@ from webapi.sync import stream_restarted
 
 log = logging.getLogger("batchgen.api")
 bp = Blueprint("openai", __name__, url_prefix="/v1")
+DOWNLOAD_CHUNK = 1 << 20
 
 
 def _page(items: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
@@ -108,11 +109,22 @@ def get_file(file_id: str) -> dict[str, Any]:
 
 @bp.get("/files/<file_id>/content")
 def file_content(file_id: str) -> Response:
-    with services().db.read() as session:
+    svc = services()
+    with svc.db.read() as session:
         file = file_service.get_file(session=session, file_id=file_id, owner=current_principal().owner_filter)
         content = file_service.file_content(session=session, file_id=file_id, owner=None)
-    return Response(content, mimetype="application/jsonl",
-                    headers={"Content-Disposition": attachment(file.filename)})
+    held = svc.limits.take_long_call(current_principal())  # a download lasts: it counts among long calls
+
+    def chunks() -> Iterator[bytes]:
+        view = memoryview(content)
+        for start in range(0, len(view), DOWNLOAD_CHUNK):
+            held.renew()
+            yield bytes(view[start:start + DOWNLOAD_CHUNK])
+
+    response = Response(chunks(), mimetype="application/jsonl",
+                        headers={"Content-Disposition": attachment(file.filename), "Content-Length": str(len(content))})
+    response.call_on_close(held.release)
+    return response
 
 
 @bp.delete("/files/<file_id>")
