@@ -423,6 +423,9 @@ class WorkItem:
     lease_until: datetime | None = None
     attempts: int = 0
     created_at: datetime | None = None
+    run_id: str | None = None  # the run that last claimed it (for a retried request: the one that died)
+    run_size: int | None = None  # how many requests that run held
+    idx: int = 0
 
     def runnable(self, now: datetime) -> bool:
         """Waiting to run, or running on a worker that stopped renewing its lease."""
@@ -447,7 +450,8 @@ def load_work(*, session: Session, request_ids: Sequence[str]) -> list[WorkItem]
     return [
         WorkItem(id=r.id, job_id=r.job_id, model=r.model, status=r.status, prompt=r.prompt,
                  messages=r.messages, system=r.system, params=params_of(r.params),
-                 priority=r.priority, lease_until=r.lease_until, attempts=r.attempts, created_at=r.created_at)
+                 priority=r.priority, lease_until=r.lease_until, attempts=r.attempts, created_at=r.created_at,
+                 run_id=r.run_id, run_size=r.run_size, idx=r.idx)
         for r in rows
     ]
 
@@ -457,9 +461,12 @@ def claim(*, session: Session, request_ids: Sequence[str], run_id: str, now: dat
     """Move requests to ``running`` for one run; returns the ids this call claimed.
 
     Claimable: ``queued`` requests, and ``running`` ones whose lease has lapsed (their worker
-    stopped renewing it: it died). A lapsed request already tried ``max_attempts`` times is failed
-    instead (``attempts_exhausted``): a request that keeps killing its workers stops there. A
-    request another live run holds, or one that has finished, is not claimed.
+    stopped renewing it: it died). A lapsed request that died alone (a run of one) after
+    ``max_attempts`` tries is failed instead (``attempts_exhausted``): a request that keeps killing
+    its workers stops there. One that died in a larger run is retaken whatever its attempts: the
+    worker splits such a batch in halves until the request that kills it runs alone, so its
+    batch mates do not pay for it. A request another live run holds, or one that has finished,
+    is not claimed.
     """
     if not request_ids:
         return []
@@ -467,7 +474,8 @@ def claim(*, session: Session, request_ids: Sequence[str], run_id: str, now: dat
     ids = list(request_ids)
     lease = now + timedelta(seconds=lease_s)
     conn = session.connection()  # Core statements, built once (see below): this runs per batch
-    fresh = conn.execute(_CLAIM_FRESH, {"ids": ids, "now": now, "run": run_id, "lease": lease}).all()
+    fresh = conn.execute(_CLAIM_FRESH, {"ids": ids, "now": now, "run": run_id, "lease": lease,
+                                        "size": len(ids)}).all()
     exhausted: list[Any] = []
     retaken: list[Any] = []
     rest = list(set(ids) - {row.id for row in fresh})
@@ -476,7 +484,7 @@ def claim(*, session: Session, request_ids: Sequence[str], run_id: str, now: dat
             "ids": rest, "now": now, "max": max_attempts,
             "msg": f"its worker stopped while running it {max_attempts} times"}).all()
         retaken = conn.execute(_CLAIM_LAPSED, {"ids": rest, "now": now, "max": max_attempts, "run": run_id,
-                                               "lease": lease}).all()
+                                               "lease": lease, "size": len(ids)}).all()
 
     per_job: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for row in fresh:
@@ -501,19 +509,23 @@ _CLAIM_FRESH = (
     .where(_REQUESTS.id.in_(bindparam("ids", expanding=True)), _REQUESTS.status == "queued",
            _REQUESTS.job_id.in_(select(_JOBS.id).where(or_(_JOBS.expires_at.is_(None), _JOBS.expires_at > _NOW))))
     .values(status="running", attempts=_REQUESTS.attempts + 1, started_at=_NOW, run_id=bindparam("run"),
-            lease_until=bindparam("lease", type_=UTCDateTime()))
+            run_size=bindparam("size"), lease_until=bindparam("lease", type_=UTCDateTime()))
     .returning(_REQUESTS.id, _REQUESTS.job_id)
 )
+_DIED_ALONE = or_(_REQUESTS.run_size.is_(None), _REQUESTS.run_size <= 1)
 _CLAIM_EXHAUSTED = (
     update(JobRequest.__table__)
-    .where(_REQUESTS.id.in_(bindparam("ids", expanding=True)), _LAPSED, _REQUESTS.attempts >= bindparam("max"))
+    .where(_REQUESTS.id.in_(bindparam("ids", expanding=True)), _LAPSED, _REQUESTS.attempts >= bindparam("max"),
+           _DIED_ALONE)
     .values(status="failed", error_code="attempts_exhausted", completed_at=_NOW, error_message=bindparam("msg"))
     .returning(_REQUESTS.id, _REQUESTS.job_id)
 )
 _CLAIM_LAPSED = (
     update(JobRequest.__table__)
-    .where(_REQUESTS.id.in_(bindparam("ids", expanding=True)), _LAPSED, _REQUESTS.attempts < bindparam("max"))
-    .values(attempts=_REQUESTS.attempts + 1, run_id=bindparam("run"), lease_until=bindparam("lease", type_=UTCDateTime()))
+    .where(_REQUESTS.id.in_(bindparam("ids", expanding=True)), _LAPSED,
+           or_(_REQUESTS.attempts < bindparam("max"), ~_DIED_ALONE))
+    .values(attempts=_REQUESTS.attempts + 1, run_id=bindparam("run"), run_size=bindparam("size"),
+            lease_until=bindparam("lease", type_=UTCDateTime()))
     .returning(_REQUESTS.id)
 )
 _FINALIZE = (
@@ -639,7 +651,7 @@ def record(*, session: Session, outcomes: Iterable[Outcome], run_id: str, now: d
 _LOAD_WORK = (
     select(_REQUESTS.id, _REQUESTS.job_id, _JOBS.model, _REQUESTS.status, _REQUESTS.prompt, _REQUESTS.messages,
            _JOBS.system, _REQUESTS.params, _JOBS.priority, _REQUESTS.lease_until, _REQUESTS.attempts,
-           _REQUESTS.created_at)
+           _REQUESTS.created_at, _REQUESTS.run_id, _REQUESTS.run_size, _REQUESTS.idx)
     .join(Job.__table__, _JOBS.id == _REQUESTS.job_id)
     .where(_REQUESTS.id.in_(bindparam("ids", expanding=True)))
 )
