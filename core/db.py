@@ -29,16 +29,13 @@ POOL_TIMEOUT_S = 5.0
 STATEMENT_TIMEOUT_S = 60.0
 
 
-def postgres_connect_args(*, statement_timeout_s: float | None = STATEMENT_TIMEOUT_S) -> dict[str, object]:
+def postgres_connect_args() -> dict[str, object]:
     """libpq connection parameters that bound how long a dead network can hold a caller."""
-    args: dict[str, object] = {
+    return {
         "connect_timeout": CONNECT_TIMEOUT_S,
         "keepalives": 1, "keepalives_idle": NETWORK_TIMEOUT_S, "keepalives_interval": 1, "keepalives_count": 3,
         "tcp_user_timeout": NETWORK_TIMEOUT_S * 1000,
     }
-    if statement_timeout_s:
-        args["options"] = f"-c statement_timeout={int(statement_timeout_s * 1000)}"
-    return args
 
 
 def normalize_url(url: str) -> str:
@@ -82,9 +79,18 @@ def make_engine(url: str, *, pool_size: int = 5, statement_timeout_s: float | No
             conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
         return engine
-    return create_engine(url, pool_size=pool_size, max_overflow=pool_size * 2, pool_pre_ping=True,
-                         pool_timeout=POOL_TIMEOUT_S,
-                         connect_args=postgres_connect_args(statement_timeout_s=statement_timeout_s))
+    engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size * 2, pool_pre_ping=True,
+                           pool_timeout=POOL_TIMEOUT_S, connect_args=postgres_connect_args())
+    if statement_timeout_s:
+        # Set per connection rather than as a startup ``options`` parameter: that would replace
+        # options given in the URL, and connection poolers (PgBouncer) refuse it.
+        @event.listens_for(engine, "connect")
+        def _statement_timeout(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+            with dbapi_conn.cursor() as cur:
+                cur.execute("SELECT set_config('statement_timeout', %s, false)", (str(int(statement_timeout_s * 1000)),))
+            dbapi_conn.commit()
+
+    return engine
 
 
 class Database:

@@ -39,10 +39,11 @@ def new_ids(prefix: str, count: int) -> list[str]:
     return [head + tails[i : i + 16] for i in range(0, 16 * count, 16)]
 
 
-def floor_id(prefix: str) -> str:
-    """An id-shaped string that sorts at or below every id of ``prefix`` made from now on (and
-    above those made in earlier milliseconds): ``id >= floor_id(...)`` selects what is newer."""
-    return f"{prefix}_{_encode(time.time_ns() // 1_000_000, 10)}"
+def floor_id(prefix: str, *, margin_s: float = 0.0) -> str:
+    """An id-shaped string that sorts at or below every id of ``prefix`` made from ``margin_s``
+    seconds ago on (and above those made earlier): ``id >= floor_id(...)`` selects what is newer,
+    also on another machine whose clock is up to ``margin_s`` behind this one's."""
+    return f"{prefix}_{_encode(time.time_ns() // 1_000_000 - int(margin_s * 1000), 10)}"
 
 
 def looks_like(value: str, prefix: str) -> bool:

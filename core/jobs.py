@@ -497,7 +497,10 @@ def claim(*, session: Session, request_ids: Sequence[str], run_id: str, now: dat
             for job_id, (started, failed) in sorted(per_job.items())])
     if exhausted:
         _finalize(session, sorted({row.job_id for row in exhausted}), now)
-    return [row.id for row in fresh] + [row.id for row in retaken]
+    claimed = [row.id for row in fresh] + [row.id for row in retaken]
+    if 0 < len(claimed) < len(ids):  # the run is smaller than asked: a lone survivor ran alone
+        conn.execute(update(JobRequest.__table__).where(_REQUESTS.run_id == run_id).values(run_size=len(claimed)))
+    return claimed
 
 
 _JOBS = Job.__table__.c
@@ -551,8 +554,14 @@ def renew_leases(*, session: Session, run_ids: Sequence[str], lease_s: float, no
     if not run_ids:
         return 0
     now = now or utcnow()
+    # Rows are locked in id order, as ``record`` locks them: the heartbeat and the recorder
+    # touching the same run never deadlock on PostgreSQL.
+    locked = (select(JobRequest.id).where(JobRequest.run_id.in_(list(run_ids)), JobRequest.status == "running")
+              .order_by(JobRequest.id))
+    if session.get_bind().dialect.name == "postgresql":
+        locked = locked.with_for_update()
     return session.execute(
-        update(JobRequest).where(JobRequest.run_id.in_(list(run_ids)), JobRequest.status == "running")
+        update(JobRequest).where(JobRequest.id.in_(locked))
         .values(lease_until=now + timedelta(seconds=lease_s))
     ).rowcount
 

@@ -6,6 +6,8 @@ revoked key stops working within ``CACHE_SECONDS``.
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import threading
 import time
 
@@ -23,11 +25,18 @@ CACHE_SECONDS = 10.0
 
 
 class KeyCache:
-    """Recently validated tokens -> principal."""
+    """Recently validated tokens -> principal; and which tokens were ever valid here, so that the
+    limit on failed keys never holds back a key that works (clients behind one proxy or NAT share
+    an address with whoever floods it with made-up keys)."""
 
     def __init__(self) -> None:
         self._entries: dict[str, tuple[Principal, float]] = {}
+        self._known: set[str] = set()
         self._lock = threading.Lock()
+
+    def known(self, token: str) -> bool:
+        with self._lock:
+            return _digest(token) in self._known
 
     def get(self, token: str) -> Principal | None:
         with self._lock:
@@ -41,7 +50,29 @@ class KeyCache:
         with self._lock:
             if len(self._entries) > 10_000:
                 self._entries.clear()
+            if len(self._known) > 100_000:
+                self._known.clear()
             self._entries[token] = (principal, time.monotonic() + CACHE_SECONDS)
+            self._known.add(_digest(token))
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def client_address() -> str:
+    """Whom to count failed keys against: the peer's address, an IPv6 one by its /64 (one
+    client holds a whole /64)."""
+    address = request.remote_addr or "unknown"
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 def init_app(app: Flask) -> None:
@@ -61,8 +92,9 @@ def init_app(app: Flask) -> None:
         principal = cache.get(token)
         if principal is None:
             limits = services().limits
-            client = request.remote_addr or "unknown"
-            limits.check_auth_failures(client)  # before the database is asked
+            client = client_address()
+            if not cache.known(token):  # before the database is asked; never for a key that worked
+                limits.check_auth_failures(client)
             with services().db.read() as session:
                 principal = authenticate(session=session, token=token)
             if principal is None:

@@ -218,7 +218,6 @@ def event_stream(poll: Callable[[], tuple[list[tuple[str, str]], bool]], max_s: 
         yield "retry: 2000\n\n"
         opened = quiet_since = checked = time.monotonic()
         while (max_s is None or time.monotonic() - opened < max_s) and not STOPPING.is_set():
-            held.renew()
             try:
                 if time.monotonic() - checked >= CACHE_SECONDS:
                     checked = time.monotonic()
@@ -302,11 +301,17 @@ def download_results(job_id: str) -> Response:
     with svc.db.read() as session:
         job_service.get_job(session=session, job_id=job_id, owner=current_principal().owner_filter)
     held = svc.limits.take_long_call(current_principal())  # a download lasts: it counts among long calls
+    still_valid = key_still_valid()
 
     def lines() -> Iterator[str]:
         after = -1
+        checked = time.monotonic()
         while True:  # a short read per chunk: no transaction is held while the client reads
-            held.renew()
+            if time.monotonic() - checked >= CACHE_SECONDS:
+                checked = time.monotonic()
+                if not still_valid():
+                    log.info("download ended: its key was revoked", extra={"job_id": job_id})
+                    return
             with svc.db.read() as session:
                 rows = job_service.results_after(session=session, job_id=job_id, after_idx=after,
                                                  limit=STREAM_CHUNK, status=status)

@@ -29,18 +29,11 @@ log = logging.getLogger("batchgen.api")
 
 class LongCall:
     """One held place among the process's long calls and among its key's (``release`` may be
-    called more than once). A call renews its key's place while it lasts (``renew``, cheap to
-    call often); a place not renewed for ``KEY_PLACE_TTL_S`` (its process died) lapses."""
+    called more than once)."""
 
     def __init__(self, pool: LongCalls, keys: KeyCalls | None = None, key_id: str = "", member: str = "") -> None:
         self._pool: LongCalls | None = pool
         self._keys, self._key_id, self._member = keys, key_id, member
-        self._renewed = time.monotonic()
-
-    def renew(self) -> None:
-        if self._keys is not None and time.monotonic() - self._renewed > KEY_PLACE_TTL_S / 3:
-            self._renewed = time.monotonic()
-            self._keys.renew(self._key_id, self._member)
 
     def release(self) -> None:
         with LongCalls.lock:
@@ -53,6 +46,7 @@ class LongCall:
 
 
 KEY_PLACE_TTL_S = 30.0
+CLOCK_MARGIN_S = 5.0
 # Take a place for a key: drop lapsed places, refuse past the cap, else hold one until ttl.
 _TAKE = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
@@ -65,12 +59,18 @@ return 1
 
 class KeyCalls:
     """Long calls per API key, across every API process (a sorted set per key in Redis, places
-    scored by when they lapse): one tenant cannot take every stream or synchronous slot. Without
-    Redis the cap is not enforced (as the rate limit), rather than failing the call."""
+    scored by when they lapse): one tenant cannot take every stream or synchronous slot. A thread
+    of the process renews every place it holds every ``KEY_PLACE_TTL_S / 3`` (a call blocked on a
+    slow reader keeps its place); the places of a process that died lapse. Without Redis the
+    cap is not enforced (as the rate limit), rather than failing the call."""
 
     def __init__(self, settings: Settings, client: Callable[[], Any]) -> None:
         self.settings, self._client = settings, client
         self._take: Any = None
+        self._held: dict[str, str] = {}  # member -> key id
+        self._lock = threading.Lock()
+        self._renewer: threading.Thread | None = None
+        self._stop = threading.Event()
 
     def _key(self, key_id: str) -> str:
         return f"{self.settings.redis_prefix}longcalls:{key_id}"
@@ -90,18 +90,35 @@ class KeyCalls:
             raise ApiError(429, "too_many_streams", f"this key already has {cap} event streams, synchronous "
                            "calls and downloads open; wait for one to end", {"retry_after": 2, "limit": cap},
                            headers={"Retry-After": "2"})
+        with self._lock:
+            self._held[member] = key_id
+            if self._renewer is None:
+                self._renewer = threading.Thread(target=self._renew_loop, name="long-call-places", daemon=True)
+                self._renewer.start()
         return member
 
-    def renew(self, key_id: str, member: str) -> None:
-        try:
-            pipe = self._client().pipeline()
-            pipe.zadd(self._key(key_id), {member: time.time() + KEY_PLACE_TTL_S}, xx=True)
-            pipe.expire(self._key(key_id), int(KEY_PLACE_TTL_S) + 1)
-            pipe.execute()
-        except Exception as exc:
-            log.warning("could not renew a long call's place (redis: %s)", exc)
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(KEY_PLACE_TTL_S / 3):
+            with self._lock:
+                held = list(self._held.items())
+            if not held:
+                continue
+            try:
+                pipe = self._client().pipeline(transaction=False)
+                lapse = time.time() + KEY_PLACE_TTL_S
+                for member, key_id in held:
+                    pipe.zadd(self._key(key_id), {member: lapse}, xx=True)
+                    pipe.expire(self._key(key_id), int(KEY_PLACE_TTL_S) + 1)
+                pipe.execute()
+            except Exception as exc:
+                log.warning("could not renew long calls' places (redis: %s)", exc)
+
+    def close(self) -> None:
+        self._stop.set()
 
     def release(self, key_id: str, member: str) -> None:
+        with self._lock:
+            self._held.pop(member, None)
         try:
             self._client().zrem(self._key(key_id), member)
         except Exception as exc:
@@ -158,7 +175,9 @@ class PendingCounts:
             seen = self._values.get(key)
         if seen is not None and now - seen[0] < self.ttl_s:
             return seen[1] + job_service.submitted_since(session=session, since_id=seen[2], **who)
-        since = floor_id("job")  # read before the sum: a job of this millisecond may count twice, never zero times
+        # Taken before the sum, and CLOCK_MARGIN_S early (API processes on other machines may run
+        # behind this clock): a job may count twice until the next reading, never zero times.
+        since = floor_id("job", margin_s=CLOCK_MARGIN_S)
         read = {"model": lambda: job_service.pending_for_model(session=session, model=name),
                 "owner": lambda: job_service.pending_for_owner(session=session, owner=name),
                 "stored": lambda: job_service.stored_for_owner(session=session, owner=name)}[kind]
@@ -264,17 +283,19 @@ class Limits:
             raise ApiError(429, "rate_limited", f"more than {limit} requests this minute for this key",
                            {"retry_after": retry}, headers={"Retry-After": str(retry)})
 
-    def check_capacity(self, *, session: Session, principal: Principal, model: str, new: int) -> None:
+    def check_capacity(self, *, session: Session, principal: Principal, model: str, new: int,
+                       stored: bool = True) -> None:
         """Refuse ``new`` requests when the model's queue or the key's pending work is full.
 
         Call it in the write transaction that stores them: every other submission for the same
         model or owner waits until this transaction ends (SQLite's one write lock; PostgreSQL
         advisory locks taken in a fixed order), so parallel submissions on any number of API
-        processes cannot together overshoot a cap.
+        processes cannot together overshoot a cap. ``stored=False`` (synchronous calls): the
+        stored-requests quota does not refuse it (a one-request job that ends within the call).
         """
         limits = [(("model", model), self.settings.max_pending_per_model),
                   (("owner", principal.owner), self.settings.max_pending_per_key),
-                  (("stored", principal.owner), self.settings.max_stored_requests_per_owner)]
+                  (("stored", principal.owner), self.settings.max_stored_requests_per_owner if stored else 0)]
         limits = [(key, cap) for key, cap in limits if cap]
         if not limits:
             return

@@ -41,6 +41,7 @@ class Services:
         exporter = getattr(self, "exporter", None)
         if exporter is not None:
             exporter.stop()
+        self.limits.key_calls.close()
         self.db.dispose()
 
     def registry(self) -> Registry:

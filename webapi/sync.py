@@ -31,6 +31,7 @@ log = logging.getLogger("batchgen.sync")
 
 SYNC_PRIORITY = 9
 POLL_FALLBACK_S = 1.0
+KEY_CHECK_S = 10.0
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Call:
     model: ModelSpec
     pubsub: Any
     held: LongCall
+    still_valid: Any = None  # the caller's key is still valid (a revoked key's calls end)
     finished: bool = False
     closed: bool = False
 
@@ -74,10 +76,14 @@ class SyncRunner:
 
     def start(self, *, principal: Principal, spec: JobCreate, model: ModelSpec, stream: bool) -> Call:
         """Store and dispatch the request; raises ``ApiError``/domain errors for bad input."""
+        from webapi.auth import key_still_valid
+
         svc = self.svc
         held = svc.limits.take_long_call(principal)  # 429 before anything is stored
         try:
-            return self._start(held, principal=principal, spec=spec, model=model, stream=stream)
+            call = self._start(held, principal=principal, spec=spec, model=model, stream=stream)
+            call.still_valid = key_still_valid()
+            return call
         except BaseException:
             held.release()
             raise
@@ -98,7 +104,8 @@ class SyncRunner:
             raise _unavailable() from None
         try:
             with svc.db.write() as session:
-                svc.limits.check_capacity(session=session, principal=principal, model=model.name, new=1)
+                svc.limits.check_capacity(session=session, principal=principal, model=model.name, new=1,
+                                          stored=False)
                 job, (request_id,) = job_service.create_job(
                     session=session, spec=spec, model=model, limits=limits, owner=principal.owner,
                     counter=svc.token_counter(model), delivery="stream" if stream else "notify",
@@ -140,10 +147,10 @@ class SyncRunner:
         """
         deadline = time.monotonic() + self.svc.settings.sync_timeout_s
         next_poll = time.monotonic() + POLL_FALLBACK_S
+        next_check = time.monotonic() + KEY_CHECK_S
         run: str | None = None
         try:
             while True:
-                call.held.renew()
                 message = call.pubsub.get_message(timeout=0.25)
                 if message is not None and message.get("type") == "message":
                     event = json.loads(message["data"])
@@ -165,6 +172,10 @@ class SyncRunner:
                         call.finished = True
                         yield "done", row
                         return
+                if call.still_valid is not None and time.monotonic() >= next_check:
+                    next_check = time.monotonic() + KEY_CHECK_S
+                    if not call.still_valid():
+                        raise ApiError(401, "unauthorized", "the API key was revoked")
                 if time.monotonic() > deadline:
                     raise ApiError(504, "timeout", f"no result within {self.svc.settings.sync_timeout_s} s; "
                                    "the request was cancelled if it had not started")

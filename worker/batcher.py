@@ -219,6 +219,11 @@ def select_batch(pending: Sequence[Pending], *, now: float, device_idle: bool, p
 
 
 SPLIT = 4  # a dead run is retried a quarter at a time
+# How long a finished batch waits for the database before its requests are handed back (an
+# outage passes within it; an error that does not pass, such as a full disk, must not hold the
+# worker's results and leases for ever), and how long once the worker is shutting down.
+RECORD_PATIENCE_S = 600.0
+DRAIN_GRACE_S = 10.0
 GATHER_S = 1.0  # how long part of a dead run waits for the rest of it to arrive
 
 
@@ -242,7 +247,8 @@ def isolate(retried: Sequence[Pending], *, now: float) -> tuple[list[Pending] | 
         waited = now - min(p.arrived for p in group)
         if waited < GATHER_S:
             return None, GATHER_S - waited
-    return group[: (len(group) + SPLIT - 1) // SPLIT], 0.0
+    quarter = ((item.run_size or len(group)) + SPLIT - 1) // SPLIT  # of the dead run, not of what is left
+    return group[:quarter], 0.0
 
 
 class Batcher:
@@ -268,6 +274,7 @@ class Batcher:
         self._pending: dict[str, Pending] = {}
         self._waiters: dict[str, list[_Submission]] = defaultdict(list)
         self._busy_slots = 0
+        self._calls = 0  # generate calls made: tags what each one streams
         self._exclusive = False  # a retried request runs with nothing beside it
         self._unrecorded = 0  # runs whose outcomes wait for the recorder
         self._intake_busy = False
@@ -275,6 +282,7 @@ class Batcher:
         self._stopping = False
         self._slots = ThreadPoolExecutor(max_workers=policy.slots, thread_name_prefix="slot")
         self._draining = False  # shutting down: finish what runs, hand back what waits
+        self._draining_since: float | None = None
         self._halt = threading.Event()  # wakes the heartbeat at stop
         self._threads = [
             threading.Thread(target=self._intake_loop, name="intake", daemon=True),
@@ -310,6 +318,7 @@ class Batcher:
         handed back (their tasks raise ``Requeue``, so Celery puts their messages back)."""
         with self._cond:
             self._draining = True
+            self._draining_since = self.clock()
             waiting = list(self._pending)
             self._pending.clear()
             self._cond.notify_all()
@@ -555,7 +564,11 @@ class Batcher:
         started = self.clock()
         try:
             announcer = self.announcer
-            on_delta = None if announcer is None else lambda rid, text: announcer.delta(rid, text, run_id)
+            # Each generate call streams under a tag of its own: a failed batch whose requests are
+            # then run one by one (same run) must not splice the two attempts' texts either.
+            self._calls += 1
+            tag = f"{run_id}.{self._calls}"
+            on_delta = None if announcer is None else lambda rid, text: announcer.delta(rid, text, tag)
             outcomes = self.runner.generate([p.enc for p in todo], on_delta=on_delta)
         except Exception as exc:
             if len(todo) == 1:
@@ -649,10 +662,10 @@ class Batcher:
             recorded = self._write(lambda s: job_service.record(session=s, outcomes=outcomes, run_id=run_id),
                                    attempts=None)
             self._observe_results(recorded)
-        except OperationalError:  # only when stopping: handed back, they run again elsewhere
-            log.warning("stopping with batch %s unstored (database away); its requests go back to the queue",
-                        run_id)
-            self._fail_futures(ids, Requeue("the database is unavailable and the worker is stopping"))
+        except OperationalError:  # stopping, or the database failed too long: they run again elsewhere
+            log.error("batch %s could not be stored (database unavailable for too long, or the worker is "
+                      "stopping); its requests go back to the queue", run_id)
+            self._fail_futures(ids, Requeue("the result could not be stored"))
             return
         except Exception:
             # One result the database refuses must not take its batch down: store them one by
@@ -688,16 +701,25 @@ class Batcher:
 
     def _write(self, work: Callable[[Any], Any], attempts: int | None = 8) -> Any:
         """Run ``work(session)`` in a write transaction, retrying while the database is away:
-        ``attempts`` times, or (``None``) until it answers or this batcher is stopped."""
+        ``attempts`` times, or (``None``) for up to ``RECORD_PATIENCE_S`` (an outage; past that
+        the error is not one that passes, such as a full disk), and not past ``DRAIN_GRACE_S``
+        once the worker is shutting down (a warm shutdown must not wait for the database)."""
         delay = 0.25
         attempt = 0
+        started = self.clock()
         while True:
             attempt += 1
             try:
                 with self.db.write() as session:
                     return work(session)
             except OperationalError as exc:
-                if (attempts is not None and attempt >= attempts) or (attempts is None and self._halt.is_set()):
+                if attempts is None:
+                    now = self.clock()
+                    give_up = (self._halt.is_set() or now - started > RECORD_PATIENCE_S
+                               or (self._draining_since is not None and now - self._draining_since > DRAIN_GRACE_S))
+                else:
+                    give_up = attempt >= attempts
+                if give_up:
                     raise
                 log.warning("database unavailable (%s); retrying in %.2fs", exc.orig, delay)
                 if attempts is None:

@@ -118,7 +118,6 @@ def file_content(file_id: str) -> Response:
     def chunks() -> Iterator[bytes]:
         view = memoryview(content)
         for start in range(0, len(view), DOWNLOAD_CHUNK):
-            held.renew()
             yield bytes(view[start:start + DOWNLOAD_CHUNK])
 
     response = Response(chunks(), mimetype="application/jsonl",
