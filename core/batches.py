@@ -1,17 +1,17 @@
 """Batches: an input file validated into a job, and the output files rendered when it ends.
 
 A batch is a job underneath: it shares the workers, the batching, the database and the owner
-checks. Its status follows the job's; when the job has ended, ``finalize`` (called by whoever
-reads the batch first) renders the output and error files once, under a row lock.
+checks. Its status follows the job's; once the job has ended, a finalizer of the API
+(``webapi.finalizer``) takes it (``begin_finalize``), writes its output and error files a part at
+a time and ends it (``end_finalize``). Reading a batch never writes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from core import files as file_service
@@ -21,14 +21,11 @@ from core.ids import new_id
 from core.jobs import Limits
 from core.registry import ModelSpec
 from core.schemas import JobCreate, window_seconds
-from core.tables import Batch, Job, JobRequest, utcnow
+from core.tables import Batch, File, Job, utcnow
 
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
 # How a job's end maps to the batch's end.
 _ENDING = {"completed": "completed", "failed": "completed", "cancelled": "cancelled", "expired": "expired"}
-
-Renderer = Callable[[Batch, Iterator[JobRequest]], tuple[bytes, bytes]]
-
 
 def create_failed_batch(*, session: Session, owner: str, input_file_id: str, endpoint: str,
                         completion_window: str, metadata: dict[str, str] | None,
@@ -93,45 +90,78 @@ def cancel_batch(*, session: Session, batch_id: str, owner: str | None) -> Batch
     return batch
 
 
-def requests_of(session: Session, job_id: str, chunk: int = 1000) -> Iterator[JobRequest]:
-    """A job's requests in order, read a chunk at a time."""
-    after = -1
-    while True:
-        rows = job_service.results_after(session=session, job_id=job_id, after_idx=after, limit=chunk)
-        if not rows:
-            return
-        yield from rows
-        after = rows[-1].idx
+# --- finalizing: the output and error files, rendered once the job has ended -----------------
+
+# A finalizer that has not touched its batch for this long is taken to have died: another one
+# starts over (deleting what the first had written).
+FINALIZE_STALE_S = 300.0
 
 
-def finalize(*, session: Session, batch_id: str, render: Renderer, now: datetime | None = None) -> Batch:
-    """If the batch's job has ended, write its output and error files and end the batch.
-
-    Takes the batch's row lock, so of several readers arriving together one renders the files and
-    the others find the batch ended. ``render(batch, requests)`` returns (output, errors) JSONL.
-    """
+def due(*, session: Session, now: datetime | None = None, limit: int = 20) -> list[str]:
+    """Batches to finalize: in progress or cancelling with their job ended (or deleted), and
+    those whose finalizer died."""
     now = now or utcnow()
-    batch = get_batch(session=session, batch_id=batch_id, owner=None, lock=True)
-    if batch.status not in ("in_progress", "cancelling", "finalizing"):
-        return batch
+    ended = select(Job.id).where(Job.id == Batch.job_id, Job.status.in_(tuple(_ENDING)))
+    stale = now - timedelta(seconds=FINALIZE_STALE_S)
+    query = (select(Batch.id)
+             .where(or_(Batch.status.in_(("in_progress", "cancelling")) & (ended.exists() | Batch.job_id.is_(None)),
+                        (Batch.status == "finalizing") & (Batch.finalizing_at < stale)))
+             .order_by(Batch.id).limit(limit))
+    return list(session.scalars(query))
+
+
+def begin_finalize(*, session: Session, batch_id: str, now: datetime | None = None) -> Batch | None:
+    """Take the batch for finalizing (status ``finalizing``), or None if it is not due or another
+    finalizer has it. A batch whose job was deleted fails here; files a dead finalizer left
+    half-written are deleted."""
+    now = now or utcnow()
+    stale = now - timedelta(seconds=FINALIZE_STALE_S)
+    taken = session.execute(
+        update(Batch).where(Batch.id == batch_id,
+                            or_(Batch.status.in_(("in_progress", "cancelling")),
+                                (Batch.status == "finalizing") & (Batch.finalizing_at < stale)))
+        .values(status="finalizing", finalizing_at=now)).rowcount
+    if not taken:
+        return None
+    batch = get_batch(session=session, batch_id=batch_id, owner=None)
     job = session.get(Job, batch.job_id) if batch.job_id else None
     if job is None:
         batch.status, batch.failed_at = "failed", now
         batch.errors = [{"code": "job_deleted", "line": None, "param": None,
                          "message": "the job that ran this batch was deleted before its results were collected"}]
-        return batch
-    if job.status not in _ENDING:
-        return batch
-    batch.finalizing_at = batch.finalizing_at or now
-    output, errors = render(batch, requests_of(session, job.id))
-    if output:
-        batch.output_file_id = file_service.create_file(session=session, owner=batch.owner, purpose="batch_output",
-                                                        filename=f"{batch.id}_output.jsonl", content=output).id
-    if errors:
-        batch.error_file_id = file_service.create_file(session=session, owner=batch.owner, purpose="batch_output",
-                                                       filename=f"{batch.id}_error.jsonl", content=errors).id
-    batch.status = _ENDING[job.status]
-    stamp = {"completed": "completed_at", "cancelled": "cancelled_at", "expired": "expired_at"}[batch.status]
+        session.flush()
+        return None
+    if job.status not in _ENDING:  # cannot happen through ``due``; put it back
+        batch.status = "cancelling" if batch.cancelling_at else "in_progress"
+        return None
+    for name in output_names(batch_id):  # what a dead finalizer wrote: start over
+        for file_id in session.scalars(select(File.id).where(File.owner == batch.owner, File.purpose == "batch_output",
+                                                            File.filename == name)):
+            file_service.delete_file(session=session, file_id=file_id, owner=None)
+    return batch
+
+
+def output_names(batch_id: str) -> tuple[str, str]:
+    """The names of a batch's output and error files."""
+    return f"{batch_id}_output.jsonl", f"{batch_id}_error.jsonl"
+
+
+def touch(*, session: Session, batch_id: str, now: datetime | None = None) -> None:
+    """The finalizer is alive and working on the batch."""
+    session.execute(update(Batch).where(Batch.id == batch_id, Batch.status == "finalizing")
+                    .values(finalizing_at=now or utcnow()))
+
+
+def end_finalize(*, session: Session, batch_id: str, output_file_id: str | None, error_file_id: str | None,
+                 now: datetime | None = None) -> Batch:
+    """The files are written: the batch ends as its job did."""
+    now = now or utcnow()
+    batch = get_batch(session=session, batch_id=batch_id, owner=None, lock=True)
+    job = session.get(Job, batch.job_id) if batch.job_id else None
+    batch.output_file_id, batch.error_file_id = output_file_id, error_file_id
+    batch.status = _ENDING[job.status] if job is not None else "failed"
+    stamp = {"completed": "completed_at", "cancelled": "cancelled_at", "expired": "expired_at",
+             "failed": "failed_at"}[batch.status]
     setattr(batch, stamp, now)
     session.flush()
     return batch

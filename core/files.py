@@ -1,29 +1,66 @@
 """Files: batch inputs uploaded by clients, and the output and error files batches produce.
 
-Content lives in the database (``file_blobs``), so every API process on every machine serves the
-same files; a file row carries no content, so listing files reads none.
+Content lives in the database, so every API process on every machine serves the same files, in
+numbered parts of up to ``PART_BYTES`` (``file_parts``): an upload is copied in a part at a
+time, a batch's output is written a part at a time as it is rendered, and a download or a batch
+input is read a part at a time, each in a short transaction; no file is ever whole in memory. A
+file row carries no content, so listing files reads none.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import delete, func, select
+from collections.abc import Iterable, Iterator
+from typing import BinaryIO
+
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
+from core.db import Database
 from core.errors import NotFoundError
 from core.ids import new_id
-from core.tables import File, FileBlob, utcnow
+from core.tables import File, FilePart, utcnow
 
 PURPOSES_ACCEPTED = ("batch",)  # what clients may upload
+PART_BYTES = 4 * 1024 * 1024
 
 
-def create_file(*, session: Session, owner: str, purpose: str, filename: str, content: bytes) -> File:
-    """Store a file and its content."""
+def create_file(*, session: Session, owner: str, purpose: str, filename: str,
+                content: bytes | BinaryIO) -> File:
+    """Store a file, its content copied from bytes or read from a stream a part at a time."""
+    file = new_file(session=session, owner=owner, purpose=purpose, filename=filename)
+    read = content.read if hasattr(content, "read") else iter([bytes(content)]).__next__
+    size = seq = 0
+    while True:
+        try:
+            data = read(PART_BYTES) if hasattr(content, "read") else read()
+        except StopIteration:
+            break
+        if not data:
+            break
+        for start in range(0, len(data), PART_BYTES):
+            piece = data[start:start + PART_BYTES]
+            session.add(FilePart(file_id=file.id, seq=seq, content=piece))
+            session.flush()  # one part in memory at a time
+            seq += 1
+            size += len(piece)
+    file.bytes = size
+    session.flush()
+    return file
+
+
+def new_file(*, session: Session, owner: str, purpose: str, filename: str) -> File:
+    """A file row with no content yet (parts are added by ``add_part``)."""
     file = File(id=new_id("file"), owner=owner, purpose=purpose, filename=filename[:255] or "upload",
-                bytes=len(content), created_at=utcnow())
+                bytes=0, created_at=utcnow())
     session.add(file)
     session.flush()
-    session.add(FileBlob(file_id=file.id, content=content))
     return file
+
+
+def add_part(*, session: Session, file_id: str, seq: int, content: bytes) -> None:
+    """Append part ``seq`` of a file being written, and count its bytes."""
+    session.add(FilePart(file_id=file_id, seq=seq, content=content))
+    session.execute(update(File).where(File.id == file_id).values(bytes=File.bytes + len(content)))
 
 
 def uploaded(*, session: Session, owner: str) -> tuple[int, int]:
@@ -41,11 +78,47 @@ def get_file(*, session: Session, file_id: str, owner: str | None) -> File:
     return file
 
 
+def parts(db: Database, file_id: str) -> Iterator[bytes]:
+    """A file's content a part at a time, each read in a transaction of its own."""
+    seq = 0
+    while True:
+        with db.read() as session:
+            content = session.scalar(select(FilePart.content).where(FilePart.file_id == file_id,
+                                                                    FilePart.seq == seq))
+        if content is None:
+            return
+        yield bytes(content)
+        seq += 1
+
+
+def lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """The lines (without their ends: LF, CR or CRLF) of content given in pieces, a line or a
+    CRLF split between pieces included, holding no more than a piece and the line in progress."""
+    rest = b""
+    skip_lf = False  # the last piece ended with CR: an LF starting the next one ends no new line
+    for chunk in chunks:
+        if skip_lf and chunk.startswith(b"\n"):
+            chunk = chunk[1:]
+        skip_lf = False
+        if not chunk:
+            continue
+        pieces = (rest + chunk).splitlines(keepends=True)
+        rest = b""
+        if pieces[-1].endswith(b"\r"):
+            skip_lf = True
+        elif not pieces[-1].endswith(b"\n"):
+            rest = pieces.pop()
+        for piece in pieces:
+            yield piece.removesuffix(b"\n").removesuffix(b"\r")
+    if rest:
+        yield rest
+
+
 def file_content(*, session: Session, file_id: str, owner: str | None) -> bytes:
-    """A file's bytes."""
+    """A file's whole content (small files, tests)."""
     get_file(session=session, file_id=file_id, owner=owner)
-    blob = session.get(FileBlob, file_id)
-    return blob.content if blob is not None else b""
+    return b"".join(session.scalars(select(FilePart.content).where(FilePart.file_id == file_id)
+                                    .order_by(FilePart.seq)))
 
 
 def list_files(*, session: Session, owner: str | None, after: str | None = None, limit: int = 100,
@@ -66,5 +139,5 @@ def list_files(*, session: Session, owner: str | None, after: str | None = None,
 def delete_file(*, session: Session, file_id: str, owner: str | None) -> None:
     """Remove a file and its content (a batch made from it keeps running)."""
     get_file(session=session, file_id=file_id, owner=owner)
-    session.execute(delete(FileBlob).where(FileBlob.file_id == file_id))
+    session.execute(delete(FilePart).where(FilePart.file_id == file_id))
     session.execute(delete(File).where(File.id == file_id))

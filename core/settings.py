@@ -46,6 +46,9 @@ class Settings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    # Bodies over 1 MiB (JSON, batch input files) parsed at once per API process; more wait their
+    # turn (503 ``busy`` after 30 s): parsing costs several times a body's size in memory.
+    large_bodies_at_once: int = Field(default=2, ge=1)
     max_requests_per_job: int = Field(default=50_000, ge=1)
     max_prompt_chars: int = Field(default=200_000, ge=1)
     # Jobs with more requests than this are dispatched by a background thread, not in the request.
@@ -69,6 +72,8 @@ class Settings(BaseModel):
     # An event stream ends after this long (clients reconnect, as the web page and CLI do): a
     # stream cannot hold its place, nor a revoked key's access, forever.
     stream_max_s: float = Field(default=600.0, gt=0)
+    # How often each API process looks for batches whose job has ended, to write their files.
+    finalize_interval_s: float = Field(default=1.0, gt=0)
     # Threads per API process (``batchgen api``/``up`` give gunicorn this many). Event streams and
     # synchronous calls each hold one until they end; past max_long_calls of them in one process
     # (0: api_threads - 4, at least 1) more get 429, so short calls always find a thread.

@@ -159,12 +159,14 @@ class File(Base):
     __table_args__ = (Index("ix_files_owner_id", "owner", "id"),)
 
 
-class FileBlob(Base):
-    """A file's content, apart from its row so that listing files reads no content."""
+class FilePart(Base):
+    """Part ``seq`` of a file's content (up to 4 MiB), apart from its row so that listing files
+    reads no content."""
 
-    __tablename__ = "file_blobs"
+    __tablename__ = "file_parts"
 
     file_id: Mapped[str] = mapped_column(String(40), ForeignKey("files.id", ondelete="CASCADE"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
     content: Mapped[bytes] = mapped_column(LargeBinary)
 
 
@@ -195,4 +197,5 @@ class Batch(Base):
     cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
-    __table_args__ = (Index("ix_batches_owner_id", "owner", "id"), Index("ix_batches_job_id", "job_id"))
+    __table_args__ = (Index("ix_batches_owner_id", "owner", "id"), Index("ix_batches_job_id", "job_id"),
+                      Index("ix_batches_status", "status"))

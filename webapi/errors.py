@@ -61,6 +61,13 @@ def read_body() -> bytes:
     A body with a Content-Length over the limit is refused before it is read. A chunked body has
     none: werkzeug stops reading it at the limit, and one that reaches it is refused as well.
     """
+    size = request.content_length
+    if size and "body_slot" not in g:  # a large body waits its turn, and holds it until the answer is sent
+        from webapi.services import services
+
+        slot = services().limits.body_slot(size)
+        slot.__enter__()
+        g.body_slot = slot
     raw = request.get_data(cache=False)
     limit = current_app.config.get("MAX_CONTENT_LENGTH")
     if limit and request.content_length is None and len(raw) >= limit:
@@ -158,6 +165,12 @@ def init_app(app: Flask) -> None:
         # Ids and cursors from the URL go into queries: NUL cannot (PostgreSQL refuses it).
         if "\x00" in request.path or any("\x00" in v for v in request.args.values()):
             raise ApiError(400, "invalid_request", "the URL must not contain NUL characters")
+
+    @app.teardown_request
+    def _release_body_slot(_exc: BaseException | None) -> None:
+        slot = g.pop("body_slot", None)
+        if slot is not None:
+            slot.__exit__(None, None, None)
 
     @app.after_request
     def _echo_request_id(response: Response) -> Response:

@@ -11,7 +11,8 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import text
@@ -197,6 +198,33 @@ def serialize(session: Session, keys: list[tuple[str, str]]) -> None:
                         {"k": f"batchgen:capacity:{kind}:{name}"})
 
 
+LARGE_BODY = 1024 * 1024
+BODY_WAIT_S = 30.0
+
+
+class BodySlots:
+    """At most ``n`` large bodies (over ``LARGE_BODY``) parsed at once in this process: a JSON
+    body, or a batch input file, costs several times its size in memory while it is parsed and
+    validated, so 32 clients sending 60 MiB at once must queue rather than take the memory. A
+    body that waits ``BODY_WAIT_S`` for its turn gets 503 ``busy``."""
+
+    def __init__(self, n: int) -> None:
+        self._free = threading.BoundedSemaphore(max(1, n))
+
+    @contextmanager
+    def slot(self, size: int | None) -> Iterator[None]:
+        if not size or size < LARGE_BODY:
+            yield
+            return
+        if not self._free.acquire(timeout=BODY_WAIT_S):
+            raise ApiError(503, "busy", "this API process is parsing other large bodies; retry shortly",
+                           {"retry_after": 5}, headers={"Retry-After": "5"})
+        try:
+            yield
+        finally:
+            self._free.release()
+
+
 class Limits:
     """The checks views make before accepting work."""
 
@@ -207,6 +235,11 @@ class Limits:
         self._redis: Any = None
         self._lock = threading.Lock()
         self.key_calls = KeyCalls(settings, self._client)
+        self.bodies = BodySlots(settings.large_bodies_at_once)
+
+    def body_slot(self, size: int | None) -> Any:
+        """A turn to parse a body of ``size`` bytes (see ``BodySlots``), as a context manager."""
+        return self.bodies.slot(size)
 
     def take_long_call(self, principal: Principal) -> LongCall:
         """A place for a call that lasts (an event stream, a synchronous call, a download): one in

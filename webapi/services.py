@@ -26,6 +26,9 @@ class Services:
         from webapi.sync import SyncRunner
 
         self.sync = SyncRunner(self)
+        from webapi.finalizer import Finalizer
+
+        self.finalizer = Finalizer(self.db, interval_s=settings.finalize_interval_s)
         self._registry_file: Path = registry_path(settings)
         self._registry_stamp: float | None = None
         self._registry: Registry | None = None
@@ -34,6 +37,7 @@ class Services:
 
     def init_app(self, app: Flask) -> None:
         app.extensions["batchgen"] = self
+        self.finalizer.start()
 
     def close(self) -> None:
         """Stop background work and close connections (tests, shutdown)."""
@@ -42,6 +46,7 @@ class Services:
         if exporter is not None:
             exporter.stop()
         self.limits.key_calls.close()
+        self.finalizer.stop()
         self.db.dispose()
 
     def registry(self) -> Registry:

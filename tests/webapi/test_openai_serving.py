@@ -6,9 +6,15 @@ from datetime import UTC, datetime
 from openai.types import Completion
 
 from core.tables import Batch, JobRequest
-from webapi.openai.serving import render_batch_files
+from webapi.openai.serving import batch_line
 
 NOW = datetime(2026, 11, 26, tzinfo=UTC)
+
+
+def render_batch_files(batch, rows):
+    """Both files as the finalizer writes them, line by line."""
+    lines = [batch_line(r, batch.endpoint, batch.model) for r in rows]
+    return b"".join(line for ok, line in lines if ok), b"".join(line for ok, line in lines if not ok)
 
 
 def row(i, status, **kw):

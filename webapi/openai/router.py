@@ -28,7 +28,6 @@ from webapi.sync import stream_restarted
 
 log = logging.getLogger("batchgen.api")
 bp = Blueprint("openai", __name__, url_prefix="/v1")
-DOWNLOAD_CHUNK = 1 << 20
 
 
 def _page(items: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
@@ -78,13 +77,15 @@ def upload_file() -> dict[str, Any]:
     if upload is None:
         raise ApiError(400, "invalid_request", "send the file as multipart form field 'file'",
                        [{"loc": "file", "message": "missing", "type": "missing"}])
-    content = upload.read()
     # Keep the name printable: control characters (NUL among them) are dropped.
     filename = "".join(c for c in (upload.filename or "") if c.isprintable())[:255] or "upload.jsonl"
+    upload.stream.seek(0, 2)  # werkzeug spooled it (to disk when large): its size, without reading it
+    size = upload.stream.tell()
+    upload.stream.seek(0)
     with svc.db.write() as session:
-        svc.limits.check_upload(session=session, principal=current_principal(), size=len(content))
+        svc.limits.check_upload(session=session, principal=current_principal(), size=size)
         file = file_service.create_file(session=session, owner=current_principal().owner, purpose=purpose,
-                                        filename=filename, content=content)
+                                        filename=filename, content=upload.stream)  # a part at a time
         return serving.file_view(file)
 
 
@@ -112,16 +113,14 @@ def file_content(file_id: str) -> Response:
     svc = services()
     with svc.db.read() as session:
         file = file_service.get_file(session=session, file_id=file_id, owner=current_principal().owner_filter)
-        content = file_service.file_content(session=session, file_id=file_id, owner=None)
+        size, filename = file.bytes, file.filename
     held = svc.limits.take_long_call(current_principal())  # a download lasts: it counts among long calls
-
-    def chunks() -> Iterator[bytes]:
-        view = memoryview(content)
-        for start in range(0, len(view), DOWNLOAD_CHUNK):
-            yield bytes(view[start:start + DOWNLOAD_CHUNK])
-
-    response = Response(chunks(), mimetype="application/jsonl",
-                        headers={"Content-Disposition": attachment(file.filename), "Content-Length": str(len(content))})
+    try:
+        response = Response(file_service.parts(svc.db, file_id), mimetype="application/jsonl",
+                            headers={"Content-Disposition": attachment(filename), "Content-Length": str(size)})
+    except BaseException:
+        held.release()
+        raise
     response.call_on_close(held.release)
     return response
 
@@ -152,9 +151,11 @@ def create_batch() -> dict[str, Any]:
         if file.purpose != "batch":
             raise ApiError(400, "invalid_request", f"file {file.id} has purpose {file.purpose!r}, not 'batch'",
                            [{"loc": "input_file_id", "message": "not a batch input file", "type": "invalid_value"}])
-        content = file_service.file_content(session=session, file_id=file.id, owner=None)
-    spec, model, lines, errors = serving.parse_batch_input(content, req.endpoint, svc.registry(),
-                                                           svc.settings.max_requests_per_job)
+        input_file_id, size = file.id, file.bytes
+    with svc.limits.body_slot(size):  # parsing a big file at once costs memory: a few at a time
+        spec, model, lines, errors = serving.parse_batch_input(
+            file_service.lines(file_service.parts(svc.db, input_file_id)), req.endpoint, svc.registry(),
+            svc.settings.max_requests_per_job)
     request_ids: list[str] = []
     job: Job | None = None
     if not errors:
@@ -165,7 +166,7 @@ def create_batch() -> dict[str, Any]:
             with svc.db.write() as session:
                 svc.limits.check_capacity(session=session, principal=principal, model=model.name, new=spec.count())
                 batch, job, request_ids = batch_service.create_batch(
-                    session=session, owner=principal.owner, input_file_id=file.id, endpoint=req.endpoint,
+                    session=session, owner=principal.owner, input_file_id=input_file_id, endpoint=req.endpoint,
                     completion_window=req.completion_window, metadata=req.metadata, spec=spec, model=model,
                     limits=limits, counter=svc.token_counter(model),
                     dispatching=dispatches_inline(spec.count()))
@@ -175,7 +176,7 @@ def create_batch() -> dict[str, Any]:
     if errors:
         with svc.db.write() as session:
             batch = batch_service.create_failed_batch(
-                session=session, owner=principal.owner, input_file_id=file.id, endpoint=req.endpoint,
+                session=session, owner=principal.owner, input_file_id=input_file_id, endpoint=req.endpoint,
                 completion_window=req.completion_window, metadata=req.metadata, errors=errors)
             view = serving.batch_view(batch, None)
         log.info("batch failed validation with %d errors", len(errors))
@@ -188,17 +189,9 @@ def create_batch() -> dict[str, Any]:
 
 
 def _view(batch_id: str, owner: str | None) -> dict[str, Any]:
-    """The batch, finalized first if its job has ended."""
-    svc = services()
-    with svc.db.read() as session:
+    """The batch as it is (reading never writes: the API's finalizer ends batches whose job ended)."""
+    with services().db.read() as session:
         batch = batch_service.get_batch(session=session, batch_id=batch_id, owner=owner)
-        job = session.get(Job, batch.job_id) if batch.job_id else None
-        ready = batch.status in ("in_progress", "cancelling") and (job is None or job.status in
-                                                                    job_service.FINISHED_JOB_STATUSES)
-        if not ready:
-            return serving.batch_view(batch, job)
-    with svc.db.write() as session:
-        batch = batch_service.finalize(session=session, batch_id=batch_id, render=serving.render_batch_files)
         job = session.get(Job, batch.job_id) if batch.job_id else None
         return serving.batch_view(batch, job)
 

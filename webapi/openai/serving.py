@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -90,28 +90,32 @@ def _error(line: int | None, code: str, message: str, param: str | None = None) 
     return {"code": code, "line": line, "message": message, "param": param}
 
 
-def parse_batch_input(content: bytes, endpoint: str, registry: Registry,
+def parse_batch_input(source: Iterable[bytes], endpoint: str, registry: Registry,
                       max_requests: int) -> tuple[JobCreate | None, ModelSpec | None, list[int], list[dict[str, Any]]]:
-    """Validate an input file line by line.
+    """Validate an input file line by line, as its lines come (``core.files.lines``).
 
     Returns the job to run, its model, the file line of each request, and the errors
     (``{code, line, message, param}``, lines counted from 1); a file with any error runs nothing.
     """
     errors: list[dict[str, Any]] = []
-    try:
-        text = content.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return None, None, [], [_error(None, "invalid_file", f"the file is not UTF-8: {exc}")]
     schema = ENDPOINTS[endpoint]
     requests: list[RequestCreate] = []
     lines: list[int] = []
     seen: dict[str, int] = {}
     model_name: str | None = None
-    for number, raw in enumerate(text.splitlines(), start=1):
+    for number, raw_bytes in enumerate(source, start=1):
         if len(errors) >= MAX_REPORTED_ERRORS:
             break
+        try:
+            raw = raw_bytes.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            errors.append(_error(number, "invalid_file", f"the line is not UTF-8: {exc}"))
+            continue
         if not raw.strip():
             continue
+        if len(requests) >= max_requests:
+            errors.append(_error(None, "too_many_requests", f"a batch may hold at most {max_requests} requests"))
+            break
         try:
             entry = parse_json(raw)
         except ValueError as exc:
@@ -171,8 +175,6 @@ def parse_batch_input(content: bytes, endpoint: str, registry: Registry,
         lines.append(number)
     if not errors and not requests:
         errors.append(_error(None, "empty_file", "the file holds no requests"))
-    if not errors and len(requests) > max_requests:
-        errors.append(_error(None, "too_many_requests", f"a batch may hold at most {max_requests} requests"))
     model = None
     if not errors:
         try:
@@ -201,32 +203,25 @@ def errors_from_problems(exc: InvalidRequestError, lines: list[int]) -> list[dic
     return out[:MAX_REPORTED_ERRORS]
 
 
-def render_batch_files(batch: Batch, requests: Iterator[JobRequest]) -> tuple[bytes, bytes]:
-    """The output file (a line per succeeded request) and the error file (the rest)."""
-    body_of = BODY[batch.endpoint]
-    model = batch.model or ""
-    output: list[str] = []
-    errors: list[str] = []
-    for row in requests:
-        line: dict[str, Any] = {"id": f"batch_req_{row.id.removeprefix('req_')}", "custom_id": row.custom_id}
-        if row.status == "succeeded":
-            line["response"] = {"status_code": 200, "request_id": row.id,
-                                "body": body_of(row, model, row.completed_at or row.created_at)}
-            line["error"] = None
-            output.append(json.dumps(line))
-        elif row.status == "failed":
-            status = 400 if row.error_code in _CLIENT_ERRORS else 500
-            line["response"] = {"status_code": status, "request_id": row.id, "body": {"error": {
-                "message": row.error_message or "", "type": "invalid_request_error" if status == 400 else "server_error",
-                "param": None, "code": row.error_code}}}
-            line["error"] = None
-            errors.append(json.dumps(line))
-        else:  # cancelled, expired: never ran
-            code = {"cancelled": "batch_cancelled", "expired": "batch_expired"}.get(row.status, "not_run")
-            message = {"batch_cancelled": "The batch was cancelled before this request ran.",
-                       "batch_expired": "This request could not be run before the completion window expired."}
-            line["response"] = None
-            line["error"] = {"code": code, "message": message.get(code, f"The request did not run ({row.status}).")}
-            errors.append(json.dumps(line))
-    joined = lambda lines: ("\n".join(lines) + "\n").encode() if lines else b""  # noqa: E731
-    return joined(output), joined(errors)
+def batch_line(row: JobRequest, endpoint: str, model: str) -> tuple[bool, bytes]:
+    """One request's line of a batch's files: (True, its output file line) if it succeeded, else
+    (False, its error file line), newline included."""
+    line: dict[str, Any] = {"id": f"batch_req_{row.id.removeprefix('req_')}", "custom_id": row.custom_id}
+    ok = row.status == "succeeded"
+    if ok:
+        line["response"] = {"status_code": 200, "request_id": row.id,
+                            "body": BODY[endpoint](row, model, row.completed_at or row.created_at)}
+        line["error"] = None
+    elif row.status == "failed":
+        status = 400 if row.error_code in _CLIENT_ERRORS else 500
+        line["response"] = {"status_code": status, "request_id": row.id, "body": {"error": {
+            "message": row.error_message or "", "type": "invalid_request_error" if status == 400 else "server_error",
+            "param": None, "code": row.error_code}}}
+        line["error"] = None
+    else:  # cancelled, expired: never ran
+        code = {"cancelled": "batch_cancelled", "expired": "batch_expired"}.get(row.status, "not_run")
+        message = {"batch_cancelled": "The batch was cancelled before this request ran.",
+                   "batch_expired": "This request could not be run before the completion window expired."}
+        line["response"] = None
+        line["error"] = {"code": code, "message": message.get(code, f"The request did not run ({row.status}).")}
+    return ok, (json.dumps(line) + "\n").encode()
