@@ -567,19 +567,21 @@ def renew_leases(*, session: Session, run_ids: Sequence[str], lease_s: float, no
 
 
 def needing_dispatch(*, session: Session, model: str, older_than: datetime, now: datetime | None = None,
-                     limit: int = 100_000) -> list[tuple[str, int]]:
-    """(request id, job priority) of a model's requests that should be on its queue, oldest first:
-    queued ones older than ``older_than``, and running ones whose lease has lapsed."""
+                     limit: int = 100_000, after: tuple[datetime, str] | None = None
+                     ) -> list[tuple[str, int, datetime]]:
+    """(request id, job priority, created_at) of a model's requests that should be on its queue,
+    oldest first (after ``after``, a (created_at, id) cursor): queued ones older than
+    ``older_than``, and running ones whose lease has lapsed."""
     now = now or utcnow()
-    rows = session.execute(
-        select(JobRequest.id, Job.priority).join(Job, Job.id == JobRequest.job_id)
-        .where(Job.model == model, Job.status.in_(ACTIVE_JOB_STATUSES),
-               or_((JobRequest.status == "queued") & (JobRequest.created_at < older_than),
-                   (JobRequest.status == "running") & (JobRequest.lease_until < now)))
-        .order_by(JobRequest.created_at, JobRequest.id)
-        .limit(limit)
-    ).all()
-    return [(r.id, r.priority) for r in rows]
+    query = (select(JobRequest.id, Job.priority, JobRequest.created_at).join(Job, Job.id == JobRequest.job_id)
+             .where(Job.model == model, Job.status.in_(ACTIVE_JOB_STATUSES),
+                    or_((JobRequest.status == "queued") & (JobRequest.created_at < older_than),
+                        (JobRequest.status == "running") & (JobRequest.lease_until < now))))
+    if after is not None:
+        query = query.where(or_(JobRequest.created_at > after[0],
+                                (JobRequest.created_at == after[0]) & (JobRequest.id > after[1])))
+    rows = session.execute(query.order_by(JobRequest.created_at, JobRequest.id).limit(limit)).all()
+    return [(r.id, r.priority, r.created_at) for r in rows]
 
 
 @dataclass(frozen=True)

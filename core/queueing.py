@@ -122,20 +122,31 @@ def queue_keys(settings: Settings, model: str) -> list[str]:
     return [base] + [f"{base}:{step}" for step in range(1, 10)]
 
 
-def ids_held(redis: Any, settings: Settings, model: str) -> set[str]:
-    """Request ids in a model's queue lists and in the unacked messages workers hold."""
-    held: set[str] = set()
+SCAN_CHUNK = 1000
+
+
+def not_held(redis: Any, settings: Settings, model: str, wanted: Iterable[str]) -> set[str]:
+    """Of the ``wanted`` request ids, those neither in the model's queue lists nor in an unacked
+    message a worker holds. Redis is read a thousand messages at a time (no one command blocks it
+    for long) and only until every wanted id has been seen."""
+    left = set(wanted)
     for key in queue_keys(settings, model):
-        for raw in redis.lrange(key, 0, -1):
-            held.update(_ids_of(raw))
+        start = 0
+        while left:
+            chunk = redis.lrange(key, start, start + SCAN_CHUNK - 1)
+            for raw in chunk:
+                left.difference_update(_ids_of(raw))
+            if len(chunk) < SCAN_CHUNK:
+                break
+            start += SCAN_CHUNK
     queue = settings.queue_for(model)
-    for raw in redis.hvals(settings.redis_prefix + "unacked"):
-        message, _exchange, routing_key = json.loads(raw)
-        if routing_key == queue:
-            held.update(_ids_of(json.dumps(message)))
-    return held
-
-
-def missing(candidates: Iterable[tuple[str, int]], held: set[str]) -> list[tuple[str, int]]:
-    """The candidates no queue holds."""
-    return [(i, p) for i, p in candidates if i not in held]
+    cursor = 0
+    while left:
+        cursor, entries = redis.hscan(settings.redis_prefix + "unacked", cursor, count=SCAN_CHUNK)
+        for raw in entries.values():
+            message, _exchange, routing_key = json.loads(raw)
+            if routing_key == queue:
+                left.difference_update(_ids_of(json.dumps(message)))
+        if cursor == 0:
+            break
+    return left

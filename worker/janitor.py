@@ -25,8 +25,8 @@ from core.tables import utcnow
 
 log = logging.getLogger("batchgen.janitor")
 
-# The oldest requests looked at per pass: a pass stays bounded however large the backlog, and
-# what is lost longest is dispatched first.
+# Requests looked at per pass, oldest first, each pass going on where the last stopped: a pass
+# stays bounded however large the backlog, and what is lost longest is dispatched first.
 RECONCILE_LIMIT = 10_000
 
 
@@ -39,6 +39,7 @@ class Janitor:
         self.settings, self.model, self.redis = settings, model, redis
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="janitor", daemon=True)
+        self._cursor: tuple[Any, str] | None = None  # where the last pass stopped, oldest first
 
     def start(self) -> Janitor:
         self._thread.start()
@@ -67,14 +68,18 @@ class Janitor:
         now = utcnow()
         with self.db.read() as session:
             candidates = job_service.needing_dispatch(
-                session=session, model=self.model, now=now,
+                session=session, model=self.model, now=now, after=self._cursor,
                 older_than=now - timedelta(seconds=settings.reconcile_grace_s), limit=RECONCILE_LIMIT)
+        # The next pass goes on after these (a backlog bigger than a pass is covered over several),
+        # and starts over from the oldest once it has reached the newest.
+        self._cursor = (candidates[-1][2], candidates[-1][0]) if len(candidates) == RECONCILE_LIMIT else None
         if not candidates:
             return 0
         # Always compare ids with what this model's queue and the unacked messages of its workers
         # hold: counting messages instead let a backlog (of any model, stale messages included)
         # hide lost requests until it drained.
-        lost = queueing.missing(candidates, queueing.ids_held(self.redis, settings, self.model))
+        gone = queueing.not_held(self.redis, settings, self.model, (i for i, _, _ in candidates))
+        lost = [(i, p) for i, p, _ in candidates if i in gone]
         by_priority: dict[int, list[str]] = defaultdict(list)
         for request_id, priority in lost:
             by_priority[priority].append(request_id)

@@ -11,7 +11,7 @@ import uuid
 import pytest
 import redis as redis_lib
 
-from core.queueing import celery_config, celery_priority, ids_held, publish, queue_keys
+from core.queueing import SCAN_CHUNK, celery_config, celery_priority, not_held, publish, queue_keys
 from core.settings import Settings
 
 
@@ -64,5 +64,18 @@ def test_ids_are_split_into_messages_in_order(env):
     messages = stored(client, settings, "m", 5)
     bodies = [json.loads(base64.b64decode(m["body"]))[0][0] for m in messages]
     assert bodies == [ids[0:8], ids[8:16], ids[16:20]]  # the order a worker takes them in
-    assert ids_held(client, settings, "m") == set(ids)
+    assert not_held(client, settings, "m", [*ids, "req_lost"]) == {"req_lost"}
     assert len({m["properties"]["delivery_tag"] for m in messages}) == 3
+
+
+def test_held_ids_are_found_across_chunks_of_the_queue_and_of_unacked_messages(env):
+    settings, client = env
+    ids = [f"req_{i}" for i in range(3 * SCAN_CHUNK + 5)]
+    publish(client, settings, model="m", request_ids=ids, per_message=1)
+    # A worker holds some messages unacked (kombu keeps them in a hash: message, exchange, queue).
+    for i in range(5):
+        raw = client.rpop(queue_keys(settings, "m")[4])
+        client.hset(settings.redis_prefix + "unacked", f"tag{i}",
+                    json.dumps([json.loads(raw), "", settings.queue_for("m")]))
+    assert not_held(client, settings, "m", ids[::97] + ["req_gone"]) == {"req_gone"}
+    assert not_held(client, settings, "other", ids[:3]) == set(ids[:3])
