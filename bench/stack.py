@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cli.up import free_port, redis_server_binary, wait_for_port
+from cli.up import free_port, gunicorn_argv, redis_server_binary, wait_for_port
 from core.db import Database, upgrade
 from core.settings import PROJECT_ROOT, Settings
 
@@ -55,9 +55,8 @@ class Stack:
         with db.write() as session:
             _, self.token = create_key(session=session, owner="bench", name="benchmark")
         db.dispose()
-        api = subprocess.Popen([sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{self.api_port}",
-                                "--workers", str(self.api_workers), "--threads", "8", "--log-level", "warning",
-                                "webapi.wsgi:app"], env=env, cwd=PROJECT_ROOT)
+        api = subprocess.Popen(gunicorn_argv(bind=f"127.0.0.1:{self.api_port}", workers=self.api_workers),
+                               env=env, cwd=PROJECT_ROOT)
         self.procs.append(api)
         ready = self.dir / "worker.ready"
         log = open(self.worker_log, "wb")  # noqa: SIM115 - lives as long as the worker

@@ -53,14 +53,13 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    settings = _settings(api_threads=args.threads)
+    from cli.up import gunicorn_argv
+
+    settings = _settings(api_connections=args.connections)
     bind = args.bind or f"{settings.host}:{settings.port}"
-    argv = [sys.executable, "-m", "gunicorn", "-c", "python:webapi.gunicorn_conf", "--bind", bind,
-            "--workers", str(args.workers),
-            "--threads", str(settings.api_threads), "--graceful-timeout", "30", "--access-logfile", "-",
-            "webapi.wsgi:app"]
-    os.environ["BATCHGEN_API_THREADS"] = str(settings.api_threads)  # the app sizes its long-call limit by it
-    os.execv(sys.executable, argv)
+    os.environ["BATCHGEN_API_CONNECTIONS"] = str(settings.api_connections)  # gunicorn and the app read it
+    argv = gunicorn_argv(bind=bind, workers=args.workers, access_log=True)
+    os.execv(argv[0], argv)
     return 0  # not reached
 
 
@@ -320,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     ))
     p.add_argument("--bind", help="host:port (default BATCHGEN_HOST:BATCHGEN_PORT)")
     p.add_argument("--workers", type=int, default=2, help="gunicorn processes (default 2)")
-    p.add_argument("--threads", type=int, help="threads per process (default BATCHGEN_API_THREADS or 16)")
+    p.add_argument("--connections", type=int, help="connections per process (default BATCHGEN_API_CONNECTIONS or 2000)")
     p.set_defaults(func=cmd_api)
 
     # Listed for --help; main() hands `batchgen worker ...` to the worker's own parser.

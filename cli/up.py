@@ -27,6 +27,15 @@ from core.settings import Settings
 RESTART_BACKOFF_S = (1, 2, 5, 10, 30)
 
 
+def gunicorn_argv(*, bind: str, workers: int, access_log: bool = False) -> list[str]:
+    """The command that serves the API: gunicorn with the service's own configuration
+    (``webapi.gunicorn_conf``: gevent workers, graceful stop), as ``batchgen api``, ``batchgen
+    up``, the benchmarks and the tests all start it."""
+    return [sys.executable, "-m", "gunicorn", "-c", "python:webapi.gunicorn_conf", "--bind", bind,
+            "--workers", str(workers), *(["--access-logfile", "-"] if access_log else ["--log-level", "warning"]),
+            "webapi.wsgi:app"]
+
+
 def _say(message: str) -> None:
     print(f"batchgen: {message}", flush=True)
 
@@ -186,10 +195,7 @@ def run_local(settings: Settings, *, workers: int = 1) -> int:
         env["BATCHGEN_REDIS_URL"] = redis_url
         _say(f"started embedded Redis at {redis_url} (data in {settings.var_dir / 'redis'})")
 
-    api = Child("api", [sys.executable, "-m", "gunicorn", "-c", "python:webapi.gunicorn_conf",
-                        "--bind", f"{settings.host}:{settings.port}",
-                        "--workers", "2", "--threads", str(settings.api_threads), "--graceful-timeout", "30",
-                        "--log-level", "warning", "webapi.wsgi:app"], env)
+    api = Child("api", gunicorn_argv(bind=f"{settings.host}:{settings.port}", workers=2), env)
     children = [api] + [Child(f"worker-{i}", [sys.executable, "-m", "worker", "--model", spec.name],
                               env) for i in range(workers)]
     stopping = False

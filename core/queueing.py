@@ -53,6 +53,17 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+def redis_client(url: str, *, socket_timeout: float = 5.0, max_connections: int = 200) -> Any:
+    """A redis-py client for a process that serves many calls at once (the API under gevent): a
+    call that finds every pooled connection busy waits for one (up to ``socket_timeout``)
+    instead of failing with "Too many connections" (redis-py's default pool refuses past 100)."""
+    import redis
+
+    pool = redis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=socket_timeout,
+                                                 socket_timeout=socket_timeout, socket_connect_timeout=1)
+    return redis.Redis(connection_pool=pool)
+
+
 def celery_priority(priority: int) -> int:
     """A job's priority (0-9, higher first) as a Redis message priority (0 first)."""
     return 9 - max(0, min(9, priority))

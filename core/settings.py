@@ -74,10 +74,11 @@ class Settings(BaseModel):
     stream_max_s: float = Field(default=600.0, gt=0)
     # How often each API process looks for batches whose job has ended, to write their files.
     finalize_interval_s: float = Field(default=1.0, gt=0)
-    # Threads per API process (``batchgen api``/``up`` give gunicorn this many). Event streams and
-    # synchronous calls each hold one until they end; past max_long_calls of them in one process
-    # (0: api_threads - 4, at least 1) more get 429, so short calls always find a thread.
-    api_threads: int = Field(default=16, ge=1)
+    # Connections one API process serves at once (gunicorn's gevent workers: a waiting call, such as
+    # an event stream or a synchronous completion, holds a connection but no thread). Past
+    # max_long_calls streams, synchronous calls and downloads in one process (0: api_connections
+    # - 100, so short calls always find room) more get 429.
+    api_connections: int = Field(default=2000, ge=16)
     max_long_calls: int = Field(default=0, ge=0)
     # Event streams, synchronous calls and downloads one API key may hold open at once, across
     # every API process (429 past it; 0: no cap).
@@ -142,7 +143,7 @@ class Settings(BaseModel):
     @property
     def long_call_limit(self) -> int:
         """Event streams and synchronous calls one API process holds at once."""
-        return self.max_long_calls or max(1, self.api_threads - 4)
+        return self.max_long_calls or max(1, self.api_connections - 100)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:

@@ -324,10 +324,10 @@ class GunicornApi:
     Flask's test client and werkzeug's server forgive what gunicorn refuses (a header value
     that is not Latin-1, say): tests of what reaches the wire run here."""
 
-    def __init__(self, settings: Settings, token: str | None = None, *, workers: int = 1, threads: int = 4,
+    def __init__(self, settings: Settings, token: str | None = None, *, workers: int = 1,
                  env: dict[str, str] | None = None) -> None:
         self.port = free_port()
-        self.settings, self.workers, self.threads = settings, workers, threads
+        self.settings, self.workers = settings, workers
         self.env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1", **(env or {})}
         self.url = f"http://127.0.0.1:{self.port}"
         self.http = requests.Session()
@@ -339,8 +339,8 @@ class GunicornApi:
     def start(self, timeout: float = 30) -> GunicornApi:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cli", "api", "--bind", f"127.0.0.1:{self.port}", "--workers", str(self.workers),
-             "--threads", str(self.threads)], env=self.env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+            [sys.executable, "-m", "cli", "api", "--bind", f"127.0.0.1:{self.port}", "--workers", str(self.workers)],
+            env=self.env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
         wait_for_port("127.0.0.1", self.port, timeout, self.proc)
         return self
 

@@ -249,7 +249,7 @@ def test_a_database_that_drops_packets_is_a_503_within_seconds_never_a_hung_thre
         pytest.skip(f"cannot drop packets here: {why}")
     cluster, url = paused_postgres
     settings = make_settings(url)
-    api = GunicornApi(settings, make_key(url), threads=32).start()
+    api = GunicornApi(settings, make_key(url)).start()
     try:
         job = api.http.post(f"{api.url}/v1/jobs", json={"model": "tiny", "prompts": ["x"]})
         assert job.status_code == 202, job.text

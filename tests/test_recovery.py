@@ -270,8 +270,7 @@ def test_sigterm_to_the_api_finishes_requests_in_flight(make_settings, sqlite_ur
     settings = make_settings(sqlite_url, **FAST_RECOVERY)
     port = free_port()
     env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
-    api = subprocess.Popen([sys.executable, "-m", "cli", "api", "--bind", f"127.0.0.1:{port}", "--workers", "1",
-                            "--threads", "4"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    api = subprocess.Popen([sys.executable, "-m", "cli", "api", "--bind", f"127.0.0.1:{port}", "--workers", "1"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     db = Database(sqlite_url)
     worker = None
     try:

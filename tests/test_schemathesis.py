@@ -39,7 +39,7 @@ def unlimited(tmp_path_factory, redis_server, registry_file, sqlite_template):  
         "var_dir": var, "database_url": f"sqlite:///{var / 'batchgen.db'}", "redis_url": redis_server.url,
         "redis_prefix": f"test-{uuid.uuid4().hex[:8]}:", "registry_file": registry_file, "max_wait_ms": 5.0,
         "model": "tiny-chat", "calibrate": "off", "rate_limit_per_minute": 0, "max_pending_per_key": 0,
-        "max_pending_per_model": 0, "auth_failures_per_minute": 0, "stream_max_s": 2.0, "api_threads": 64})
+        "max_pending_per_model": 0, "auth_failures_per_minute": 0, "stream_max_s": 2.0})
     app = create_app(settings)
     token = make_key(settings.database_url)
     api = ApiServer(app, token).start()

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 def test_the_pending_cap_holds_under_parallel_submits_on_two_processes(make_settings, database_url):
     settings = make_settings(database_url, max_pending_per_key=100, rate_limit_per_minute=0)
     token = make_key(database_url)
-    api = GunicornApi(settings, token, workers=2, threads=16).start()
+    api = GunicornApi(settings, token, workers=2).start()
     db = Database(database_url)
     try:
         def submit(i: int) -> int:
@@ -50,7 +50,7 @@ def test_storage_quotas_hold_for_uploads_in_a_loop_and_in_parallel(make_settings
     settings = make_settings(database_url, max_file_bytes_per_owner=quota, max_files_per_owner=6,
                              rate_limit_per_minute=0)
     token, other = make_key(database_url), make_key(database_url, owner="bob")
-    api = GunicornApi(settings, token, workers=2, threads=8).start()
+    api = GunicornApi(settings, token, workers=2).start()
     db = Database(database_url)
     line = b'{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"model": "tiny-base", "prompt": "x"}}\n'
     try:
@@ -118,7 +118,7 @@ def test_one_key_cannot_take_every_long_call_and_a_revoked_keys_streams_end(make
 
     settings = make_settings(sqlite_url, max_long_calls_per_key=3, rate_limit_per_minute=0, stream_max_s=120)
     alice, bob = make_key(sqlite_url), make_key(sqlite_url, owner="bob")
-    api = GunicornApi(settings, alice, workers=2, threads=16).start()
+    api = GunicornApi(settings, alice, workers=2).start()
     opened: list[requests.Response] = []
     try:
         url = f"{api.url}/v1/jobs/events"

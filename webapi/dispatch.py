@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from core.queueing import publish
+from core.queueing import publish, redis_client
 from core.settings import Settings
 
 log = logging.getLogger("batchgen.dispatch")
@@ -41,16 +41,14 @@ class Dispatcher:
         self._lock = threading.Lock()
         self._backlog: queue.Queue[tuple[str, str, list[str], int, Callable[[str], None]]] = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._unfinished = 0  # handed over, not yet published (or given up on)
 
     def _client(self) -> Any:
         with self._lock:
             if self._redis is None:
                 if not self.settings.redis_url:
                     raise DispatchError("BATCHGEN_REDIS_URL is not set: there is no broker to dispatch to")
-                import redis
-
-                self._redis = redis.Redis.from_url(self.settings.redis_url, socket_timeout=5,
-                                                   socket_connect_timeout=2)
+                self._redis = redis_client(self.settings.redis_url)
             return self._redis
 
     def dispatch(self, *, model: str, request_ids: Sequence[str], priority: int = 5,
@@ -70,6 +68,8 @@ class Dispatcher:
         """Hand a committed job's requests to the publishing thread; ``on_done(job_id)`` runs once
         they are on the queue, ``on_failed(job_id)`` if the broker refused them (the reconciler
         then dispatches them)."""
+        with self._lock:
+            self._unfinished += 1
         self._backlog.put((job_id, model, list(request_ids), priority, on_done, on_failed))
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
@@ -106,8 +106,8 @@ class Dispatcher:
                     self._call(on_done, job_id)
                     if len(ids) > COALESCE_MAX:
                         log.info("dispatched %d requests in the background", len(ids), extra={"job_id": job_id})
-            for _ in taken:
-                self._backlog.task_done()
+            with self._lock:
+                self._unfinished -= len(taken)
 
     @staticmethod
     def _call(callback: Callable[[str], None] | None, job_id: str) -> None:
@@ -120,12 +120,13 @@ class Dispatcher:
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until everything handed over is published (tests, shutdown); False if
-        ``timeout`` passed first."""
+        ``timeout`` passed first. (Polls a count rather than ``Queue.join``: under gunicorn's
+        gevent workers the queue is gevent's, which has no timeout on join.)"""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._backlog.all_tasks_done:
-            while self._backlog.unfinished_tasks:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                self._backlog.all_tasks_done.wait(left)
-        return True
+        while True:
+            with self._lock:
+                if not self._unfinished:
+                    return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)

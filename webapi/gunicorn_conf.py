@@ -1,5 +1,11 @@
 """gunicorn settings for the API (``batchgen api`` and ``batchgen up`` pass ``-c python:webapi.gunicorn_conf``).
 
+Workers are gevent workers: every connection is a greenlet, so a call that waits (an event
+stream, a synchronous completion, a download) holds a connection but no thread, and one process
+holds thousands (``BATCHGEN_API_CONNECTIONS``). The database driver (psycopg), Redis and the
+service's own threads all yield to the loop while they wait (gevent patches the standard
+library before the app is imported); SQLite calls are short and run in place.
+
 On SIGTERM a gunicorn worker stops accepting and waits, up to its graceful timeout, for the calls
 it is serving. An event stream would hold it there until killed (and the client would see a cut
 connection): so the worker also tells open streams to end cleanly, and the clients reconnect to a
@@ -8,8 +14,13 @@ process that is still serving. Synchronous calls are left to finish.
 
 from __future__ import annotations
 
+import os
 import signal
 from typing import Any
+
+worker_class = "gevent"
+worker_connections = int(os.environ.get("BATCHGEN_API_CONNECTIONS", "2000"))
+graceful_timeout = 30
 
 
 def post_worker_init(worker: Any) -> None:

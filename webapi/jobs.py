@@ -7,10 +7,11 @@ not exist; an admin key reaches every job.
 from __future__ import annotations
 
 import logging
+import queue
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -19,7 +20,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 
 from core import jobs as job_service
-from core.errors import NotFoundError, UnknownModelError
+from core.errors import UnknownModelError
 from core.schemas import (
     JOB_STATUSES,
     REQUEST_STATUSES,
@@ -37,6 +38,7 @@ from core.tables import Job, JobRequest
 from webapi.auth import CACHE_SECONDS, current_principal, key_still_valid
 from webapi.errors import ApiError, attachment, int_arg, parse_json, read_body
 from webapi.services import services
+from webapi.watch import FAILED, Follower
 
 log = logging.getLogger("batchgen.api")
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
@@ -205,39 +207,51 @@ def list_jobs() -> dict[str, Any]:
     return page.model_dump(mode="json")
 
 
-def event_stream(poll: Callable[[], tuple[list[tuple[str, str]], bool]], max_s: float | None = None) -> Response:
-    """Server-sent events by polling: ``poll()`` gives the events to send now and whether the
-    stream is over; it is asked every ``EVENTS_INTERVAL_S``, a comment keeps a quiet connection
-    alive, and the stream ends after ``max_s`` seconds if given, when the caller's key is revoked
-    (seen within the key cache's ``CACHE_SECONDS``), or when ``poll`` fails (the database is
-    away); clients reconnect."""
-    held = services().limits.take_long_call(current_principal())  # 429 past the process's or the key's limit
+def event_stream(follower: Follower, max_s: float) -> Response:
+    """Server-sent events of ``follower`` (``webapi.watch``: one thread of the process looks at
+    the database for every open stream), a comment every ``KEEPALIVE_S`` on a quiet connection;
+    the stream ends after an ``end`` event, after ``max_s`` seconds, when the caller's key is
+    revoked (seen within the key cache's ``CACHE_SECONDS``), when the database cannot be read, or
+    when this process stops; clients reconnect. Waiting costs no thread under gevent."""
+    svc = services()
+    try:
+        held = svc.limits.take_long_call(current_principal())  # 429 past the process's or the key's limit
+    except BaseException:
+        svc.watch.forget(follower)
+        raise
     still_valid = key_still_valid()
 
     def events() -> Iterator[str]:
-        yield "retry: 2000\n\n"
-        opened = quiet_since = checked = time.monotonic()
-        while (max_s is None or time.monotonic() - opened < max_s) and not STOPPING.is_set():
-            try:
+        try:
+            yield "retry: 2000\n\n"
+            opened = quiet_since = checked = time.monotonic()
+            while time.monotonic() - opened < max_s and not STOPPING.is_set():
                 if time.monotonic() - checked >= CACHE_SECONDS:
                     checked = time.monotonic()
-                    if not still_valid():
-                        log.info("event stream ended: its key was revoked")
+                    try:
+                        if not still_valid():
+                            log.info("event stream ended: its key was revoked")
+                            return
+                    except Exception as exc:  # the database is away: end it; the client reconnects
+                        log.warning("event stream ended: %s", exc)
                         return
-                batch, over = poll()
-            except Exception as exc:  # the database is away: end the stream; the client reconnects
-                log.warning("event stream ended: %s", exc)
-                return
-            for name, data in batch:
+                try:
+                    item = follower.events.get(timeout=EVENTS_INTERVAL_S)
+                except queue.Empty:
+                    if time.monotonic() - quiet_since > KEEPALIVE_S:
+                        quiet_since = time.monotonic()
+                        yield ": keep-alive\n\n"
+                    continue
+                if item is FAILED:
+                    log.warning("event stream ended: the database cannot be read")
+                    return
+                name, data = item
                 yield f"event: {name}\ndata: {data}\n\n"
-            if over:
-                return
-            if batch:
                 quiet_since = time.monotonic()
-            elif time.monotonic() - quiet_since > KEEPALIVE_S:
-                quiet_since = time.monotonic()
-                yield ": keep-alive\n\n"
-            STOPPING.wait(EVENTS_INTERVAL_S)
+                if name == "end":
+                    return
+        finally:
+            svc.watch.forget(follower)
 
     response = Response(events(), mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -249,25 +263,16 @@ def event_stream(poll: Callable[[], tuple[list[tuple[str, str]], bool]], max_s: 
 def all_job_events() -> Response:
     """Server-sent events for all the caller's jobs: ``progress`` with a job whenever one is
     submitted or changes status, counts or usage. First the jobs that are active or ended in the
-    last minute; then changes, until the client goes away or ``stream_max_s`` has passed (a
-    stream holds a server thread; clients reconnect, as the web page does)."""
+    last minute; then changes, until the client goes away or ``stream_max_s`` has passed
+    (clients reconnect, as the web page does)."""
     svc = services()
     owner = current_principal().owner_filter
     since = job_service.utcnow() - timedelta(minutes=1)
-    sent: dict[str, tuple[Any, ...]] = {}
-
-    def poll() -> tuple[list[tuple[str, str]], bool]:
-        with svc.db.read() as session:
-            views = [job_read(j) for j in job_service.jobs_in_motion(session=session, owner=owner, since=since)]
-        changed = []
-        for view in reversed(views):  # oldest first, as they happened
-            state = (view.status, view.counts, view.usage)
-            if sent.get(view.id) != state:
-                sent[view.id] = state
-                changed.append(("progress", view.model_dump_json()))
-        return changed, False
-
-    return event_stream(poll, max_s=svc.settings.stream_max_s)
+    with svc.db.read() as session:  # what there is now goes out at once
+        moving = job_service.jobs_in_motion(session=session, owner=owner, since=since)
+        follower = svc.watch.follow_owner(owner, since)
+        follower.offer(list(reversed(moving)))
+    return event_stream(follower, max_s=svc.settings.stream_max_s)
 
 
 @bp.get("/<job_id>")
@@ -333,25 +338,10 @@ def job_events(job_id: str) -> Response:
     svc = services()
     owner = current_principal().owner_filter
     with svc.db.read() as session:
-        job_service.get_job(session=session, job_id=job_id, owner=owner)
-    last: list[tuple[Any, ...]] = []
-
-    def poll() -> tuple[list[tuple[str, str]], bool]:
-        try:
-            with svc.db.read() as session:
-                view = job_read(job_service.get_job(session=session, job_id=job_id, owner=owner))
-        except NotFoundError:  # deleted while followed
-            return [("end", '{"deleted": true}')], True
-        out = []
-        state = (view.status, view.counts, view.usage)
-        if not last or last[0] != state:
-            last[:] = [state]
-            out.append(("progress", view.model_dump_json()))
-        if view.status in job_service.FINISHED_JOB_STATUSES:
-            return [*out, ("end", view.model_dump_json())], True
-        return out, False
-
-    return event_stream(poll, max_s=svc.settings.stream_max_s)
+        job = job_service.get_job(session=session, job_id=job_id, owner=owner)
+        follower = svc.watch.follow_job(job_id, owner)
+        follower.offer([job], finished=lambda read: read.status in job_service.FINISHED_JOB_STATUSES)
+    return event_stream(follower, max_s=svc.settings.stream_max_s)
 
 
 @bp.post("/<job_id>/cancel")

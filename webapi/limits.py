@@ -22,6 +22,7 @@ from core import files as file_service
 from core import jobs as job_service
 from core.auth import Principal
 from core.ids import floor_id
+from core.queueing import redis_client
 from core.settings import Settings
 from webapi.errors import ApiError
 
@@ -289,10 +290,7 @@ class Limits:
     def _client(self) -> Any:
         with self._lock:
             if self._redis is None:
-                import redis
-
-                self._redis = redis.Redis.from_url(self.settings.redis_url, socket_timeout=1,
-                                                   socket_connect_timeout=1)
+                self._redis = redis_client(self.settings.redis_url, socket_timeout=1)
             return self._redis
 
     def check_rate(self, principal: Principal) -> None:

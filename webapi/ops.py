@@ -23,6 +23,7 @@ from flask import Blueprint, Flask, Response, g, request
 from sqlalchemy import func, select, text
 
 from core import queueing
+from core.queueing import redis_client
 from core.db import current_revision, head_revision
 from core.metrics import Metrics, RedisExporter, render
 from core.tables import Job
@@ -53,19 +54,15 @@ def init_app(app: Flask) -> None:
         return response
 
     if svc.settings.redis_url:
-        import redis
-
         key = f"{svc.settings.redis_prefix}metrics:api:{socket.gethostname()}:{os.getpid()}"
-        svc.exporter = RedisExporter(svc.metrics, redis.Redis.from_url(svc.settings.redis_url, socket_timeout=2),
+        svc.exporter = RedisExporter(svc.metrics, redis_client(svc.settings.redis_url, socket_timeout=2),
                                      key, interval_s=svc.settings.metrics_interval_s).start()
 
 
 def _redis() -> Any:
     svc = services()
     if getattr(svc, "_ops_redis", None) is None:
-        import redis
-
-        svc._ops_redis = redis.Redis.from_url(svc.settings.redis_url, socket_timeout=2)
+        svc._ops_redis = redis_client(svc.settings.redis_url, socket_timeout=2)
     return svc._ops_redis
 
 

@@ -26,6 +26,10 @@ class Services:
         from webapi.sync import SyncRunner
 
         self.sync = SyncRunner(self)
+        from webapi.jobs import job_read
+        from webapi.watch import JobWatch
+
+        self.watch = JobWatch(self.db, view=job_read)
         from webapi.finalizer import Finalizer
 
         self.finalizer = Finalizer(self.db, interval_s=settings.finalize_interval_s)
@@ -46,6 +50,8 @@ class Services:
         if exporter is not None:
             exporter.stop()
         self.limits.key_calls.close()
+        self.watch.close()
+        self.sync.notifier.close()
         self.finalizer.stop()
         self.db.dispose()
 

@@ -4,13 +4,14 @@ A call becomes a one-request job at the highest priority, so it runs on the same
 the same batches as batch work, ahead of it. The API subscribes to the request's Redis channel
 before dispatching; the worker announces text as it is generated (``stream``) and that the result
 is stored (``done``). The database stays the authority: the result is read from it, and if an
-announcement is lost the call finds the result by polling it every second.
+announcement is lost the process's notifier (``webapi.watch``) finds the result in the database
+within a couple of seconds.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import queue
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,17 +21,17 @@ from flask import Response
 
 from core import jobs as job_service
 from core.auth import Principal
-from core.queueing import stream_channel
+from core.queueing import redis_client, stream_channel
 from core.registry import ModelSpec
 from core.schemas import JobCreate
 from core.tables import JobRequest
 from webapi.errors import ApiError
 from webapi.limits import LongCall
+from webapi.watch import Notifier, Subscription
 
 log = logging.getLogger("batchgen.sync")
 
 SYNC_PRIORITY = 9
-POLL_FALLBACK_S = 1.0
 KEY_CHECK_S = 10.0
 
 
@@ -41,7 +42,7 @@ class Call:
     job_id: str
     request_id: str
     model: ModelSpec
-    pubsub: Any
+    sub: Subscription
     held: LongCall
     still_valid: Any = None  # the caller's key is still valid (a revoked key's calls end)
     finished: bool = False
@@ -65,13 +66,11 @@ class SyncRunner:
     def __init__(self, services: Any) -> None:
         self.svc = services
         self._redis: Any = None
+        self.notifier = Notifier(services.db, self._client)
 
     def _client(self) -> Any:
         if self._redis is None:
-            import redis
-
-            self._redis = redis.Redis.from_url(self.svc.settings.redis_url, socket_timeout=5,
-                                               socket_connect_timeout=2)
+            self._redis = redis_client(self.svc.settings.redis_url)
         return self._redis
 
     def start(self, *, principal: Principal, spec: JobCreate, model: ModelSpec, stream: bool) -> Call:
@@ -95,33 +94,29 @@ class SyncRunner:
         limits = job_service.Limits(max_requests=1, max_prompt_chars=svc.settings.max_prompt_chars)
         # Reach Redis before anything is stored: with Redis away the caller gets a 503 and no job
         # is left behind to run later for nobody.
-        pubsub = self._client().pubsub(ignore_subscribe_messages=True)
         try:
-            pubsub.ping()
+            self._client().ping()
         except Exception as exc:
-            pubsub.close()
             log.warning("synchronous call refused: the queue is unavailable (%s)", exc)
             raise _unavailable() from None
+        with svc.db.write() as session:
+            svc.limits.check_capacity(session=session, principal=principal, model=model.name, new=1,
+                                      stored=False)
+            job, (request_id,) = job_service.create_job(
+                session=session, spec=spec, model=model, limits=limits, owner=principal.owner,
+                counter=svc.token_counter(model), delivery="stream" if stream else "notify",
+                dispatching=True)
+        sub = None
         try:
-            with svc.db.write() as session:
-                svc.limits.check_capacity(session=session, principal=principal, model=model.name, new=1,
-                                          stored=False)
-                job, (request_id,) = job_service.create_job(
-                    session=session, spec=spec, model=model, limits=limits, owner=principal.owner,
-                    counter=svc.token_counter(model), delivery="stream" if stream else "notify",
-                    dispatching=True)
-        except BaseException:
-            pubsub.close()
-            raise
-        try:
-            pubsub.subscribe(stream_channel(svc.settings, request_id))  # before dispatch: nothing is missed
+            sub = self.notifier.subscribe(request_id, stream_channel(svc.settings, request_id))  # before dispatch
             svc.dispatcher.dispatch(model=model.name, request_ids=[request_id], priority=SYNC_PRIORITY)
         except Exception as exc:  # Redis went away in between: the stored request is cancelled
-            pubsub.close()
+            if sub is not None:
+                self.notifier.unsubscribe(sub)
             self._cancel(job.id)
             log.warning("synchronous call refused: the queue is unavailable (%s)", exc, extra={"job_id": job.id})
             raise _unavailable() from None
-        return Call(job_id=job.id, request_id=request_id, model=model, pubsub=pubsub, held=held)
+        return Call(job_id=job.id, request_id=request_id, model=model, sub=sub, held=held)
 
     def close(self, call: Call) -> None:
         """Let go of a call: its place among long calls, its subscription, and the request itself
@@ -131,7 +126,7 @@ class SyncRunner:
             return
         call.closed = True
         try:
-            call.pubsub.close()
+            self.notifier.unsubscribe(call.sub)
             if not call.finished:
                 self._cancel(call.job_id)
         finally:
@@ -146,27 +141,21 @@ class SyncRunner:
         the iterator early (the client went away) cancels the request if it has not started.
         """
         deadline = time.monotonic() + self.svc.settings.sync_timeout_s
-        next_poll = time.monotonic() + POLL_FALLBACK_S
         next_check = time.monotonic() + KEY_CHECK_S
         run: str | None = None
         try:
             while True:
-                message = call.pubsub.get_message(timeout=0.25)
-                if message is not None and message.get("type") == "message":
-                    event = json.loads(message["data"])
-                    if event["type"] == "delta":
-                        run = run or event.get("run")
-                        if event.get("run") != run:
-                            raise stream_restarted()
-                        yield "delta", event["text"]
-                        continue
-                    row = self._result(call)
-                    if row is not None:
-                        call.finished = True
-                        yield "done", row
-                        return
-                if time.monotonic() >= next_poll:
-                    next_poll = time.monotonic() + POLL_FALLBACK_S
+                try:  # announcements, and the notifier's look at the database for lost ones
+                    kind, event = call.sub.events.get(timeout=0.5)
+                except queue.Empty:
+                    kind, event = "", None
+                if kind == "delta":
+                    run = run or event.get("run")
+                    if event.get("run") != run:
+                        raise stream_restarted()
+                    yield "delta", event["text"]
+                    continue
+                if kind == "done":
                     row = self._result(call)
                     if row is not None:
                         call.finished = True

@@ -38,9 +38,9 @@ def test_settings_are_frozen_and_round_trip_through_env():
 
 
 def test_long_calls_leave_threads_for_short_calls_unless_set():
-    assert Settings.from_env({}).long_call_limit == 12  # 16 threads, 4 kept for short calls
-    assert Settings.from_env({"BATCHGEN_API_THREADS": "3"}).long_call_limit == 1
-    assert Settings.from_env({"BATCHGEN_API_THREADS": "8", "BATCHGEN_MAX_LONG_CALLS": "7"}).long_call_limit == 7
+    assert Settings.from_env({}).long_call_limit == 1900  # 2000 connections, 100 kept for short calls
+    assert Settings.from_env({"BATCHGEN_API_CONNECTIONS": "64"}).long_call_limit == 1
+    assert Settings.from_env({"BATCHGEN_API_CONNECTIONS": "800", "BATCHGEN_MAX_LONG_CALLS": "7"}).long_call_limit == 7
 
 
 def test_queue_names_carry_prefix_and_model():
