@@ -37,6 +37,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "priority_steps": list(range(10)),
             "sep": ":",
             "queue_order_strategy": "priority",
+            # A broker that vanishes without closing the connection (a partition, a dead host) is
+            # noticed within seconds, and the worker reconnects when it is back.
+            "socket_timeout": 10, "socket_connect_timeout": 5, "socket_keepalive": True,
+            "health_check_interval": 5,
             # Look for such abandoned messages this often (kombu's default would be every 100 s).
             "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 4)),
             "unacked_restore_throttle": 1,

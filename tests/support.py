@@ -32,8 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 class RedisServer:
     """A private redis-server; can be stopped and started again empty on the same port."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, bind: tuple[str, ...] = ("127.0.0.1",)) -> None:
         self.workdir = workdir
+        self.bind = bind
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -43,7 +44,7 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         self.proc = subprocess.Popen(
-            [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+            [redis_server_binary(), "--bind", *self.bind, "--port", str(self.port), "--save", "",
              "--appendonly", "no", "--dir", str(self.workdir)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
         )
@@ -60,7 +61,8 @@ class RedisServer:
 class PostgresCluster:
     """A throwaway PostgreSQL cluster, for machines where no server runs."""
 
-    def __init__(self) -> None:
+    def __init__(self, listen: tuple[str, ...] = ("127.0.0.1",), trust: tuple[str, ...] = ()) -> None:
+        self.listen, self.trust = listen, trust  # addresses to listen on; networks let in without a password
         bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
         found = shutil.which("initdb")
         initdb = found or (bins[-1] if bins else None)
@@ -84,6 +86,9 @@ class PostgresCluster:
         subprocess.run(self._as_user([str(self.bindir / "initdb"), "-D", str(data), "-A", "trust",
                                       "-U", "postgres", "--no-sync"]),
                        check=True, stdout=subprocess.DEVNULL)
+        if self.trust:
+            with open(data / "pg_hba.conf", "a") as hba:
+                hba.writelines(f"host all all {network} trust\n" for network in self.trust)
         self.resume()
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
@@ -91,7 +96,7 @@ class PostgresCluster:
         """Start the server (again) on the same data and port."""
         self.proc = subprocess.Popen(self._as_user([
             str(self.bindir / "postgres"), "-D", str(self.dir / "data"), "-p", str(self.port), "-k", str(self.dir),
-            "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"]),
+            "-c", f"listen_addresses={','.join(self.listen)}", "-c", "fsync=off"]),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_port("127.0.0.1", self.port, 30, self.proc)
         time.sleep(0.5)  # accepting TCP comes slightly before accepting logins
@@ -146,8 +151,8 @@ class WorkerProcess:
     """``python -m worker`` for a model, with the test's settings; stopped on ``stop()``."""
 
     def __init__(self, settings: Settings, model: str, *extra: str, env: dict[str, str] | None = None,
-                 log_path: Path | None = None) -> None:
-        self.settings, self.model, self.extra = settings, model, extra
+                 log_path: Path | None = None, prefix: tuple[str, ...] = ()) -> None:
+        self.settings, self.model, self.extra, self.prefix = settings, model, extra, prefix
         self.env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1", **(env or {})}
         self.log_path = log_path or Path(tempfile.mkstemp(prefix="worker-", suffix=".log")[1])
         self.proc: subprocess.Popen[bytes] | None = None
@@ -157,7 +162,7 @@ class WorkerProcess:
         ready.unlink()
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", "--model", self.model, "--ready-file", str(ready),
+            [*self.prefix, sys.executable, "-m", "worker", "--model", self.model, "--ready-file", str(ready),
              *self.extra],
             env=self.env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
         )
@@ -389,3 +394,60 @@ class PacketDrop:
 
     def __exit__(self, *exc: object) -> None:
         subprocess.run(["iptables", "-D", *self.rule], check=False)
+
+
+class Host:
+    """A host of its own on this machine: a network namespace joined to this one by a veth pair
+    (this machine is ``gateway``, the host ``address``). ``run`` prefixes a command to run there;
+    ``cut`` drops every packet in and out of it, as a failed link or a partition does (its
+    processes live on, their connections go silent); ``heal`` undoes it. Removed by ``remove``."""
+
+    def __init__(self, name: str, subnet: int) -> None:
+        self.name = f"bg{os.getpid() % 10000}{name}"
+        self.gateway, self.address = f"10.213.{subnet}.1", f"10.213.{subnet}.2"
+        self.outside, self.inside = f"{self.name}o"[:15], f"{self.name}i"[:15]
+
+    @staticmethod
+    def available() -> str | None:
+        """None if hosts can be made here, else why not."""
+        if os.geteuid() != 0:
+            return "not root"
+        for tool in ("ip", "iptables"):
+            if shutil.which(tool) is None:
+                return f"no {tool}"
+        probe = f"bgprobe{os.getpid() % 10000}"
+        made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+        if made.returncode != 0:
+            return f"cannot make a network namespace: {made.stderr.strip()}"
+        subprocess.run(["ip", "netns", "del", probe], check=False)
+        return None
+
+    def _ip(self, *args: str, inside: bool = False) -> None:
+        prefix = ["ip", "netns", "exec", self.name] if inside else []
+        subprocess.run([*prefix, *args], check=True, capture_output=True)
+
+    def make(self) -> Host:
+        self._ip("ip", "netns", "add", self.name)
+        self._ip("ip", "link", "add", self.outside, "type", "veth", "peer", "name", self.inside)
+        self._ip("ip", "link", "set", self.inside, "netns", self.name)
+        self._ip("ip", "addr", "add", f"{self.gateway}/24", "dev", self.outside)
+        self._ip("ip", "link", "set", self.outside, "up")
+        self._ip("ip", "addr", "add", f"{self.address}/24", "dev", self.inside, inside=True)
+        self._ip("ip", "link", "set", self.inside, "up", inside=True)
+        self._ip("ip", "link", "set", "lo", "up", inside=True)
+        return self
+
+    @property
+    def run(self) -> tuple[str, ...]:
+        return ("ip", "netns", "exec", self.name)
+
+    def cut(self) -> None:
+        for chain, flag in (("INPUT", "-i"), ("OUTPUT", "-o")):
+            self._ip("iptables", "-A", chain, "!", flag, "lo", "-j", "DROP", inside=True)
+
+    def heal(self) -> None:
+        self._ip("iptables", "-F", inside=True)
+
+    def remove(self) -> None:
+        subprocess.run(["ip", "netns", "del", self.name], check=False, capture_output=True)
+        subprocess.run(["ip", "link", "del", self.outside], check=False, capture_output=True)
