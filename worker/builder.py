@@ -1,10 +1,18 @@
 """Small Llama-architecture models with random weights, for development, tests and benchmarks.
 
-No weights can be downloaded here, so the builder makes its own checkpoint exactly as a real one
-looks: a BPE tokenizer with byte fallback trained on local text (Python's bundled documentation),
-wrapped as the Llama tokenizer, and a ``LlamaForCausalLM`` with random weights saved by
-transformers. It then goes through ``convert_checkpoint``, the same path as
-``meta-llama/Llama-2-7b-chat-hf``. Outputs of random weights are gibberish.
+No weights can be downloaded here, so the builder makes its own: a BPE tokenizer with byte
+fallback trained on local text (Python's bundled documentation), wrapped as the Llama tokenizer,
+and random weights of a Llama shape. Outputs of random weights are gibberish.
+
+Two ways, one shape:
+
+- ``build_model`` (what ``batchgen build-model`` and ``make run`` use) needs no PyTorch: numpy
+  draws the weights and CTranslate2's own model specification (``TransformerDecoderModelSpec``,
+  filled the way CTranslate2's Llama converter fills it) writes the model directory.
+- ``build_checkpoint`` writes a Hugging Face ``LlamaForCausalLM`` checkpoint with PyTorch (the
+  ``convert`` extra); it then goes through ``convert_checkpoint``, the same path as
+  ``meta-llama/Llama-2-7b-chat-hf``. Tests that compare CTranslate2 with transformers, and the
+  benchmark's transformers row, use it.
 """
 
 from __future__ import annotations
@@ -100,22 +108,113 @@ def build_checkpoint(checkpoint_dir: Path, *, preset: str = "demo", seed: int = 
     return checkpoint_dir
 
 
+def model_spec(shape: dict[str, int], tokens: list[str], *, seed: int = 0):  # type: ignore[no-untyped-def]
+    """A CTranslate2 Llama decoder specification with random weights drawn by numpy.
+
+    Filled as CTranslate2's ``LlamaLoader`` fills it from a ``LlamaForCausalLM``: pre-norm RMSNorm
+    layers, SwiGLU feed-forward (``linear_0`` gate, ``linear_0_noact`` up, ``linear_1`` down),
+    rotary embeddings over the whole head, fused query/key/value projection, grouped-query
+    attention, no biases. Weights ~ N(0, 0.02), norms 1: what transformers initialises.
+    """
+    import numpy as np
+    from ctranslate2.specs import common_spec, transformer_spec
+
+    heads, kv_heads = shape["num_attention_heads"], shape["num_key_value_heads"]
+    hidden, inner, vocab = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
+    head_dim = hidden // heads
+    spec = transformer_spec.TransformerDecoderModelSpec.from_config(
+        shape["num_hidden_layers"], heads, activation=common_spec.Activation.SWISH, pre_norm=True,
+        ffn_glu=True, rms_norm=True, rotary_dim=0, rotary_interleave=False, rotary_base=10000.0,
+        num_heads_kv=None if kv_heads == heads else kv_heads)
+    rng = np.random.default_rng(seed)
+    dtype = np.float16 if hidden >= 2048 else np.float32
+
+    def normal(rows: int, cols: int):  # type: ignore[no-untyped-def]
+        return (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(dtype)
+
+    def ones():  # type: ignore[no-untyped-def]
+        return np.ones(hidden, dtype=dtype)
+
+    decoder = spec.decoder
+    decoder.scale_embeddings = False
+    decoder.embeddings.weight = normal(vocab, hidden)
+    decoder.layer_norm.gamma = ones()
+    for layer in decoder.layer:
+        layer.self_attention.layer_norm.gamma = ones()
+        layer.self_attention.linear[0].weight = normal((heads + 2 * kv_heads) * head_dim, hidden)
+        layer.self_attention.linear[1].weight = normal(hidden, hidden)
+        layer.ffn.layer_norm.gamma = ones()
+        layer.ffn.linear_0.weight = normal(inner, hidden)
+        layer.ffn.linear_0_noact.weight = normal(inner, hidden)
+        layer.ffn.linear_1.weight = normal(hidden, inner)
+    decoder.projection.weight = normal(vocab, hidden)
+    spec.register_vocabulary(tokens)
+    spec.config.bos_token, spec.config.eos_token, spec.config.unk_token = "<s>", "</s>", "<unk>"
+    spec.config.layer_norm_epsilon = 1e-5
+    return spec
+
+
+def write_model(output_dir: Path, *, preset: str = "demo", seed: int = 0, context_length: int = 4096,
+                quantization: str = "int8", force: bool = False) -> Path:
+    """Write a random-weight CTranslate2 model and its tokenizer to ``output_dir``, without PyTorch.
+
+    Written to a temporary directory beside ``output_dir`` and moved into place at the end, as a
+    conversion is: an interrupted build leaves no half model."""
+    from transformers import AutoTokenizer
+
+    from worker.convert import METADATA_FILE, QUANTIZATIONS, refuse_to_replace
+
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}")
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not force:
+        raise FileExistsError(f"{output_dir} exists; pass force=True (--force) to replace it")
+    refuse_to_replace(output_dir)
+    shape = PRESETS[preset]
+    tokenizer = train_tokenizer(shape["vocab_size"])
+    tokens = [token for token, _ in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])]
+    tokens += [f"<extra_id_{i}>" for i in range(shape["vocab_size"] - len(tokens))]
+    spec = model_spec(shape, tokens[:shape["vocab_size"]], seed=seed)
+    spec.validate()
+    spec.optimize(quantization=quantization)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        (staging / "model").mkdir()
+        spec.save(str(staging / "model"))
+        # Saved, loaded and saved again, as ``convert_checkpoint`` saves a checkpoint's tokenizer:
+        # loading normalises it (Llama's Metaspace without splitting), so both paths tokenize alike.
+        tokenizer.save_pretrained(str(staging / "tokenizer"))
+        AutoTokenizer.from_pretrained(str(staging / "tokenizer")).save_pretrained(str(staging / "model"))
+        metadata = {"source": f"random weights, preset {preset}, seed {seed}", "quantization": quantization,
+                    "context_length": context_length, **{k: shape[k] for k in
+                                                          ("vocab_size", "hidden_size", "num_hidden_layers")},
+                    "converted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        (staging / "model" / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        (staging / "model").rename(output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output_dir
+
+
 def build_model(output_dir: Path, *, preset: str = "demo", seed: int = 0, context_length: int = 4096,
                 quantization: str = "int8", keep_checkpoint: Path | None = None,
                 force: bool = False) -> Path:
-    """Build a random-weight checkpoint and convert it to a CTranslate2 model in ``output_dir``.
+    """Build a random-weight CTranslate2 model in ``output_dir``.
 
-    ``keep_checkpoint`` keeps the transformers checkpoint there (the benchmark's PyTorch baseline
-    runs on it); otherwise it lives in a temporary directory.
+    Without ``keep_checkpoint`` no PyTorch is needed (``write_model``). With it, the weights are a
+    transformers checkpoint kept there (the benchmark's PyTorch baseline runs on it), converted by
+    ``convert_checkpoint``.
     """
     started = time.monotonic()
-    workdir = Path(tempfile.mkdtemp(prefix="batchgen-build-"))
-    try:
-        checkpoint = keep_checkpoint or workdir / "checkpoint"
-        build_checkpoint(checkpoint, preset=preset, seed=seed, context_length=context_length)
-        convert_checkpoint(checkpoint, output_dir, quantization=quantization, force=force,
+    if keep_checkpoint is None:
+        write_model(output_dir, preset=preset, seed=seed, context_length=context_length,
+                    quantization=quantization, force=force)
+    else:
+        build_checkpoint(keep_checkpoint, preset=preset, seed=seed, context_length=context_length)
+        convert_checkpoint(keep_checkpoint, output_dir, quantization=quantization, force=force,
                            low_memory=False)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
     log.info("built %s model in %s in %.1fs", preset, output_dir, time.monotonic() - started)
     return output_dir
