@@ -1,6 +1,8 @@
 # The API image: Flask + gunicorn + the shared core. No model libraries (no CTranslate2, no
 # transformers, no torch): prompt tokens are counted with the tokenizers library alone.
-FROM python:3.11-slim
+# PYTHON_IMAGE: the base (the compose test builds on a local stand-in; see tests/compose).
+ARG PYTHON_IMAGE=python:3.11-slim
+FROM ${PYTHON_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app

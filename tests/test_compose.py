@@ -36,17 +36,20 @@ def test_the_compose_file_is_valid_and_has_no_default_password():
     assert compose("config", "-q").returncode == 0
     refused = compose("config", "-q", password=None)
     assert refused.returncode != 0 and "set POSTGRES_PASSWORD in .env" in refused.stderr
-    services = set(compose("--profile", "cpu", "config", "--services").stdout.split())
-    assert services == {"redis", "postgres", "migrate", "api", "worker-gpu0", "demo-model", "worker-cpu", "flower"}
-    config = yaml.safe_load(compose("--profile", "cpu", "config").stdout)["services"]
-    assert {n for n, svc in config.items() if "cpu" in svc.get("profiles", [])} == {"demo-model", "worker-cpu"}
+    common = {"redis", "postgres", "migrate", "api", "flower"}
+    # Each profile starts only what its machine can run: no GPU worker under --profile cpu.
+    assert set(compose("--profile", "cpu", "config", "--services").stdout.split()) == \
+        common | {"demo-model", "worker-cpu"}
+    assert set(compose("--profile", "gpu", "config", "--services").stdout.split()) == common | {"worker-gpu0"}
+    assert set(compose("--profile", "convert", "config", "--services").stdout.split()) == common | {"convert"}
 
 
 @needs_compose
 def test_the_stack_is_wired_for_health_order_and_gpus():
-    config = yaml.safe_load(compose("--profile", "cpu", "config").stdout)["services"]
+    config = yaml.safe_load(compose("--profile", "cpu", "--profile", "gpu", "--profile", "convert",
+                                    "config").stdout)["services"]
     for name, service in config.items():
-        if name not in ("migrate", "demo-model"):
+        if name not in ("migrate", "demo-model", "convert"):
             assert "healthcheck" in service, name
             assert service.get("restart") == "unless-stopped", name
     assert config["api"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
@@ -61,6 +64,9 @@ def test_the_stack_is_wired_for_health_order_and_gpus():
         text = (ROOT / dockerfile).read_text()
         assert "\nUSER batchgen\n" in text, f"{dockerfile} must not run as root"
     assert "ctranslate2" not in (ROOT / "docker/api.Dockerfile").read_text().split("-e .")[1]
+    # PyTorch only in the convert image: the serving worker's stage installs no convert extra.
+    worker_stage = (ROOT / "docker/worker.Dockerfile").read_text().split("AS convert")[0]
+    assert "torch" not in worker_stage.replace("no PyTorch", "") and config["worker-cpu"]["build"]["target"] == "worker"
     assert (ROOT / ".dockerignore").read_text().count(".venv")
 
 
@@ -90,7 +96,7 @@ def test_only_the_api_is_published_beyond_this_host_and_it_may_stop_gracefully()
 
 @needs_compose
 def test_every_command_the_compose_file_runs_starts_here_the_same_way(make_settings, sqlite_url, tmp_path):
-    config = yaml.safe_load(compose("--profile", "cpu", "config").stdout)["services"]
+    config = yaml.safe_load(compose("--profile", "cpu", "--profile", "gpu", "config").stdout)["services"]
     settings = make_settings(sqlite_url, models_dir=tmp_path / "models", registry_file=tmp_path / "models.json")
     env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
     models = str(tmp_path / "models")

@@ -21,6 +21,9 @@ from typing import Any
 worker_class = "gevent"
 worker_connections = int(os.environ.get("BATCHGEN_API_CONNECTIONS", "2000"))
 graceful_timeout = 30
+# No `gunicornc` control socket: batchgen does not use it, and its default place ($HOME/.gunicorn)
+# is not writable for the images' unprivileged user (gunicorn logged an error at every start).
+control_socket_disable = True
 
 
 def post_worker_init(worker: Any) -> None:
