@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test bench clean
+.PHONY: install run test test-compose bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ test: install
 	@test -x /usr/bin/chromium || (apt-get install -y -q chromium >/dev/null 2>&1 \
 	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) || true
 	$(BIN)/python -m pytest
+	@# The compose stack for real, where a Docker engine can run (one line says so where it cannot).
+	PYTHON=$(BIN)/python bash tests/compose/run.sh --if-possible
+
+# Builds the images and runs the compose stack (--profile cpu) with faults; see tests/compose/run.sh.
+test-compose: install
+	PYTHON=$(BIN)/python bash tests/compose/run.sh
 
 bench: install
 	$(BIN)/python -m bench.throughput
