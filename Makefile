@@ -28,7 +28,7 @@ test: install
 	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) || true
 	$(BIN)/python -m pytest
 	@# The compose stack for real, where a Docker engine can run (one line says so where it cannot).
-	PYTHON=$(BIN)/python bash tests/compose/run.sh --if-possible
+	@PYTHON=$(BIN)/python bash tests/compose/run.sh --if-possible
 
 # Builds the images and runs the compose stack (--profile cpu) with faults; see tests/compose/run.sh.
 test-compose: install

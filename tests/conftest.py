@@ -102,7 +102,8 @@ def database_url(request: pytest.FixtureRequest, sqlite_url: str) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny Llama built by the builder and converted by the real converter (int8)."""
+    """A tiny Llama with random weights (int8), written by the builder without PyTorch; the converter's
+    own path is tested in tests/worker/test_convert.py and test_builder.py."""
     from worker.builder import build_model
 
     return build_model(tmp_path_factory.mktemp("models") / "tiny", preset="tiny", seed=1)

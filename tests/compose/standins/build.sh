@@ -5,6 +5,7 @@
 # they never shadow a real image; the test passes them to the Dockerfiles and the compose file.
 # Each image carries a label with the hash of what made it: a change here rebuilds it.
 set -euo pipefail
+shopt -s nullglob
 here="$(cd "$(dirname "$0")" && pwd)"
 prefix=batchgen-standin
 ca=/etc/ssl/certs/ca-certificates.crt
@@ -38,7 +39,8 @@ declare -A standins=(
 )
 for name in "${!standins[@]}"; do
   file=${standins[$name]}
-  key=$( (echo "$base_key"; cat "$here/$file" "$here"/*-entrypoint.sh) | sha256sum | cut -c1-16)
+  inputs=("$here/$file" "$here/${file%.Dockerfile}"-*.sh)  # its Dockerfile and what it copies
+  key=$( (echo "$base_key"; cat "${inputs[@]}") | sha256sum | cut -c1-16)
   if [ "$(label "$prefix/$name")" != "$key" ]; then
     echo "stand-ins: building $prefix/$name"
     old=$(docker image inspect -f '{{.Id}}' "$prefix/$name" 2>/dev/null || true)

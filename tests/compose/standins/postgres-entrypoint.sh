@@ -16,9 +16,10 @@ if [ "$1" = "postgres" ]; then
     rm -f "$pwfile"
     echo "host all all all scram-sha-256" >> "$PGDATA/pg_hba.conf"
     if [ "$db" != "postgres" ]; then
-      # A private socket: pg_isready (the health check) must not see this temporary server.
-      as_postgres pg_ctl -D "$PGDATA" -o "-c listen_addresses='' -c unix_socket_directories=/tmp" -w start >/dev/null
-      as_postgres psql -h /tmp -v ON_ERROR_STOP=1 --username="$user" --dbname=postgres \
+      # As the real image does: a temporary server on the socket only (no TCP), so a health check
+      # over the socket would call it ready too early; the compose file checks over TCP.
+      as_postgres pg_ctl -D "$PGDATA" -o "-c listen_addresses=''" -w start >/dev/null
+      as_postgres psql -v ON_ERROR_STOP=1 --username="$user" --dbname=postgres \
         -c "CREATE DATABASE \"$db\"" >/dev/null
       as_postgres pg_ctl -D "$PGDATA" -m fast -w stop >/dev/null
     fi
