@@ -2,24 +2,33 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+# Two installs: what serving needs (make run: the API, a CPU worker, embedded Redis; no PyTorch,
+# no test tools), and on top of it what the tests and the bench need.
+RUN_STAMP  := $(VENV)/.installed-run
+TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install run test test-compose bench clean
+.PHONY: install install-dev run test test-compose bench clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(RUN_STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[worker]'
+	@touch $@
+
+$(TEST_STAMP): $(RUN_STAMP)
 	# torch first, pinned: resolving it unpinned would fetch a CUDA build.
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[worker,convert,ops,test]'
-	@touch $(STAMP)
+	@touch $@
 
-install: $(STAMP)
+install: $(RUN_STAMP)
+
+install-dev: $(TEST_STAMP)
 
 run: install
 	$(BIN)/batchgen up
 
-test: install
+test: install-dev
 	@# The compose file is checked with docker-compose (no Docker engine needed); install it if we can.
 	@command -v docker-compose >/dev/null 2>&1 || (apt-get install -y -q docker-compose >/dev/null 2>&1 \
 	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q docker-compose >/dev/null 2>&1)) || true
@@ -31,10 +40,10 @@ test: install
 	@PYTHON=$(BIN)/python bash tests/compose/run.sh --if-possible
 
 # Builds the images and runs the compose stack (--profile cpu) with faults; see tests/compose/run.sh.
-test-compose: install
+test-compose: install-dev
 	PYTHON=$(BIN)/python bash tests/compose/run.sh
 
-bench: install
+bench: install-dev
 	$(BIN)/python -m bench.throughput
 
 clean:

@@ -31,6 +31,7 @@ Running the service:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -119,6 +120,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     except Exception:
         known = None
     out = args.output or (registry.directory(known) if known else default_directory(settings.models_dir, name))
+    if importlib.util.find_spec("torch") is None:  # make run installs what serving needs, not this
+        raise CliError("converting a checkpoint needs PyTorch, which serving does not: "
+                       "make install-dev, or .venv/bin/pip install 'torch==2.13.0' -e '.[convert]'")
     convert_checkpoint(args.source, out, quantization=args.quantization, force=args.force)
     chat = args.chat if args.chat is not None else (known.chat if known else "chat" in name.lower())
     spec = ModelSpec(name=name, path=str(Path(out).resolve()), chat=chat,

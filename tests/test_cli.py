@@ -2,6 +2,7 @@
 
 import json
 import logging
+import sys
 
 import pytest
 
@@ -105,6 +106,9 @@ def test_operator_errors_are_one_line_and_exit_1(var, tmp_path, capsys, monkeypa
     assert "run `batchgen migrate` first" in fails("keys", "list")  # a database never migrated
     assert "no checkpoint directory '/no/such/dir'" in fails("convert", "/no/such/dir", "--name", "x")
     assert "Unrecognized model" in fails("convert", str(tmp_path), "--name", "x")  # not a checkpoint
+    with monkeypatch.context() as without:  # make run installs no PyTorch: converting says what to install
+        without.setitem(sys.modules, "torch", None)
+        assert "needs PyTorch" in fails("convert", str(tmp_path), "--name", "x")
     (var / "models" / "demo").mkdir(parents=True)
     assert "exists; pass --force" in fails("build-model", "--preset", "demo")
     monkeypatch.setenv("BATCHGEN_DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")
