@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 RUN_STAMP  := $(VENV)/.installed-run
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install install-dev run test test-compose bench clean
+.PHONY: install install-dev run test test-fast test-compose bench clean
 
 $(RUN_STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,9 +35,16 @@ test: install-dev
 	@# The web page is tested in Debian's chromium (driven by Playwright); install it if we can.
 	@test -x /usr/bin/chromium || (apt-get install -y -q chromium >/dev/null 2>&1 \
 	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) || true
+	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest
 	@# The compose stack for real, where a Docker engine can run (one line says so where it cannot).
 	@PYTHON=$(BIN)/python bash tests/compose/run.sh --if-possible
+
+# The fast lane while you work: lint, and every test that starts no worker process, no browser and
+# measures no model. make test (what CI runs) runs everything.
+test-fast: install-dev
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m pytest -m "not slow" -q
 
 # Builds the images and runs the compose stack (--profile cpu) with faults; see tests/compose/run.sh.
 test-compose: install-dev

@@ -99,6 +99,7 @@ def test_only_the_api_is_published_beyond_this_host_and_it_may_stop_gracefully()
 
 
 @needs_compose
+@pytest.mark.slow
 def test_every_command_the_compose_file_runs_starts_here_the_same_way(make_settings, sqlite_url, tmp_path):
     config = yaml.safe_load(compose("--profile", "cpu", "--profile", "gpu", "config").stdout)["services"]
     settings = make_settings(sqlite_url, models_dir=tmp_path / "models", registry_file=tmp_path / "models.json")

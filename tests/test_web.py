@@ -16,6 +16,8 @@ import pytest
 
 from tests.conftest import make_key
 
+pytestmark = pytest.mark.slow  # a real browser against a real stack
+
 CHROMIUM = os.environ.get("BATCHGEN_TEST_CHROMIUM", "/usr/bin/chromium")
 SHOTS = Path(os.environ.get("BATCHGEN_SCREENSHOTS_DIR", Path(__file__).resolve().parents[1] / "var" / "screenshots"))
 

@@ -6,7 +6,6 @@ import logging
 from prometheus_client.parser import text_string_to_metric_families
 
 from core.db import alembic_config, upgrade
-from tests.conftest import authed, make_key
 
 
 def families(text):

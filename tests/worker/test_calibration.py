@@ -120,6 +120,7 @@ def calibrate_tiny(tiny_model, cache_dir, mode="auto"):
                           cache_dir=cache_dir, mode=mode, budget_s=3)
 
 
+@pytest.mark.slow  # measures the real model three times
 def test_a_calibration_is_cached_and_measured_again_when_its_key_changes(tiny_model, tmp_path, monkeypatch):
     first = calibrate_tiny(tiny_model, tmp_path)
     assert first.source == "measured" and first.trials and first.choice.max_batch_tokens > 0
