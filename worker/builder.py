@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -162,14 +161,9 @@ def write_model(output_dir: Path, *, preset: str = "demo", seed: int = 0, contex
     conversion is: an interrupted build leaves no half model."""
     from transformers import AutoTokenizer
 
-    from worker.convert import METADATA_FILE, QUANTIZATIONS, refuse_to_replace
+    from worker.convert import check_output, staged, write_metadata
 
-    if quantization not in QUANTIZATIONS:
-        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}")
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not force:
-        raise FileExistsError(f"{output_dir} exists; pass force=True (--force) to replace it")
-    refuse_to_replace(output_dir)
+    output_dir = check_output(output_dir, quantization, force)
     shape = PRESETS[preset]
     tokenizer = train_tokenizer(shape["vocab_size"])
     tokens = [token for token, _ in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])]
@@ -177,25 +171,15 @@ def write_model(output_dir: Path, *, preset: str = "demo", seed: int = 0, contex
     spec = model_spec(shape, tokens[:shape["vocab_size"]], seed=seed)
     spec.validate()
     spec.optimize(quantization=quantization)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
-        (staging / "model").mkdir()
-        spec.save(str(staging / "model"))
+    with staged(output_dir) as model_dir, tempfile.TemporaryDirectory() as scratch:
+        spec.save(str(model_dir))
         # Saved, loaded and saved again, as ``convert_checkpoint`` saves a checkpoint's tokenizer:
         # loading normalises it (Llama's Metaspace without splitting), so both paths tokenize alike.
-        tokenizer.save_pretrained(str(staging / "tokenizer"))
-        AutoTokenizer.from_pretrained(str(staging / "tokenizer")).save_pretrained(str(staging / "model"))
-        metadata = {"source": f"random weights, preset {preset}, seed {seed}", "quantization": quantization,
-                    "context_length": context_length, **{k: shape[k] for k in
-                                                          ("vocab_size", "hidden_size", "num_hidden_layers")},
-                    "converted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        (staging / "model" / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        (staging / "model").rename(output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        tokenizer.save_pretrained(scratch)
+        AutoTokenizer.from_pretrained(scratch).save_pretrained(str(model_dir))
+        write_metadata(model_dir, source=f"random weights, preset {preset}, seed {seed}",
+                       quantization=quantization, context_length=context_length,
+                       **{k: shape[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers")})
     return output_dir
 
 
