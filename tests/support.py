@@ -251,6 +251,15 @@ def queued_request_ids(settings: Settings, model: str) -> list[str]:
     return ids
 
 
+def clear_of_minute_boundary(needed_s: float) -> None:
+    """Sleep into the next clock minute unless ``needed_s`` seconds are left in this one: limits
+    counted per clock minute (rate limits, failed keys) start afresh at the boundary, so a test
+    that fills one window must not straddle two."""
+    left = 60 - time.time() % 60
+    if left < needed_s:
+        time.sleep(left + 0.05)
+
+
 def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):  # type: ignore[no-untyped-def]
     """Poll ``predicate`` until it returns something truthy; returns that."""
     deadline = time.monotonic() + timeout

@@ -121,6 +121,7 @@ def test_accepted_job_is_stored_and_each_request_queued_on_its_model_queue(app, 
     assert client.get(f"/v1/jobs/{job['id']}").get_json() == job
 
     page = client.get(f"/v1/jobs/{job['id']}/results").get_json()
+    assert app.extensions["batchgen"].dispatcher.wait_idle(10)  # published by the dispatcher's thread
     assert sorted(d["id"] for d in page["data"]) == sorted(queued_request_ids(settings, "tiny-chat"))
     assert [d["index"] for d in page["data"]] == [0, 1] and page["has_more"] is False
     assert page["data"][0]["status"] == "queued" and page["data"][0]["text"] is None

@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 
 from core.tables import Job, JobRequest
 from tests.conftest import authed, make_key
-from tests.support import queued_request_ids
+from tests.support import clear_of_minute_boundary, queued_request_ids
 
 TINY = {"model": "tiny", "prompts": ["a", "b"]}
 
@@ -135,6 +135,7 @@ def test_rate_limit_per_key_answers_429(make_settings, sqlite_url):
 
     app = create_app(make_settings(sqlite_url, rate_limit_per_minute=3))
     client = authed(app, make_key(sqlite_url))
+    clear_of_minute_boundary(10)  # requests are counted per clock minute
     codes = [client.get("/v1/jobs").status_code for _ in range(4)]
     limited = client.get("/v1/jobs")
     assert codes[:3] == [200, 200, 200] and limited.status_code == 429
