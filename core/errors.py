@@ -44,3 +44,22 @@ class ConflictError(BatchgenError):
     """The request cannot be done in the thing's current state (e.g. deleting a running job)."""
 
     code = "conflict"
+
+
+class LimitError(BatchgenError):
+    """A cap would be passed (queue depth, pending or stored requests); ``code`` names which,
+    ``retry_after`` (seconds) says when trying again may help, if it may."""
+
+    code = "limit_exceeded"
+
+    def __init__(self, code: str, message: str, *, details: Any = None, retry_after: int | None = None) -> None:
+        super().__init__(message, details=details)
+        self.code = code
+        self.retry_after = retry_after
+
+
+class UnavailableError(BatchgenError):
+    """A service the request needs (the queue, the database) cannot be reached now."""
+
+    code = "unavailable"
+    retry_after = 5

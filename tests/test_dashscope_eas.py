@@ -41,7 +41,8 @@ def test_dashscope_streams_the_text_so_far(ds):
 def test_dashscope_errors_have_its_shape(ds):
     api, _, token = ds
     r = dashscope.Generation.call(model="no-such-model", prompt="x", api_key=token)
-    assert r.status_code == 400 and r.code == "InvalidParameter" and "no-such-model" in r.message and r.request_id
+    # An unknown model is a 404, as on the OpenAI routes (one mapping, webapi.errors.status_for).
+    assert r.status_code == 404 and r.code == "ModelNotFound" and "no-such-model" in r.message and r.request_id
     r = dashscope.Generation.call(model="tiny-chat", prompt="x", api_key="key_x.y")
     assert r.status_code == 401 and r.code == "InvalidApiKey"
     resp = requests.post(f"{api.url}/api/v1/services/aigc/text-generation/generation", json={"model": "tiny-chat"},

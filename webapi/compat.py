@@ -20,7 +20,7 @@ from typing import Any, Literal
 from flask import Blueprint, Response, g, request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from core.errors import UnknownModelError
+from core.registry import ModelSpec
 from core.schemas import (
     ChatMessage,
     GenerationParams,
@@ -30,7 +30,7 @@ from core.schemas import (
     check_chat_shape,
 )
 from webapi.auth import current_principal
-from webapi.errors import ApiError, read_body, validated
+from webapi.errors import ApiError, error_body, failed_call, read_body, validated
 from webapi.jobs import json_body
 from webapi.services import services
 from webapi.sync import stream_restarted
@@ -107,20 +107,9 @@ class EasRequest(BaseModel):
     system_prompt: Text | None = None
 
 
-def _run(model_name: str, request_item: RequestCreate, stream: bool = False) -> tuple[Any, Any]:
-    svc = services()
-    try:
-        model = svc.registry().resolve(model_name)
-    except UnknownModelError as exc:
-        raise ApiError(400, "model_not_found", exc.message,
-                       [{"loc": "model", "message": exc.message, "type": "model_not_found"}]) from None
+def _run(model: ModelSpec, request_item: RequestCreate, stream: bool = False) -> Any:
     spec = JobCreate(model=model.name, requests=[request_item])
-    return model, svc.sync.start(principal=current_principal(), spec=spec, model=model, stream=stream)
-
-
-def _failed(row: Any) -> ApiError:
-    status = 400 if row.error_code in ("context_length_exceeded", "invalid_prompt") else 500
-    return ApiError(status, row.error_code or "generation_failed", row.error_message or "generation failed")
+    return services().sync.start(principal=current_principal(), spec=spec, model=model, stream=stream)
 
 
 @dashscope.post("/api/v1/services/aigc/text-generation/generation")
@@ -132,10 +121,7 @@ def dashscope_generation() -> Any:
     params = GenerationParams(max_new_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
                               repetition_penalty=p.repetition_penalty, stop=stops or None)
     svc = services()
-    try:
-        chat = svc.registry().resolve(req.model).chat
-    except UnknownModelError:
-        chat = False  # reported by _run
+    model = svc.submissions.resolve(req.model)
     if req.input.messages is not None:
         messages = [ChatMessage(role=m.role, content=m.content) for m in req.input.messages]
         try:
@@ -143,24 +129,24 @@ def dashscope_generation() -> Any:
         except ValueError as exc:
             raise ApiError(400, "invalid_request", str(exc)) from None
         item = RequestCreate(messages=messages, params=params)
-    elif chat:  # as DashScope does for its chat models, a prompt is the user's turn
+    elif model.chat:  # as DashScope does for its chat models, a prompt is the user's turn
         item = RequestCreate(messages=[ChatMessage(role="user", content=req.input.prompt or "")], params=params)
     else:
         item = RequestCreate(prompt=req.input.prompt, params=params)
     stream = (request.headers.get("X-DashScope-SSE", "").lower() == "enable"
               or "text/event-stream" in request.headers.get("Accept", ""))
-    model, call = _run(req.model, item, stream=stream)
+    call = _run(model, item, stream=stream)
     request_id = g.request_id
     if stream:
         return svc.sync.respond(call, _dashscope_sse(svc.sync, call, p, request_id))
     row = svc.sync.wait(call)
     if row.status != "succeeded":
-        raise _failed(row)
-    return _dashscope_body(row.text or "", row.finish_reason, row.prompt_tokens, row.completion_tokens, p.result_format,
+        raise failed_call(row)
+    return _generation_body(row.text or "", row.finish_reason, row.prompt_tokens, row.completion_tokens, p.result_format,
                            request_id)
 
 
-def _dashscope_body(text: str, finish: str | None, prompt_tokens: int | None, completion_tokens: int | None,
+def _generation_body(text: str, finish: str | None, prompt_tokens: int | None, completion_tokens: int | None,
                     result_format: str, request_id: str) -> dict[str, Any]:
     finish = finish or "null"
     if result_format == "message":
@@ -188,24 +174,25 @@ def _dashscope_sse(sync: Any, call: Any, p: DashScopeParameters, request_id: str
         for kind, value in sync.events(call):
             if kind == "delta":
                 text += value
-                yield event(_dashscope_body(value if p.incremental_output else text, None, None, None,
+                yield event(_generation_body(value if p.incremental_output else text, None, None, None,
                                             p.result_format, request_id))
                 continue
             row = value
             if row.status != "succeeded":
-                err = _failed(row)
-                yield event({"code": "InternalError", "message": err.message, "request_id": request_id}, err.status)
+                err = failed_call(row)
+                status, body = error_body("dashscope", err.status, err.code, err.message, None, request_id)
+                yield event(body, status)
                 return
             final = row.text or ""
             if not final.startswith(text):  # a retried run's deltas were lost: what was sent is void
                 raise stream_restarted()
             rest = final[len(text):]
-            yield event(_dashscope_body(rest if p.incremental_output else final, row.finish_reason, row.prompt_tokens,
+            yield event(_generation_body(rest if p.incremental_output else final, row.finish_reason, row.prompt_tokens,
                                         row.completion_tokens, p.result_format, request_id))
             return
-    except ApiError as exc:
-        code = "RequestTimeOut" if exc.status == 504 else "ServiceUnavailable"
-        yield event({"code": code, "message": exc.message, "request_id": request_id}, exc.status)
+    except ApiError as exc:  # timeout, restart: the headers are gone, so the error is an event
+        status, body = error_body("dashscope", exc.status, exc.code, exc.message, None, request_id)
+        yield event(body, status)
 
 
 @eas.post("/")
@@ -217,11 +204,8 @@ def eas_generate() -> Any:
         req = validated(EasRequest, json_body(), loc_in_message=True)
         params = GenerationParams(max_new_tokens=req.max_length, temperature=req.temperature, top_p=req.top_p,
                                   top_k=req.top_k)
-        try:
-            chat = svc.registry().resolve(model_name).chat
-        except UnknownModelError:
-            chat = False
-        if chat:
+        model = svc.submissions.resolve(model_name)
+        if model.chat:
             turns = [ChatMessage(role="system", content=req.system_prompt)] if req.system_prompt else []
             for user, answer in req.history:
                 turns += [ChatMessage(role="user", content=user), ChatMessage(role="assistant", content=answer)]
@@ -232,10 +216,10 @@ def eas_generate() -> Any:
                            "a chat model")
         else:
             item = RequestCreate(prompt=req.input_ids, params=params)
-        _, call = _run(model_name, item)
+        call = _run(model, item)
         row = svc.sync.wait(call)
         if row.status != "succeeded":
-            raise _failed(row)
+            raise failed_call(row)
         return {"response": row.text or "", "history": [*map(list, req.history), [req.input_ids, row.text or ""]]}
     try:
         prompt = read_body().decode("utf-8")
@@ -243,8 +227,8 @@ def eas_generate() -> Any:
         raise ApiError(400, "invalid_request", "the prompt is not UTF-8 text") from None
     if not prompt or "\x00" in prompt:
         raise ApiError(400, "invalid_request", "send the prompt as the text/plain body (no NUL characters)")
-    _, call = _run(model_name, RequestCreate(prompt=prompt))
+    call = _run(svc.submissions.resolve(model_name), RequestCreate(prompt=prompt))
     row = svc.sync.wait(call)
     if row.status != "succeeded":
-        raise _failed(row)
+        raise failed_call(row)
     return Response(row.text or "", mimetype="text/plain")

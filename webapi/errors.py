@@ -18,25 +18,35 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from core.errors import (
-    BatchgenError,
-    ConflictError,
-    ContextLengthError,
-    InvalidRequestError,
-    NotFoundError,
-    UnknownModelError,
-)
+from core.errors import BatchgenError
 from core.ids import new_id
 
 log = logging.getLogger("batchgen.api")
 
-_STATUS_BY_ERROR: list[tuple[type[BatchgenError], int]] = [
-    (NotFoundError, 404),
-    (ConflictError, 409),
-    (UnknownModelError, 422),
-    (ContextLengthError, 422),
-    (InvalidRequestError, 422),
-]
+# The one mapping from the service's error codes to HTTP statuses, as the native API answers them.
+# Domain errors (``core.errors``) and the error codes of requests that failed (a synchronous call
+# answers with its request's failure) both go through it; a code not listed is the service's own
+# fault (500). ``status_for`` turns it into each interface's status.
+STATUS_BY_CODE = {
+    "invalid_request": 422, "model_not_found": 422, "context_length_exceeded": 422, "invalid_prompt": 422,
+    "prompt_too_long": 422, "not_found": 404, "conflict": 409, "queue_full": 429, "too_many_pending": 429,
+    "storage_quota_exceeded": 429, "unavailable": 503,
+}
+# The compatibility interfaces answer as the services they imitate do: invalid input is a 400
+# (they have no 422) and an unknown model a 404.
+COMPAT_INTERFACES = ("openai", "dashscope", "eas")
+_COMPAT_STATUS = {"model_not_found": 404}
+
+
+def status_for(code: str, interface: str = "native", native: int | None = None) -> int:
+    """The HTTP status of error ``code`` on ``interface`` (a blueprint name; ``native`` for the
+    jobs API), given the status the native API answers it with (``native``, else the table's)."""
+    status = native if native is not None else STATUS_BY_CODE.get(code, 500)
+    if interface in COMPAT_INTERFACES:
+        status = _COMPAT_STATUS.get(code, 400 if status == 422 else status)
+    return status
+
+
 _HTTP_CODES = {
     400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
     405: "method_not_allowed", 406: "not_acceptable", 409: "conflict", 413: "payload_too_large",
@@ -115,7 +125,7 @@ def _param(details: Any) -> str | None:
     return None
 
 
-def _openai_body(status: int, code: str, message: str, details: Any) -> dict[str, Any]:
+def _openai_body(status: int, code: str, message: str, details: Any, request_id: str | None) -> dict[str, Any]:
     # OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
     kind = ("server_error" if status >= 500 and status != 504 else "timeout" if status == 504
             else "rate_limit_error" if status == 429 else "invalid_request_error")
@@ -125,31 +135,42 @@ def _openai_body(status: int, code: str, message: str, details: Any) -> dict[str
 
 
 _DASHSCOPE_CODES = {400: "InvalidParameter", 401: "InvalidApiKey", 404: "ModelNotFound", 409: "InvalidParameter",
-                    413: "InvalidParameter", 422: "InvalidParameter", 429: "Throttling", 503: "ServiceUnavailable",
-                    504: "RequestTimeOut"}
+                    413: "InvalidParameter", 429: "Throttling", 503: "ServiceUnavailable", 504: "RequestTimeOut"}
 
 
-def _dashscope_body(status: int, code: str, message: str, details: Any) -> dict[str, Any]:
+def _dashscope_body(status: int, code: str, message: str, details: Any, request_id: str | None) -> dict[str, Any]:
     # DashScope's shape: {"code", "message", "request_id"} with the HTTP status.
-    return {"code": _DASHSCOPE_CODES.get(status, "InternalError"), "message": message,
-            "request_id": g.get("request_id")}
+    return {"code": _DASHSCOPE_CODES.get(status, "InternalError"), "message": message, "request_id": request_id}
 
 
-# Error shapes of the compatibility routes, by blueprint; every other route gets the native envelope.
-_STYLES = {"openai": _openai_body, "dashscope": _dashscope_body}
-# Compatibility routes answer invalid input with 400, as the services they imitate do.
-_STATUS_OVERRIDE = {"openai": {422: 400}, "dashscope": {422: 400}}
+def _native_body(status: int, code: str, message: str, details: Any, request_id: str | None) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "details": details, "request_id": request_id}}
+
+
+# Error shapes by blueprint; every other route (PAI-EAS among them: it has no error body of its
+# own) gets the native envelope.
+_SHAPES = {"openai": _openai_body, "dashscope": _dashscope_body}
+
+
+def error_body(interface: str, status: int | None, code: str, message: str, details: Any = None,
+               request_id: str | None = None) -> tuple[int, dict[str, Any]]:
+    """The status and body of an error on ``interface`` (a blueprint name), given the status the
+    native API answers it with (``None``: the one ``STATUS_BY_CODE`` gives ``code``). Also for errors sent as an event of a stream whose headers are
+    gone (``request_id`` then comes from the caller: the request context may be over)."""
+    status = status_for(code, interface, status)
+    return status, _SHAPES.get(interface, _native_body)(status, code, message, details, request_id)
+
+
+def failed_call(row: Any) -> ApiError:
+    """The error a synchronous call answers when its request failed (by its error code)."""
+    code = row.error_code or "generation_failed"
+    return ApiError(STATUS_BY_CODE.get(code, 500), code, row.error_message or "generation failed")
 
 
 def error_response(status: int, code: str, message: str, details: Any = None) -> Response:
-    """The error, in the shape of the route family it happened on."""
-    style = request.blueprint if request else None
-    status = _STATUS_OVERRIDE.get(style or "", {}).get(status, status)
-    if style in _STYLES:
-        body = _STYLES[style](status, code, message, details)
-    else:
-        body = {"error": {"code": code, "message": message, "details": details,
-                          "request_id": g.get("request_id")}}
+    """The error in the status and shape of the route family it happened on."""
+    status, body = error_body((request.blueprint if request else None) or "native", status, code, message, details,
+                              g.get("request_id"))
     response = jsonify(body)
     response.status_code = status
     return response
@@ -180,8 +201,8 @@ def init_app(app: Flask) -> None:
 
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError) -> Response:
-        log.warning("%s %s -> %s %s: %s", request.method, request.path, exc.status, exc.code, exc.message)
         response = error_response(exc.status, exc.code, exc.message, exc.details)
+        log.warning("%s %s -> %s %s: %s", request.method, request.path, response.status_code, exc.code, exc.message)
         response.headers.update(exc.headers)
         if exc.status == 401:
             response.headers["WWW-Authenticate"] = 'Bearer realm="batchgen"'
@@ -189,9 +210,12 @@ def init_app(app: Flask) -> None:
 
     @app.errorhandler(BatchgenError)
     def _domain_error(exc: BatchgenError) -> Response:
-        status = next((s for cls, s in _STATUS_BY_ERROR if isinstance(exc, cls)), 400)
-        log.warning("%s %s -> %s %s: %s", request.method, request.path, status, exc.code, exc.message)
-        return error_response(status, exc.code, exc.message, exc.details)
+        response = error_response(STATUS_BY_CODE.get(exc.code, 400), exc.code, exc.message, exc.details)
+        log.warning("%s %s -> %s %s: %s", request.method, request.path, response.status_code, exc.code, exc.message)
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after:
+            response.headers["Retry-After"] = str(retry_after)
+        return response
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:

@@ -15,24 +15,19 @@ from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request, url_for
-from pydantic import ValidationError
-from sqlalchemy.exc import IntegrityError
+from flask import Blueprint, Response, jsonify, request
 
 from core import jobs as job_service
-from core.errors import UnknownModelError
 from core.schemas import (
     JOB_STATUSES,
     REQUEST_STATUSES,
     ErrorInfo,
     JobCounts,
-    JobCreate,
     JobPage,
     JobRead,
     ResultPage,
     ResultRead,
     Usage,
-    error_details,
 )
 from core.tables import Job, JobRequest
 from webapi.auth import CACHE_SECONDS, current_principal, key_still_valid
@@ -115,82 +110,16 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
     """
     principal = current_principal()
     body = json_body()
-    if not isinstance(body, dict):
-        raise ApiError(422, "invalid_request", "the request body must be a JSON object",
-                       [{"loc": "body", "message": "expected an object", "type": "object_type"}])
     key = request.headers.get("Idempotency-Key")
     if key is not None and not _IDEMPOTENCY_KEY.match(key):
         raise ApiError(422, "invalid_request", "Idempotency-Key must be 1 to 255 visible ASCII characters",
                        [{"loc": "header.Idempotency-Key", "message": "invalid", "type": "invalid_header"}])
-    fingerprint = job_service.request_fingerprint(body) if key else None
-    svc = services()
-    if key is not None:
-        replay = _replay(key, fingerprint)  # type: ignore[arg-type]
-        if replay is not None:
-            return replay
-    try:
-        spec = JobCreate.model_validate(body)
-    except ValidationError as exc:
-        raise ApiError(422, "invalid_request", "the job is not valid", error_details(exc)) from None
-    try:
-        model = svc.registry().resolve(spec.model)
-    except UnknownModelError as exc:
-        raise ApiError(422, exc.code, exc.message,
-                       [{"loc": "model", "message": exc.message, "type": exc.code}]) from None
-    limits = job_service.Limits(max_requests=svc.settings.max_requests_per_job,
-                                max_prompt_chars=svc.settings.max_prompt_chars)
-    try:
-        with svc.db.write() as session:
-            svc.limits.check_capacity(session=session, principal=principal, model=model.name, new=spec.count())
-            job, request_ids = job_service.create_job(
-                session=session, spec=spec, model=model, limits=limits, owner=principal.owner,
-                counter=svc.token_counter(model), idempotency_key=key, fingerprint=fingerprint,
-                dispatching=dispatches_inline(spec.count()))
-    except IntegrityError:
-        # Two requests with one Idempotency-Key raced; the other one created the job.
-        replay = _replay(key, fingerprint) if key else None
-        if replay is None:
-            raise
-        return replay
-    log.info("job accepted: %d requests for %s", job.total, job.model, extra={"job_id": job.id})
-    _dispatch(job, request_ids)
-    location = f"{request.script_root}/v1/jobs/{job.id}"  # url_for("jobs.get_job"), without its cost
-    return jsonify(job_read(job).model_dump(mode="json")), 202, {"Location": location}
-
-
-def _replay(key: str, fingerprint: str) -> tuple[Response, int, dict[str, str]] | None:
-    principal = current_principal()
-    with services().db.read() as session:
-        job = job_service.find_idempotent(session=session, owner=principal.owner, idempotency_key=key,
-                                          fingerprint=fingerprint)
-        if job is None:
-            return None
-        return (jsonify(job_read(job).model_dump(mode="json")), 200,
-                {"Location": url_for("jobs.get_job", job_id=job.id), "Idempotent-Replayed": "true"})
-
-
-def dispatches_inline(count: int) -> bool:
-    """Whether a job of ``count`` requests is stored as dispatched: small jobs are published
-    within milliseconds of their commit; a big one is marked once all of it is on the queue."""
-    return count <= services().settings.inline_dispatch_limit
-
-
-def _dispatch(job: Job, request_ids: list[str]) -> None:
-    """Hand a committed job's requests to the publishing thread."""
-    svc = services()
-
-    def mark_done(job_id: str) -> None:
-        with svc.db.write() as session:
-            job_service.mark_dispatched(session=session, job_id=job_id)
-
-    def mark_failed(job_id: str) -> None:
-        # The job is stored and stays queued; it is not lost: the reconciler dispatches it.
-        with svc.db.write() as session:
-            job_service.mark_undispatched(session=session, job_id=job_id)
-
-    inline = dispatches_inline(len(request_ids))
-    svc.dispatcher.dispatch_later(job_id=job.id, model=job.model, request_ids=request_ids, priority=job.priority,
-                                  on_done=None if inline else mark_done, on_failed=mark_failed)
+    done = services().submissions.submit_job(owner=principal.owner, body=body, idempotency_key=key)
+    location = f"{request.script_root}/v1/jobs/{done.job.id}"  # url_for("jobs.get_job"), without its cost
+    headers = {"Location": location}
+    if done.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return jsonify(job_read(done.job).model_dump(mode="json")), 200 if done.replayed else 202, headers
 
 
 @bp.get("")

@@ -1,7 +1,9 @@
-"""Backpressure: per-key request rate (Redis, shared by every API process), per-key pending
-requests and per-model queue depth (the database), and long calls per API process (event streams
-and synchronous generation, each holding a server thread). Past a limit a client gets 429 with
-Retry-After; if Redis cannot be reached the rate limit lets requests through rather than fail them.
+"""Backpressure at the door: per-key request rate and failed keys (Redis, shared by every API
+process), long calls per API process and per key (event streams and synchronous generation, each
+holding a server thread), large bodies parsed at once, and file quotas. Past a limit a client gets
+429 with Retry-After; if Redis cannot be reached the rate limit lets requests through rather than
+fail them. The caps on pending and stored requests are checked where work is stored
+(``core.capacity``).
 """
 
 from __future__ import annotations
@@ -15,13 +17,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from core import files as file_service
-from core import jobs as job_service
 from core.auth import Principal
-from core.ids import floor_id
+from core.capacity import serialize
 from core.queueing import redis_client
 from core.settings import Settings
 from webapi.errors import ApiError
@@ -48,7 +48,6 @@ class LongCall:
 
 
 KEY_PLACE_TTL_S = 30.0
-CLOCK_MARGIN_S = 5.0
 # Take a place for a key: drop lapsed places, refuse past the cap, else hold one until ttl.
 _TAKE = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
@@ -152,53 +151,6 @@ class LongCalls:
         return LongCall(self)
 
 
-class PendingCounts:
-    """Requests pending per model and per owner, as a bound that never undercounts.
-
-    Summing the pending requests of every active job on each submission costs time that grows
-    with the backlog (1.5 ms with a thousand active jobs on SQLite, far more with 50,000). So the
-    sum is read at most once per ``ttl_s`` per process; in between, what any process submitted
-    since that reading (jobs with newer ids: an index range scan) is added to it. Requests that
-    finished since are not subtracted until the next reading: the bound errs, briefly, on the
-    side of refusing. Read under ``serialize`` (no submission for the same key is in flight), it
-    is exact about every submission, whichever process took it.
-    """
-
-    def __init__(self, ttl_s: float = 1.0) -> None:
-        self.ttl_s = ttl_s
-        self._lock = threading.Lock()
-        self._values: dict[tuple[str, str], tuple[float, int, str]] = {}
-
-    def get(self, key: tuple[str, str], session: Session) -> int:
-        kind, name = key
-        who = {"model": name} if kind == "model" else {"owner": name}
-        now = time.monotonic()
-        with self._lock:
-            seen = self._values.get(key)
-        if seen is not None and now - seen[0] < self.ttl_s:
-            return seen[1] + job_service.submitted_since(session=session, since_id=seen[2], **who)
-        # Taken before the sum, and CLOCK_MARGIN_S early (API processes on other machines may run
-        # behind this clock): a job may count twice until the next reading, never zero times.
-        since = floor_id("job", margin_s=CLOCK_MARGIN_S)
-        read = {"model": lambda: job_service.pending_for_model(session=session, model=name),
-                "owner": lambda: job_service.pending_for_owner(session=session, owner=name),
-                "stored": lambda: job_service.stored_for_owner(session=session, owner=name)}[kind]
-        value = read()
-        with self._lock:
-            self._values[key] = (now, value, since)
-        return value
-
-
-def serialize(session: Session, keys: list[tuple[str, str]]) -> None:
-    """Hold back, until this transaction ends, every other transaction that takes one of these
-    keys (on SQLite a write transaction already holds the one write lock)."""
-    if session.get_bind().dialect.name != "postgresql":
-        return
-    for kind, name in sorted(keys):  # one order everywhere: no deadlock between two submitters
-        session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"),
-                        {"k": f"batchgen:capacity:{kind}:{name}"})
-
-
 LARGE_BODY = 1024 * 1024
 BODY_WAIT_S = 30.0
 
@@ -231,7 +183,6 @@ class Limits:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._pending = PendingCounts()
         self.long_calls = LongCalls(settings.long_call_limit)
         self._redis: Any = None
         self._lock = threading.Lock()
@@ -313,35 +264,6 @@ class Limits:
             retry = max(1, math.ceil((window + 1) * 60 - now))
             raise ApiError(429, "rate_limited", f"more than {limit} requests this minute for this key",
                            {"retry_after": retry}, headers={"Retry-After": str(retry)})
-
-    def check_capacity(self, *, session: Session, principal: Principal, model: str, new: int,
-                       stored: bool = True) -> None:
-        """Refuse ``new`` requests when the model's queue or the key's pending work is full.
-
-        Call it in the write transaction that stores them: every other submission for the same
-        model or owner waits until this transaction ends (SQLite's one write lock; PostgreSQL
-        advisory locks taken in a fixed order), so parallel submissions on any number of API
-        processes cannot together overshoot a cap. ``stored=False`` (synchronous calls): the
-        stored-requests quota does not refuse it (a one-request job that ends within the call).
-        """
-        limits = [(("model", model), self.settings.max_pending_per_model),
-                  (("owner", principal.owner), self.settings.max_pending_per_key),
-                  (("stored", principal.owner), self.settings.max_stored_requests_per_owner if stored else 0)]
-        limits = [(key, cap) for key, cap in limits if cap]
-        if not limits:
-            return
-        serialize(session, [key for key, _ in limits])
-        for key, cap in limits:
-            if self._pending.get(key, session) + new <= cap:
-                continue
-            if key[0] == "model":
-                raise ApiError(429, "queue_full", f"model {model} has more than {cap} requests waiting; "
-                               "retry later", {"retry_after": 30}, headers={"Retry-After": "30"})
-            if key[0] == "stored":
-                raise ApiError(429, "storage_quota_exceeded", f"this owner's jobs hold {cap} requests, the most "
-                               "it may store; delete jobs that have ended to make room", {"limit": cap})
-            raise ApiError(429, "too_many_pending", f"this owner has more than {cap} requests waiting or "
-                           "running; wait for some to finish", {"retry_after": 60}, headers={"Retry-After": "60"})
 
     def check_upload(self, *, session: Session, principal: Principal, size: int) -> None:
         """Refuse an upload past the owner's file quotas; call it in the transaction that stores

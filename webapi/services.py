@@ -1,4 +1,4 @@
-"""What views need, built once per app: settings, database, registry, dispatcher."""
+"""What views need, built once per app: settings, database, registry, the submission service."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from pathlib import Path
 from flask import Flask, current_app
 
 from core.db import Database
+from core.dispatch import Dispatcher
 from core.registry import ModelSpec, Registry, load_registry, registry_path
 from core.settings import Settings
+from core.submission import Submissions
 from core.tokens import TokenCounter, counter_for
-from webapi.dispatch import Dispatcher
 from webapi.limits import Limits
 
 
@@ -23,6 +24,8 @@ class Services:
         self.db = Database(settings.database_url)
         self.dispatcher = Dispatcher(settings)
         self.limits = Limits(settings)
+        self.submissions = Submissions(settings=settings, db=self.db, registry=self.registry,
+                                       dispatcher=self.dispatcher, token_counter=self.token_counter)
         from webapi.sync import SyncRunner
 
         self.sync = SyncRunner(self)

@@ -1,7 +1,7 @@
 """Synchronous generation for the compatibility routes (OpenAI completions, DashScope, PAI-EAS).
 
-A call becomes a one-request job at the highest priority, so it runs on the same workers and in
-the same batches as batch work, ahead of it. The API subscribes to the request's Redis channel
+A call becomes a one-request job at the highest priority (``Submissions.submit_call``), so it runs
+on the same workers and in the same batches as batch work, ahead of it. The API subscribes to the request's Redis channel
 before dispatching; the worker announces text as it is generated (``stream``) and that the result
 is stored (``done``). The database stays the authority: the result is read from it, and if an
 announcement is lost the process's notifier (``webapi.watch``) finds the result in the database
@@ -10,7 +10,6 @@ within a couple of seconds.
 
 from __future__ import annotations
 
-import logging
 import queue
 import time
 from collections.abc import Iterator
@@ -19,7 +18,6 @@ from typing import Any
 
 from flask import Response
 
-from core import jobs as job_service
 from core.auth import Principal
 from core.queueing import redis_client, stream_channel
 from core.registry import ModelSpec
@@ -29,9 +27,7 @@ from webapi.errors import ApiError
 from webapi.limits import LongCall
 from webapi.watch import Notifier, Subscription
 
-log = logging.getLogger("batchgen.sync")
 
-SYNC_PRIORITY = 9
 KEY_CHECK_S = 10.0
 
 
@@ -54,10 +50,6 @@ def stream_restarted() -> ApiError:
     return ApiError(503, "stream_restarted", "the worker running this request stopped mid-answer and the "
                     "request started over; the text streamed so far is void: retry the call",
                     headers={"Retry-After": "1"})
-
-
-def _unavailable() -> ApiError:
-    return ApiError(503, "unavailable", "the queue is unavailable; retry shortly", headers={"Retry-After": "5"})
 
 
 class SyncRunner:
@@ -89,34 +81,20 @@ class SyncRunner:
 
     def _start(self, held: LongCall, *, principal: Principal, spec: JobCreate, model: ModelSpec,
                stream: bool) -> Call:
-        svc = self.svc
-        spec = spec.model_copy(update={"priority": SYNC_PRIORITY, "completion_window": "1h"})
-        limits = job_service.Limits(max_requests=1, max_prompt_chars=svc.settings.max_prompt_chars)
-        # Reach Redis before anything is stored: with Redis away the caller gets a 503 and no job
-        # is left behind to run later for nobody.
+        subs: list[Subscription] = []
+
+        def subscribe(request_id: str) -> None:  # before dispatch: no announcement can be missed
+            subs.append(self.notifier.subscribe(request_id, stream_channel(self.svc.settings, request_id)))
+
         try:
-            self._client().ping()
-        except Exception as exc:
-            log.warning("synchronous call refused: the queue is unavailable (%s)", exc)
-            raise _unavailable() from None
-        with svc.db.write() as session:
-            svc.limits.check_capacity(session=session, principal=principal, model=model.name, new=1,
-                                      stored=False)
-            job, (request_id,) = job_service.create_job(
-                session=session, spec=spec, model=model, limits=limits, owner=principal.owner,
-                counter=svc.token_counter(model), delivery="stream" if stream else "notify",
-                dispatching=True)
-        sub = None
-        try:
-            sub = self.notifier.subscribe(request_id, stream_channel(svc.settings, request_id))  # before dispatch
-            svc.dispatcher.dispatch(model=model.name, request_ids=[request_id], priority=SYNC_PRIORITY)
-        except Exception as exc:  # Redis went away in between: the stored request is cancelled
-            if sub is not None:
+            done = self.svc.submissions.submit_call(owner=principal.owner, spec=spec, model=model,
+                                                    delivery="stream" if stream else "notify",
+                                                    before_dispatch=subscribe)
+        except BaseException:
+            for sub in subs:
                 self.notifier.unsubscribe(sub)
-            self._cancel(job.id)
-            log.warning("synchronous call refused: the queue is unavailable (%s)", exc, extra={"job_id": job.id})
-            raise _unavailable() from None
-        return Call(job_id=job.id, request_id=request_id, model=model, sub=sub, held=held)
+            raise
+        return Call(job_id=done.job.id, request_id=done.request_ids[0], model=model, sub=subs[0], held=held)
 
     def close(self, call: Call) -> None:
         """Let go of a call: its place among long calls, its subscription, and the request itself
@@ -128,7 +106,7 @@ class SyncRunner:
         try:
             self.notifier.unsubscribe(call.sub)
             if not call.finished:
-                self._cancel(call.job_id)
+                self.svc.submissions.cancel_quietly(call.job_id)
         finally:
             call.held.release()
 
@@ -195,10 +173,3 @@ class SyncRunner:
             if row is None or row.status in ("queued", "running"):
                 return None
             return row
-
-    def _cancel(self, job_id: str) -> None:
-        try:
-            with self.svc.db.write() as session:
-                job_service.cancel_job(session=session, job_id=job_id, owner=None)
-        except Exception:  # it ended meanwhile, or the database is away: nothing more to do
-            log.info("could not cancel an abandoned synchronous request", extra={"job_id": job_id})

@@ -15,13 +15,12 @@ from flask import Blueprint, Response, request
 
 from core import batches as batch_service
 from core import files as file_service
-from core import jobs as job_service
-from core.errors import InvalidRequestError, UnknownModelError
+from core.errors import InvalidRequestError
 from core.schemas import JobCreate, check_metadata
 from core.tables import Job
 from webapi.auth import current_principal
-from webapi.errors import ApiError, attachment, int_arg, validated
-from webapi.jobs import _dispatch, dispatches_inline, json_body
+from webapi.errors import ApiError, attachment, error_body, failed_call, int_arg, validated
+from webapi.jobs import json_body
 from webapi.openai import protocol, serving
 from webapi.services import services
 from webapi.sync import stream_restarted
@@ -156,36 +155,22 @@ def create_batch() -> dict[str, Any]:
         spec, model, lines, errors = serving.parse_batch_input(
             file_service.lines(file_service.parts(svc.db, input_file_id)), req.endpoint, svc.registry(),
             svc.settings.max_requests_per_job)
-    request_ids: list[str] = []
-    job: Job | None = None
     if not errors:
         assert spec is not None and model is not None
-        limits = job_service.Limits(max_requests=svc.settings.max_requests_per_job,
-                                    max_prompt_chars=svc.settings.max_prompt_chars)
         try:
-            with svc.db.write() as session:
-                svc.limits.check_capacity(session=session, principal=principal, model=model.name, new=spec.count())
-                batch, job, request_ids = batch_service.create_batch(
-                    session=session, owner=principal.owner, input_file_id=input_file_id, endpoint=req.endpoint,
-                    completion_window=req.completion_window, metadata=req.metadata, spec=spec, model=model,
-                    limits=limits, counter=svc.token_counter(model),
-                    dispatching=dispatches_inline(spec.count()))
-                view = serving.batch_view(batch, job)
-        except InvalidRequestError as exc:
+            batch, done = svc.submissions.submit_batch(
+                owner=principal.owner, input_file_id=input_file_id, endpoint=req.endpoint,
+                completion_window=req.completion_window, metadata=req.metadata, spec=spec, model=model)
+        except InvalidRequestError as exc:  # what only the model can tell (a prompt too long for it)
             errors = serving.errors_from_problems(exc, lines)
-    if errors:
-        with svc.db.write() as session:
-            batch = batch_service.create_failed_batch(
-                session=session, owner=principal.owner, input_file_id=input_file_id, endpoint=req.endpoint,
-                completion_window=req.completion_window, metadata=req.metadata, errors=errors)
-            view = serving.batch_view(batch, None)
-        log.info("batch failed validation with %d errors", len(errors))
-        return view
-    assert job is not None
-
-    _dispatch(job, request_ids)
-    log.info("batch accepted: %d requests", len(request_ids), extra={"job_id": job.id})
-    return view
+        else:
+            return serving.batch_view(batch, done.job)
+    with svc.db.write() as session:
+        batch = batch_service.create_failed_batch(
+            session=session, owner=principal.owner, input_file_id=input_file_id, endpoint=req.endpoint,
+            completion_window=req.completion_window, metadata=req.metadata, errors=errors)
+    log.info("batch failed validation with %d errors", len(errors))
+    return serving.batch_view(batch, None)
 
 
 def _view(batch_id: str, owner: str | None) -> dict[str, Any]:
@@ -226,19 +211,10 @@ def _start(endpoint: str) -> tuple[Any, Any, Any]:
     principal = current_principal()
     req = validated(protocol.ENDPOINTS[endpoint], json_body())
     svc = services()
-    try:
-        model = svc.registry().resolve(req.model)
-    except UnknownModelError as exc:
-        raise ApiError(404, "model_not_found", exc.message, [{"loc": "model", "message": exc.message,
-                                                             "type": "model_not_found"}]) from None
+    model = svc.submissions.resolve(req.model)
     spec = JobCreate(model=model.name, requests=[req.to_request()])
     call = svc.sync.start(principal=principal, spec=spec, model=model, stream=bool(req.stream))
     return req, model, call
-
-
-def _fail(row: Any) -> ApiError:
-    status = 400 if row.error_code in serving._CLIENT_ERRORS else 500
-    return ApiError(status, row.error_code or "generation_failed", row.error_message or "generation failed")
 
 
 @bp.post("/completions")
@@ -257,7 +233,7 @@ def _complete(endpoint: str) -> Any:
     if not req.stream:
         row = svc.sync.wait(call)
         if row.status != "succeeded":
-            raise _fail(row)
+            raise failed_call(row)
         return serving.BODY[endpoint](row, model.name, row.created_at)
     return svc.sync.respond(call, _sse(svc.sync, endpoint, req, model, call))
 
@@ -293,8 +269,8 @@ def _sse(sync: Any, endpoint: str, req: Any, model: Any, call: Any) -> Iterator[
                 continue
             row = value
             if row.status != "succeeded":
-                err = _fail(row)
-                yield f"data: {json.dumps({'error': {'message': err.message, 'type': 'server_error', 'param': None, 'code': err.code}})}\n\n"
+                err = failed_call(row)
+                yield f"data: {json.dumps(error_body('openai', err.status, err.code, err.message)[1])}\n\n"
                 break
             final = row.text or ""
             if not final.startswith(sent):  # a retried run's deltas were lost: what was sent is void
@@ -307,6 +283,5 @@ def _sse(sync: Any, endpoint: str, req: Any, model: Any, call: Any) -> Iterator[
                 yield f"data: {json.dumps({**base, 'created': created, 'choices': [], 'usage': serving.usage(row.prompt_tokens, row.completion_tokens)})}\n\n"
             break
     except ApiError as exc:  # timeout, restart: the headers are gone, so the error is an event
-        kind = "timeout" if exc.status == 504 else "server_error"
-        yield f"data: {json.dumps({'error': {'message': exc.message, 'type': kind, 'param': None, 'code': exc.code}})}\n\n"
+        yield f"data: {json.dumps(error_body('openai', exc.status, exc.code, exc.message)[1])}\n\n"
     yield "data: [DONE]\n\n"

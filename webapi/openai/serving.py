@@ -13,7 +13,7 @@ from core.errors import InvalidRequestError, UnknownModelError
 from core.registry import ModelSpec, Registry
 from core.schemas import JobCreate, RequestCreate, check_text, error_details
 from core.tables import Batch, File, Job, JobRequest
-from webapi.errors import parse_json
+from webapi.errors import error_body, parse_json
 from webapi.openai.protocol import (
     ENDPOINTS,
     AssistantMessage,
@@ -26,8 +26,6 @@ from webapi.openai.protocol import (
 )
 
 MAX_REPORTED_ERRORS = 1000
-# HTTP status a failed request's error is reported with in a batch error file.
-_CLIENT_ERRORS = {"context_length_exceeded", "invalid_prompt", "prompt_too_long"}
 
 
 def unix(moment: datetime | None) -> int | None:
@@ -213,10 +211,8 @@ def batch_line(row: JobRequest, endpoint: str, model: str) -> tuple[bool, bytes]
                             "body": BODY[endpoint](row, model, row.completed_at or row.created_at)}
         line["error"] = None
     elif row.status == "failed":
-        status = 400 if row.error_code in _CLIENT_ERRORS else 500
-        line["response"] = {"status_code": status, "request_id": row.id, "body": {"error": {
-            "message": row.error_message or "", "type": "invalid_request_error" if status == 400 else "server_error",
-            "param": None, "code": row.error_code}}}
+        status, body = error_body("openai", None, row.error_code or "generation_failed", row.error_message or "")
+        line["response"] = {"status_code": status, "request_id": row.id, "body": body}
         line["error"] = None
     else:  # cancelled, expired: never ran
         code = {"cancelled": "batch_cancelled", "expired": "batch_expired"}.get(row.status, "not_run")

@@ -1,6 +1,6 @@
 """Putting requests on their model's queue, by task *name*: the API never imports the worker.
 
-Small messages of request ids (up to ``BATCHGEN_REQUESTS_PER_MESSAGE`` each, so a big job costs
+Used by ``core.submission``, the one way work enters the service. Small messages of request ids (up to ``BATCHGEN_REQUESTS_PER_MESSAGE`` each, so a big job costs
 the broker and the worker a fraction of a message per request), written to Redis directly in the
 format Celery workers consume (``core.queueing.publish``). A committed job is handed to a
 publishing thread, so the client gets its ``202`` without waiting on Redis, and jobs submitted
@@ -50,6 +50,10 @@ class Dispatcher:
                     raise DispatchError("BATCHGEN_REDIS_URL is not set: there is no broker to dispatch to")
                 self._redis = redis_client(self.settings.redis_url)
             return self._redis
+
+    def ping(self) -> None:
+        """Raise if the broker cannot be reached now."""
+        self._client().ping()
 
     def dispatch(self, *, model: str, request_ids: Sequence[str], priority: int = 5,
                  per_message: int | None = None) -> None:

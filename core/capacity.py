@@ -1,0 +1,103 @@
+"""Caps on pending and stored work, checked in the transaction that stores it.
+
+Per model (queue depth), per owner (requests waiting or running) and per owner (requests stored).
+A submission past a cap raises ``LimitError``; each interface answers it in its own shape.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from core import jobs as job_service
+from core.errors import LimitError
+from core.ids import floor_id
+from core.settings import Settings
+
+CLOCK_MARGIN_S = 5.0
+
+
+class PendingCounts:
+    """Requests pending per model and per owner, as a bound that never undercounts.
+
+    Summing the pending requests of every active job on each submission costs time that grows
+    with the backlog (1.5 ms with a thousand active jobs on SQLite, far more with 50,000). So the
+    sum is read at most once per ``ttl_s`` per process; in between, what any process submitted
+    since that reading (jobs with newer ids: an index range scan) is added to it. Requests that
+    finished since are not subtracted until the next reading: the bound errs, briefly, on the
+    side of refusing. Read under ``serialize`` (no submission for the same key is in flight), it
+    is exact about every submission, whichever process took it.
+    """
+
+    def __init__(self, ttl_s: float = 1.0) -> None:
+        self.ttl_s = ttl_s
+        self._lock = threading.Lock()
+        self._values: dict[tuple[str, str], tuple[float, int, str]] = {}
+
+    def get(self, key: tuple[str, str], session: Session) -> int:
+        kind, name = key
+        who = {"model": name} if kind == "model" else {"owner": name}
+        now = time.monotonic()
+        with self._lock:
+            seen = self._values.get(key)
+        if seen is not None and now - seen[0] < self.ttl_s:
+            return seen[1] + job_service.submitted_since(session=session, since_id=seen[2], **who)
+        # Taken before the sum, and CLOCK_MARGIN_S early (API processes on other machines may run
+        # behind this clock): a job may count twice until the next reading, never zero times.
+        since = floor_id("job", margin_s=CLOCK_MARGIN_S)
+        read = {"model": lambda: job_service.pending_for_model(session=session, model=name),
+                "owner": lambda: job_service.pending_for_owner(session=session, owner=name),
+                "stored": lambda: job_service.stored_for_owner(session=session, owner=name)}[kind]
+        value = read()
+        with self._lock:
+            self._values[key] = (now, value, since)
+        return value
+
+
+def serialize(session: Session, keys: list[tuple[str, str]]) -> None:
+    """Hold back, until this transaction ends, every other transaction that takes one of these
+    keys (on SQLite a write transaction already holds the one write lock)."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    for kind, name in sorted(keys):  # one order everywhere: no deadlock between two submitters
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"),
+                        {"k": f"batchgen:capacity:{kind}:{name}"})
+
+
+class Capacity:
+    """The caps of ``settings``, with the pending counts they are checked against."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._pending = PendingCounts()
+
+    def check(self, *, session: Session, owner: str, model: str, new: int, stored: bool = True) -> None:
+        """Refuse ``new`` requests when the model's queue or the key's pending work is full.
+
+        Call it in the write transaction that stores them: every other submission for the same
+        model or owner waits until this transaction ends (SQLite's one write lock; PostgreSQL
+        advisory locks taken in a fixed order), so parallel submissions on any number of API
+        processes cannot together overshoot a cap. ``stored=False`` (synchronous calls): the
+        stored-requests quota does not refuse it (a one-request job that ends within the call).
+        """
+        limits = [(("model", model), self.settings.max_pending_per_model),
+                  (("owner", owner), self.settings.max_pending_per_key),
+                  (("stored", owner), self.settings.max_stored_requests_per_owner if stored else 0)]
+        limits = [(key, cap) for key, cap in limits if cap]
+        if not limits:
+            return
+        serialize(session, [key for key, _ in limits])
+        for key, cap in limits:
+            if self._pending.get(key, session) + new <= cap:
+                continue
+            if key[0] == "model":
+                raise LimitError("queue_full", f"model {model} has more than {cap} requests waiting; retry later",
+                                 details={"retry_after": 30}, retry_after=30)
+            if key[0] == "stored":
+                raise LimitError("storage_quota_exceeded", f"this owner's jobs hold {cap} requests, the most it "
+                                 "may store; delete jobs that have ended to make room", details={"limit": cap})
+            raise LimitError("too_many_pending", f"this owner has more than {cap} requests waiting or running; "
+                             "wait for some to finish", details={"retry_after": 60}, retry_after=60)

@@ -1,0 +1,197 @@
+"""The one way work enters the service.
+
+Every interface (the native jobs API, OpenAI batches and completions, DashScope, PAI-EAS) turns
+its own request shape into a ``JobCreate`` and calls one method here. What they share happens
+once, here: model lookup, validation against the model and the limits, idempotency, the capacity
+caps, storing the job and its requests in one transaction, and dispatch. Problems are raised as
+domain errors (``core.errors``); each interface answers them in its own shape.
+
+- ``submit_job``: a native job, answered at once; its requests are published by the dispatcher's
+  thread (a big job is marked dispatched once all of it is on the queue).
+- ``submit_batch``: the job of an OpenAI batch, with the batch around it.
+- ``submit_call``: one request that a caller waits on (completions, DashScope, PAI-EAS), at the
+  highest priority, published in the request itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy.exc import IntegrityError
+
+from core import batches as batch_service
+from core import jobs as job_service
+from core.capacity import Capacity
+from core.db import Database
+from core.dispatch import Dispatcher
+from core.errors import InvalidRequestError, UnavailableError, UnknownModelError
+from core.registry import ModelSpec, Registry
+from core.schemas import JobCreate, error_details
+from core.settings import Settings
+from core.tables import Batch, Job
+from core.tokens import TokenCounter
+
+log = logging.getLogger("batchgen.submit")
+
+CALL_PRIORITY = 9  # a caller is waiting: ahead of batch work, in the same batches
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """A stored job: its row, its request ids in order, and whether it was stored by an earlier
+    request with the same idempotency key (``replayed``: nothing new was stored)."""
+
+    job: Job
+    request_ids: list[str] = field(default_factory=list)
+    replayed: bool = False
+
+
+class Submissions:
+    """Stores and dispatches work for every interface."""
+
+    def __init__(self, *, settings: Settings, db: Database, registry: Callable[[], Registry],
+                 dispatcher: Dispatcher, token_counter: Callable[[ModelSpec], TokenCounter | None]) -> None:
+        self.settings = settings
+        self.db = db
+        self.registry = registry
+        self.dispatcher = dispatcher
+        self.capacity = Capacity(settings)
+        self.token_counter = token_counter
+
+    def resolve(self, name: str) -> ModelSpec:
+        """The model called ``name`` (or an alias of it); ``UnknownModelError`` otherwise."""
+        try:
+            return self.registry().resolve(name)
+        except UnknownModelError as exc:
+            raise UnknownModelError(exc.message, details=[{"loc": "model", "message": exc.message,
+                                                           "type": "model_not_found"}]) from None
+
+    def limits(self, max_requests: int | None = None) -> job_service.Limits:
+        return job_service.Limits(max_requests=max_requests or self.settings.max_requests_per_job,
+                                  max_prompt_chars=self.settings.max_prompt_chars)
+
+    def dispatches_inline(self, count: int) -> bool:
+        """Whether a job of ``count`` requests is stored as dispatched: small jobs are published
+        within milliseconds of their commit; a big one is marked once all of it is on the queue."""
+        return count <= self.settings.inline_dispatch_limit
+
+    # --- native jobs ---------------------------------------------------------------------------
+
+    def submit_job(self, *, owner: str, body: Any, idempotency_key: str | None = None) -> Submitted:
+        """Validate ``body`` (parsed JSON) as a job, store it and hand it to the dispatcher.
+
+        With ``idempotency_key``, a retry of the same body returns the job the first one stored
+        (``replayed``); the same key with a different body raises ``ConflictError``.
+        """
+        if not isinstance(body, dict):
+            raise InvalidRequestError("the request body must be a JSON object",
+                                      details=[{"loc": "body", "message": "expected an object", "type": "object_type"}])
+        fingerprint = job_service.request_fingerprint(body) if idempotency_key else None
+        if idempotency_key is not None:
+            replay = self._replay(owner, idempotency_key, fingerprint)  # type: ignore[arg-type]
+            if replay is not None:
+                return replay
+        try:
+            spec = JobCreate.model_validate(body)
+        except ValidationError as exc:
+            raise InvalidRequestError("the job is not valid", details=error_details(exc)) from None
+        model = self.resolve(spec.model)
+        try:
+            with self.db.write() as session:
+                self.capacity.check(session=session, owner=owner, model=model.name, new=spec.count())
+                job, request_ids = job_service.create_job(
+                    session=session, spec=spec, model=model, limits=self.limits(), owner=owner,
+                    counter=self.token_counter(model), idempotency_key=idempotency_key, fingerprint=fingerprint,
+                    dispatching=self.dispatches_inline(spec.count()))
+        except IntegrityError:
+            # Two requests with one Idempotency-Key raced; the other one stored the job.
+            replay = self._replay(owner, idempotency_key, fingerprint) if idempotency_key else None
+            if replay is None:
+                raise
+            return replay
+        log.info("job accepted: %d requests for %s", job.total, job.model, extra={"job_id": job.id})
+        self._dispatch_later(job, request_ids)
+        return Submitted(job, request_ids)
+
+    def _replay(self, owner: str, key: str, fingerprint: str | None) -> Submitted | None:
+        with self.db.read() as session:
+            job = job_service.find_idempotent(session=session, owner=owner, idempotency_key=key,
+                                              fingerprint=fingerprint or "")
+        return None if job is None else Submitted(job, replayed=True)
+
+    # --- OpenAI batches ------------------------------------------------------------------------
+
+    def submit_batch(self, *, owner: str, input_file_id: str, endpoint: str, completion_window: str,
+                     metadata: dict[str, str] | None, spec: JobCreate, model: ModelSpec) -> tuple[Batch, Submitted]:
+        """Store a validated batch input as a job with its batch, and hand it to the dispatcher.
+        ``InvalidRequestError`` (problems by request index) if the model refuses some of it."""
+        with self.db.write() as session:
+            self.capacity.check(session=session, owner=owner, model=model.name, new=spec.count())
+            batch, job, request_ids = batch_service.create_batch(
+                session=session, owner=owner, input_file_id=input_file_id, endpoint=endpoint,
+                completion_window=completion_window, metadata=metadata, spec=spec, model=model,
+                limits=self.limits(), counter=self.token_counter(model),
+                dispatching=self.dispatches_inline(spec.count()))
+        log.info("batch accepted: %d requests", len(request_ids), extra={"job_id": job.id})
+        self._dispatch_later(job, request_ids)
+        return batch, Submitted(job, request_ids)
+
+    def _dispatch_later(self, job: Job, request_ids: list[str]) -> None:
+        """Hand a committed job's requests to the publishing thread. If the broker refuses them the
+        job stays stored and queued, not lost: the workers' reconciler dispatches it."""
+
+        def mark_done(job_id: str) -> None:
+            with self.db.write() as session:
+                job_service.mark_dispatched(session=session, job_id=job_id)
+
+        def mark_failed(job_id: str) -> None:
+            with self.db.write() as session:
+                job_service.mark_undispatched(session=session, job_id=job_id)
+
+        inline = self.dispatches_inline(len(request_ids))
+        self.dispatcher.dispatch_later(job_id=job.id, model=job.model, request_ids=request_ids,
+                                       priority=job.priority, on_done=None if inline else mark_done,
+                                       on_failed=mark_failed)
+
+    # --- synchronous calls ---------------------------------------------------------------------
+
+    def submit_call(self, *, owner: str, spec: JobCreate, model: ModelSpec, delivery: str,
+                    before_dispatch: Callable[[str], None]) -> Submitted:
+        """Store one request a caller waits on, at ``CALL_PRIORITY``, and publish it now.
+
+        ``before_dispatch(request_id)`` runs between the two (a subscription to the request's
+        announcements must exist before a worker can make them). With the queue unreachable this
+        raises ``UnavailableError`` and leaves nothing behind to run later for nobody: the queue is
+        reached before anything is stored, and a request stored but not published is cancelled.
+        """
+        spec = spec.model_copy(update={"priority": CALL_PRIORITY, "completion_window": "1h"})
+        try:
+            self.dispatcher.ping()
+        except Exception as exc:
+            log.warning("synchronous call refused: the queue is unavailable (%s)", exc)
+            raise UnavailableError("the queue is unavailable; retry shortly") from None
+        with self.db.write() as session:
+            self.capacity.check(session=session, owner=owner, model=model.name, new=1, stored=False)
+            job, request_ids = job_service.create_job(
+                session=session, spec=spec, model=model, limits=self.limits(max_requests=1), owner=owner,
+                counter=self.token_counter(model), delivery=delivery, dispatching=True)
+        try:
+            before_dispatch(request_ids[0])
+            self.dispatcher.dispatch(model=model.name, request_ids=request_ids, priority=CALL_PRIORITY)
+        except Exception as exc:  # Redis went away in between: the stored request is cancelled
+            self.cancel_quietly(job.id)
+            log.warning("synchronous call refused: the queue is unavailable (%s)", exc, extra={"job_id": job.id})
+            raise UnavailableError("the queue is unavailable; retry shortly") from None
+        return Submitted(job, request_ids)
+
+    def cancel_quietly(self, job_id: str) -> None:
+        """Cancel a job nobody waits for any more, if it can still be cancelled."""
+        try:
+            with self.db.write() as session:
+                job_service.cancel_job(session=session, job_id=job_id, owner=None)
+        except Exception:  # it ended meanwhile, or the database is away: nothing more to do
+            log.info("could not cancel an abandoned synchronous request", extra={"job_id": job_id})
