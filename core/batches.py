@@ -23,7 +23,6 @@ from core.registry import ModelSpec
 from core.schemas import JobCreate, window_seconds
 from core.tables import Batch, File, Job, utcnow
 
-ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
 # How a job's end maps to the batch's end.
 _ENDING = {"completed": "completed", "failed": "completed", "cancelled": "cancelled", "expired": "expired"}
 

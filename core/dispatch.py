@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from core.queueing import publish, redis_client
 from core.settings import Settings
@@ -26,6 +26,17 @@ log = logging.getLogger("batchgen.dispatch")
 # handed over meanwhile (up to COALESCE_MAX request ids) together.
 LINGER_S = 0.002
 COALESCE_MAX = 5000
+
+
+class Handover(NamedTuple):
+    """A committed job's requests, handed to the publishing thread."""
+
+    job_id: str
+    model: str
+    request_ids: list[str]
+    priority: int
+    on_done: Callable[[str], None] | None
+    on_failed: Callable[[str], None] | None
 
 
 class DispatchError(RuntimeError):
@@ -39,7 +50,7 @@ class Dispatcher:
         self.settings = settings
         self._redis: Any = None
         self._lock = threading.Lock()
-        self._backlog: queue.Queue[tuple[str, str, list[str], int, Callable[[str], None]]] = queue.Queue()
+        self._backlog: queue.Queue[Handover] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._unfinished = 0  # handed over, not yet published (or given up on)
 
@@ -74,7 +85,7 @@ class Dispatcher:
         then dispatches them)."""
         with self._lock:
             self._unfinished += 1
-        self._backlog.put((job_id, model, list(request_ids), priority, on_done, on_failed))
+        self._backlog.put(Handover(job_id, model, list(request_ids), priority, on_done, on_failed))
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._drain, name="dispatcher", daemon=True)
@@ -87,29 +98,30 @@ class Dispatcher:
         while True:
             taken = [self._backlog.get()]
             time.sleep(LINGER_S)  # let the other submissions of a burst catch up
-            held = len(taken[0][2])
+            held = len(taken[0].request_ids)
             while held < COALESCE_MAX:
                 try:
                     taken.append(self._backlog.get_nowait())
                 except queue.Empty:
                     break
-                held += len(taken[-1][2])
-            groups: dict[tuple[str, int], list[tuple[str, list[str], Any, Any]]] = {}
-            for job_id, model, ids, priority, on_done, on_failed in taken:
-                groups.setdefault((model, priority), []).append((job_id, ids, on_done, on_failed))
+                held += len(taken[-1].request_ids)
+            groups: dict[tuple[str, int], list[Handover]] = {}
+            for handover in taken:
+                groups.setdefault((handover.model, handover.priority), []).append(handover)
             for (model, priority), jobs in groups.items():
                 try:
-                    self.dispatch(model=model, request_ids=[i for _, ids, _, _ in jobs for i in ids],
+                    self.dispatch(model=model, request_ids=[i for job in jobs for i in job.request_ids],
                                   priority=priority)
                 except Exception:
                     log.exception("dispatch failed; %d jobs stay stored for the reconciler", len(jobs))
-                    for job_id, _, _, on_failed in jobs:
-                        self._call(on_failed, job_id)
+                    for job in jobs:
+                        self._call(job.on_failed, job.job_id)
                     continue
-                for job_id, ids, on_done, _ in jobs:
-                    self._call(on_done, job_id)
-                    if len(ids) > COALESCE_MAX:
-                        log.info("dispatched %d requests in the background", len(ids), extra={"job_id": job_id})
+                for job in jobs:
+                    self._call(job.on_done, job.job_id)
+                    if len(job.request_ids) > COALESCE_MAX:
+                        log.info("dispatched %d requests in the background", len(job.request_ids),
+                                 extra={"job_id": job.job_id})
             with self._lock:
                 self._unfinished -= len(taken)
 

@@ -34,12 +34,6 @@ class UnknownModelError(InvalidRequestError):
     code = "model_not_found"
 
 
-class ContextLengthError(InvalidRequestError):
-    """A prompt plus its ``max_new_tokens`` does not fit the model's context."""
-
-    code = "context_length_exceeded"
-
-
 class ConflictError(BatchgenError):
     """The request cannot be done in the thing's current state (e.g. deleting a running job)."""
 

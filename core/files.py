@@ -114,13 +114,6 @@ def lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
         yield rest
 
 
-def file_content(*, session: Session, file_id: str, owner: str | None) -> bytes:
-    """A file's whole content (small files, tests)."""
-    get_file(session=session, file_id=file_id, owner=owner)
-    return b"".join(session.scalars(select(FilePart.content).where(FilePart.file_id == file_id)
-                                    .order_by(FilePart.seq)))
-
-
 def list_files(*, session: Session, owner: str | None, after: str | None = None, limit: int = 100,
                order: str = "desc", purpose: str | None = None) -> tuple[list[File], bool]:
     """The owner's files by creation time (ids are time-ordered); and whether more follow."""

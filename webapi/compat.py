@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -32,6 +31,7 @@ from core.schemas import (
 from webapi.auth import current_principal
 from webapi.errors import ApiError, error_body, failed_call, read_body, validated
 from webapi.jobs import json_body
+from webapi import sse
 from webapi.services import services
 from webapi.sync import stream_restarted
 
@@ -165,10 +165,10 @@ def _dashscope_sse(sync: Any, call: Any, p: DashScopeParameters, request_id: str
     text = ""
     n = 0
 
-    def event(body: dict[str, Any], status: int = 200) -> str:
+    def event(body: dict[str, Any], status: int = 200) -> str:  # as DashScope sends them
         nonlocal n
         n += 1
-        return f"id:{n}\nevent:result\n:HTTP_STATUS/{status}\ndata:{json.dumps(body)}\n\n"
+        return sse.event(body, id=n, name="result" if status == 200 else "error", comment=f"HTTP_STATUS/{status}")
 
     try:
         for kind, value in sync.events(call):

@@ -111,6 +111,18 @@ def int_arg(name: str, default: int, low: int, high: int) -> int:
     return value
 
 
+def choice_arg(name: str, choices: tuple[str, ...], default: str | None = None) -> str | None:
+    """The query argument ``name``, one of ``choices`` (``default`` if absent); a 422 naming it
+    otherwise (400 on the compatibility routes)."""
+    value = request.args.get(name)
+    if value is None:
+        return default
+    if value not in choices:
+        raise ApiError(422, "invalid_request", f"'{name}' must be one of {', '.join(choices)}",
+                       [{"loc": f"query.{name}", "message": "unknown value", "type": "invalid_query"}])
+    return value
+
+
 def attachment(filename: str) -> str:
     """A Content-Disposition header value for any file name: an ASCII ``filename`` for old
     clients and the exact name as RFC 5987 ``filename*`` (a raw non-Latin-1 name is refused by

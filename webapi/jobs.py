@@ -31,7 +31,8 @@ from core.schemas import (
 )
 from core.tables import Job, JobRequest
 from webapi.auth import CACHE_SECONDS, current_principal, key_still_valid
-from webapi.errors import ApiError, attachment, int_arg, parse_json, read_body
+from webapi.errors import ApiError, attachment, choice_arg, int_arg, parse_json, read_body
+from webapi import sse
 from webapi.services import services
 from webapi.watch import FAILED, Follower
 
@@ -93,14 +94,6 @@ def result_read(row: JobRequest) -> ResultRead:
     )
 
 
-def _choice_arg(name: str, choices: tuple[str, ...]) -> str | None:
-    value = request.args.get(name)
-    if value is not None and value not in choices:
-        raise ApiError(422, "invalid_request", f"'{name}' must be one of {', '.join(choices)}",
-                       [{"loc": f"query.{name}", "message": "unknown value", "type": "invalid_query"}])
-    return value
-
-
 @bp.post("")
 def create_job() -> tuple[Response, int, dict[str, str]]:
     """Validate and store a job in one transaction, dispatch its requests, answer 202.
@@ -126,7 +119,7 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
 def list_jobs() -> dict[str, Any]:
     """The caller's jobs, newest first: ``after`` (a job id), ``limit``, ``status``."""
     limit = int_arg("limit", 20, 1, 100)
-    status = _choice_arg("status", JOB_STATUSES)
+    status = choice_arg("status", JOB_STATUSES)
     with services().db.read() as session:
         rows, has_more = job_service.list_jobs(session=session, owner=current_principal().owner_filter,
                                                after=request.args.get("after"), limit=limit, status=status)
@@ -152,7 +145,7 @@ def event_stream(follower: Follower, max_s: float) -> Response:
 
     def events() -> Iterator[str]:
         try:
-            yield "retry: 2000\n\n"
+            yield sse.retry(2000)
             opened = quiet_since = checked = time.monotonic()
             while time.monotonic() - opened < max_s and not STOPPING.is_set():
                 if time.monotonic() - checked >= CACHE_SECONDS:
@@ -169,23 +162,20 @@ def event_stream(follower: Follower, max_s: float) -> Response:
                 except queue.Empty:
                     if time.monotonic() - quiet_since > KEEPALIVE_S:
                         quiet_since = time.monotonic()
-                        yield ": keep-alive\n\n"
+                        yield sse.KEEPALIVE
                     continue
                 if item is FAILED:
                     log.warning("event stream ended: the database cannot be read")
                     return
                 name, data = item
-                yield f"event: {name}\ndata: {data}\n\n"
+                yield sse.event(data, name=name)
                 quiet_since = time.monotonic()
                 if name == "end":
                     return
         finally:
             svc.watch.forget(follower)
 
-    response = Response(events(), mimetype="text/event-stream",
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    response.call_on_close(held.release)
-    return response
+    return sse.response(events(), on_close=held.release)
 
 
 @bp.get("/events")
@@ -216,7 +206,7 @@ def get_job(job_id: str) -> dict[str, Any]:
 def list_results(job_id: str) -> dict[str, Any]:
     """A page of results in request order: ``after`` (a request id), ``limit``, ``status``."""
     limit = int_arg("limit", 100, 1, MAX_PAGE)
-    status = _choice_arg("status", REQUEST_STATUSES)
+    status = choice_arg("status", REQUEST_STATUSES)
     with services().db.read() as session:
         rows, has_more = job_service.list_results(session=session, job_id=job_id,
                                                   owner=current_principal().owner_filter,
@@ -230,7 +220,7 @@ def list_results(job_id: str) -> dict[str, Any]:
 @bp.get("/<job_id>/results.jsonl")
 def download_results(job_id: str) -> Response:
     """Every result as one JSON line each, streamed a chunk at a time (``status`` filters)."""
-    status = _choice_arg("status", REQUEST_STATUSES)
+    status = choice_arg("status", REQUEST_STATUSES)
     svc = services()
     with svc.db.read() as session:
         job_service.get_job(session=session, job_id=job_id, owner=current_principal().owner_filter)

@@ -23,6 +23,7 @@ from core.queueing import redis_client, stream_channel
 from core.registry import ModelSpec
 from core.schemas import JobCreate
 from core.tables import JobRequest
+from webapi import sse
 from webapi.errors import ApiError
 from webapi.limits import LongCall
 from webapi.watch import Notifier, Subscription
@@ -162,10 +163,7 @@ class SyncRunner:
 
     def respond(self, call: Call, body: Iterator[str]) -> Response:
         """A streamed response of ``body`` that lets go of the call when the server closes it."""
-        response = Response(body, mimetype="text/event-stream",
-                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        response.call_on_close(lambda: self.close(call))
-        return response
+        return sse.response(body, on_close=lambda: self.close(call))
 
     def _result(self, call: Call) -> JobRequest | None:
         with self.svc.db.read() as session:

@@ -24,7 +24,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import select
 
@@ -39,12 +39,20 @@ FALLBACK_S = 2.0
 FAILED = object()  # put on a follower's queue when the database cannot be read: the stream ends
 
 
+class Event(NamedTuple):
+    """What a stream sends next: an event's ``name`` (``progress``, ``end``; for a synchronous
+    call ``delta``, ``done``) and its data (JSON text; the announcement for a call)."""
+
+    name: str
+    data: Any
+
+
 class Follower:
     """One waiting call's view: the events it has not been sent yet, on a queue of its own."""
 
     def __init__(self, view: Callable[[Job], Any]) -> None:
         self.view = view
-        self.events: queue.Queue[Any] = queue.Queue()
+        self.events: queue.Queue[Event | object] = queue.Queue()  # or FAILED
         self._sent: dict[str, tuple[Any, ...]] = {}
 
     def offer(self, jobs: list[Job], *, finished: Callable[[Any], bool] | None = None) -> None:
@@ -55,9 +63,9 @@ class Follower:
             state = (read.status, read.counts, read.usage)
             if self._sent.get(read.id) != state:
                 self._sent[read.id] = state
-                self.events.put(("progress", read.model_dump_json()))
+                self.events.put(Event("progress", read.model_dump_json()))
             if finished is not None and finished(read):
-                self.events.put(("end", read.model_dump_json()))
+                self.events.put(Event("end", read.model_dump_json()))
 
 
 class JobWatch:
@@ -127,7 +135,7 @@ class JobWatch:
             job = found.get(job_id)
             for follower, owner in followers.items():
                 if job is None or (owner is not None and job.owner != owner):
-                    follower.events.put(("end", '{"deleted": true}'))
+                    follower.events.put(Event("end", '{"deleted": true}'))
                 else:
                     follower.offer([job], finished=lambda read: read.status in job_service.FINISHED_JOB_STATUSES)
         by_owner: dict[str | None, list[tuple[Follower, datetime]]] = defaultdict(list)
@@ -144,11 +152,11 @@ class JobWatch:
 
 
 class Subscription:
-    """One synchronous call's announcements: ``(kind, payload)`` on its queue."""
+    """One synchronous call's announcements, as ``Event``s on its queue."""
 
     def __init__(self, request_id: str, channel: str) -> None:
         self.request_id, self.channel = request_id, channel
-        self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.events: queue.Queue[Event] = queue.Queue()
 
 
 class Notifier:
@@ -223,7 +231,7 @@ class Notifier:
                     sub = self._subs.get(channel)
                 if sub is not None:
                     event = json.loads(message["data"])
-                    sub.events.put((event["type"], event))
+                    sub.events.put(Event(event["type"], event))
             if time.monotonic() >= next_look:
                 next_look = time.monotonic() + FALLBACK_S
                 self._look()
@@ -250,6 +258,6 @@ class Notifier:
                     ended = session.scalars(select(JobRequest.id).where(
                         JobRequest.id.in_(ids[start:start + CHUNK]), JobRequest.status.not_in(("queued", "running"))))
                     for request_id in ended:
-                        waiting[request_id].events.put(("done", {"type": "done"}))
+                        waiting[request_id].events.put(Event("done", {"type": "done"}))
         except Exception as exc:  # the database is away: the calls wait on (until their timeout)
             log.warning("looking for stored results failed: %s", exc)

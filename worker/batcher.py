@@ -35,7 +35,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from sqlalchemy.exc import OperationalError
 
@@ -127,14 +127,22 @@ class _Submission:
     remaining: int
 
 
+class Finished(NamedTuple):
+    """A run's outcomes, on their way to the recorder: ``ids`` are every request of the run,
+    ``notify`` those whose callers wait on an announcement."""
+
+    run_id: str
+    outcomes: list[Outcome]
+    ids: list[str]
+    notify: list[str]
+
+
 @dataclass
 class BatchStats:
     """What the batcher did, for logs, tests and the benchmark."""
 
     batches: int = 0
     requests: int = 0
-    generated_tokens: int = 0
-    generate_seconds: float = 0.0
     sizes: list[int] = field(default_factory=list)
 
 
@@ -269,7 +277,7 @@ class Batcher:
         self._created: dict[str, Any] = {}  # request id -> submission time, for time-to-result
         self.stats = BatchStats()
         self._inbox: queue.Queue[tuple[list[str], _Submission] | None] = queue.Queue()
-        self._record_q: queue.Queue[tuple[str, list[Outcome], list[str], list[str]] | None] = queue.Queue()
+        self._record_q: queue.Queue[Finished | None] = queue.Queue()
         self._cond = threading.Condition()
         self._pending: dict[str, Pending] = {}
         self._waiters: dict[str, list[_Submission]] = defaultdict(list)
@@ -547,7 +555,7 @@ class Batcher:
                 notify = [p.enc.item.id for p in todo if p.enc.item.params.delivery != "store"]
                 with self._cond:
                     self._unrecorded += 1
-                self._record_q.put((run_id, outcomes, [p.enc.item.id for p in todo], notify))
+                self._record_q.put(Finished(run_id, outcomes, [p.enc.item.id for p in todo], notify))
         except Exception:
             log.exception("batch %s failed before generation; handing its requests back to the queue", run_id)
             with self._cond:
@@ -601,8 +609,6 @@ class Batcher:
                     self.metrics.inc("batchgen_batch_limit_moves_total", **self.labels)
             self.stats.batches += 1
             self.stats.requests += len(todo)
-            self.stats.generated_tokens += new_tokens
-            self.stats.generate_seconds += seconds
             self.stats.sizes.append(len(todo))
         m = self.metrics
         m.observe("batchgen_batch_size", len(todo))

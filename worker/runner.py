@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -194,7 +193,6 @@ class ModelRunner:
         self.device, self.compute_type = device, compute_type
         self.inter_threads = inter_threads
         self.load_seconds = time.monotonic() - started
-        self._lock = threading.Lock()
         log.info("loaded %s from %s on %s:%d (%s, inter_threads=%d, intra_threads=%d) in %.2fs",
                  spec.name, model_dir, device, device_index, compute_type, inter_threads,
                  intra_threads, self.load_seconds)
@@ -236,10 +234,6 @@ class ModelRunner:
             if any(self.fault_kill_on in t for t in texts):
                 log.error("fault injection: killing this worker on request %s", enc.item.id)
                 os.kill(os.getpid(), signal.SIGKILL)
-
-    def count_tokens(self, text: str) -> int:
-        """Tokens of a text segment (for checks and tests)."""
-        return len(self._backend.encode(text, add_special_tokens=False).ids)
 
     # --- decoding ---------------------------------------------------------------------------
 

@@ -111,3 +111,12 @@ def test_a_scraper_in_a_loop_cannot_load_the_database(client, app):
     assert all("batchgen_jobs" in a.get_data(as_text=True) or "batchgen_requests" in a.get_data(as_text=True)
                for a in answers)
     assert 1 <= len(aggregates) <= 4, len(aggregates)  # one refresh (two statements), not 200
+
+
+def test_an_event_keeps_its_data_whatever_line_breaks_it_holds():
+    from webapi import sse
+
+    assert sse.event({"a": 1}, name="progress") == 'event: progress\ndata: {"a": 1}\n\n'
+    assert sse.event("[DONE]") == "data: [DONE]\n\n"
+    text = sse.event("one\r\ntwo\rthree\nfour\u2028five", id=3, comment="HTTP_STATUS/200")
+    assert text == "id: 3\n: HTTP_STATUS/200\ndata: one\ndata: two\ndata: three\ndata: four\u2028five\n\n"

@@ -6,7 +6,6 @@ Errors on these routes are OpenAI-shaped (``{"error": {message, type, param, cod
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -19,8 +18,9 @@ from core.errors import InvalidRequestError
 from core.schemas import JobCreate, check_metadata
 from core.tables import Job
 from webapi.auth import current_principal
-from webapi.errors import ApiError, attachment, error_body, failed_call, int_arg, validated
+from webapi.errors import ApiError, attachment, choice_arg, error_body, failed_call, int_arg, validated
 from webapi.jobs import json_body
+from webapi import sse
 from webapi.openai import protocol, serving
 from webapi.services import services
 from webapi.sync import stream_restarted
@@ -90,9 +90,7 @@ def upload_file() -> dict[str, Any]:
 
 @bp.get("/files")
 def list_files() -> dict[str, Any]:
-    order = request.args.get("order", "desc")
-    if order not in ("asc", "desc"):
-        raise ApiError(400, "invalid_request", "order must be asc or desc")
+    order = choice_arg("order", ("asc", "desc"), "desc")
     with services().db.read() as session:
         rows, more = file_service.list_files(session=session, owner=current_principal().owner_filter,
                                              after=request.args.get("after"), limit=int_arg("limit", 100, 1, 10_000),
@@ -253,7 +251,7 @@ def _sse(sync: Any, endpoint: str, req: Any, model: Any, call: Any) -> Iterator[
             choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
         else:
             choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-        return f"data: {json.dumps({**base, 'created': created, 'choices': [choice]})}\n\n"
+        return sse.event({**base, "created": created, "choices": [choice]})
 
     import time
 
@@ -270,7 +268,7 @@ def _sse(sync: Any, endpoint: str, req: Any, model: Any, call: Any) -> Iterator[
             row = value
             if row.status != "succeeded":
                 err = failed_call(row)
-                yield f"data: {json.dumps(error_body('openai', err.status, err.code, err.message)[1])}\n\n"
+                yield sse.event(error_body("openai", err.status, err.code, err.message)[1])
                 break
             final = row.text or ""
             if not final.startswith(sent):  # a retried run's deltas were lost: what was sent is void
@@ -280,8 +278,9 @@ def _sse(sync: Any, endpoint: str, req: Any, model: Any, call: Any) -> Iterator[
                 yield chunk(rest)
             yield chunk(None, finish=row.finish_reason)
             if req.include_usage():
-                yield f"data: {json.dumps({**base, 'created': created, 'choices': [], 'usage': serving.usage(row.prompt_tokens, row.completion_tokens)})}\n\n"
+                yield sse.event({**base, "created": created, "choices": [],
+                                 "usage": serving.usage(row.prompt_tokens, row.completion_tokens)})
             break
     except ApiError as exc:  # timeout, restart: the headers are gone, so the error is an event
-        yield f"data: {json.dumps(error_body('openai', exc.status, exc.code, exc.message)[1])}\n\n"
-    yield "data: [DONE]\n\n"
+        yield sse.event(error_body("openai", exc.status, exc.code, exc.message)[1])
+    yield sse.event("[DONE]")
