@@ -13,8 +13,12 @@ import bisect
 import json
 import math
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
+
+from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.utils import floatToGoString
 
 # name -> (type, help, histogram buckets)
 DEFINITIONS: dict[str, tuple[str, str, tuple[float, ...]]] = {
@@ -85,44 +89,42 @@ class Metrics:
             return json.loads(json.dumps(self._values))
 
 
-def _fmt(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value)) if not float(value).is_integer() else str(int(value))
+class _Snapshots:
+    """A prometheus_client collector of ``{process: snapshot}``: the library does the exposition
+    (names, escaping, number formats); a process of "" adds no label."""
 
+    def __init__(self, snapshots: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> None:
+        self.snapshots = snapshots
 
-def _labels(labels: Iterable[tuple[str, str]]) -> str:
-    parts = [f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(10), "").replace(chr(34), chr(92) + chr(34))}"'
-             for k, v in labels]
-    return "{" + ",".join(parts) + "}" if parts else ""
+    def collect(self) -> Iterator[Metric]:
+        by_name: dict[str, list[tuple[str, str, Any]]] = {}
+        for process, snap in self.snapshots.items():
+            for name, series in snap.items():
+                for key, value in series.items():
+                    by_name.setdefault(name, []).append((process, key, value))
+        for name in sorted(by_name):
+            kind, help_text, buckets = DEFINITIONS.get(name, ("gauge", "", ()))
+            # A counter family is named without "_total"; its samples carry it.
+            family = Metric(name.removesuffix("_total") if kind == "counter" else name, help_text, kind)
+            for process, key, value in by_name[name]:
+                labels = dict(json.loads(key))
+                if process:
+                    labels["process"] = process
+                if kind != "histogram":
+                    family.add_sample(name, labels, value)
+                    continue
+                cumulative = 0
+                for bound, count in zip([*buckets, math.inf], value["counts"], strict=True):
+                    cumulative += count
+                    family.add_sample(f"{name}_bucket", {**labels, "le": floatToGoString(bound)}, cumulative)
+                family.add_sample(f"{name}_sum", labels, value["sum"])
+                family.add_sample(f"{name}_count", labels, value["count"])
+            yield family
 
 
 def render(snapshots: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
     """Prometheus text format for ``{process: snapshot}``; a process of "" adds no label."""
-    by_name: dict[str, list[tuple[str, str, Any]]] = {}
-    for process, snap in snapshots.items():
-        for name, series in snap.items():
-            for key, value in series.items():
-                by_name.setdefault(name, []).append((process, key, value))
-    lines: list[str] = []
-    for name in sorted(by_name):
-        kind, help_text, buckets = DEFINITIONS.get(name, ("gauge", "", ()))
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} {kind}")
-        for process, key, value in by_name[name]:
-            labels = [tuple(pair) for pair in json.loads(key)]
-            if process:
-                labels = [("process", process), *labels]
-            if kind == "histogram":
-                cumulative = 0
-                for bound, count in zip([*buckets, math.inf], value["counts"], strict=True):
-                    cumulative += count
-                    lines.append(f"{name}_bucket{_labels([*labels, ('le', _fmt(bound))])} {cumulative}")
-                lines.append(f"{name}_sum{_labels(labels)} {_fmt(value['sum'])}")
-                lines.append(f"{name}_count{_labels(labels)} {value['count']}")
-            else:
-                lines.append(f"{name}{_labels(labels)} {_fmt(value)}")
-    return "\n".join(lines) + "\n"
+    return generate_latest(_Snapshots(snapshots)).decode()  # type: ignore[arg-type]
 
 
 class RedisExporter:
