@@ -6,15 +6,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from cli.up import free_port, gunicorn_argv, redis_server_binary, wait_for_port
+from cli.processes import Process, free_port, start_api, start_redis, start_worker
 from core.db import Database, upgrade
-from core.settings import PROJECT_ROOT, Settings
+from core.settings import Settings
 
 
 class Stack:
@@ -37,17 +34,14 @@ class Stack:
             "redis_url": f"redis://127.0.0.1:{self.redis_port}/0", "registry_file": registry,
             "port": self.api_port, "log_level": "WARNING", **settings,
         })
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.procs: list[Process] = []
         self.url = f"http://127.0.0.1:{self.api_port}"
         self.worker_log = self.dir / "worker.log"
 
     def start(self) -> Stack:
-        env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1"}
-        redis = subprocess.Popen([redis_server_binary(), "--bind", "127.0.0.1", "--port", str(self.redis_port),
-                                  "--save", "", "--appendonly", "no", "--dir", str(self.dir)],
-                                 stdout=subprocess.DEVNULL)
+        env = {**self.settings.to_env()}
+        redis, _ = start_redis(self.dir / "redis", port=self.redis_port)
         self.procs.append(redis)
-        wait_for_port("127.0.0.1", self.redis_port, 20, redis)
         upgrade(self.settings.database_url)
         from core.auth import create_key
 
@@ -55,22 +49,10 @@ class Stack:
         with db.write() as session:
             _, self.token = create_key(session=session, owner="bench", name="benchmark")
         db.dispose()
-        api = subprocess.Popen(gunicorn_argv(bind=f"127.0.0.1:{self.api_port}", workers=self.api_workers),
-                               env=env, cwd=PROJECT_ROOT)
-        self.procs.append(api)
-        ready = self.dir / "worker.ready"
-        log = open(self.worker_log, "wb")  # noqa: SIM115 - lives as long as the worker
-        worker = subprocess.Popen([sys.executable, "-m", "worker", "--model", self.model_name,
-                                   "--ready-file", str(ready), *self.worker_args],
-                                  env={**env, "BATCHGEN_LOG_LEVEL": "INFO"}, cwd=PROJECT_ROOT,
-                                  stdout=log, stderr=subprocess.STDOUT)
-        self.procs.append(worker)
-        wait_for_port("127.0.0.1", self.api_port, 30, api)
-        deadline = time.monotonic() + 120
-        while not ready.exists():
-            if worker.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker did not start:\n{self.worker_log.read_text()[-4000:]}")
-            time.sleep(0.05)
+        self.procs.append(start_api(env, port=self.api_port, workers=self.api_workers,
+                                    log_path=self.dir / "api.log"))
+        self.procs.append(start_worker({**env, "BATCHGEN_LOG_LEVEL": "INFO"}, self.model_name, *self.worker_args,
+                                       log_path=self.worker_log, timeout=120))
         return self
 
     def database(self) -> Database:
@@ -79,17 +61,12 @@ class Stack:
     @property
     def api_pids(self) -> list[int]:
         """The gunicorn master and its workers."""
-        master = self.procs[1].pid
+        master = self.procs[1].pid  # redis, api, worker
         return [master] + children(master)
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            proc.stop(timeout=30)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
-from cli.up import free_port, redis_server_binary, wait_for_port
+from cli.processes import start_redis
 from core.auth import create_key
 from core.db import Database, upgrade
 from core.settings import Settings
@@ -61,10 +60,7 @@ def main() -> None:
     p.add_argument("--postgres", help="admin URL of a PostgreSQL server to measure as well")
     args = p.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="batchgen-submit-"))
-    port = free_port()
-    redis = subprocess.Popen([redis_server_binary(), "--port", str(port), "--save", "", "--dir", str(workdir)],
-                             stdout=subprocess.DEVNULL)
-    wait_for_port("127.0.0.1", port, 10, redis)
+    redis, redis_url = start_redis(workdir / "redis")
     databases = {"sqlite": f"sqlite:///{workdir / 'submit.db'}"}
     pg_name = None
     if args.postgres:
@@ -77,7 +73,7 @@ def main() -> None:
         databases["postgresql"] = make_url(args.postgres).set(database=pg_name).render_as_string(False)
     try:
         for name, url in databases.items():
-            accepted, dispatched = measure(url, workdir, f"redis://127.0.0.1:{port}/0", args.requests)
+            accepted, dispatched = measure(url, workdir, redis_url, args.requests)
             print(f"{name:10} {args.requests} requests: accepted (202) in {accepted:.2f} s, "
                   f"all messages in Redis after {dispatched:.1f} s")
     finally:
@@ -86,7 +82,7 @@ def main() -> None:
 
             with psycopg.connect(args.postgres, autocommit=True) as conn:
                 conn.execute(f'DROP DATABASE IF EXISTS "{pg_name}" WITH (FORCE)')
-        redis.terminate()
+        redis.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -54,7 +54,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    from cli.up import gunicorn_argv
+    from cli.processes import gunicorn_argv
 
     settings = _settings(api_connections=args.connections)
     bind = args.bind or f"{settings.host}:{settings.port}"

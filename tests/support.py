@@ -23,7 +23,7 @@ from typing import Any
 
 import requests
 
-from cli.up import free_port, redis_server_binary, wait_for_port
+from cli.processes import Process, free_port, start_redis, wait_for_port, worker_argv
 from core.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,26 +36,20 @@ class RedisServer:
         self.workdir = workdir
         self.bind = bind
         self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.process: Process | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
-        self.proc = subprocess.Popen(
-            [redis_server_binary(), "--bind", *self.bind, "--port", str(self.port), "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        )
-        wait_for_port("127.0.0.1", self.port, 20, self.proc)
+        self.process, _ = start_redis(self.workdir, port=self.port, bind=self.bind)
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-        self.proc = None
+        if self.process is not None:
+            self.process.stop(timeout=10)
+        self.process = None
 
 
 class PostgresCluster:
@@ -147,54 +141,23 @@ def drop_database(admin_url: str, name: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-class WorkerProcess:
-    """``python -m worker`` for a model, with the test's settings; stopped on ``stop()``."""
+class WorkerProcess(Process):
+    """``python -m worker`` for a model, with the test's settings (``cli.processes``, as the
+    launcher starts it); stopped on ``stop()``."""
 
     def __init__(self, settings: Settings, model: str, *extra: str, env: dict[str, str] | None = None,
                  log_path: Path | None = None, prefix: tuple[str, ...] = ()) -> None:
+        super().__init__(f"worker {model}", [], {**settings.to_env(), **(env or {})}, log_path=log_path)
         self.settings, self.model, self.extra, self.prefix = settings, model, extra, prefix
-        self.env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.log_path = log_path or Path(tempfile.mkstemp(prefix="worker-", suffix=".log")[1])
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 60) -> WorkerProcess:
+    def start(self, timeout: float = 60) -> WorkerProcess:  # type: ignore[override]
         ready = Path(tempfile.mkstemp(prefix="worker-ready-")[1])
         ready.unlink()
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [*self.prefix, sys.executable, "-m", "worker", "--model", self.model, "--ready-file", str(ready),
-             *self.extra],
-            env=self.env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + timeout
-        while not ready.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError(f"worker not ready after {timeout}s:\n{self.log()}")
-            time.sleep(0.05)
+        self.argv = [*self.prefix, *worker_argv(self.model, *self.extra, ready_file=ready)]
+        super().start()
+        self.wait_for_file(ready, timeout)
         ready.unlink()
         return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-8000:]
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def stop(self, timeout: float = 30) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if hasattr(self, "_log"):
-            self._log.close()
 
 
 class ApiServer:
@@ -332,7 +295,7 @@ class Launcher:
             return -9
 
 
-class GunicornApi:
+class GunicornApi(Process):
     """``batchgen api`` (gunicorn, as deployed) with the test's settings, on a free port.
 
     Flask's test client and werkzeug's server forgive what gunicorn refuses (a header value
@@ -341,40 +304,22 @@ class GunicornApi:
     def __init__(self, settings: Settings, token: str | None = None, *, workers: int = 1,
                  env: dict[str, str] | None = None) -> None:
         self.port = free_port()
+        super().__init__("api", [sys.executable, "-m", "cli", "api", "--bind", f"127.0.0.1:{self.port}",
+                                 "--workers", str(workers)], {**settings.to_env(), **(env or {})})
         self.settings, self.workers = settings, workers
-        self.env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1", **(env or {})}
         self.url = f"http://127.0.0.1:{self.port}"
         self.http = requests.Session()
         if token is not None:
             self.http.headers["Authorization"] = f"Bearer {token}"
-        self.log_path = Path(tempfile.mkstemp(prefix="gunicorn-", suffix=".log")[1])
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 30) -> GunicornApi:
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cli", "api", "--bind", f"127.0.0.1:{self.port}", "--workers", str(self.workers)],
-            env=self.env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
-        wait_for_port("127.0.0.1", self.port, timeout, self.proc)
+    def start(self, timeout: float = 30) -> GunicornApi:  # type: ignore[override]
+        super().start()
+        self.wait_for_port(self.port, timeout)
         return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-8000:]
 
     def stop(self, timeout: float = 40) -> int | None:
         self.http.close()
-        code = None
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-            try:
-                code = self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                code = self.proc.wait()
-        if hasattr(self, "_log"):
-            self._log.close()
-        return code
+        return super().stop(timeout)
 
 
 class PacketDrop:

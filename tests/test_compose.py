@@ -15,7 +15,7 @@ import pytest
 import requests
 import yaml
 
-from cli.up import free_port, wait_for_port
+from cli.processes import free_port, wait_for_port
 from tests.conftest import make_key
 from tests.support import ROOT, wait_until
 

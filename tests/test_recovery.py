@@ -260,21 +260,16 @@ def test_database_away_for_seconds_the_api_says_503_and_no_result_is_lost(make_s
 
 
 def test_sigterm_to_the_api_finishes_requests_in_flight(make_settings, sqlite_url):
-    import subprocess
-    import sys
     import threading
 
-    from cli.up import free_port, wait_for_port
-    from tests.support import ROOT
+    from tests.support import GunicornApi
 
     settings = make_settings(sqlite_url, **FAST_RECOVERY)
-    port = free_port()
-    env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
-    api = subprocess.Popen([sys.executable, "-m", "cli", "api", "--bind", f"127.0.0.1:{port}", "--workers", "1"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    api = GunicornApi(settings).start()
+    port = api.port
     db = Database(sqlite_url)
     worker = None
     try:
-        wait_for_port("127.0.0.1", port, 30, api)
         token = make_key(sqlite_url)
         answer: dict[str, requests.Response] = {}
 
@@ -286,14 +281,13 @@ def test_sigterm_to_the_api_finishes_requests_in_flight(make_settings, sqlite_ur
         caller = threading.Thread(target=call)
         caller.start()
         wait_until(lambda: snapshot_count(db), 20, what="the call to be in flight")
-        api.send_signal(signal.SIGTERM)  # gunicorn stops taking requests, finishes the ones it has
+        api.signal(signal.SIGTERM)  # gunicorn stops taking requests, finishes the ones it has
         worker = WorkerProcess(settings, "tiny-base").start()
         caller.join(60)
         assert answer["r"].status_code == 200 and answer["r"].json()["object"] == "text_completion"
-        assert api.wait(40) == 0
+        assert api.proc is not None and api.proc.wait(40) == 0, api.log()
     finally:
-        if api.poll() is None:
-            api.kill()
+        api.stop()
         if worker is not None:
             worker.stop()
         db.dispose()

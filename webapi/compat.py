@@ -168,7 +168,8 @@ def _dashscope_sse(sync: Any, call: Any, p: DashScopeParameters, request_id: str
     def event(body: dict[str, Any], status: int = 200) -> str:  # as DashScope sends them
         nonlocal n
         n += 1
-        return sse.event(body, id=n, name="result" if status == 200 else "error", comment=f"HTTP_STATUS/{status}")
+        return sse.event(body, id=n, name="result" if status == 200 else "error", comment=f"HTTP_STATUS/{status}",
+                         compact=True)
 
     try:
         for kind, value in sync.events(call):

@@ -30,7 +30,7 @@ log = logging.getLogger("batchgen.api")
 STATUS_BY_CODE = {
     "invalid_request": 422, "model_not_found": 422, "context_length_exceeded": 422, "invalid_prompt": 422,
     "prompt_too_long": 422, "not_found": 404, "conflict": 409, "queue_full": 429, "too_many_pending": 429,
-    "storage_quota_exceeded": 429, "unavailable": 503,
+    "storage_quota_exceeded": 429, "limit_exceeded": 429, "unavailable": 503,
 }
 # The compatibility interfaces answer as the services they imitate do: invalid input is a 400
 # (they have no 422) and an unknown model a 404.
@@ -222,7 +222,7 @@ def init_app(app: Flask) -> None:
 
     @app.errorhandler(BatchgenError)
     def _domain_error(exc: BatchgenError) -> Response:
-        response = error_response(STATUS_BY_CODE.get(exc.code, 400), exc.code, exc.message, exc.details)
+        response = error_response(STATUS_BY_CODE.get(exc.code, 500), exc.code, exc.message, exc.details)
         log.warning("%s %s -> %s %s: %s", request.method, request.path, response.status_code, exc.code, exc.message)
         retry_after = getattr(exc, "retry_after", None)
         if retry_after:

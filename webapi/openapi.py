@@ -202,12 +202,12 @@ OPERATIONS: tuple[Operation, ...] = (
               "DashScope text generation (X-DashScope-SSE: enable for SSE)", tag="compat", body=DashScopeRequest,
               responses={200: ("application/json", {"type": "object", "properties": {
                   "output": {"type": "object"}, "usage": {"type": "object"}, "request_id": {"type": "string"}}})},
-              errors=(400, 401, 429, 503, 504), error_model=DashScopeError),
+              errors=(400, 401, 404, 429, 503, 504), error_model=DashScopeError),
     Operation("post", "/", "eas.eas_generate", "PAI-EAS: a text/plain prompt, or the JSON form", tag="compat",
               body=("text/plain", {"type": "string"}),
               description="JSON bodies follow the EasRequest schema and are answered "
                           '`{"response", "history"}`; text/plain is answered with the generated text.',
-              responses={200: ("text/plain", {"type": "string"})}, errors=(400, 401, 429, 503, 504)),
+              responses={200: ("text/plain", {"type": "string"})}, errors=(400, 401, 404, 429, 503, 504)),
     Operation("get", "/healthz", "health.healthz", "Liveness", public=True, errors=(),
               responses={200: ("application/json", {"type": "object", "properties": {"status": {"type": "string"}}})}),
     Operation("get", "/readyz", "ops.readyz", "Readiness: database, Redis, migrations at head", public=True,

@@ -14,19 +14,22 @@ _LINE_BREAK = re.compile(r"\r\n|\r|\n")  # what ends a line in an event stream, 
 KEEPALIVE = ": keep-alive\n\n"  # a comment: clients ignore it, proxies see traffic
 
 
-def event(data: Any, *, name: str | None = None, id: int | str | None = None, comment: str | None = None) -> str:
+def event(data: Any, *, name: str | None = None, id: int | str | None = None, comment: str | None = None,
+          compact: bool = False) -> str:
     """One event: ``data`` as JSON (a string is sent as it is: ``[DONE]``, or JSON already
     encoded), split over ``data:`` lines if it has line breaks, so no line of it can end the
-    event early or forge a field."""
+    event early or forge a field. ``compact``: no space after the colons, as DashScope writes
+    them (its SDK compares ``event:error`` before stripping the value)."""
+    sep = ":" if compact else ": "
     lines = []
     if id is not None:
-        lines.append(f"id: {id}")
+        lines.append(f"id{sep}{id}")
     if name is not None:
-        lines.append(f"event: {name}")
+        lines.append(f"event{sep}{name}")
     if comment is not None:
-        lines.append(f": {comment}")
+        lines.append(f"{sep}{comment}")
     text = data if isinstance(data, str) else json.dumps(data)
-    lines.extend(f"data: {line}" for line in _LINE_BREAK.split(text))
+    lines.extend(f"data{sep}{line}" for line in _LINE_BREAK.split(text))
     return "\n".join(lines) + "\n\n"
 
 

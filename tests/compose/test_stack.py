@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from cli.up import free_port
+from cli.processes import free_port
 from tests.support import ROOT, wait_until
 
 PROJECT = os.environ.get("BATCHGEN_COMPOSE_PROJECT", "batchgen-compose-test")

@@ -120,3 +120,6 @@ def test_an_event_keeps_its_data_whatever_line_breaks_it_holds():
     assert sse.event("[DONE]") == "data: [DONE]\n\n"
     text = sse.event("one\r\ntwo\rthree\nfour\u2028five", id=3, comment="HTTP_STATUS/200")
     assert text == "id: 3\n: HTTP_STATUS/200\ndata: one\ndata: two\ndata: three\ndata: four\u2028five\n\n"
+    # DashScope's own form: its SDK matches "event:error" before it strips the value.
+    assert sse.event({"code": "X"}, id=1, name="error", comment="HTTP_STATUS/500", compact=True) == \
+        'id:1\nevent:error\n:HTTP_STATUS/500\ndata:{"code": "X"}\n\n'
