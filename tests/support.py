@@ -214,6 +214,14 @@ def queued_request_ids(settings: Settings, model: str) -> list[str]:
     return ids
 
 
+def cut_at(finish_reason: str | None, tokens: int | None, limit: int) -> bool:
+    """Whether a generation ended as its limit says it may: a ``length`` stop used exactly
+    ``limit`` tokens, a natural ``stop`` at most that (a random-weight model may stop at once)."""
+    if tokens is None:
+        return False
+    return (finish_reason == "length" and tokens == limit) or (finish_reason == "stop" and tokens <= limit)
+
+
 def clear_of_minute_boundary(needed_s: float) -> None:
     """Sleep into the next clock minute unless ``needed_s`` seconds are left in this one: limits
     counted per clock minute (rate limits, failed keys) start afresh at the boundary, so a test

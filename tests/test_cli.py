@@ -114,7 +114,9 @@ def test_operator_errors_are_one_line_and_exit_1(var, tmp_path, capsys, monkeypa
     monkeypatch.setenv("BATCHGEN_DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")
     assert "the database (127.0.0.1:1/none) failed: " in fails("keys", "list")
     assert "the database (127.0.0.1:1/none) failed: " in fails("migrate")
-    with pytest.raises(Exception):  # --traceback: the exception itself, for a bug report
+    from sqlalchemy.exc import OperationalError
+
+    with pytest.raises(OperationalError):  # --traceback: the exception itself, for a bug report
         main(["--traceback", "keys", "list"])
 
 

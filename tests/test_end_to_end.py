@@ -7,7 +7,7 @@ import pytest
 import requests
 
 from tests.conftest import make_key
-from tests.support import ApiServer, WorkerProcess, wait_until
+from tests.support import ApiServer, WorkerProcess, cut_at, wait_until
 from webapi import create_app
 
 
@@ -58,9 +58,9 @@ def test_a_job_runs_end_to_end(stack):
     results = page["data"] + rest["data"]
     assert [r["index"] for r in results] == [0, 1] and [r["prompt"] for r in results] == ["Hello", "Tell me a story"]
     for r in results:
-        assert r["status"] == "succeeded" and isinstance(r["text"], str)
+        assert r["status"] == "succeeded" and r["text"] is not None
         # Random weights may emit the end token early (finish_reason "stop"), even at once.
-        assert r["finish_reason"] in ("length", "stop") and 0 <= r["completion_tokens"] <= 12
+        assert cut_at(r["finish_reason"], r["completion_tokens"], 12)
         assert r["prompt_tokens"] > 0 and r["error"] is None
     assert sum(r["completion_tokens"] for r in results) == final["usage"]["completion_tokens"]
 
@@ -80,7 +80,8 @@ def test_chat_requests_and_mixed_params_in_one_job(stack):
     assert final["counts"]["succeeded"] == 3 and final["counts"]["failed"] == 0
     results = {r["custom_id"]: r for r in api.http.get(f"{api.url}/v1/jobs/{final['id']}/results").json()["data"]}
     assert results["chat"]["status"] == "succeeded" and results["chat"]["messages"][2]["content"] == "Again?"
-    assert results["plain"]["completion_tokens"] <= 5 and results["greedy"]["completion_tokens"] <= 6
+    assert cut_at(results["plain"]["finish_reason"], results["plain"]["completion_tokens"], 5)
+    assert cut_at(results["greedy"]["finish_reason"], results["greedy"]["completion_tokens"], 6)
     done = api.http.get(f"{api.url}/v1/jobs/{final['id']}/results", params={"status": "succeeded"}).json()
     assert [r["custom_id"] for r in done["data"]] == ["chat", "plain", "greedy"]
     assert api.http.get(f"{api.url}/v1/jobs/{final['id']}/results", params={"status": "failed"}).json()["data"] == []
@@ -177,16 +178,18 @@ def test_two_workers_share_one_job_each_request_runs_once_and_one_scrape_sees_bo
         stored_runs = {r.run_id for r in rows}
         ran = [set(re.findall(r"batch (run_\w+):", w.log())) for w in workers]
         assert ran[0] and ran[1], "both workers should have run batches of the job"
-        assert not ran[0] & ran[1] and ran[0] | ran[1] >= stored_runs
+        assert not ran[0] & ran[1] and ran[0] | ran[1] == stored_runs
 
         def worker_batches() -> dict[str, float]:
             text = api.http.get(f"{api.url}/metrics").text
             return {s.labels["process"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
                     if s.name == "batchgen_batch_size_count" and s.labels.get("process", "").startswith("worker:")}
 
-        seen = wait_until(lambda: len(worker_batches()) == 2 and sum(worker_batches().values()) >= len(stored_runs) and
-                          worker_batches(), 20, 0.5, "both workers in one scrape")
-        assert sum(seen.values()) >= len(stored_runs)
+        # Each worker's batch count, as /metrics shows it, is the number of batches its log shows.
+        ran_counts = sorted([len(ran[0]), len(ran[1])])
+        seen = wait_until(lambda: sorted(worker_batches().values()) == ran_counts and worker_batches(), 20, 0.5,
+                          "both workers' batches in one scrape")
+        assert len(seen) == 2 and sum(seen.values()) == len(ran[0] | ran[1])
     finally:
         for w in workers:
             w.stop()

@@ -11,6 +11,8 @@ import pytest
 from openai.types import Batch, Completion, FileObject
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
+from tests.support import cut_at
+
 
 @pytest.fixture(scope="module")
 def stack(served):
@@ -64,7 +66,7 @@ def test_a_chat_batch_runs_and_its_output_has_openai_shapes(stack):
         assert r["id"].startswith("batch_req_") and r["error"] is None and r["response"]["status_code"] == 200
         completion = ChatCompletion.model_validate(r["response"]["body"])
         assert completion.choices[0].message.role == "assistant"
-        assert completion.choices[0].finish_reason in ("stop", "length") and completion.usage.completion_tokens <= 6
+        assert cut_at(completion.choices[0].finish_reason, completion.usage.completion_tokens, 6)
     # A batch is a job underneath: the native API shows it too.
     jobs = api.http.get(f"{api.url}/v1/jobs").json()["data"]
     assert any(j["counts"]["total"] == 4 and j["status"] == "completed" for j in jobs)
@@ -157,11 +159,17 @@ def test_completions_and_chat_completions(stack):
     client, *_ = stack
     completion = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=5, temperature=0)
     Completion.model_validate(completion.model_dump())
-    assert completion.choices[0].finish_reason in ("stop", "length") and completion.usage.completion_tokens <= 5
+    assert cut_at(completion.choices[0].finish_reason, completion.usage.completion_tokens, 5)
+    # With min_tokens it cannot stop early: exactly the limit.
+    full = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=5, temperature=0,
+                                     extra_body={"min_tokens": 5})
+    assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 5
+    assert full.choices[0].text.startswith(completion.choices[0].text)  # greedy: the same start
     chat = client.chat.completions.create(model="tiny-chat", max_tokens=7, messages=[
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}])
     ChatCompletion.model_validate(chat.model_dump())
-    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 7
+    assert chat.choices[0].message.role == "assistant" and cut_at(chat.choices[0].finish_reason,
+                                                                    chat.usage.completion_tokens, 7)
     assert chat.id.startswith("chatcmpl-req_") and chat.model == "tiny-chat"
 
 
@@ -175,14 +183,14 @@ def test_chat_streaming_sends_text_as_it_is_generated(stack):
         ChatCompletionChunk.model_validate(c.model_dump())
     assert chunks[0].choices[0].delta.role == "assistant"
     finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
-    assert finish in (["length"], ["stop"])
-    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 24
+    assert len(finish) == 1 and chunks[-1].usage is not None and cut_at(finish[0], chunks[-1].usage.completion_tokens, 24)
     pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(pieces) >= 2, "the text came in one piece: not streamed"
     text = "".join(pieces)
     again = client.chat.completions.create(model="tiny-chat", max_tokens=24, temperature=0,
                                            messages=[{"role": "user", "content": "Tell me a story"}])
     assert text == again.choices[0].message.content  # greedy, alone in its batch: the same text
+    assert chunks[-1].usage.completion_tokens == again.usage.completion_tokens
 
 
 @pytest.mark.slow

@@ -213,7 +213,8 @@ def test_every_worker_killed_mid_job_the_launcher_restarts_them_and_the_job_comp
             os.kill(pid, signal.SIGKILL)
         wait_until(lambda: finished(db, job["id"]), 120, what="the job to finish")
         rows = assert_each_result_stored_once(db, job["id"], 24, 150)
-        assert max(r.attempts for r in rows) <= 2
+        # What was generating when the workers died ran again, once; nothing ran a third time.
+        assert {r.attempts for r in rows} <= {1, 2} and max(r.attempts for r in rows) == 2
         assert launcher.output().count("exited with status -9; restarting") == 2
     finally:
         assert launcher.stop() == 0

@@ -27,7 +27,8 @@ def test_every_problem_is_reported_with_its_request_index():
 
 def test_exactly_one_of_prompts_or_requests():
     assert details({"model": "m"})[0]["message"] == "give exactly one of 'prompts' or 'requests'"
-    assert details({"model": "m", "prompts": ["a"], "requests": [{"prompt": "b"}]})
+    assert details({"model": "m", "prompts": ["a"], "requests": [{"prompt": "b"}]})[0]["message"] == \
+        "give exactly one of 'prompts' or 'requests'"
 
 
 def test_unknown_fields_are_errors():

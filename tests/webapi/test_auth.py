@@ -1,5 +1,7 @@
 """Keys, and owner isolation on every route: another owner's job does not exist for you."""
 
+import hashlib
+
 import pytest
 from sqlalchemy import select
 
@@ -54,7 +56,8 @@ def test_keys_are_stored_only_as_salted_hashes(settings):
         assert authenticate(session=s, token=token_a[:-1] + ("A" if token_a[-1] != "A" else "B")) is None
     secret = token_a.split(".", 1)[1]
     for row in rows:
-        assert secret not in (row.secret_hash, row.salt) and len(row.secret_hash) == 64
+        assert secret not in row.secret_hash and secret not in row.salt and len(row.secret_hash) == 64
+        assert row.secret_hash != hashlib.sha256(secret.encode()).hexdigest()  # salted, not a bare hash
     assert key_a.salt != key_b.salt
     db.dispose()
 

@@ -16,6 +16,7 @@ from core.db import Database
 from core.jobs import Limits
 from core.registry import ModelSpec
 from core.schemas import JobCreate
+from tests.support import wait_until
 from core.tables import Job, JobRequest
 from worker.batcher import Batcher, BatchPolicy, Pending, _Submission, select_batch
 from worker.runner import ModelRunner
@@ -399,7 +400,8 @@ def test_a_duplicate_delivery_while_the_request_runs_acks_neither_message_before
         original = batcher.submit(ids)
         assert gated.started.wait(30)  # claimed and generating
         duplicate = batcher.submit(ids)  # kombu restored the unacked message: delivered again
-        time.sleep(0.5)  # the intake has long looked at it
+        # The intake takes the second delivery as another waiter on the same request.
+        wait_until(lambda: len(batcher._waiters.get(ids[0], [])) == 2, 10, what="the second delivery taken in")
         assert not original.done() and not duplicate.done(), "a message was settled before the result was stored"
         gated.gate.set()
         original.result(timeout=30)

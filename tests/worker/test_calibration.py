@@ -44,7 +44,7 @@ def test_a_flat_top_gets_the_smallest_budget_that_reaches_it():
 
 def test_failed_trials_do_not_count():
     trials = curve(1024) + [Trial("int8", 2, 1, 32, 32, 128, 2, 0.0, 0.0, error="RuntimeError: out of memory")]
-    assert choose(trials).max_batch_tokens <= 1024 * 1.3
+    assert choose(trials) == choose(curve(1024))  # as if the failed trial had not been run
     with pytest.raises(ValueError):
         choose([Trial("int8", 2, 1, 32, 32, 1, 2, 0.0, 0.0, error="boom")])
 

@@ -98,7 +98,7 @@ def run_sequence(runner, enc, output):
 def test_stop_strings_cut_where_the_full_decode_would(runner):
     rng = random.Random(2)
     enc = runner.encode(item("The value"))
-    found = 0
+    found = exact = 0
     for _ in range(1500):
         output = [i for i in random_ids(runner, rng, 30) if i != runner.eos_id]
         full = runner.decode_continuation(enc.ids, output)
@@ -108,9 +108,16 @@ def test_stop_strings_cut_where_the_full_decode_would(runner):
         stop = full[start:start + rng.randint(1, 3)]
         text, reason, tokens = run_sequence(runner, runner.encode(item("The value", stop=(stop,))), output)
         assert (text, reason) == (full[: full.find(stop)], "stop"), (output, stop)
-        assert tokens <= len(output)
+        # Not before the token whose text reaches the stop string (a replacement character is also
+        # what a byte run decodes to before it completes: skipped). It may take some tokens more
+        # while it holds back text that could still change (an unfinished byte run).
+        if "\ufffd" not in stop:
+            first = next(k for k in range(1, len(output) + 1)
+                         if stop in runner.decode_continuation(enc.ids, output[:k]))
+            assert first <= tokens <= len(output), (output, stop, first)
+            exact += 1
         found += 1
-    assert found > 1000
+    assert found > 1000 and exact > 400
 
 
 def test_a_stop_string_inside_a_trailing_byte_run_is_found(runner):
@@ -123,6 +130,7 @@ def test_a_stop_string_inside_a_trailing_byte_run_is_found(runner):
 def test_streamed_text_is_a_prefix_of_the_stored_text(runner):
     rng = random.Random(3)
     enc = runner.encode(item("Once", stop=("zzq",), delivery="stream"))
+    streamed = 0
     for _ in range(300):
         output = [i for i in random_ids(runner, rng, 40) if i != runner.eos_id]
         sent: list[str] = []
@@ -132,6 +140,8 @@ def test_streamed_text_is_a_prefix_of_the_stored_text(runner):
                 break
         stored = seq.finish(output[: len(seq.ids)])
         assert stored.startswith("".join(sent))
+        streamed += bool(sent)
+    assert streamed > 250  # it did stream, nearly every time (not just "" being a prefix of everything)
 
 
 def test_whole_mode_gives_the_same_text_and_byte_level_decoders_use_it(runner, tiny_model):

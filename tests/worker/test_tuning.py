@@ -86,7 +86,8 @@ def test_a_failed_batch_caps_the_budget_and_ends_a_probe():
     tuner.failed(4096)  # a batch this big ran out of memory
     assert tuner.max_budget == 2048 and tuner.limit <= 2048
     serve(tuner, peaked(1 << 16), 200)  # however well big batches would do, none is tried again
-    assert tuner.budget <= 2048 and all(m.new <= 2048 for m in tuner.moves)
+    # Bigger is better all the way up this curve, so the budget settles at the cap, not above.
+    assert tuner.budget == 2048 and all(m.new <= 2048 for m in tuner.moves)
 
 
 def test_an_explicit_batch_size_caps_the_requests_per_batch():
