@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 RUN_STAMP  := $(VENV)/.installed-run
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install install-dev run test test-fast test-compose bench clean
+.PHONY: install install-dev run test test-fast test-compose bench docs clean
 
 $(RUN_STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,10 @@ test-compose: install-dev
 
 bench: install-dev
 	$(BIN)/python -m bench.throughput
+
+# docs/configuration.md is generated from the settings model (a test checks it is current).
+docs: install
+	$(BIN)/python -m cli.config_docs > docs/configuration.md
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -10,12 +10,17 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 ENV_PREFIX = "BATCHGEN_"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _setting(default: Any, doc: str, group: str, **constraints: Any) -> Any:
+    """A setting's default, what it does and its group (for docs/configuration.md)."""
+    return Field(default=default, description=doc, json_schema_extra={"group": group}, **constraints)
 
 
 class SettingsError(ValueError):
@@ -27,107 +32,117 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    # Where local state lives (SQLite database, demo model, dev Redis, keys).
-    var_dir: Path = PROJECT_ROOT / "var"
-    # SQLAlchemy URL; empty means SQLite at ``var_dir/batchgen.db``.
-    database_url: str = ""
-    # Redis URL for the Celery broker; empty means "start an embedded one" (launcher only).
-    redis_url: str = ""
-    # Prefix for every Redis key kombu writes, so several deployments can share one Redis.
-    redis_prefix: str = "batchgen:"
-    # Prefix of queue names: ``<queue_prefix>.<model name>``.
-    queue_prefix: str = "batchgen"
+    # Each setting says what it does (``description``) and where it belongs (``group``):
+    # docs/configuration.md is generated from them (``python -m cli.config_docs``), so no
+    # setting goes undocumented.
 
-    # Models: where model directories live and an optional registry file adding entries.
-    models_dir: Path = Field(default=Path(""))
-    registry_file: Path | None = None
+    # --- where things are ---
+    var_dir: Path = _setting(PROJECT_ROOT / "var", "Where local state lives: the SQLite database, models, "
+                             "the embedded Redis's data, calibrations, the development key.", "Storage and broker")
+    database_url: str = _setting("", "SQLAlchemy URL of the database (`postgresql://user:pass@host/db`); empty: "
+                                 "SQLite at `var_dir/batchgen.db`.", "Storage and broker")
+    redis_url: str = _setting("", "Redis URL of the broker (`redis://host:6379/0`); empty: `batchgen up` starts "
+                              "an embedded Redis (other commands need one).", "Storage and broker")
+    redis_prefix: str = _setting("batchgen:", "Prefix of every Redis key, so several deployments can share one "
+                                 "Redis.", "Storage and broker")
+    queue_prefix: str = _setting("batchgen", "Prefix of queue names: `<queue_prefix>.<model name>`.",
+                                 "Storage and broker")
+    models_dir: Path = _setting(Path(""), "Where model directories live; empty: `var_dir/models`.", "Models")
+    registry_file: Path | None = _setting(None, "A registry file adding models to the built-in ones (`batchgen "
+                                          "convert` writes `models_dir/models.json`).", "Models")
 
-    # API server.
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=1, le=65535)
-    max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
-    # Bodies over 1 MiB (JSON, batch input files) parsed at once per API process; more wait their
-    # turn (503 ``busy`` after 30 s): parsing costs several times a body's size in memory.
-    large_bodies_at_once: int = Field(default=2, ge=1)
-    max_requests_per_job: int = Field(default=50_000, ge=1)
-    max_prompt_chars: int = Field(default=200_000, ge=1)
-    # Jobs with more requests than this are dispatched by a background thread, not in the request.
-    inline_dispatch_limit: int = Field(default=1_000, ge=0)
-    # Request ids per queue message: a worker pays Celery's per-message cost once for this many,
-    # and takes work from the queue in steps of this many (so, with several workers, one may hold
-    # up to this many times its in-flight messages). 1 gives every request its own message.
-    requests_per_message: int = Field(default=8, ge=1, le=256)
-    # Backpressure (429 with Retry-After past these; 0 turns a limit off).
-    max_pending_per_model: int = Field(default=1_000_000, ge=0)
-    max_pending_per_key: int = Field(default=500_000, ge=0)
-    rate_limit_per_minute: int = Field(default=600, ge=0)
-    # Storage per owner (0 turns a quota off): bytes and number of uploaded files (413 / 429 past
-    # them; files the service writes, batch outputs, do not count), and requests stored in jobs
-    # of any status until deleted (429).
-    max_file_bytes_per_owner: int = Field(default=2 * 1024**3, ge=0)
-    max_files_per_owner: int = Field(default=1000, ge=0)
-    max_stored_requests_per_owner: int = Field(default=10_000_000, ge=0)
-    # Synchronous calls (completions, DashScope, PAI-EAS) give up after this long.
-    sync_timeout_s: float = Field(default=600.0, gt=0)
-    # An event stream ends after this long (clients reconnect, as the web page and CLI do): a
-    # stream cannot hold its place, nor a revoked key's access, forever.
-    stream_max_s: float = Field(default=600.0, gt=0)
-    # How often each API process looks for batches whose job has ended, to write their files.
-    finalize_interval_s: float = Field(default=1.0, gt=0)
-    # Connections one API process serves at once (gunicorn's gevent workers: a waiting call, such as
-    # an event stream or a synchronous completion, holds a connection but no thread). Past
-    # max_long_calls streams, synchronous calls and downloads in one process (0: api_connections
-    # - 100, so short calls always find room) more get 429.
-    api_connections: int = Field(default=2000, ge=16)
-    max_long_calls: int = Field(default=0, ge=0)
-    # Event streams, synchronous calls and downloads one API key may hold open at once, across
-    # every API process (429 past it; 0: no cap).
-    max_long_calls_per_key: int = Field(default=128, ge=0)
-    # Requests with keys that are not valid, per client address and minute, before 429 (0: no cap).
-    auth_failures_per_minute: int = Field(default=60, ge=0)
-    # The model PAI-EAS-style calls (POST /) run on; empty means BATCHGEN_MODEL.
-    eas_model: str = ""
+    # --- API ---
+    host: str = _setting("127.0.0.1", "Where the API listens (`batchgen up`, `batchgen api`).", "API")
+    port: int = _setting(8000, "The API's port.", "API", ge=1, le=65535)
+    max_body_bytes: int = _setting(64 * 1024 * 1024, "Largest request body; larger ones get 413 before they "
+                                   "are read.", "API", ge=1024)
+    large_bodies_at_once: int = _setting(2, "Bodies over 1 MiB (JSON, batch input files) parsed at once per API "
+                                         "process; more wait their turn (503 `busy` after 30 s): parsing costs "
+                                         "several times a body's size in memory.", "API", ge=1)
+    max_requests_per_job: int = _setting(50_000, "Requests one job may hold.", "API", ge=1)
+    max_prompt_chars: int = _setting(200_000, "Characters one prompt (or one request's messages) may hold.",
+                                     "API", ge=1)
+    inline_dispatch_limit: int = _setting(1_000, "Jobs with more requests than this are marked dispatched only "
+                                          "once all of them are on the queue.", "API", ge=0)
+    requests_per_message: int = _setting(8, "Request ids per queue message: a worker pays Celery's per-message "
+                                         "cost once for this many, and takes work in steps of this many.",
+                                         "API", ge=1, le=256)
+    sync_timeout_s: float = _setting(600.0, "Synchronous calls (completions, DashScope, PAI-EAS) give up after "
+                                     "this long (504).", "API", gt=0)
+    stream_max_s: float = _setting(600.0, "An event stream ends after this long; clients reconnect.", "API", gt=0)
+    finalize_interval_s: float = _setting(1.0, "How often each API process looks for batches whose job ended, "
+                                          "to write their files.", "API", gt=0)
+    api_connections: int = _setting(2000, "Connections one API process serves at once (gevent: a waiting call "
+                                    "holds a connection, not a thread).", "API", ge=16)
+    eas_model: str = _setting("", "The model PAI-EAS calls (`POST /`) run on; empty: `model`.", "API")
 
-    # Worker.
-    model: str = "demo"
-    device: Literal["cpu", "cuda"] = "cpu"
-    device_index: int = Field(default=0, ge=0)
-    compute_type: str = "auto"
-    inter_threads: int = Field(default=0, ge=0)  # 0: chosen per device
-    intra_threads: int = Field(default=0, ge=0)  # 0: chosen per device
-    max_batch_size: int = Field(default=0, ge=0)  # 0: chosen per device
-    max_batch_tokens: int = Field(default=0, ge=0)  # 0: chosen per device
-    # Unset: derived from how long a batch takes here (a tenth of it, 2-200 ms; 20 ms if that is
-    # unknown). 0: a batch never waits to fill.
-    max_wait_ms: float | None = Field(default=None, ge=0)
-    # Calibration: "auto" measures the device once per model, device and version and caches it
-    # under var_dir/calibration; "force" measures at every start; "off" uses fixed defaults.
-    calibrate: Literal["auto", "force", "off"] = "auto"
-    calibration_budget_s: float = Field(default=30.0, gt=0)
-    # Where calibrations are cached; empty means ``var_dir/calibration``.
-    calibration_dir: Path = Field(default=Path(""))
-    worker_inflight: int = Field(default=256, ge=1)
-    # Recovery: a message a worker took and never acked goes back to the queue after
-    # visibility_timeout_s; a running request whose worker stopped renewing its lease (lease_s)
-    # may run again, at most max_attempts times in all; the reconciler re-dispatches, every
-    # reconcile_interval_s, requests older than reconcile_grace_s that no queue holds.
-    visibility_timeout_s: int = Field(default=300, ge=1)
-    lease_s: float = Field(default=60.0, gt=0)
-    max_attempts: int = Field(default=3, ge=1)
-    reconcile_interval_s: float = Field(default=30.0, gt=0)
-    reconcile_grace_s: float = Field(default=60.0, ge=0)
-    # Testing only: a worker SIGKILLs itself when a request's text contains this marker.
-    fault_kill_on: str = ""
-    # Fault injection for the fault tests: every generate call takes at least this long (a slow
-    # device), so a test can act while a batch is generating. 0 in production.
-    fault_generate_s: float = Field(default=0.0, ge=0)
+    # --- limits ---
+    max_pending_per_model: int = _setting(1_000_000, "Requests waiting per model before submissions get 429 "
+                                          "`queue_full` (0: off).", "Limits and quotas", ge=0)
+    max_pending_per_key: int = _setting(500_000, "Requests waiting or running per owner before 429 "
+                                        "`too_many_pending` (0: off).", "Limits and quotas", ge=0)
+    rate_limit_per_minute: int = _setting(600, "Requests per key per clock minute before 429 `rate_limited` "
+                                          "(0: off).", "Limits and quotas", ge=0)
+    max_file_bytes_per_owner: int = _setting(2 * 1024**3, "Bytes of uploaded files per owner (413 "
+                                             "`storage_quota_exceeded`; 0: off).", "Limits and quotas", ge=0)
+    max_files_per_owner: int = _setting(1000, "Uploaded files per owner (429 `too_many_files`; 0: off).",
+                                        "Limits and quotas", ge=0)
+    max_stored_requests_per_owner: int = _setting(10_000_000, "Requests kept in an owner's jobs of any status "
+                                                  "until deleted (429 `storage_quota_exceeded`; 0: off).",
+                                                  "Limits and quotas", ge=0)
+    max_long_calls: int = _setting(0, "Event streams, synchronous calls and downloads one API process holds at "
+                                   "once before 429 `too_many_streams`; 0: `api_connections` - 100.",
+                                   "Limits and quotas", ge=0)
+    max_long_calls_per_key: int = _setting(128, "The same, per key across every API process (0: off).",
+                                           "Limits and quotas", ge=0)
+    auth_failures_per_minute: int = _setting(60, "Requests with keys that are not valid, per client address "
+                                             "(an IPv6 /64) and minute, before 429 (0: off).",
+                                             "Limits and quotas", ge=0)
 
-    # How often each process publishes its metrics to Redis (what /metrics and /v1/models read).
-    metrics_interval_s: float = Field(default=5.0, gt=0)
+    # --- worker ---
+    model: str = _setting("demo", "The model a worker serves (and `make run` starts).", "Worker")
+    device: Literal["cpu", "cuda"] = _setting("cpu", "`cuda` runs the worker on a GPU.", "Worker")
+    device_index: int = _setting(0, "Which GPU (one worker process per GPU).", "Worker", ge=0)
+    compute_type: str = _setting("auto", "CTranslate2 compute type; `auto`: the int8 type calibration found "
+                                 "fastest.", "Worker")
+    inter_threads: int = _setting(0, "CTranslate2 replicas; 0: measured per device.", "Worker", ge=0)
+    intra_threads: int = _setting(0, "Threads per replica; 0: measured per device.", "Worker", ge=0)
+    max_batch_size: int = _setting(0, "Requests per batch; 0: measured per device (set, it is never moved).",
+                                   "Worker", ge=0)
+    max_batch_tokens: int = _setting(0, "Prompt + new tokens per batch; 0: measured per device (set, it is "
+                                     "never moved).", "Worker", ge=0)
+    max_wait_ms: float | None = _setting(None, "How long a partial batch waits to fill; unset: a tenth of a "
+                                         "batch's time here (2-200 ms); 0: never waits.", "Worker", ge=0)
+    calibrate: Literal["auto", "force", "off"] = _setting("auto", "`auto`: measure the device once per model, "
+                                                          "device and version, then read the cache; `force`: at "
+                                                          "every start; `off`: fixed defaults.", "Worker")
+    calibration_budget_s: float = _setting(30.0, "Time calibration may take.", "Worker", gt=0)
+    calibration_dir: Path = _setting(Path(""), "Where calibrations are cached; empty: `var_dir/calibration`.",
+                                     "Worker")
+    worker_inflight: int = _setting(256, "Messages a worker holds at once (`--inflight`).", "Worker", ge=1)
 
-    log_level: str = "INFO"
-    # "json": one JSON object per line (time, level, process, logger, message, job_id, request_id).
-    log_format: Literal["text", "json"] = "text"
+    # --- recovery ---
+    visibility_timeout_s: int = _setting(300, "A message a worker took and never acked goes back to the queue "
+                                         "after this long.", "Recovery", ge=1)
+    lease_s: float = _setting(60.0, "A running request whose worker stopped renewing its lease for this long "
+                              "may run elsewhere.", "Recovery", gt=0)
+    max_attempts: int = _setting(3, "Runs a request may take that killed its worker, before it fails alone "
+                                 "(`attempts_exhausted`).", "Recovery", ge=1)
+    reconcile_interval_s: float = _setting(30.0, "How often the reconciler re-dispatches requests the database "
+                                           "says are queued but no queue holds.", "Recovery", gt=0)
+    reconcile_grace_s: float = _setting(60.0, "Only requests older than this are re-dispatched.", "Recovery", ge=0)
+    fault_kill_on: str = _setting("", "Testing only: a worker SIGKILLs itself when a request's text contains "
+                                  "this marker.", "Testing")
+    fault_generate_s: float = _setting(0.0, "Testing only: every generate call takes at least this long (a slow "
+                                       "device).", "Testing", ge=0)
+
+    # --- observability ---
+    metrics_interval_s: float = _setting(5.0, "How often each process publishes its metrics to Redis (what "
+                                         "`/metrics` and `/v1/models` read).", "Logs and metrics", gt=0)
+    log_level: str = _setting("INFO", "Log level.", "Logs and metrics")
+    log_format: Literal["text", "json"] = _setting("text", "`json`: one JSON object per line (time, level, "
+                                                   "process, logger, message, job_id, request_id).",
+                                                   "Logs and metrics")
 
     @model_validator(mode="after")
     def _fill_derived(self) -> Settings:

@@ -2,7 +2,7 @@
 # CTranslate2 and transformers' tokenizers. Two targets:
 #   worker  (what compose runs): serving, and building the random-weight demo model; no PyTorch.
 #   convert (docker build --target convert): the worker plus PyTorch's CPU build, for
-#           `batchgen convert` of a real Hugging Face checkpoint (README, "Running it with Docker").
+#           `batchgen convert` of a real Hugging Face checkpoint (docs/operations.md, "Running it with Docker").
 # CUDA_IMAGE: the base (the compose test builds on a local stand-in; see tests/compose).
 ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
 
