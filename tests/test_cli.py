@@ -23,6 +23,7 @@ def var(tmp_path, monkeypatch):
     root.setLevel(level)
 
 
+@pytest.mark.slow  # PyTorch builds the checkpoint it converts
 def test_convert_writes_the_model_and_registers_it(var, tmp_path, capsys):
     checkpoint = build_checkpoint(tmp_path / "Llama-tiny-chat-hf", preset="tiny")
     assert main(["convert", str(checkpoint), "--name", "acme/llama-tiny-chat"]) == 0

@@ -29,6 +29,7 @@ def cli(served, monkeypatch, capsys):
     return run
 
 
+@pytest.mark.slow  # a worker serves the API it talks to
 def test_submit_wait_status_results_jobs(cli, served, tmp_path):
     api = served[0]
     prompts = tmp_path / "prompts.txt"
@@ -66,6 +67,7 @@ def test_submit_wait_status_results_jobs(cli, served, tmp_path):
     assert job_id in [j["id"] for j in json.loads(out)["data"]]
 
 
+@pytest.mark.slow  # a worker serves the API it talks to
 def test_wait_polls_when_the_server_refuses_more_streams(cli, served, tmp_path, monkeypatch):
     api = served[0]
     # As if the process served as many streams as it may (streams of earlier tests may still end).
@@ -78,6 +80,7 @@ def test_wait_polls_when_the_server_refuses_more_streams(cli, served, tmp_path, 
     assert api.http.get(f"{api.url}/v1/jobs/{out.strip()}").json()["status"] == "completed"
 
 
+@pytest.mark.slow  # a worker serves the API it talks to
 def test_jsonl_requests_and_cancel(cli, served, tmp_path):
     api = served[0]
     requests_file = tmp_path / "requests.jsonl"
@@ -108,6 +111,7 @@ def one_line_error(result: tuple[int, str, str]) -> str:
     return err
 
 
+@pytest.mark.slow  # a worker serves the API it talks to
 def test_errors_are_one_line_and_exit_1(cli, served, tmp_path, monkeypatch):
     api = served[0]
     before = len(api.http.get(f"{api.url}/v1/jobs", params={"limit": 100}).json()["data"])
@@ -156,6 +160,7 @@ def test_every_command_explains_itself_with_an_example(capsys):
         assert f"usage: batchgen {name}" in text and "examples:\n  batchgen " in text, name
 
 
+@pytest.mark.slow  # a worker serves the API it talks to
 def test_as_a_command_reading_standard_input(served):
     api, _, _, token = served
     env = {**os.environ, "BATCHGEN_SERVER": api.url, "BATCHGEN_API_KEY": token}

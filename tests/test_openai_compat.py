@@ -210,6 +210,7 @@ def test_errors_are_openai_shaped(stack):
     assert err.value.body["code"] == "invalid_api_key"
 
 
+@pytest.mark.slow
 def test_models_lists_what_is_served_with_openai_types(stack):
     from openai.types import Model
 

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from worker.builder import build_checkpoint
 from worker.convert import convert_checkpoint, read_metadata
 
@@ -22,6 +24,7 @@ assert "torch" not in {name.split(".")[0] for name, mod in sys.modules.items() i
 """
 
 
+@pytest.mark.slow  # the converter's side needs PyTorch
 def test_the_model_is_built_without_pytorch_and_matches_what_the_converter_writes(tmp_path):
     import ctranslate2
     from transformers import AutoTokenizer

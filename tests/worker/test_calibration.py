@@ -139,6 +139,7 @@ def test_a_calibration_is_cached_and_measured_again_when_its_key_changes(tiny_mo
     assert len(list(tmp_path.glob("tiny-cpu-*.json"))) == 3
 
 
+@pytest.mark.slow  # measures the model
 def test_new_weights_are_measured_again(tiny_model, tmp_path):
     import shutil
 
@@ -151,6 +152,7 @@ def test_new_weights_are_measured_again(tiny_model, tmp_path):
     assert calibrate_tiny(model, tmp_path / "cache").source == "measured"
 
 
+@pytest.mark.slow  # measures the model
 def test_the_plot_and_table_show_the_curve_and_the_choice(tiny_model, tmp_path):
     result = calibrate_tiny(tiny_model, tmp_path)
     data = cal.plot_data(result)

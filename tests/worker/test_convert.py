@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+pytestmark = pytest.mark.slow  # PyTorch and transformers build and run the checkpoint
+
 from worker.builder import build_checkpoint
 from worker.convert import convert_checkpoint, read_metadata
 
