@@ -1,4 +1,4 @@
-"""The README's guarantees under faults that are not a clean kill: Redis away for the API, a
+"""The guarantees (docs/operations.md) under faults that are not a clean kill: Redis away for the API, a
 database that stops answering, duplicate deliveries, outages while results wait to be stored.
 Each test breaks something for real and fails on the code that had the hole."""
 

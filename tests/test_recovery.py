@@ -30,7 +30,7 @@ from webapi import create_app
 
 pytestmark = pytest.mark.slow
 
-# Short recovery times so the tests finish quickly; the defaults are minutes (see README).
+# Short recovery times so the tests finish quickly; the defaults are minutes (docs/configuration.md).
 FAST_RECOVERY = {"visibility_timeout_s": 3, "lease_s": 2.0, "reconcile_interval_s": 1.0, "reconcile_grace_s": 1.0}
 LONG = {"max_new_tokens": 150, "min_new_tokens": 150}  # fixed length: every batch takes a while
 

@@ -108,7 +108,7 @@ def stack():
 
 @pytest.fixture(scope="module")
 def key(stack) -> str:
-    # As the README says: `docker compose exec api batchgen keys create --owner you`.
+    # As docs/operations.md says: `docker compose exec api batchgen keys create --owner you`.
     out = compose("exec", "-T", "api", "batchgen", "keys", "create", "--owner", "you").stdout
     return out.strip().splitlines()[-1]
 
