@@ -52,6 +52,14 @@ def check_text(value: str) -> str:
 Text = Annotated[str, AfterValidator(check_text)]
 
 
+# Accepted for the clients that always send one (OpenAI documents seed as best effort); it does not
+# change the output: CTranslate2 4.x cannot seed one call (set_random_seed does not reach a loaded
+# Generator), and int8 results depend on which requests share a batch.
+SEED_DOC = ("Accepted, best effort, and not used: sampling is not seeded per request (CTranslate2 cannot seed "
+            "one call, and int8 results depend on which requests share a batch). For the most repeatable "
+            "output use temperature 0.")
+
+
 class GenerationParams(BaseModel):
     """Sampling and length settings; every field is optional and falls back to model defaults."""
 
@@ -68,17 +76,7 @@ class GenerationParams(BaseModel):
     stop: list[Text] | None = Field(
         None, max_length=MAX_STOP_SEQUENCES, description="Strings that end generation; not returned."
     )
-    seed: int | None = Field(None, description="Not supported; see the error it gives.")
-
-    @field_validator("seed")
-    @classmethod
-    def _no_seed(cls, value: int | None) -> int | None:
-        if value is not None:
-            # CTranslate2 cannot seed one call (set_random_seed does not reach an existing
-            # Generator) and int8 results depend on which requests share a batch.
-            raise ValueError("seed is not supported: sampling cannot be made reproducible per "
-                             "request here; use temperature 0 for the most repeatable output")
-        return value
+    seed: int | None = Field(None, description=SEED_DOC)
 
     @model_validator(mode="after")
     def _check_stop(self) -> GenerationParams:

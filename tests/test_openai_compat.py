@@ -89,7 +89,7 @@ def test_a_bad_input_file_fails_the_batch_with_line_errors(stack):
     assert batch.status == "failed" and batch.failed_at
     errors = [(e.line, e.code, e.param) for e in batch.errors.data]
     assert errors == [(2, "invalid_json_line", None), (3, "duplicate_custom_id", "custom_id"),
-                      (4, "invalid_method", "method"), (5, "invalid_url", "url"), (6, "invalid_request", "body")]
+                      (4, "invalid_method", "method"), (5, "invalid_url", "url"), (6, "invalid_request", "body.n")]
     assert "n is not supported" in batch.errors.data[-1].message
 
 
@@ -202,12 +202,35 @@ def test_errors_are_openai_shaped(stack):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="tiny-chat", n=2, messages=[{"role": "user", "content": "x"}])
     assert "n is not supported" in err.value.body["message"]
+    # Every unsupported parameter of a request at once, the first in param.
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="tiny", prompt="x", n=2, logprobs=1, echo=True)
+    assert err.value.body["param"] == "n"
+    assert [p for p in ("n", "logprobs", "echo") if f"{p} is not supported" in err.value.body["message"]] == [
+        "n", "logprobs", "echo"]
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model="tiny", prompt="x", extra_body={"nonsense": 1})
     assert "nonsense" in err.value.body["message"]
     with pytest.raises(openai.AuthenticationError) as err:
         openai.OpenAI(base_url=f"{api.url}/v1", api_key="key_x.y", max_retries=0).files.list()
     assert err.value.body["code"] == "invalid_api_key"
+
+
+@pytest.mark.slow
+def test_requests_as_lm_eval_sends_them_are_answered_with_a_system_fingerprint(stack):
+    """EleutherAI's lm-eval sends seed=1234 with every request (and stop lists): a refusal made it
+    close its session. The seed is taken as best effort; answers say what served them."""
+    client, *_ = stack
+    kw = {"seed": 1234, "temperature": 0, "max_tokens": 5, "stop": ["\n\n", "Question:"]}
+    first = client.completions.create(model="tiny", prompt="Question: 2+2?\nAnswer:", **kw)
+    again = client.completions.create(model="tiny", prompt="Question: 2+2?\nAnswer:", **kw)
+    chat = client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "2+2?"}], **kw)
+    assert first.system_fingerprint and first.system_fingerprint.startswith("fp_")
+    assert again.system_fingerprint == first.system_fingerprint == chat.system_fingerprint  # one model build
+    assert cut_at(first.choices[0].finish_reason, first.usage.completion_tokens, 5)
+    chunks = list(client.chat.completions.create(model="tiny-chat", stream=True,
+                                                 messages=[{"role": "user", "content": "2+2?"}], **kw))
+    assert {c.system_fingerprint for c in chunks} == {first.system_fingerprint}
 
 
 @pytest.mark.slow

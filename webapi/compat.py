@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.registry import ModelSpec
 from core.schemas import (
+    SEED_DOC,
     ChatMessage,
     GenerationParams,
     JobCreate,
@@ -71,13 +72,11 @@ class DashScopeParameters(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     stop: Text | list[Text] | None = None
     incremental_output: bool = False
-    seed: int | None = None
+    seed: int | None = Field(None, description=SEED_DOC)
     enable_search: bool = False
 
     @model_validator(mode="after")
     def _supported(self) -> DashScopeParameters:
-        if self.seed is not None:
-            raise ValueError("seed is not supported: sampling cannot be made reproducible per request here")
         if self.enable_search:
             raise ValueError("enable_search is not supported")
         return self

@@ -269,8 +269,9 @@ def init_app(app: Flask) -> None:
 
 def validated(model: Any, body: Any, *, loc_in_message: bool = False) -> Any:
     """``body`` (parsed JSON) validated as ``model``; a 400 ``invalid_request`` listing every
-    problem otherwise. ``loc_in_message`` puts the first problem's place in the message, for error
-    shapes that have no field of their own for it (DashScope, PAI-EAS)."""
+    problem otherwise, in ``details`` and (up to five) in the message, each with its place unless
+    the message already starts with it. ``loc_in_message`` puts the place in even a lone problem's
+    message, for error shapes that have no field of their own for it (DashScope, PAI-EAS)."""
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_request", "the request body must be a JSON object")
     try:
@@ -279,6 +280,12 @@ def validated(model: Any, body: Any, *, loc_in_message: bool = False) -> Any:
         from core.schemas import error_details
 
         details = error_details(exc)
-        first = details[0]
-        message = f"{first['loc']}: {first['message']}" if loc_in_message else first["message"]
+
+        def say(d: dict[str, str]) -> str:
+            return d["message"] if d["message"].startswith(d["loc"]) else f"{d['loc']}: {d['message']}"
+
+        if len(details) == 1:
+            message = say(details[0]) if loc_in_message else details[0]["message"]
+        else:
+            message = "; ".join(say(d) for d in details[:5]) + ("; ..." if len(details) > 5 else "")
         raise ApiError(400, "invalid_request", message, details) from None

@@ -1,7 +1,10 @@
 """OpenAI request bodies (completions, chat completions) and their mapping onto batchgen requests.
 
 Fields batchgen can honour are taken; fields it cannot are refused by name when set to anything but
-their neutral value, never silently ignored (n > 1, penalties, logprobs, echo, tools, seed, ...).
+their neutral value, never silently ignored (n > 1, penalties, logprobs, echo, tools, ...): each
+one refused is its own problem, with the field as its ``loc`` (OpenAI's ``param``), so a request
+learns every unsupported field at once. ``seed`` is accepted as OpenAI documents it, best effort
+(here: not used; see ``core.schemas.SEED_DOC``), and answers carry a ``system_fingerprint``.
 Unknown fields are refused, as OpenAI does. Extensions as in vLLM: ``top_k``,
 ``repetition_penalty``, ``min_tokens``.
 """
@@ -10,11 +13,24 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from core.schemas import GenerationParams, RequestCreate, Text, check_chat_shape
+from core.schemas import SEED_DOC, GenerationParams, RequestCreate, Text, check_chat_shape
 
 NOT_SUPPORTED = "is not supported by batchgen"
+# The values of fields batchgen cannot honour that mean "not used": anything else is refused.
+NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "n": (None, 1), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}), "logprobs": (None, False, 0), "echo": (None, False), "best_of": (None, 1),
+    "suffix": (None, ""), "top_logprobs": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+}
+
+
+def _neutral_only(value: Any, info: ValidationInfo) -> Any:
+    if value not in NEUTRAL[str(info.field_name)]:
+        raise ValueError(f"{info.field_name} {NOT_SUPPORTED}")
+    return value
 MAX_TOKENS = GenerationParams.model_fields["max_new_tokens"].metadata[-1].le  # the native bound
 
 
@@ -32,23 +48,20 @@ class _Common(BaseModel):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     logprobs: Any = None
-    seed: int | None = None
+    seed: int | None = Field(None, description=SEED_DOC)
     user: Text | None = None
     # Extensions (as vLLM names them).
     top_k: int | None = Field(None, ge=0, le=1000)
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     min_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS)
 
+    @field_validator("n", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs")
+    @classmethod
+    def _refuse_unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        return _neutral_only(value, info)
+
     @model_validator(mode="after")
-    def _refuse_unsupported(self) -> _Common:
-        neutral = {"n": (None, 1), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
-                   "logit_bias": (None, {}), "logprobs": (None, False, 0)}
-        for name, values in neutral.items():
-            if getattr(self, name) not in values:
-                raise ValueError(f"{name} {NOT_SUPPORTED}")
-        if self.seed is not None:
-            raise ValueError("seed is not supported: sampling cannot be made reproducible per request here; "
-                             "use temperature 0 for the most repeatable output")
+    def _check_stop(self) -> _Common:
         if isinstance(self.stop, list) and (len(self.stop) > 4 or any(not s for s in self.stop)):
             raise ValueError("stop takes up to 4 non-empty strings")
         return self
@@ -71,15 +84,18 @@ class CompletionRequest(_Common):
     best_of: int | None = None
     suffix: str | None = None
 
-    @model_validator(mode="after")
-    def _one_prompt(self) -> CompletionRequest:
-        if isinstance(self.prompt, list) and len(self.prompt) != 1:
+    @field_validator("echo", "best_of", "suffix")
+    @classmethod
+    def _refuse_unsupported_here(cls, value: Any, info: ValidationInfo) -> Any:
+        return _neutral_only(value, info)
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and len(value) != 1:
             raise ValueError("prompt must be one string (a list of several prompts is a batch: use /v1/batches "
                              "or /v1/jobs)")
-        for name, neutral in (("echo", (None, False)), ("best_of", (None, 1)), ("suffix", (None, ""))):
-            if getattr(self, name) not in neutral:
-                raise ValueError(f"{name} {NOT_SUPPORTED}")
-        return self
+        return value
 
     def to_request(self, custom_id: str | None = None) -> RequestCreate:
         prompt = self.prompt[0] if isinstance(self.prompt, list) else self.prompt
@@ -115,14 +131,13 @@ class ChatCompletionRequest(_Common):
     tool_choice: Any = None
     top_logprobs: int | None = None
 
+    @field_validator("tools", "tool_choice", "response_format", "top_logprobs")
+    @classmethod
+    def _refuse_unsupported_here(cls, value: Any, info: ValidationInfo) -> Any:
+        return _neutral_only(value, info)
+
     @model_validator(mode="after")
     def _shape(self) -> ChatCompletionRequest:
-        if self.tools or self.tool_choice not in (None, "none"):
-            raise ValueError(f"tools {NOT_SUPPORTED}")
-        if self.response_format not in (None, {"type": "text"}):
-            raise ValueError(f"response_format other than text {NOT_SUPPORTED}")
-        if self.top_logprobs not in (None, 0):
-            raise ValueError(f"top_logprobs {NOT_SUPPORTED}")
         check_chat_shape(self.native_messages())  # type: ignore[arg-type]
         return self
 
@@ -315,6 +330,7 @@ class CompletionRead(BaseModel):
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
+    system_fingerprint: str | None = None
     choices: list[CompletionChoice]
     usage: CompletionUsage
 
@@ -336,6 +352,7 @@ class ChatCompletionRead(BaseModel):
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
+    system_fingerprint: str | None = None
     choices: list[ChatChoice]
     usage: CompletionUsage
 

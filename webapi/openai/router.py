@@ -232,16 +232,21 @@ def _complete(endpoint: str) -> Any:
         row = svc.sync.wait(call)
         if row.status != "succeeded":
             raise failed_call(row)
-        return serving.BODY[endpoint](row, model.name, row.created_at)
-    return svc.sync.respond(call, _sse(svc.sync, endpoint, req, model, call))
+        return serving.BODY[endpoint](row, model.name, row.created_at, _fingerprint(model))
+    return svc.sync.respond(call, _sse(svc.sync, endpoint, req, model, call, _fingerprint(model)))
 
 
-def _sse(sync: Any, endpoint: str, req: Any, model: Any, call: Any) -> Iterator[str]:
+def _fingerprint(model: Any) -> str:
+    return serving.system_fingerprint(model.name, services().registry().directory(model))
+
+
+def _sse(sync: Any, endpoint: str, req: Any, model: Any, call: Any, fingerprint: str) -> Iterator[str]:
     """Chunks as text arrives; runs after the view returned, so it is handed what it needs."""
     chat = endpoint == "/v1/chat/completions"
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{call.request_id}"
     created = None
-    base = {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion", "model": model.name}
+    base = {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion", "model": model.name,
+            "system_fingerprint": fingerprint}
 
     def chunk(text: str | None, finish: str | None = None, role: bool = False) -> str:
         if chat:

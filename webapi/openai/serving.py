@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from datetime import datetime
+from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -37,18 +40,41 @@ def usage(prompt: int | None, completion: int | None) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def completion_body(row: JobRequest, model: str, created: datetime) -> dict[str, Any]:
+def system_fingerprint(model: str, model_dir: Path) -> str:
+    """What OpenAI calls the backend configuration behind an answer: this batchgen's version and the
+    model's weights (their file's size and time). It changes when something that can change the
+    output does; equal fingerprints with ``seed`` still promise nothing (see ``SEED_DOC``)."""
+    try:
+        stat = (model_dir / "model.bin").stat()
+        weights = f"{stat.st_size}:{int(stat.st_mtime)}"
+    except OSError:
+        weights = "not on this machine"
+    return "fp_" + hashlib.sha256(f"{_VERSION}:{model}:{weights}".encode()).hexdigest()[:12]
+
+
+def _version() -> str:
+    try:
+        return metadata.version("batchgen")
+    except metadata.PackageNotFoundError:
+        return "source"
+
+
+_VERSION = _version()
+
+
+def completion_body(row: JobRequest, model: str, created: datetime, fingerprint: str | None = None) -> dict[str, Any]:
     """A ``text_completion`` for a finished request."""
     return CompletionRead(
-        id=f"cmpl-{row.id}", created=unix(created) or 0, model=model, usage=usage(row.prompt_tokens, row.completion_tokens),
+        id=f"cmpl-{row.id}", created=unix(created) or 0, model=model, system_fingerprint=fingerprint,
+        usage=usage(row.prompt_tokens, row.completion_tokens),
         choices=[CompletionChoice(text=row.text or "", index=0, finish_reason=row.finish_reason)],
     ).model_dump(mode="json")
 
 
-def chat_body(row: JobRequest, model: str, created: datetime) -> dict[str, Any]:
+def chat_body(row: JobRequest, model: str, created: datetime, fingerprint: str | None = None) -> dict[str, Any]:
     """A ``chat.completion`` for a finished request."""
     return ChatCompletionRead(
-        id=f"chatcmpl-{row.id}", created=unix(created) or 0, model=model,
+        id=f"chatcmpl-{row.id}", created=unix(created) or 0, model=model, system_fingerprint=fingerprint,
         usage=usage(row.prompt_tokens, row.completion_tokens),
         choices=[ChatChoice(index=0, message=AssistantMessage(content=row.text or ""), finish_reason=row.finish_reason)],
     ).model_dump(mode="json")
