@@ -44,3 +44,18 @@ def test_no_file_when_nothing_goes_in_it():
     output, errors = render_batch_files(batch, iter([row(0, "succeeded", text="a", finish_reason="stop",
                                                          prompt_tokens=1, completion_tokens=1)]))
     assert output and errors == b""
+
+
+def test_the_system_fingerprint_follows_the_weights(tmp_path):
+    import os
+
+    from webapi.openai.serving import system_fingerprint
+
+    (tmp_path / "model.bin").write_bytes(b"w" * 10)
+    os.utime(tmp_path / "model.bin", (1_700_000_000, 1_700_000_000))
+    first = system_fingerprint("m", tmp_path)
+    assert first.startswith("fp_") and system_fingerprint("m", tmp_path) == first
+    assert system_fingerprint("other", tmp_path) != first
+    (tmp_path / "model.bin").write_bytes(b"w" * 11)  # new weights: another build
+    os.utime(tmp_path / "model.bin", (1_700_000_000, 1_700_000_000))
+    assert system_fingerprint("m", tmp_path) != first
