@@ -152,6 +152,28 @@ def test_a_server_busy_with_streams_still_shows_progress_by_polling(page, served
     expect(page.locator("#error-details")).to_contain_text("retry after 2 s")  # from Retry-After
 
 
+def test_a_submit_before_the_model_list_arrives_waits_for_it(page, served):
+    """Submit is disabled until the model list is in, so a click waits for it. Before, a click on
+    the form while the (required) model list was still empty was swallowed by the browser's own
+    check and nothing happened: CI saw it once as a flaky test of the error display."""
+    _, _, _, token = served
+    sign_in(page, token)
+    # The browser holds the model list back for 1.5 s (the test itself goes on at once).
+    page.evaluate("""() => {
+        const real = window.fetch;
+        window.fetch = (url, ...rest) => String(url).includes("/v1/models")
+            ? new Promise((ok) => setTimeout(ok, 1500)).then(() => real(url, ...rest))
+            : real(url, ...rest);
+    }""")
+    page.click("a[data-nav=submit]")
+    page.fill("#submit-prompts", "a prompt")
+    page.fill("input[name=max_new_tokens]", "100000")
+    page.click("#submit-button")
+    expect(page.locator("#error-title")).to_contain_text("422", timeout=15000)
+    expect(page).to_have_url(re.compile(r"#/submit$"))
+    expect(page.locator("#submit-prompts")).to_have_value("a prompt")
+
+
 def test_api_errors_are_shown_as_they_are(page, served):
     _, _, _, token = served
     sign_in(page, token)

@@ -527,7 +527,11 @@
     const fileHint = $("#submit-file-hint", root);
     let fromFile = null; // {prompts} or {requests} read from the chosen file
 
+    // Submit stays disabled until the model list is in: clicked before, the browser's own check of
+    // the empty (required) model list swallowed the click, and nothing happened.
+    $("#submit-button", root).disabled = true;
     await fillModels($("#submit-model", root), $("#submit-model-hint", root));
+    $("#submit-button", root).disabled = false;
 
     form.file.addEventListener("change", async () => {
       fromFile = null;
@@ -590,7 +594,9 @@
     let messages = [];
     let abort = null;
 
+    send.disabled = true;  // until the model list is in, as in submitView
     await fillModels($("#play-model", root), null, {chatOnly: true});
+    send.disabled = false;
 
     function bubble(role, text) {
       const li = document.createElement("li");
