@@ -77,6 +77,10 @@ def _resolve(*, loc: str, spec: ModelSpec, job_params: Any, item_params: Any,
         return "model"
 
     ok = True
+    if params.max_new_tokens == 0 and not params.echo:
+        ok = False
+        problems.append(_problem(param_loc("max_new_tokens"), "max_new_tokens must be at least 1 (0 only with "
+                                 "echo, to score the prompt)", "invalid_params"))
     if params.max_new_tokens >= spec.context_length:
         ok = False
         problems.append(_problem(param_loc("max_new_tokens"),
@@ -87,6 +91,24 @@ def _resolve(*, loc: str, spec: ModelSpec, job_params: Any, item_params: Any,
         problems.append(_problem(param_loc("min_new_tokens"),
                                  "min_new_tokens must not exceed max_new_tokens", "invalid_params"))
     return params if ok else None
+
+
+_SCORE_PARAMS = {"top_logprobs"}  # what a scoring request may set: nothing is sampled or generated
+
+
+def _resolve_score(*, loc: str, job_params: Any, item_params: Any, problems: list[dict[str, str]],
+                   delivery: str = "store") -> ResolvedParams | None:
+    """The parameters of a scoring request: only ``top_logprobs`` means anything there."""
+    ok = True
+    for where, layer in ((f"{loc}.params", item_params), ("params", job_params)):
+        for name in sorted(set(layer.model_dump(exclude_none=True)) - _SCORE_PARAMS if layer else ()):
+            ok = False
+            problems.append(_problem(f"{where}.{name}", f"a scoring job generates nothing: {name} does not "
+                                     "apply (only top_logprobs does)", "invalid_params"))
+    if not ok:
+        return None
+    return ResolvedParams.resolve({"max_new_tokens": 0, "mode": "score", "logprobs": True, "delivery": delivery},
+                                  job_params, item_params)
 
 
 def _check_request(
@@ -176,9 +198,17 @@ def create_job(*, session: Session, spec: JobCreate, model: ModelSpec, limits: L
         problems.append(_problem("system", f"system prompt is longer than {limits.max_prompt_chars} "
                                  "characters", "prompt_too_long"))
 
+    scoring = spec.kind == "score"
+
+    def resolve(loc: str, item_params: Any) -> ResolvedParams | None:
+        if scoring:
+            return _resolve_score(loc=loc, job_params=spec.params, item_params=item_params, problems=problems,
+                                  delivery=delivery)
+        return _resolve(loc=loc, spec=model, job_params=spec.params, item_params=item_params, problems=problems,
+                        delivery=delivery)
+
     # Requests without params of their own share the job's: resolved, checked and stored once.
-    shared = _resolve(loc="params", spec=model, job_params=spec.params, item_params=None, problems=problems,
-                      delivery=delivery)
+    shared = resolve("params", None)
     shared_json = shared.model_dump(mode="json") if shared is not None else None
     form = "prompts" if spec.prompts is not None else "requests"
     seen_custom_ids: dict[str, int] = {}
@@ -188,9 +218,11 @@ def create_job(*, session: Session, spec: JobCreate, model: ModelSpec, limits: L
         if item.params is None:
             params, params_json = shared, shared_json
         else:
-            params = _resolve(loc=loc, spec=model, job_params=spec.params, item_params=item.params,
-                              problems=problems, delivery=delivery)
+            params = resolve(loc, item.params)
             params_json = params.model_dump(mode="json") if params is not None else None
+        if item.continuations is not None and not scoring:
+            problems.append(_problem(f"{loc}.continuations", "continuations are scored by a scoring job "
+                                     "(kind: score); a generation job takes none", "invalid_request"))
         resolved.append((params, params_json))
         _check_request(loc=loc, item=item, spec=model, params=params, limits=limits, problems=problems,
                        system=spec.system, counter=counter)
@@ -207,7 +239,7 @@ def create_job(*, session: Session, spec: JobCreate, model: ModelSpec, limits: L
     now = utcnow()
     window = window_seconds(spec.completion_window)
     values = dict(
-        id=new_id("job"), owner=owner, model=model.name, status="queued",
+        id=new_id("job"), owner=owner, model=model.name, kind=spec.kind, status="queued",
         params=spec.params.model_dump(exclude_none=True) if spec.params else {},
         system=spec.system, total=len(items), queued=len(items), running=0, succeeded=0, failed=0,
         cancelled=0, expired=0, prompt_tokens=0, completion_tokens=0, created_at=now,
@@ -224,7 +256,8 @@ def create_job(*, session: Session, spec: JobCreate, model: ModelSpec, limits: L
     rows = [
         {"id": request_id, "job_id": job.id, "idx": i, "custom_id": item.custom_id, "prompt": item.prompt,
          "messages": [m.model_dump() for m in item.messages] if item.messages is not None else None,
-         "params": params_json, "status": "queued", "attempts": 0, "created_at": now}
+         "params": params_json, "continuations": item.continuations, "status": "queued", "attempts": 0,
+         "created_at": now}
         for i, (request_id, item, (_, params_json)) in enumerate(zip(ids, items, resolved, strict=True))
     ]
     conn.execute(_INSERT_REQUEST, rows)
@@ -426,6 +459,7 @@ class WorkItem:
     run_id: str | None = None  # the run that last claimed it (for a retried request: the one that died)
     run_size: int | None = None  # how many requests that run held
     idx: int = 0
+    continuations: list[str] | None = None  # a scoring request's
 
     def runnable(self, now: datetime) -> bool:
         """Waiting to run, or running on a worker that stopped renewing its lease."""
@@ -451,7 +485,7 @@ def load_work(*, session: Session, request_ids: Sequence[str]) -> list[WorkItem]
         WorkItem(id=r.id, job_id=r.job_id, model=r.model, status=r.status, prompt=r.prompt,
                  messages=r.messages, system=r.system, params=params_of(r.params),
                  priority=r.priority, lease_until=r.lease_until, attempts=r.attempts, created_at=r.created_at,
-                 run_id=r.run_id, run_size=r.run_size, idx=r.idx)
+                 run_id=r.run_id, run_size=r.run_size, idx=r.idx, continuations=r.continuations)
         for r in rows
     ]
 
@@ -596,6 +630,7 @@ class Outcome:
     completion_tokens: int | None = None
     error_code: str | None = None
     error_message: str | None = None
+    detail: dict[str, Any] | None = None  # {"logprobs": ...} or {"scores": [...]} (see JobRequest.detail)
 
     @property
     def ok(self) -> bool:
@@ -639,7 +674,7 @@ def record(*, session: Session, outcomes: Iterable[Outcome], run_id: str, now: d
     conn.execute(_RECORD_REQUEST, [
         {"rid": o.request_id, "run": run_id, "st": "succeeded" if o.ok else "failed", "tx": storable(o.text),
          "fr": o.finish_reason, "pt": o.prompt_tokens, "ct": o.completion_tokens, "ec": o.error_code,
-         "em": storable(o.error_message), "now": now}
+         "em": storable(o.error_message), "dt": o.detail, "now": now}
         for o in todo])
     deltas: dict[str, _JobDelta] = defaultdict(_JobDelta)
     for o in todo:
@@ -662,7 +697,7 @@ def record(*, session: Session, outcomes: Iterable[Outcome], run_id: str, now: d
 _LOAD_WORK = (
     select(_REQUESTS.id, _REQUESTS.job_id, _JOBS.model, _REQUESTS.status, _REQUESTS.prompt, _REQUESTS.messages,
            _JOBS.system, _REQUESTS.params, _JOBS.priority, _REQUESTS.lease_until, _REQUESTS.attempts,
-           _REQUESTS.created_at, _REQUESTS.run_id, _REQUESTS.run_size, _REQUESTS.idx)
+           _REQUESTS.created_at, _REQUESTS.run_id, _REQUESTS.run_size, _REQUESTS.idx, _REQUESTS.continuations)
     .join(Job.__table__, _JOBS.id == _REQUESTS.job_id)
     .where(_REQUESTS.id.in_(bindparam("ids", expanding=True)))
 )
@@ -675,7 +710,8 @@ _RECORD_REQUEST = (
                                        _REQUESTS.run_id == bindparam("run"))
     .values(status=bindparam("st"), text=bindparam("tx"), finish_reason=bindparam("fr"),
             prompt_tokens=bindparam("pt"), completion_tokens=bindparam("ct"), error_code=bindparam("ec"),
-            error_message=bindparam("em"), completed_at=_NOW)
+            error_message=bindparam("em"), detail=bindparam("dt", type_=JobRequest.__table__.c.detail.type),
+            completed_at=_NOW)
 )
 _RECORD_JOB = (
     update(Job.__table__).where(_JOBS.id == bindparam("jid"))

@@ -23,6 +23,8 @@ from pydantic import (
 )
 
 MAX_STOP_SEQUENCES = 4
+MAX_TOP_LOGPROBS = 20
+MAX_CONTINUATIONS = 64
 MAX_STOP_CHARS = 256
 MAX_MESSAGES = 512
 MAX_CUSTOM_ID_CHARS = 128
@@ -65,7 +67,8 @@ class GenerationParams(BaseModel):
 
     model_config = _STRICT
 
-    max_new_tokens: int | None = Field(None, ge=1, le=32768, description="Most tokens to generate.")
+    max_new_tokens: int | None = Field(None, ge=0, le=32768, description="Most tokens to generate; 0 only "
+                                       "with echo (the prompt's log probabilities, nothing generated).")
     min_new_tokens: int | None = Field(
         None, ge=0, le=32768, description="Fewest tokens to generate before the end token may stop."
     )
@@ -77,6 +80,14 @@ class GenerationParams(BaseModel):
         None, max_length=MAX_STOP_SEQUENCES, description="Strings that end generation; not returned."
     )
     seed: int | None = Field(None, description=SEED_DOC)
+    logprobs: bool | None = Field(None, description="Return each generated token with its log probability "
+                                  "under the model (before temperature, top-k/top-p and repetition penalty).")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="Also the most likely "
+                                     "tokens at each position, up to 20, with their log probabilities; "
+                                     "implies logprobs.")
+    echo: bool | None = Field(None, description="Also return the prompt's tokens with their log "
+                              "probabilities (with logprobs or top_logprobs); with max_new_tokens 0 "
+                              "nothing is generated.")
 
     @model_validator(mode="after")
     def _check_stop(self) -> GenerationParams:
@@ -98,6 +109,11 @@ class ResolvedParams(BaseModel):
     top_k: int = 0
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+    echo: bool = False
+    # What the request does: generate text, or score given texts (a scoring job).
+    mode: Literal["generate", "score"] = "generate"
     # How the result reaches the client: stored only (jobs), or also announced over Redis when
     # done (synchronous calls), or streamed token by token as well (stream: true).
     delivery: Literal["store", "notify", "stream"] = "store"
@@ -113,10 +129,20 @@ class ResolvedParams(BaseModel):
             merged.update({k: v for k, v in data.items() if v is not None})
         if "stop" in merged:
             merged["stop"] = tuple(merged["stop"])
+        if merged.get("top_logprobs"):
+            merged["logprobs"] = True
         return cls(**merged)
 
+    @property
+    def scores_only(self) -> bool:
+        """Nothing to generate: a scoring job's request, or an echo of the prompt with 0 new tokens."""
+        return self.mode == "score" or self.max_new_tokens == 0
+
     def sampling_key(self) -> tuple[Any, ...]:
-        """What must be equal for two requests to share one CTranslate2 call."""
+        """What must be equal for two requests to share one CTranslate2 call (requests that only
+        score share a forward pass whatever their sampling settings)."""
+        if self.scores_only:
+            return ("score",)
         return (self.temperature, self.top_p, self.top_k, self.repetition_penalty, self.min_new_tokens)
 
 
@@ -137,6 +163,10 @@ class RequestCreate(BaseModel):
     prompt: Text | None = Field(None, min_length=1)
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
     params: GenerationParams | None = None
+    continuations: list[Annotated[Text, Field(min_length=1)]] | None = Field(
+        None, min_length=1, max_length=MAX_CONTINUATIONS, description="Scoring jobs only: texts to score as "
+        "continuations of the prompt (or of the chat's next assistant turn), each on its own; without "
+        "them the prompt itself is scored.")
 
     @model_validator(mode="after")
     def _one_input(self) -> RequestCreate:
@@ -171,6 +201,7 @@ class PlainPrompt:
     custom_id: None = None
     messages: None = None
     params: None = None
+    continuations: None = None
 
 
 class JobCreate(BaseModel):
@@ -180,6 +211,9 @@ class JobCreate(BaseModel):
         "oneOf": [{"required": ["prompts"]}, {"required": ["requests"]}]})
 
     model: Text = Field(min_length=1, max_length=200)
+    kind: Literal["generate", "score"] = Field("generate", description="generate: text for each request. "
+                                               "score: the log probability and perplexity of given texts, "
+                                               "nothing generated.")
     prompts: list[Annotated[Text, Field(min_length=1)]] | None = Field(None, min_length=1)
     requests: list[RequestCreate] | None = Field(None, min_length=1)
     params: GenerationParams | None = None
@@ -269,6 +303,7 @@ class JobRead(BaseModel):
     id: str
     object: Literal["job"] = "job"
     model: str
+    kind: Literal["generate", "score"]
     status: JobStatus
     counts: JobCounts
     usage: Usage
@@ -301,6 +336,34 @@ class ErrorInfo(BaseModel):
     message: str
 
 
+class TopLogprob(BaseModel):
+    token: str = Field(description="The token's text; a token that is part of a UTF-8 character shows U+FFFD.")
+    bytes: list[int] = Field(description="The token's exact bytes.")
+    logprob: float
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    bytes: list[int]
+    logprob: float | None = Field(description="Log probability of this token after the ones before it; null "
+                                              "for the first token of a sequence (nothing precedes it).")
+    top_logprobs: list[TopLogprob] | None = Field(None, description="With top_logprobs: the most likely tokens "
+                                                                    "at this position, most likely first.")
+
+
+class Logprobs(BaseModel):
+    prompt: list[TokenLogprob] | None = Field(None, description="With echo: the prompt's tokens.")
+    content: list[TokenLogprob] = Field(description="The generated tokens, as many as completion_tokens.")
+
+
+class Score(BaseModel):
+    continuation: str | None = Field(description="The continuation scored; null when the prompt itself was.")
+    tokens: list[TokenLogprob] = Field(description="The scored tokens and their log probabilities.")
+    logprob: float = Field(description="Sum of the tokens' log probabilities.")
+    perplexity: float = Field(description="exp(-logprob / number of tokens).")
+    is_greedy: bool = Field(description="Every scored token is the model's most likely one at its position.")
+
+
 class ResultRead(BaseModel):
     id: str
     object: Literal["job.result"] = "job.result"
@@ -313,6 +376,10 @@ class ResultRead(BaseModel):
     finish_reason: Literal["stop", "length"] | None
     prompt_tokens: int | None
     completion_tokens: int | None
+    logprobs: Logprobs | None = Field(None, description="With params.logprobs, top_logprobs or echo.")
+    continuations: list[str] | None = Field(None, description="Scoring jobs: the continuations sent.")
+    scores: list[Score] | None = Field(None, description="Scoring jobs: one per continuation (or one for the "
+                                                         "prompt), in order.")
     error: ErrorInfo | None
     created_at: datetime
     completed_at: datetime | None

@@ -58,6 +58,7 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     owner: Mapped[str] = mapped_column(String(128))
     model: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(16), default="generate")
     status: Mapped[str] = mapped_column(String(20))
     # Named job_metadata in Python: "metadata" is taken by SQLAlchemy's declarative base.
     job_metadata: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON)
@@ -106,8 +107,11 @@ class JobRequest(Base):
     prompt: Mapped[str | None] = mapped_column(Text)
     messages: Mapped[list[dict[str, str]] | None] = mapped_column(JSON(none_as_null=True))
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    continuations: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
     status: Mapped[str] = mapped_column(String(20))
     text: Mapped[str | None] = mapped_column(Text)
+    # Besides the text: {"logprobs": ...} (log probabilities asked for) or {"scores": [...]} (scoring).
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
     finish_reason: Mapped[str | None] = mapped_column(String(20))
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)

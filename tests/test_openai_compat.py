@@ -204,10 +204,10 @@ def test_errors_are_openai_shaped(stack):
     assert "n is not supported" in err.value.body["message"]
     # Every unsupported parameter of a request at once, the first in param.
     with pytest.raises(openai.BadRequestError) as err:
-        client.completions.create(model="tiny", prompt="x", n=2, logprobs=1, echo=True)
+        client.completions.create(model="tiny", prompt="x", n=2, best_of=3, suffix="!", logprobs=1, echo=True)
     assert err.value.body["param"] == "n"
-    assert [p for p in ("n", "logprobs", "echo") if f"{p} is not supported" in err.value.body["message"]] == [
-        "n", "logprobs", "echo"]
+    named = ("n", "best_of", "suffix", "logprobs", "echo")
+    assert [p for p in named if f"{p} is not supported" in err.value.body["message"]] == ["n", "best_of", "suffix"]
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model="tiny", prompt="x", extra_body={"nonsense": 1})
     assert "nonsense" in err.value.body["message"]

@@ -69,7 +69,7 @@ def _window(seconds: int) -> str:
 def job_read(job: Job) -> JobRead:
     """The API view of a job row."""
     return JobRead(
-        id=job.id, model=job.model, status=job.status,  # type: ignore[arg-type]
+        id=job.id, model=job.model, kind=job.kind or "generate", status=job.status,  # type: ignore[arg-type]
         counts=JobCounts(total=job.total, queued=job.queued, running=job.running, succeeded=job.succeeded,
                          failed=job.failed, cancelled=job.cancelled, expired=job.expired),
         usage=Usage(prompt_tokens=job.prompt_tokens, completion_tokens=job.completion_tokens,
@@ -89,6 +89,8 @@ def result_read(row: JobRequest) -> ResultRead:
         prompt=row.prompt, messages=row.messages, text=row.text,
         finish_reason=row.finish_reason,  # type: ignore[arg-type]
         prompt_tokens=row.prompt_tokens, completion_tokens=row.completion_tokens,
+        logprobs=(row.detail or {}).get("logprobs"), continuations=row.continuations,
+        scores=(row.detail or {}).get("scores"),
         error=ErrorInfo(code=row.error_code, message=row.error_message or "") if row.error_code else None,
         created_at=row.created_at, completed_at=row.completed_at,
     )

@@ -598,7 +598,8 @@ class Batcher:
         batch_tokens = prompt_tokens + sum(p.enc.item.params.max_new_tokens for p in todo)
         tuned = ""
         with self._cond:
-            if self.tuner is not None and reason not in ("isolate", "retry"):  # alone: not the usual shape
+            # Alone (isolate, retry) or scoring (a forward pass, no generation): not the shape tuned.
+            if self.tuner is not None and reason not in ("isolate", "retry") and todo[0].key != ("score",):
                 limit = self.tuner.limit
                 move = self.tuner.observe(batch_tokens=batch_tokens, requests=len(todo),
                                           prompt_tokens=prompt_tokens / len(todo), new_tokens=new_tokens,

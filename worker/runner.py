@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -34,15 +35,38 @@ _TAIL = CONTEXT
 
 @dataclass
 class Encoded:
-    """A request ready to run: prompt token ids and the strings CTranslate2 takes."""
+    """A request ready to run: prompt token ids and the strings CTranslate2 takes; for a scoring
+    request, also the sequences to score, each with the position its scored tokens start at."""
 
     item: WorkItem
     ids: list[int]
     tokens: list[str]
+    scored: list[tuple[list[int], int]] | None = None
 
     @property
     def length(self) -> int:
+        if self.scored is not None:
+            return sum(len(ids) for ids, _ in self.scored)
         return len(self.ids)
+
+
+@dataclass(frozen=True)
+class Positions:
+    """Log probabilities at the scored positions of one sequence: for each scored token, its log
+    probability, whether it was the model's most likely token, and the ``top`` most likely (id,
+    log probability) pairs when asked for."""
+
+    logprobs: list[float]
+    greedy: list[bool]
+    top: list[list[tuple[int, float]]] | None
+
+
+def _token_text(token_id: int, raw: bytes, vocabulary: list[str]) -> str:
+    """A token as text: its bytes decoded (part of a character shows U+FFFD, NUL too, which no
+    database text holds), or a special token's own name."""
+    if not raw and vocabulary[token_id].startswith("<"):
+        return vocabulary[token_id]
+    return raw.decode("utf-8", errors="replace").replace("\x00", "\ufffd")
 
 
 class RequestError(Exception):
@@ -72,7 +96,9 @@ class _Sequence:
 
     def __post_init__(self) -> None:
         params = self.enc.item.params
-        self.streaming = self.on_delta is not None and params.delivery == "stream"
+        # A stream with log probabilities is sent when its tokens and their log probabilities are
+        # known, at the end (see ``webapi.openai.router``): nothing is streamed from here.
+        self.streaming = self.on_delta is not None and params.delivery == "stream" and not params.logprobs
         if params.stop or self.streaming:  # only then is the text needed while generating
             self.decoder = self.runner.stream_decoder(self.enc.ids)
         # Of the final text, hold back what a stop string could still claim.
@@ -207,6 +233,20 @@ class ModelRunner:
                               system=item.system)
         except ValueError as exc:
             raise RequestError("invalid_prompt", str(exc)) from None
+        ids = self._encode_segments(segments)
+        budget = self.spec.context_length
+        if len(ids) + item.params.max_new_tokens > budget:
+            raise RequestError(
+                "context_length_exceeded",
+                f"the prompt has {len(ids)} tokens; with max_new_tokens={item.params.max_new_tokens} "
+                f"that exceeds the model's context of {budget} tokens",
+            )
+        enc = Encoded(item=item, ids=ids, tokens=[self.vocabulary[i] for i in ids])
+        if item.params.mode == "score":
+            enc.scored = self._scored(segments, ids, item.continuations)
+        return enc
+
+    def _encode_segments(self, segments: Sequence[str | Special]) -> list[int]:
         texts = [s for s in segments if isinstance(s, str)]
         # "<s>" typed in a prompt stays text, it never becomes BOS (see ``load_tokenizer``).
         encoded = iter(self.tokenizer.encode_texts(texts)) if texts else iter(())
@@ -218,14 +258,35 @@ class ModelRunner:
                 ids.append(self.eos_id)
             else:
                 ids.extend(next(encoded))
+        return ids
+
+    def _scored(self, segments: list[str | Special], ids: list[int],
+                continuations: Sequence[str] | None) -> list[tuple[list[int], int]]:
+        """What a scoring request scores: the prompt's tokens after the first, or each continuation's
+        tokens after the prompt. A continuation is tokenized joined to the prompt's text (as the
+        model would have read it); its tokens are those after the prompt's tokens that the joined
+        text shares (a token merging across the seam counts as the continuation's)."""
         budget = self.spec.context_length
-        if len(ids) + item.params.max_new_tokens > budget:
-            raise RequestError(
-                "context_length_exceeded",
-                f"the prompt has {len(ids)} tokens; with max_new_tokens={item.params.max_new_tokens} "
-                f"that exceeds the model's context of {budget} tokens",
-            )
-        return Encoded(item=item, ids=ids, tokens=[self.vocabulary[i] for i in ids])
+        if not continuations:
+            if len(ids) < 2:
+                raise RequestError("invalid_prompt", "a scored text needs at least one token after the first")
+            return [(ids, 1)]
+        out = []
+        for n, continuation in enumerate(continuations):
+            joined = list(segments)
+            if joined and isinstance(joined[-1], str):
+                joined[-1] = joined[-1] + continuation
+            else:
+                joined.append(continuation)
+            full = self._encode_segments(joined)
+            shared = next((i for i, (a, b) in enumerate(zip(ids, full)) if a != b), min(len(ids), len(full)))
+            if len(full) > budget:
+                raise RequestError("context_length_exceeded", f"the prompt with continuations[{n}] has "
+                                   f"{len(full)} tokens; the model's context is {budget} tokens")
+            if shared >= len(full):
+                raise RequestError("invalid_prompt", f"continuations[{n}] adds no token to the prompt")
+            out.append((full, max(1, shared)))
+        return out
 
     def _maybe_die(self, batch: Sequence[Encoded]) -> None:
         # Fault injection for the recovery tests (BATCHGEN_FAULT_KILL_ON): die as a crash would.
@@ -263,6 +324,132 @@ class ModelRunner:
     def _decode_skipping(self, ids: list[int]) -> str:
         return self._backend.decode(ids, skip_special_tokens=True)
 
+    # --- log probabilities ------------------------------------------------------------------
+
+    # Floats of log probabilities one forward pass may return at once (batch x length x vocabulary):
+    # 128 MiB. A single sequence longer than that still goes, alone.
+    LOGPROB_FLOATS = 32 * 1024 * 1024
+
+    def log_probs(self, sequences: Sequence[tuple[Sequence[int], int, int]]) -> list[Positions]:
+        """Log probabilities of ``(ids, start, top)`` sequences at positions ``start`` to the end.
+
+        One ``forward_batch`` pass over each sequence (batched, longest last, within
+        ``LOGPROB_FLOATS``), with CTranslate2's own log-softmax over the whole vocabulary: the
+        model's distribution, before any sampling setting. ``top`` alternatives are taken at each
+        position when above 0.
+        """
+        import numpy as np
+
+        out: list[Positions | None] = [None] * len(sequences)
+        vocab = len(self.vocabulary)
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))
+        chunk: list[int] = []
+
+        def run() -> None:
+            longest = max(len(sequences[i][0]) for i in chunk)
+            rows = self._numpy(self.generator.forward_batch([list(sequences[i][0]) for i in chunk],
+                                                            return_log_probs=True))
+            for row, i in enumerate(chunk):
+                ids, start, top = sequences[i]
+                dist = rows[row, start - 1:len(ids) - 1]  # position p predicts token p + 1
+                target = np.asarray(ids[start:], dtype=np.int64)
+                chosen = dist[np.arange(len(target)), target]
+                greedy = chosen >= dist.max(axis=1)
+                tops = None
+                if top > 0:
+                    k = min(top, vocab)
+                    best = np.argpartition(-dist, k - 1, axis=1)[:, :k]
+                    values = np.take_along_axis(dist, best, axis=1)
+                    rank = np.argsort(-values, axis=1, kind="stable")
+                    best, values = np.take_along_axis(best, rank, axis=1), np.take_along_axis(values, rank, axis=1)
+                    tops = [list(zip(b.tolist(), v.tolist(), strict=True)) for b, v in zip(best, values, strict=True)]
+                out[i] = Positions(logprobs=chosen.tolist(), greedy=greedy.tolist(), top=tops)
+            del longest
+
+        for i in order:
+            longest = max([len(sequences[j][0]) for j in chunk] + [len(sequences[i][0])])
+            if chunk and (len(chunk) + 1) * longest * vocab > self.LOGPROB_FLOATS:
+                run()
+                chunk = []
+            chunk.append(i)
+        if chunk:
+            run()
+        return [p for p in out if p is not None]
+
+    @staticmethod
+    def _numpy(view: Any) -> Any:
+        """A CTranslate2 StorageView as a float32 numpy array on the host."""
+        import ctranslate2
+        import numpy as np
+
+        if view.dtype != ctranslate2.DataType.float32:
+            view = view.to(ctranslate2.DataType.float32)
+        if view.device != "cpu":
+            view = view.to_device(ctranslate2.Device.cpu)
+        return np.asarray(view)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """What a token adds to the decoded text (Llama's SentencePiece pieces: U+2581 is a space,
+        ``<0xNN>`` one byte); a special token adds nothing."""
+        if token_id in self.special_ids:
+            return b""
+        piece = self.vocabulary[token_id]
+        if token_id in self.byte_ids:
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode("utf-8")
+
+    def token_entries(self, ids: Sequence[int], positions: Positions | None, *,
+                      first_of_text: bool = False) -> list[dict[str, Any]]:
+        """Tokens as results list them: ``{token, bytes, logprob, top_logprobs}``. ``positions`` is
+        None for tokens nothing precedes (their log probability is null). ``first_of_text``: these
+        start the decoded text, whose first space the decoder drops."""
+        out = []
+        strip = first_of_text
+        for n, token_id in enumerate(ids):
+            raw = self.token_bytes(token_id)
+            if strip and raw:
+                raw, strip = raw.removeprefix(b" "), False
+            entry: dict[str, Any] = {"token": _token_text(token_id, raw, self.vocabulary),
+                                     "bytes": list(raw), "logprob": None}
+            if positions is not None:
+                entry["logprob"] = positions.logprobs[n]
+                if positions.top is not None:
+                    entry["top_logprobs"] = [
+                        {"token": _token_text(t, b := self.token_bytes(t), self.vocabulary), "bytes": list(b),
+                         "logprob": lp} for t, lp in positions.top[n]]
+            out.append(entry)
+        return out
+
+    def score(self, batch: Sequence[Encoded]) -> list[Outcome]:
+        """Run requests that generate nothing: scoring requests, and echoes with 0 new tokens."""
+        jobs: list[tuple[Sequence[int], int, int]] = []
+        for enc in batch:
+            top = enc.item.params.top_logprobs
+            jobs.extend((ids, start, top) for ids, start in enc.scored or [(enc.ids, 1)])
+        found = iter(self.log_probs(jobs))
+        outcomes = []
+        for enc in batch:
+            item = enc.item
+            if enc.scored is None:  # an echo: the prompt's tokens, nothing generated
+                positions = next(found)
+                detail = {"logprobs": {"prompt": self.token_entries(enc.ids[1:], positions, first_of_text=True),
+                                       "content": []}}
+                outcomes.append(Outcome(request_id=item.id, job_id=item.job_id, text="", finish_reason="length",
+                                        prompt_tokens=enc.length, completion_tokens=0, detail=detail))
+                continue
+            scores = []
+            for n, (ids, start) in enumerate(enc.scored):
+                positions = next(found)
+                total = float(sum(positions.logprobs))
+                count = len(positions.logprobs)
+                scores.append({
+                    "continuation": item.continuations[n] if item.continuations else None,
+                    "tokens": self.token_entries(ids[start:], positions, first_of_text=start == 1),
+                    "logprob": total, "perplexity": math.exp(-total / count), "is_greedy": all(positions.greedy)})
+            outcomes.append(Outcome(request_id=item.id, job_id=item.job_id, prompt_tokens=enc.length,
+                                    completion_tokens=0, detail={"scores": scores}))
+        return outcomes
+
     # --- generation -------------------------------------------------------------------------
 
     def generate(self, batch: Sequence[Encoded], on_delta: DeltaSink | None = None) -> list[Outcome]:
@@ -274,6 +461,8 @@ class ModelRunner:
         if self.fault_kill_on:
             self._maybe_die(batch)
         params = batch[0].item.params
+        if params.scores_only:  # the batcher keeps these apart (ResolvedParams.sampling_key)
+            return self.score(batch)
         sequences = [_Sequence(enc, self, on_delta) for enc in batch]
 
         def on_step(step: Any) -> bool:
@@ -300,14 +489,45 @@ class ModelRunner:
         )
         if self.fault_generate_s:  # fault tests: a slow device (text already streamed, nothing stored yet)
             time.sleep(self.fault_generate_s)
-        outcomes = []
+        generated = []
         for seq, result in zip(sequences, results, strict=True):
             # The callback saw every token; the result is the authority on what was generated.
             ids = list(result.sequences_ids[0])[: len(seq.ids)] if seq.reason else list(result.sequences_ids[0])
             if seq.reason is None:
                 seq.reason = "length" if len(ids) >= seq.enc.item.params.max_new_tokens else "stop"
+            generated.append(ids)
+        details = self._logprob_details(batch, generated)
+        outcomes = []
+        for seq, ids, detail in zip(sequences, generated, details, strict=True):
             text = seq.finish(ids)
             outcomes.append(Outcome(request_id=seq.enc.item.id, job_id=seq.enc.item.job_id, text=text,
                                     finish_reason=seq.reason, prompt_tokens=seq.enc.length,
-                                    completion_tokens=len(ids)))
+                                    completion_tokens=len(ids), detail=detail))
         return outcomes
+
+    def _logprob_details(self, batch: Sequence[Encoded], generated: list[list[int]]) -> list[dict[str, Any] | None]:
+        """``{"logprobs": ...}`` for the requests that asked for log probabilities: one forward
+        pass over prompt and generated tokens after generation (the step callback carries none in
+        this CTranslate2, and skipping the callback is what keeps plain batches fast)."""
+        wanted = [n for n, enc in enumerate(batch) if enc.item.params.logprobs]
+        details: list[dict[str, Any] | None] = [None] * len(batch)
+        if not wanted:
+            return details
+        jobs = []
+        for n in wanted:
+            enc = batch[n]
+            start = 1 if enc.item.params.echo else len(enc.ids)
+            jobs.append((enc.ids + generated[n], start, enc.item.params.top_logprobs))
+        for n, positions in zip(wanted, self.log_probs(jobs), strict=True):
+            enc, ids = batch[n], generated[n]
+            logprobs: dict[str, Any] = {}
+            if enc.item.params.echo:
+                cut = len(enc.ids) - 1
+                head = Positions(positions.logprobs[:cut], positions.greedy[:cut],
+                                 positions.top[:cut] if positions.top is not None else None)
+                positions = Positions(positions.logprobs[cut:], positions.greedy[cut:],
+                                      positions.top[cut:] if positions.top is not None else None)
+                logprobs["prompt"] = self.token_entries(enc.ids[1:], head, first_of_text=True)
+            logprobs["content"] = self.token_entries(ids, positions)
+            details[n] = {"logprobs": logprobs}
+        return details

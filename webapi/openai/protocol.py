@@ -1,7 +1,7 @@
 """OpenAI request bodies (completions, chat completions) and their mapping onto batchgen requests.
 
 Fields batchgen can honour are taken; fields it cannot are refused by name when set to anything but
-their neutral value, never silently ignored (n > 1, penalties, logprobs, echo, tools, ...): each
+their neutral value, never silently ignored (n > 1, penalties, tools, ...): each
 one refused is its own problem, with the field as its ``loc`` (OpenAI's ``param``), so a request
 learns every unsupported field at once. ``seed`` is accepted as OpenAI documents it, best effort
 (here: not used; see ``core.schemas.SEED_DOC``), and answers carry a ``system_fingerprint``.
@@ -15,14 +15,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from core.schemas import SEED_DOC, GenerationParams, RequestCreate, Text, check_chat_shape
+from core.schemas import MAX_TOP_LOGPROBS, SEED_DOC, GenerationParams, RequestCreate, Text, check_chat_shape
 
 NOT_SUPPORTED = "is not supported by batchgen"
 # The values of fields batchgen cannot honour that mean "not used": anything else is refused.
 NEUTRAL: dict[str, tuple[Any, ...]] = {
     "n": (None, 1), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
-    "logit_bias": (None, {}), "logprobs": (None, False, 0), "echo": (None, False), "best_of": (None, 1),
-    "suffix": (None, ""), "top_logprobs": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
+    "logit_bias": (None, {}), "best_of": (None, 1),
+    "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"),
     "response_format": (None, {"type": "text"}),
 }
 
@@ -47,7 +47,6 @@ class _Common(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    logprobs: Any = None
     seed: int | None = Field(None, description=SEED_DOC)
     user: Text | None = None
     # Extensions (as vLLM names them).
@@ -55,7 +54,7 @@ class _Common(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     min_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS)
 
-    @field_validator("n", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs")
+    @field_validator("n", "presence_penalty", "frequency_penalty", "logit_bias")
     @classmethod
     def _refuse_unsupported(cls, value: Any, info: ValidationInfo) -> Any:
         return _neutral_only(value, info)
@@ -79,12 +78,15 @@ class CompletionRequest(_Common):
     """``POST /v1/completions``."""
 
     prompt: Text | list[Text]
-    max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS)  # OpenAI's default for completions
+    # OpenAI's default for completions; 0 only with echo (the prompt's log probabilities).
+    max_tokens: int | None = Field(16, ge=0, le=MAX_TOKENS)
     echo: bool | None = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="Log probabilities of the "
+                                 "tokens, and this many most likely tokens at each position.")
     best_of: int | None = None
     suffix: str | None = None
 
-    @field_validator("echo", "best_of", "suffix")
+    @field_validator("best_of", "suffix")
     @classmethod
     def _refuse_unsupported_here(cls, value: Any, info: ValidationInfo) -> Any:
         return _neutral_only(value, info)
@@ -97,9 +99,21 @@ class CompletionRequest(_Common):
                              "or /v1/jobs)")
         return value
 
+    @model_validator(mode="after")
+    def _zero_tokens_echo(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 is only meaningful with echo (the prompt's log probabilities)")
+        return self
+
+    def prompt_text(self) -> str:
+        return self.prompt[0] if isinstance(self.prompt, list) else self.prompt
+
     def to_request(self, custom_id: str | None = None) -> RequestCreate:
-        prompt = self.prompt[0] if isinstance(self.prompt, list) else self.prompt
-        return RequestCreate(custom_id=custom_id, prompt=prompt, params=_params(self, self.max_tokens))
+        params = _params(self, self.max_tokens)
+        if self.logprobs is not None or self.echo:
+            params = params.model_copy(update={"logprobs": self.logprobs is not None,
+                                               "top_logprobs": self.logprobs or None, "echo": bool(self.echo)})
+        return RequestCreate(custom_id=custom_id, prompt=self.prompt_text(), params=params)
 
 
 class ContentPart(BaseModel):
@@ -129,9 +143,11 @@ class ChatCompletionRequest(_Common):
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
-    top_logprobs: int | None = None
+    logprobs: bool | None = Field(None, description="Log probabilities of the generated tokens.")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="With logprobs: this many "
+                                     "most likely tokens at each position.")
 
-    @field_validator("tools", "tool_choice", "response_format", "top_logprobs")
+    @field_validator("tools", "tool_choice", "response_format")
     @classmethod
     def _refuse_unsupported_here(cls, value: Any, info: ValidationInfo) -> Any:
         return _neutral_only(value, info)
@@ -139,6 +155,8 @@ class ChatCompletionRequest(_Common):
     @model_validator(mode="after")
     def _shape(self) -> ChatCompletionRequest:
         check_chat_shape(self.native_messages())  # type: ignore[arg-type]
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
         return self
 
     def native_messages(self) -> list[Any]:
@@ -148,8 +166,10 @@ class ChatCompletionRequest(_Common):
                 for m in self.messages]
 
     def to_request(self, custom_id: str | None = None) -> RequestCreate:
-        return RequestCreate(custom_id=custom_id, messages=self.native_messages(),
-                             params=_params(self, self.max_completion_tokens or self.max_tokens))
+        params = _params(self, self.max_completion_tokens or self.max_tokens)
+        if self.logprobs:
+            params = params.model_copy(update={"logprobs": True, "top_logprobs": self.top_logprobs or None})
+        return RequestCreate(custom_id=custom_id, messages=self.native_messages(), params=params)
 
 
 def _params(req: _Common, max_tokens: int | None) -> GenerationParams:
@@ -318,10 +338,17 @@ class CompletionUsage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     text: str
     index: int
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
 
 
@@ -340,11 +367,26 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+    refusal: None = None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: Literal["stop", "length"] | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionRead(BaseModel):

@@ -6,6 +6,7 @@ Errors on these routes are OpenAI-shaped (``{"error": {message, type, param, cod
 
 from __future__ import annotations
 
+import codecs
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -248,15 +249,34 @@ def _sse(sync: Any, endpoint: str, req: Any, model: Any, call: Any, fingerprint:
     base = {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion", "model": model.name,
             "system_fingerprint": fingerprint}
 
-    def chunk(text: str | None, finish: str | None = None, role: bool = False) -> str:
+    def chunk(text: str | None, finish: str | None = None, role: bool = False,
+              logprobs: dict[str, Any] | None = None) -> str:
         if chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
             if text:
                 delta["content"] = text
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
         return sse.event({**base, "created": created, "choices": [choice]})
+
+    def token_chunks(row: Any) -> Iterator[str]:
+        """A stream with log probabilities: one chunk per token, each with its own (the worker
+        sends no text ahead for these: see ``worker.runner._Sequence``)."""
+        if chat:
+            text, tokens = row.text or "", ((row.detail or {}).get("logprobs") or {}).get("content") or []
+        else:
+            text, tokens = serving.completion_tokens_of(row)
+        top = bool((row.params or {}).get("top_logprobs"))
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        sent = 0
+        for token in tokens:
+            end = min(len(text), sent + len(decoder.decode(bytes(token["bytes"]))))
+            piece, sent = text[sent:end], end
+            one = serving.chat_logprobs([token]) if chat else serving.completion_logprobs([token], top, sent - len(piece))
+            yield chunk(piece, logprobs=one)
+        if sent < len(text):
+            yield chunk(text[sent:])
 
     import time
 
@@ -265,6 +285,8 @@ def _sse(sync: Any, endpoint: str, req: Any, model: Any, call: Any, fingerprint:
     try:
         if chat:
             yield chunk(None, role=True)
+        elif req.echo and req.logprobs is None:  # with logprobs the prompt comes with its tokens
+            yield chunk(req.prompt_text())
         for kind, value in sync.events(call):
             if kind == "delta":
                 sent += value
@@ -274,6 +296,13 @@ def _sse(sync: Any, endpoint: str, req: Any, model: Any, call: Any, fingerprint:
             if row.status != "succeeded":
                 err = failed_call(row)
                 yield sse.event(error_body("openai", err.status, err.code, err.message)[1])
+                break
+            if (row.params or {}).get("logprobs"):
+                yield from token_chunks(row)
+                yield chunk(None, finish=row.finish_reason)
+                if req.include_usage():
+                    yield sse.event({**base, "created": created, "choices": [],
+                                     "usage": serving.usage(row.prompt_tokens, row.completion_tokens)})
                 break
             final = row.text or ""
             if not final.startswith(sent):  # a retried run's deltas were lost: what was sent is void

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 from collections.abc import Iterable
@@ -62,21 +63,65 @@ def _version() -> str:
 _VERSION = _version()
 
 
+def completion_tokens_of(row: JobRequest) -> tuple[str, list[dict[str, Any]]]:
+    """A completion's text as OpenAI returns it (the prompt first with ``echo``) and the tokens
+    its ``logprobs`` list (echoed prompt tokens first), as the worker stored them."""
+    params, logprobs = row.params or {}, (row.detail or {}).get("logprobs") or {}
+    text = row.text or ""
+    if params.get("echo"):
+        return (row.prompt or "") + text, (logprobs.get("prompt") or []) + (logprobs.get("content") or [])
+    return text, logprobs.get("content") or []
+
+
+def completion_logprobs(tokens: list[dict[str, Any]], top: bool, offset: int = 0) -> dict[str, Any]:
+    """OpenAI's legacy ``logprobs`` object: tokens, their log probabilities, the alternatives as
+    ``{token: logprob}`` and each token's character offset in the text (from ``offset``)."""
+    names, offsets = [], []
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    position = offset
+    for t in tokens:
+        offsets.append(position)
+        position += len(decoder.decode(bytes(t["bytes"])))
+        raw = bytes(t["bytes"])
+        try:
+            names.append(raw.decode("utf-8") if raw else t["token"])
+        except UnicodeDecodeError:  # part of a character: OpenAI writes such tokens as bytes:\xNN
+            names.append("bytes:" + "".join(f"\\x{b:02x}" for b in raw))
+    return {"tokens": names, "token_logprobs": [t["logprob"] for t in tokens],
+            "top_logprobs": [{a["token"]: a["logprob"] for a in t.get("top_logprobs") or []} if t["logprob"] is not None
+                             else None for t in tokens] if top else None,
+            "text_offset": offsets}
+
+
+def chat_logprobs(tokens: list[dict[str, Any]]) -> dict[str, Any]:
+    """OpenAI's chat ``logprobs``: ``{"content": [{token, logprob, bytes, top_logprobs}]}``."""
+    return {"content": [{"token": t["token"], "logprob": t["logprob"], "bytes": t["bytes"],
+                         "top_logprobs": [{"token": a["token"], "logprob": a["logprob"], "bytes": a["bytes"]}
+                                          for a in t.get("top_logprobs") or []]} for t in tokens],
+            "refusal": None}
+
+
 def completion_body(row: JobRequest, model: str, created: datetime, fingerprint: str | None = None) -> dict[str, Any]:
     """A ``text_completion`` for a finished request."""
+    text, tokens = completion_tokens_of(row)
+    params = row.params or {}
+    logprobs = completion_logprobs(tokens, bool(params.get("top_logprobs"))) if params.get("logprobs") else None
     return CompletionRead(
         id=f"cmpl-{row.id}", created=unix(created) or 0, model=model, system_fingerprint=fingerprint,
         usage=usage(row.prompt_tokens, row.completion_tokens),
-        choices=[CompletionChoice(text=row.text or "", index=0, finish_reason=row.finish_reason)],
+        choices=[CompletionChoice(text=text, index=0, finish_reason=row.finish_reason,
+                                  logprobs=logprobs)],  # type: ignore[arg-type]
     ).model_dump(mode="json")
 
 
 def chat_body(row: JobRequest, model: str, created: datetime, fingerprint: str | None = None) -> dict[str, Any]:
     """A ``chat.completion`` for a finished request."""
+    logprobs = (row.detail or {}).get("logprobs")
     return ChatCompletionRead(
         id=f"chatcmpl-{row.id}", created=unix(created) or 0, model=model, system_fingerprint=fingerprint,
         usage=usage(row.prompt_tokens, row.completion_tokens),
-        choices=[ChatChoice(index=0, message=AssistantMessage(content=row.text or ""), finish_reason=row.finish_reason)],
+        choices=[ChatChoice(index=0, message=AssistantMessage(content=row.text or ""), finish_reason=row.finish_reason,
+                            logprobs=chat_logprobs(logprobs["content"]) if logprobs else None)],  # type: ignore[arg-type]
     ).model_dump(mode="json")
 
 
