@@ -308,8 +308,8 @@ def cmd_submit(args: Any) -> int:
         metadata["name"] = args.name
     if metadata:
         body["metadata"] = metadata
-    for field in ("system", "priority", "completion_window"):
-        if getattr(args, field) is not None:
+    for field in ("kind", "system", "priority", "completion_window"):
+        if getattr(args, field, None) is not None:
             body[field] = getattr(args, field)
     api = _api(args)
     job = api.call("POST", "/v1/jobs", body)

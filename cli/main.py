@@ -259,7 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["text", "jsonl"], help="how to read FILE (default: from its extension)")
     p.add_argument("--param", action="append", metavar="KEY=VALUE",
                    help="a generation parameter for every request: max_new_tokens, min_new_tokens, temperature, "
-                        "top_p, top_k, repetition_penalty, stop (VALUE is JSON where it parses); repeatable")
+                        "top_p, top_k, repetition_penalty, stop, logprobs, top_logprobs, echo (VALUE is JSON where it "
+                        "parses); repeatable")
+    p.add_argument("--kind", choices=["generate", "score"],
+                   help="score: the log probability and perplexity of each prompt (or of each request's "
+                        "continuations), nothing generated (default generate)")
     p.add_argument("--system", help="system prompt (chat models)")
     p.add_argument("--priority", type=int, help="0-9, higher runs first (default 5)")
     p.add_argument("--name", help="a name for the job (stored as metadata.name)")

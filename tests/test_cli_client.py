@@ -68,6 +68,18 @@ def test_submit_wait_status_results_jobs(cli, served, tmp_path):
 
 
 @pytest.mark.slow  # a worker serves the API it talks to
+def test_a_scoring_job_from_a_jsonl_file(cli, served, tmp_path):
+    requests_file = tmp_path / "choices.jsonl"
+    requests_file.write_text(json.dumps({"prompt": "The sky is", "continuations": [" blue", " green"]}) + "\n")
+    status, out, err = cli("submit", str(requests_file), "--model", "tiny", "--kind", "score", "--wait")
+    assert status == 0, err
+    status, results, _ = cli("results", out.strip())
+    [line] = [json.loads(x) for x in results.splitlines()]
+    assert status == 0 and [s["continuation"] for s in line["scores"]] == [" blue", " green"]
+    assert all(s["logprob"] < 0 and len(s["tokens"]) >= 1 for s in line["scores"])
+
+
+@pytest.mark.slow  # a worker serves the API it talks to
 def test_wait_polls_when_the_server_refuses_more_streams(cli, served, tmp_path, monkeypatch):
     api = served[0]
     # As if the process served as many streams as it may (streams of earlier tests may still end).

@@ -116,6 +116,27 @@ def test_sign_in_submit_and_watch_a_job_complete(page, served):
     expect(item.locator(".progress")).to_have_attribute("aria-valuenow", "3")
 
 
+def test_a_scoring_job_from_the_page_shows_each_prompts_score(page, served):
+    api, _, _, token = served
+    sign_in(page, token)
+    page.click("a[data-nav=submit]")
+    expect(page.locator("#submit-model")).to_have_value("tiny-chat")
+    page.fill("#submit-prompts", "The sky is blue.\nGrass is green.")
+    page.select_option("select[name=kind]", "score")
+    page.fill("input[name=temperature]", "0.5")  # a generation setting: left out of a scoring job
+    page.click("#submit-button")
+    expect(page).to_have_url(re.compile(r"#/jobs/job_"))
+    job_id = page.url.rsplit("/", 1)[-1]
+    expect(page.locator("#job-status")).to_have_text("completed", timeout=60_000)
+    job = api.http.get(f"{api.url}/v1/jobs/{job_id}").json()
+    assert job["kind"] == "score" and job["params"] == {}
+    stored = api.http.get(f"{api.url}/v1/jobs/{job_id}/results").json()["data"]
+    texts = page.locator("#results-list .result-text").all_inner_texts()
+    assert texts == [f"(the prompt): logprob {r['scores'][0]['logprob']:.4f}, perplexity "
+                     f"{r['scores'][0]['perplexity']:.2f}" + (", greedy" if r["scores"][0]["is_greedy"] else "")
+                     for r in stored]
+
+
 def test_the_jobs_list_follows_jobs_live(page, served):
     api, _, _, token = served
     sign_in(page, token)

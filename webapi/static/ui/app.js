@@ -376,7 +376,15 @@
         prompt = users.length ? users[users.length - 1].content : "";
       }
       $(".result-prompt", el).textContent = (prompt || "").length > 400 ? `${prompt.slice(0, 400)}…` : prompt || "";
-      $(".result-text", el).textContent = r.text || "";
+      let shown = r.text || "";
+      if (r.scores) {  // a scoring job: each score's log probability and perplexity
+        shown = r.scores.map((sc) => `${sc.continuation == null ? "(the prompt)" : JSON.stringify(sc.continuation)}: `
+          + `logprob ${sc.logprob.toFixed(4)}, perplexity ${sc.perplexity.toFixed(2)}${sc.is_greedy ? ", greedy" : ""}`).join("\n");
+      } else if (r.logprobs && r.logprobs.content.length) {
+        const lps = r.logprobs.content.map((t) => t.logprob);
+        shown += `\n(log probability ${lps.reduce((a, b) => a + b, 0).toFixed(4)} over ${lps.length} tokens)`;
+      }
+      $(".result-text", el).textContent = shown;
       const meta = [];
       if (r.error) meta.push(`${r.error.code}: ${r.error.message}`);
       if (r.finish_reason) meta.push(`finish: ${r.finish_reason}`);
@@ -562,11 +570,16 @@
       const system = form.system.value.trim();
       if (system) body.system = system;
       const params = {};
-      for (const name of ["max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty"]) {
+      const scoring = form.kind.value === "score";
+      if (scoring) body.kind = "score";
+      const names = scoring ? ["top_logprobs"]
+        : ["max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "top_logprobs"];
+      for (const name of names) {
         if (form[name].value !== "") params[name] = Number(form[name].value);
       }
+      if (!scoring && form.logprobs.checked) params.logprobs = true;
       const stop = form.stop.value.split(/\r?\n/).filter((s) => s !== "");
-      if (stop.length) params.stop = stop;
+      if (stop.length && !scoring) params.stop = stop;
       if (Object.keys(params).length) body.params = params;
       if (form.priority.value !== "") body.priority = Number(form.priority.value);
       const button = $("#submit-button", root);
