@@ -130,6 +130,15 @@ def _check_request(
         if chars > limits.max_prompt_chars:
             problems.append(_problem(f"{loc}.messages", "messages are longer than "
                                      f"{limits.max_prompt_chars} characters in all", "prompt_too_long"))
+    if item.prompt_ids is not None:
+        if system is not None:
+            problems.append(_problem(f"{loc}.prompt_ids", "a prompt of token ids goes to the model as it is: "
+                                     "the job's system prompt cannot apply to it", "invalid_request"))
+        if params is not None and len(item.prompt_ids) + 1 + params.max_new_tokens > spec.context_length:
+            problems.append(_problem(f"{loc}.prompt_ids", f"the prompt has {len(item.prompt_ids)} tokens (and BOS); "
+                                     f"with max_new_tokens={params.max_new_tokens} it exceeds the context of "
+                                     f"{spec.name} ({spec.context_length} tokens)", "context_length_exceeded"))
+        return
     if params is not None and len(problems) == before:
         _check_context(loc=loc, item=item, spec=spec, params=params, system=system, counter=counter,
                        problems=problems, plain=plain)
@@ -220,6 +229,9 @@ def create_job(*, session: Session, spec: JobCreate, model: ModelSpec, limits: L
         else:
             params = resolve(loc, item.params)
             params_json = params.model_dump(mode="json") if params is not None else None
+        if item.continuations is not None and item.prompt_ids is not None:
+            problems.append(_problem(f"{loc}.continuations", "continuations follow a text prompt, not prompt_ids",
+                                     "invalid_request"))
         if item.continuations is not None and not scoring:
             problems.append(_problem(f"{loc}.continuations", "continuations are scored by a scoring job "
                                      "(kind: score); a generation job takes none", "invalid_request"))
@@ -255,7 +267,7 @@ def create_job(*, session: Session, spec: JobCreate, model: ModelSpec, limits: L
     ids = new_ids("req", len(items))
     rows = [
         {"id": request_id, "job_id": job.id, "idx": i, "custom_id": item.custom_id, "prompt": item.prompt,
-         "messages": [m.model_dump() for m in item.messages] if item.messages is not None else None,
+         "prompt_ids": item.prompt_ids, "messages": [m.model_dump() for m in item.messages] if item.messages is not None else None,
          "params": params_json, "continuations": item.continuations, "status": "queued", "attempts": 0,
          "created_at": now}
         for i, (request_id, item, (_, params_json)) in enumerate(zip(ids, items, resolved, strict=True))
@@ -460,6 +472,7 @@ class WorkItem:
     run_size: int | None = None  # how many requests that run held
     idx: int = 0
     continuations: list[str] | None = None  # a scoring request's
+    prompt_ids: list[int] | None = None  # a prompt sent as token ids
 
     def runnable(self, now: datetime) -> bool:
         """Waiting to run, or running on a worker that stopped renewing its lease."""
@@ -485,7 +498,8 @@ def load_work(*, session: Session, request_ids: Sequence[str]) -> list[WorkItem]
         WorkItem(id=r.id, job_id=r.job_id, model=r.model, status=r.status, prompt=r.prompt,
                  messages=r.messages, system=r.system, params=params_of(r.params),
                  priority=r.priority, lease_until=r.lease_until, attempts=r.attempts, created_at=r.created_at,
-                 run_id=r.run_id, run_size=r.run_size, idx=r.idx, continuations=r.continuations)
+                 run_id=r.run_id, run_size=r.run_size, idx=r.idx, continuations=r.continuations,
+                 prompt_ids=r.prompt_ids)
         for r in rows
     ]
 
@@ -697,7 +711,8 @@ def record(*, session: Session, outcomes: Iterable[Outcome], run_id: str, now: d
 _LOAD_WORK = (
     select(_REQUESTS.id, _REQUESTS.job_id, _JOBS.model, _REQUESTS.status, _REQUESTS.prompt, _REQUESTS.messages,
            _JOBS.system, _REQUESTS.params, _JOBS.priority, _REQUESTS.lease_until, _REQUESTS.attempts,
-           _REQUESTS.created_at, _REQUESTS.run_id, _REQUESTS.run_size, _REQUESTS.idx, _REQUESTS.continuations)
+           _REQUESTS.created_at, _REQUESTS.run_id, _REQUESTS.run_size, _REQUESTS.idx, _REQUESTS.continuations,
+           _REQUESTS.prompt_ids)
     .join(Job.__table__, _JOBS.id == _REQUESTS.job_id)
     .where(_REQUESTS.id.in_(bindparam("ids", expanding=True)))
 )

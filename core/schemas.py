@@ -157,11 +157,14 @@ class RequestCreate(BaseModel):
     """One generation request inside a job: a ``prompt`` or chat ``messages``."""
 
     model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra={
-        "oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]})
+        "oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}, {"required": ["prompt_ids"]}]})
 
     custom_id: Text | None = Field(None, min_length=1, max_length=MAX_CUSTOM_ID_CHARS)
     prompt: Text | None = Field(None, min_length=1)
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
+    prompt_ids: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] | None = Field(
+        None, min_length=1, max_length=32768, description="A prompt as the model's token ids, sent as they are "
+        "(BOS is put in front unless they start with it; no chat template).")
     params: GenerationParams | None = None
     continuations: list[Annotated[Text, Field(min_length=1)]] | None = Field(
         None, min_length=1, max_length=MAX_CONTINUATIONS, description="Scoring jobs only: texts to score as "
@@ -170,8 +173,8 @@ class RequestCreate(BaseModel):
 
     @model_validator(mode="after")
     def _one_input(self) -> RequestCreate:
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        if sum(x is not None for x in (self.prompt, self.messages, self.prompt_ids)) != 1:
+            raise ValueError("give exactly one of 'prompt', 'messages' or 'prompt_ids'")
         if self.messages is not None:
             check_chat_shape(self.messages)
         return self
@@ -202,6 +205,7 @@ class PlainPrompt:
     messages: None = None
     params: None = None
     continuations: None = None
+    prompt_ids: None = None
 
 
 class JobCreate(BaseModel):
@@ -372,6 +376,7 @@ class ResultRead(BaseModel):
     status: RequestStatus
     prompt: str | None
     messages: list[dict[str, str]] | None
+    prompt_ids: list[int] | None = None
     text: str | None
     finish_reason: Literal["stop", "length"] | None
     prompt_tokens: int | None

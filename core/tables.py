@@ -107,6 +107,7 @@ class JobRequest(Base):
     prompt: Mapped[str | None] = mapped_column(Text)
     messages: Mapped[list[dict[str, str]] | None] = mapped_column(JSON(none_as_null=True))
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    prompt_ids: Mapped[list[int] | None] = mapped_column(JSON(none_as_null=True))
     continuations: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
     status: Mapped[str] = mapped_column(String(20))
     text: Mapped[str | None] = mapped_column(Text)

@@ -179,3 +179,34 @@ def _wait(client, batch_id, timeout=60):
         assert time.monotonic() < deadline, batch
         time.sleep(0.1)
     return batch
+
+
+def test_token_id_prompts_as_lm_eval_sends_them(stack, tiny_model):
+    """lm-eval's local-completions sends each loglikelihood request as token ids (its own
+    tokenization of context + continuation, no BOS), echo, max_tokens 1, logprobs 1, and sums
+    token_logprobs[ctxlen:-1]: that sum is the scoring job's log probability of the continuation."""
+    from tokenizers import Tokenizer
+
+    client, api, _ = stack
+    tokenizer = Tokenizer.from_file(str(tiny_model / "tokenizer.json"))
+    context, continuation = "Question: what colour is the sky?", " Blue."
+    whole = tokenizer.encode(context + continuation, add_special_tokens=False).ids
+    ctxlen = len(tokenizer.encode(context, add_special_tokens=False).ids)
+    assert whole[:ctxlen] == tokenizer.encode(context, add_special_tokens=False).ids
+    answer = client.completions.create(model="tiny-chat", prompt=[whole], max_tokens=1, echo=True, logprobs=1,
+                                       temperature=0, seed=1234)
+    Completion.model_validate(answer.model_dump())
+    lp = answer.choices[0].logprobs
+    assert len(lp.token_logprobs) == len(whole) + answer.usage.completion_tokens
+    assert answer.choices[0].text.startswith(context + continuation)
+    _, [scored] = run_job(api, {"model": "tiny-chat", "kind": "score",
+                                "requests": [{"prompt": context, "continuations": [continuation]}]})
+    [score] = scored["scores"]
+    assert len(lp.token_logprobs[ctxlen:-1]) == len(score["tokens"])
+    assert sum(lp.token_logprobs[ctxlen:-1]) == pytest.approx(score["logprob"], abs=1e-4)
+    # Ids the model does not have, and an empty id list, are refused, not run.
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny-chat", prompt=[[]], max_tokens=1)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="tiny-chat", prompt=[1, 10**6], max_tokens=1)
+    assert "vocabulary" in err.value.body["message"]

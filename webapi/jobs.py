@@ -86,7 +86,7 @@ def result_read(row: JobRequest) -> ResultRead:
     """The API view of one request and its result."""
     return ResultRead(
         id=row.id, index=row.idx, custom_id=row.custom_id, status=row.status,  # type: ignore[arg-type]
-        prompt=row.prompt, messages=row.messages, text=row.text,
+        prompt=row.prompt, messages=row.messages, prompt_ids=row.prompt_ids, text=row.text,
         finish_reason=row.finish_reason,  # type: ignore[arg-type]
         prompt_tokens=row.prompt_tokens, completion_tokens=row.completion_tokens,
         logprobs=(row.detail or {}).get("logprobs"), continuations=row.continuations,

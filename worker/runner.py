@@ -42,6 +42,7 @@ class Encoded:
     ids: list[int]
     tokens: list[str]
     scored: list[tuple[list[int], int]] | None = None
+    shown: int = 1  # where the prompt's tokens that results list (echo) start: after our BOS
 
     @property
     def length(self) -> int:
@@ -96,9 +97,10 @@ class _Sequence:
 
     def __post_init__(self) -> None:
         params = self.enc.item.params
-        # A stream with log probabilities is sent when its tokens and their log probabilities are
-        # known, at the end (see ``webapi.openai.router``): nothing is streamed from here.
-        self.streaming = self.on_delta is not None and params.delivery == "stream" and not params.logprobs
+        # A stream with log probabilities or an echo is sent when its tokens (and their log
+        # probabilities) are known, at the end (see ``webapi.openai.router``): nothing streams from here.
+        self.streaming = (self.on_delta is not None and params.delivery == "stream"
+                          and not (params.logprobs or params.echo))
         if params.stop or self.streaming:  # only then is the text needed while generating
             self.decoder = self.runner.stream_decoder(self.enc.ids)
         # Of the final text, hold back what a stop string could still claim.
@@ -227,13 +229,25 @@ class ModelRunner:
 
     def encode(self, item: WorkItem) -> Encoded:
         """Prompt token ids for one request; raises ``RequestError`` if it cannot run."""
-        messages = [ChatMessage(**m) for m in item.messages] if item.messages is not None else None
-        try:
-            segments = render(chat_model=self.spec.chat, prompt=item.prompt, messages=messages,
-                              system=item.system)
-        except ValueError as exc:
-            raise RequestError("invalid_prompt", str(exc)) from None
-        ids = self._encode_segments(segments)
+        shown = 1  # the prompt's BOS is not listed among its tokens
+        if item.prompt_ids is not None:
+            if any(not 0 <= i < len(self.vocabulary) for i in item.prompt_ids):
+                raise RequestError("invalid_prompt", f"prompt_ids hold ids outside the model's vocabulary "
+                                   f"(0 to {len(self.vocabulary) - 1})")
+            if item.continuations:
+                raise RequestError("invalid_prompt", "continuations follow a text prompt, not prompt_ids")
+            segments: list[str | Special] = []
+            given = list(item.prompt_ids)
+            shown = 0 if given[0] == self.bos_id else 1  # list every id that was sent, and only those
+            ids = given if shown == 0 else [self.bos_id, *given]
+        else:
+            messages = [ChatMessage(**m) for m in item.messages] if item.messages is not None else None
+            try:
+                segments = render(chat_model=self.spec.chat, prompt=item.prompt, messages=messages,
+                                  system=item.system)
+            except ValueError as exc:
+                raise RequestError("invalid_prompt", str(exc)) from None
+            ids = self._encode_segments(segments)
         budget = self.spec.context_length
         if len(ids) + item.params.max_new_tokens > budget:
             raise RequestError(
@@ -241,7 +255,7 @@ class ModelRunner:
                 f"the prompt has {len(ids)} tokens; with max_new_tokens={item.params.max_new_tokens} "
                 f"that exceeds the model's context of {budget} tokens",
             )
-        enc = Encoded(item=item, ids=ids, tokens=[self.vocabulary[i] for i in ids])
+        enc = Encoded(item=item, ids=ids, tokens=[self.vocabulary[i] for i in ids], shown=shown)
         if item.params.mode == "score":
             enc.scored = self._scored(segments, ids, item.continuations)
         return enc
@@ -420,6 +434,13 @@ class ModelRunner:
             out.append(entry)
         return out
 
+    def prompt_entries(self, enc: Encoded, positions: Positions) -> list[dict[str, Any]]:
+        """The prompt's tokens as an echo lists them, given ``positions`` from position 1 on."""
+        entries = self.token_entries(enc.ids[1:], positions, first_of_text=True)
+        if enc.shown == 0:  # the ids sent began with BOS: listed, and nothing precedes it
+            entries = self.token_entries(enc.ids[:1], None) + entries
+        return entries
+
     def score(self, batch: Sequence[Encoded]) -> list[Outcome]:
         """Run requests that generate nothing: scoring requests, and echoes with 0 new tokens."""
         jobs: list[tuple[Sequence[int], int, int]] = []
@@ -432,8 +453,7 @@ class ModelRunner:
             item = enc.item
             if enc.scored is None:  # an echo: the prompt's tokens, nothing generated
                 positions = next(found)
-                detail = {"logprobs": {"prompt": self.token_entries(enc.ids[1:], positions, first_of_text=True),
-                                       "content": []}}
+                detail = {"logprobs": {"prompt": self.prompt_entries(enc, positions), "content": []}}
                 outcomes.append(Outcome(request_id=item.id, job_id=item.job_id, text="", finish_reason="length",
                                         prompt_tokens=enc.length, completion_tokens=0, detail=detail))
                 continue
@@ -509,7 +529,7 @@ class ModelRunner:
         """``{"logprobs": ...}`` for the requests that asked for log probabilities: one forward
         pass over prompt and generated tokens after generation (the step callback carries none in
         this CTranslate2, and skipping the callback is what keeps plain batches fast)."""
-        wanted = [n for n, enc in enumerate(batch) if enc.item.params.logprobs]
+        wanted = [n for n, enc in enumerate(batch) if enc.item.params.logprobs or enc.item.params.echo]
         details: list[dict[str, Any] | None] = [None] * len(batch)
         if not wanted:
             return details
@@ -527,7 +547,7 @@ class ModelRunner:
                                  positions.top[:cut] if positions.top is not None else None)
                 positions = Positions(positions.logprobs[cut:], positions.greedy[cut:],
                                       positions.top[cut:] if positions.top is not None else None)
-                logprobs["prompt"] = self.token_entries(enc.ids[1:], head, first_of_text=True)
+                logprobs["prompt"] = self.prompt_entries(enc, head)
             logprobs["content"] = self.token_entries(ids, positions)
             details[n] = {"logprobs": logprobs}
         return details

@@ -1,6 +1,7 @@
 """Scoring jobs and log probabilities.
 
 - ``jobs.kind``: ``generate`` (every job so far) or ``score`` (log probabilities of given texts).
+- ``job_requests.prompt_ids``: a prompt sent as token ids (OpenAI completions take them).
 - ``job_requests.continuations``: a scoring request's continuations, when it has any.
 - ``job_requests.detail``: what a result holds besides its text: ``{"logprobs": ...}`` for a
   generation asked for log probabilities, ``{"scores": [...]}`` for a scoring request.
@@ -25,6 +26,7 @@ def upgrade() -> None:
     with op.batch_alter_table("jobs") as batch:
         batch.add_column(sa.Column("kind", sa.String(16), nullable=False, server_default="generate"))
     with op.batch_alter_table("job_requests") as batch:
+        batch.add_column(sa.Column("prompt_ids", sa.JSON(none_as_null=True), nullable=True))
         batch.add_column(sa.Column("continuations", sa.JSON(none_as_null=True), nullable=True))
         batch.add_column(sa.Column("detail", sa.JSON(none_as_null=True), nullable=True))
 
@@ -33,5 +35,6 @@ def downgrade() -> None:
     with op.batch_alter_table("job_requests") as batch:
         batch.drop_column("detail")
         batch.drop_column("continuations")
+        batch.drop_column("prompt_ids")
     with op.batch_alter_table("jobs") as batch:
         batch.drop_column("kind")

@@ -11,7 +11,7 @@ Unknown fields are refused, as OpenAI does. Extensions as in vLLM: ``top_k``,
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -77,7 +77,8 @@ class _Common(BaseModel):
 class CompletionRequest(_Common):
     """``POST /v1/completions``."""
 
-    prompt: Text | list[Text]
+    prompt: Text | list[Text] | list[Annotated[int, Field(ge=0, le=2**31 - 1)]] | list[
+        list[Annotated[int, Field(ge=0, le=2**31 - 1)]]]
     # OpenAI's default for completions; 0 only with echo (the prompt's log probabilities).
     max_tokens: int | None = Field(16, ge=0, le=MAX_TOKENS)
     echo: bool | None = False
@@ -93,10 +94,14 @@ class CompletionRequest(_Common):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
+    def _one_prompt(cls, value: Any) -> Any:
+        if isinstance(value, list) and value and isinstance(value[0], int):
+            return value  # one prompt of token ids
         if isinstance(value, list) and len(value) != 1:
-            raise ValueError("prompt must be one string (a list of several prompts is a batch: use /v1/batches "
-                             "or /v1/jobs)")
+            raise ValueError("prompt must be one string or one list of token ids (several prompts are a batch: "
+                             "use /v1/batches or /v1/jobs)")
+        if isinstance(value, list) and isinstance(value[0], list) and not value[0]:
+            raise ValueError("a prompt of token ids holds at least one id")
         return value
 
     @model_validator(mode="after")
@@ -105,15 +110,23 @@ class CompletionRequest(_Common):
             raise ValueError("max_tokens 0 is only meaningful with echo (the prompt's log probabilities)")
         return self
 
-    def prompt_text(self) -> str:
-        return self.prompt[0] if isinstance(self.prompt, list) else self.prompt
+    def prompt_ids(self) -> list[int] | None:
+        """The prompt's token ids, when it was sent as ids."""
+        value = self.prompt
+        if isinstance(value, list) and value and isinstance(value[0], list):
+            value = value[0]
+        return value if isinstance(value, list) and value and isinstance(value[0], int) else None  # type: ignore[return-value]
 
     def to_request(self, custom_id: str | None = None) -> RequestCreate:
         params = _params(self, self.max_tokens)
         if self.logprobs is not None or self.echo:
             params = params.model_copy(update={"logprobs": self.logprobs is not None,
                                                "top_logprobs": self.logprobs or None, "echo": bool(self.echo)})
-        return RequestCreate(custom_id=custom_id, prompt=self.prompt_text(), params=params)
+        ids = self.prompt_ids()
+        if ids is not None:
+            return RequestCreate(custom_id=custom_id, prompt_ids=ids, params=params)
+        prompt = self.prompt[0] if isinstance(self.prompt, list) else self.prompt
+        return RequestCreate(custom_id=custom_id, prompt=prompt, params=params)  # type: ignore[arg-type]
 
 
 class ContentPart(BaseModel):

@@ -261,20 +261,22 @@ def _sse(sync: Any, endpoint: str, req: Any, model: Any, call: Any, fingerprint:
         return sse.event({**base, "created": created, "choices": [choice]})
 
     def token_chunks(row: Any) -> Iterator[str]:
-        """A stream with log probabilities: one chunk per token, each with its own (the worker
-        sends no text ahead for these: see ``worker.runner._Sequence``)."""
+        """A stream with log probabilities or an echo: one chunk per token, each with its log
+        probabilities when asked for (the worker sends no text ahead for these: see
+        ``worker.runner._Sequence``)."""
         if chat:
             text, tokens = row.text or "", ((row.detail or {}).get("logprobs") or {}).get("content") or []
         else:
             text, tokens = serving.completion_tokens_of(row)
         top = bool((row.params or {}).get("top_logprobs"))
+        wanted = bool((row.params or {}).get("logprobs"))
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         sent = 0
         for token in tokens:
             end = min(len(text), sent + len(decoder.decode(bytes(token["bytes"]))))
             piece, sent = text[sent:end], end
             one = serving.chat_logprobs([token]) if chat else serving.completion_logprobs([token], top, sent - len(piece))
-            yield chunk(piece, logprobs=one)
+            yield chunk(piece, logprobs=one if wanted else None)
         if sent < len(text):
             yield chunk(text[sent:])
 
@@ -285,8 +287,6 @@ def _sse(sync: Any, endpoint: str, req: Any, model: Any, call: Any, fingerprint:
     try:
         if chat:
             yield chunk(None, role=True)
-        elif req.echo and req.logprobs is None:  # with logprobs the prompt comes with its tokens
-            yield chunk(req.prompt_text())
         for kind, value in sync.events(call):
             if kind == "delta":
                 sent += value
@@ -297,7 +297,7 @@ def _sse(sync: Any, endpoint: str, req: Any, model: Any, call: Any, fingerprint:
                 err = failed_call(row)
                 yield sse.event(error_body("openai", err.status, err.code, err.message)[1])
                 break
-            if (row.params or {}).get("logprobs"):
+            if (row.params or {}).get("logprobs") or (row.params or {}).get("echo"):
                 yield from token_chunks(row)
                 yield chunk(None, finish=row.finish_reason)
                 if req.include_usage():

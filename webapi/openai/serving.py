@@ -69,7 +69,11 @@ def completion_tokens_of(row: JobRequest) -> tuple[str, list[dict[str, Any]]]:
     params, logprobs = row.params or {}, (row.detail or {}).get("logprobs") or {}
     text = row.text or ""
     if params.get("echo"):
-        return (row.prompt or "") + text, (logprobs.get("prompt") or []) + (logprobs.get("content") or [])
+        prompt_tokens = logprobs.get("prompt") or []
+        prompt = row.prompt
+        if prompt is None:  # sent as token ids: the text they spell
+            prompt = b"".join(bytes(t["bytes"]) for t in prompt_tokens).decode("utf-8", errors="replace")
+        return prompt + text, prompt_tokens + (logprobs.get("content") or [])
     return text, logprobs.get("content") or []
 
 
