@@ -93,22 +93,29 @@ def _resolve(*, loc: str, spec: ModelSpec, job_params: Any, item_params: Any,
     return params if ok else None
 
 
-_SCORE_PARAMS = {"top_logprobs"}  # what a scoring request may set: nothing is sampled or generated
+# What a scoring request may set: nothing is sampled or generated (logprobs: scores are that anyway).
+_SCORE_PARAMS = {"top_logprobs", "logprobs"}
 
 
 def _resolve_score(*, loc: str, job_params: Any, item_params: Any, problems: list[dict[str, str]],
                    delivery: str = "store") -> ResolvedParams | None:
     """The parameters of a scoring request: only ``top_logprobs`` means anything there."""
     ok = True
-    for where, layer in ((f"{loc}.params", item_params), ("params", job_params)):
+    # The job's own params are reported once, by the call that resolves them alone.
+    layers = ((f"{loc}.params", item_params),) if item_params is not None else (("params", job_params),)
+    for where, layer in layers:
         for name in sorted(set(layer.model_dump(exclude_none=True)) - _SCORE_PARAMS if layer else ()):
             ok = False
             problems.append(_problem(f"{where}.{name}", f"a scoring job generates nothing: {name} does not "
                                      "apply (only top_logprobs does)", "invalid_params"))
-    if not ok:
+    if not ok or (item_params is not None and _score_refusals(job_params)):
         return None
     return ResolvedParams.resolve({"max_new_tokens": 0, "mode": "score", "logprobs": True, "delivery": delivery},
                                   job_params, item_params)
+
+
+def _score_refusals(params: Any) -> bool:
+    return bool(params is not None and set(params.model_dump(exclude_none=True)) - _SCORE_PARAMS)
 
 
 def _check_request(
@@ -134,8 +141,9 @@ def _check_request(
         if system is not None:
             problems.append(_problem(f"{loc}.prompt_ids", "a prompt of token ids goes to the model as it is: "
                                      "the job's system prompt cannot apply to it", "invalid_request"))
-        if params is not None and len(item.prompt_ids) + 1 + params.max_new_tokens > spec.context_length:
-            problems.append(_problem(f"{loc}.prompt_ids", f"the prompt has {len(item.prompt_ids)} tokens (and BOS); "
+        # BOS goes in front unless the ids start with it (the worker knows which id it is, and checks exactly).
+        if params is not None and len(item.prompt_ids) + params.max_new_tokens > spec.context_length:
+            problems.append(_problem(f"{loc}.prompt_ids", f"the prompt has {len(item.prompt_ids)} tokens; "
                                      f"with max_new_tokens={params.max_new_tokens} it exceeds the context of "
                                      f"{spec.name} ({spec.context_length} tokens)", "context_length_exceeded"))
         return

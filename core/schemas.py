@@ -84,10 +84,9 @@ class GenerationParams(BaseModel):
                                   "under the model (before temperature, top-k/top-p and repetition penalty).")
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="Also the most likely "
                                      "tokens at each position, up to 20, with their log probabilities; "
-                                     "implies logprobs.")
+                                     "above 0 it implies logprobs.")
     echo: bool | None = Field(None, description="Also return the prompt's tokens with their log "
-                              "probabilities (with logprobs or top_logprobs); with max_new_tokens 0 "
-                              "nothing is generated.")
+                              "probabilities; with max_new_tokens 0 nothing is generated.")
 
     @model_validator(mode="after")
     def _check_stop(self) -> GenerationParams:

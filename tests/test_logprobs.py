@@ -210,3 +210,18 @@ def test_token_id_prompts_as_lm_eval_sends_them(stack, tiny_model):
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model="tiny-chat", prompt=[1, 10**6], max_tokens=1)
     assert "vocabulary" in err.value.body["message"]
+
+
+def test_logprobs_false_is_off_and_a_chat_continuation_follows_the_template(stack):
+    client, api, _ = stack
+    off = client.completions.create(model="tiny-chat", prompt="Once upon", max_tokens=3, logprobs=False)
+    assert off.choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="tiny-chat", prompt="Once upon", max_tokens=3, extra_body={"logprobs": True})
+    assert err.value.body["param"] == "logprobs"
+    # A chat turn's answer follows "[/INST] ": the continuation is scored with that space.
+    _, [chat] = run_job(api, {"model": "tiny-chat", "kind": "score", "requests": [
+        {"messages": [{"role": "user", "content": "Colour of the sky?"}], "continuations": ["Blue.", " Blue."]}]})
+    first, second = chat["scores"]
+    assert spelled(t["bytes"] for t in first["tokens"]) == " Blue."
+    assert first["logprob"] == pytest.approx(second["logprob"], abs=1e-4)

@@ -123,7 +123,11 @@ def test_a_scoring_job_from_the_page_shows_each_prompts_score(page, served):
     expect(page.locator("#submit-model")).to_have_value("tiny-chat")
     page.fill("#submit-prompts", "The sky is blue.\nGrass is green.")
     page.select_option("select[name=kind]", "score")
-    page.fill("input[name=temperature]", "0.5")  # a generation setting: left out of a scoring job
+    page.fill("input[name=temperature]", "0.5")  # a generation setting: the API names it, nothing is dropped
+    page.click("#submit-button")
+    expect(page.locator("#error")).to_be_visible()
+    expect(page.locator("#error-details")).to_contain_text("params.temperature: a scoring job generates nothing")
+    page.fill("input[name=temperature]", "")
     page.click("#submit-button")
     expect(page).to_have_url(re.compile(r"#/jobs/job_"))
     job_id = page.url.rsplit("/", 1)[-1]

@@ -588,7 +588,7 @@ class Batcher:
             # Find the request that broke the batch: run each alone, the others still succeed.
             log.warning("batch %s of %d failed (%s); running its requests one by one",
                         run_id, len(todo), exc)
-            if self.tuner is not None:  # e.g. out of memory: no batch this big again
+            if self.tuner is not None and todo[0].key != ("score",):  # e.g. out of memory: no batch this big again
                 with self._cond:
                     self.tuner.failed(sum(p.cost for p in todo))
             return [o for p in todo for o in self._generate([p], run_id, waited, "isolate")]
@@ -616,7 +616,7 @@ class Batcher:
         m.observe("batchgen_batch_tokens", batch_tokens)
         m.inc("batchgen_generated_tokens_total", new_tokens)
         m.inc("batchgen_generation_seconds_total", seconds)
-        if seconds > 0:
+        if seconds > 0 and todo[0].key != ("score",):  # a scoring batch generates nothing
             m.set("batchgen_generation_tokens_per_second", new_tokens / seconds)
         for p in todo:
             m.observe("batchgen_queue_wait_seconds", max(0.0, started - p.arrived))

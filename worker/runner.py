@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from core.jobs import Outcome, WorkItem
-from core.prompts import Special, render
+from core.prompts import E_INST, Special, render
 from core.registry import ModelSpec
 from core.schemas import ChatMessage
 from worker.detokenizer import CONTEXT, StreamDecoder, first_stop, incremental_ok
@@ -288,6 +288,8 @@ class ModelRunner:
         out = []
         for n, continuation in enumerate(continuations):
             joined = list(segments)
+            if joined and isinstance(joined[-1], str) and joined[-1].endswith(E_INST) and not continuation[0].isspace():
+                continuation = " " + continuation  # the template writes an answer as "[/INST] answer"
             if joined and isinstance(joined[-1], str):
                 joined[-1] = joined[-1] + continuation
             else:
@@ -421,16 +423,21 @@ class ModelRunner:
         strip = first_of_text
         for n, token_id in enumerate(ids):
             raw = self.token_bytes(token_id)
-            if strip and raw:
+            stripping = strip and bool(raw)  # this token starts the text: its alternatives would too
+            if stripping:
                 raw, strip = raw.removeprefix(b" "), False
             entry: dict[str, Any] = {"token": _token_text(token_id, raw, self.vocabulary),
                                      "bytes": list(raw), "logprob": None}
             if positions is not None:
                 entry["logprob"] = positions.logprobs[n]
                 if positions.top is not None:
-                    entry["top_logprobs"] = [
-                        {"token": _token_text(t, b := self.token_bytes(t), self.vocabulary), "bytes": list(b),
-                         "logprob": lp} for t, lp in positions.top[n]]
+                    alternatives = []
+                    for t, lp in positions.top[n]:
+                        b = self.token_bytes(t)
+                        b = b.removeprefix(b" ") if stripping else b
+                        alternatives.append({"token": _token_text(t, b, self.vocabulary), "bytes": list(b),
+                                             "logprob": lp})
+                    entry["top_logprobs"] = alternatives
             out.append(entry)
         return out
 
@@ -494,8 +501,7 @@ class ModelRunner:
         # When every request wants max_length tokens and has no stop strings, CTranslate2's own
         # max_length and end token do the whole job: skip it.
         needs_callback = any(enc.item.params.stop or enc.item.params.max_new_tokens != max_length
-                             or (on_delta is not None and enc.item.params.delivery == "stream")
-                             for enc in batch)
+                             or seq.streaming for enc, seq in zip(batch, sequences, strict=True))
         results = self.generator.generate_batch(
             [enc.tokens for enc in batch],
             max_length=max_length,

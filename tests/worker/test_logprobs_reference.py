@@ -62,7 +62,11 @@ def test_generated_and_echoed_tokens_carry_transformers_log_probabilities(models
         assert token["logprob"] == pytest.approx(float(want[ids[p]]), abs=1e-4)
         top = want.topk(5)
         assert [a["logprob"] for a in token["top_logprobs"]] == pytest.approx(top.values.tolist(), abs=1e-4)
-        assert [bytes(a["bytes"]) for a in token["top_logprobs"]] == [runner.token_bytes(i) for i in top.indices.tolist()]
+        # The text's first token loses the space the decoder drops, and so do its alternatives.
+        spelled = [runner.token_bytes(i) for i in top.indices.tolist()]
+        if p == 1:
+            spelled = [b.removeprefix(b" ") for b in spelled]
+        assert [bytes(a["bytes"]) for a in token["top_logprobs"]] == spelled
 
 
 def test_scored_continuations_carry_transformers_log_probabilities(models):

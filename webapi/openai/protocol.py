@@ -92,6 +92,15 @@ class CompletionRequest(_Common):
     def _refuse_unsupported_here(cls, value: Any, info: ValidationInfo) -> Any:
         return _neutral_only(value, info)
 
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _logprobs_count(cls, value: Any) -> Any:
+        if value is False:  # some clients send false for "off"
+            return None
+        if value is True:  # would pass as 1 otherwise
+            raise ValueError("logprobs on completions is a number of alternatives, 0 to 20")
+        return value
+
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, value: Any) -> Any:

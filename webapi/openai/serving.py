@@ -80,21 +80,26 @@ def completion_tokens_of(row: JobRequest) -> tuple[str, list[dict[str, Any]]]:
 def completion_logprobs(tokens: list[dict[str, Any]], top: bool, offset: int = 0) -> dict[str, Any]:
     """OpenAI's legacy ``logprobs`` object: tokens, their log probabilities, the alternatives as
     ``{token: logprob}`` and each token's character offset in the text (from ``offset``)."""
-    names, offsets = [], []
+    offsets = []
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     position = offset
     for t in tokens:
         offsets.append(position)
         position += len(decoder.decode(bytes(t["bytes"])))
-        raw = bytes(t["bytes"])
-        try:
-            names.append(raw.decode("utf-8") if raw else t["token"])
-        except UnicodeDecodeError:  # part of a character: OpenAI writes such tokens as bytes:\xNN
-            names.append("bytes:" + "".join(f"\\x{b:02x}" for b in raw))
-    return {"tokens": names, "token_logprobs": [t["logprob"] for t in tokens],
-            "top_logprobs": [{a["token"]: a["logprob"] for a in t.get("top_logprobs") or []} if t["logprob"] is not None
-                             else None for t in tokens] if top else None,
+    return {"tokens": [_legacy_name(t) for t in tokens], "token_logprobs": [t["logprob"] for t in tokens],
+            "top_logprobs": [{_legacy_name(a): a["logprob"] for a in t.get("top_logprobs") or []}
+                             if t["logprob"] is not None else None for t in tokens] if top else None,
             "text_offset": offsets}
+
+
+def _legacy_name(token: dict[str, Any]) -> str:
+    """A token as the legacy completions format names it: its text, or for part of a character
+    ``bytes:\\xNN`` (as OpenAI writes them), so that no two alternatives share a name."""
+    raw = bytes(token["bytes"])
+    try:
+        return raw.decode("utf-8") if raw else str(token["token"])
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
 def chat_logprobs(tokens: list[dict[str, Any]]) -> dict[str, Any]:

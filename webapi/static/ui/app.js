@@ -570,16 +570,15 @@
       const system = form.system.value.trim();
       if (system) body.system = system;
       const params = {};
-      const scoring = form.kind.value === "score";
-      if (scoring) body.kind = "score";
-      const names = scoring ? ["top_logprobs"]
-        : ["max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "top_logprobs"];
-      for (const name of names) {
+      // Everything filled in is sent: a setting that does not apply to a scoring job is refused by
+      // the API with its name, not dropped here.
+      if (form.kind.value === "score") body.kind = "score";
+      for (const name of ["max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "top_logprobs"]) {
         if (form[name].value !== "") params[name] = Number(form[name].value);
       }
-      if (!scoring && form.logprobs.checked) params.logprobs = true;
+      if (form.logprobs.checked) params.logprobs = true;
       const stop = form.stop.value.split(/\r?\n/).filter((s) => s !== "");
-      if (stop.length && !scoring) params.stop = stop;
+      if (stop.length) params.stop = stop;
       if (Object.keys(params).length) body.params = params;
       if (form.priority.value !== "") body.priority = Number(form.priority.value);
       const button = $("#submit-button", root);
