@@ -6,6 +6,9 @@ BIN    := $(VENV)/bin
 # no test tools), and on top of it what the tests and the bench need.
 RUN_STAMP  := $(VENV)/.installed-run
 TEST_STAMP := $(VENV)/.installed-test
+# EleutherAI's lm-eval, a client the tests run as a user would, in its own environment (it pulls
+# datasets, scikit-learn and more that batchgen does not need; no PyTorch).
+LMEVAL     := .venv-lmeval/bin/lm_eval
 
 .PHONY: install install-dev run test test-fast test-compose bench docs clean
 
@@ -25,10 +28,14 @@ install: $(RUN_STAMP)
 
 install-dev: $(TEST_STAMP)
 
+$(LMEVAL):
+	@test -x .venv-lmeval/bin/python || $(PYTHON) -m venv .venv-lmeval
+	.venv-lmeval/bin/python -m pip install --quiet "lm-eval[api]==0.4.13"
+
 run: install
 	$(BIN)/batchgen up
 
-test: install-dev
+test: install-dev $(LMEVAL)
 	@# The compose file is checked with docker-compose (no Docker engine needed); install it if we can.
 	@command -v docker-compose >/dev/null 2>&1 || (apt-get install -y -q docker-compose >/dev/null 2>&1 \
 	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q docker-compose >/dev/null 2>&1)) || true
@@ -58,4 +65,4 @@ docs: install
 	$(BIN)/python -m cli.config_docs > docs/configuration.md
 
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	rm -rf $(VENV) .venv-lmeval var .pytest_cache

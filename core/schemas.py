@@ -22,7 +22,8 @@ from pydantic import (
     model_validator,
 )
 
-MAX_STOP_SEQUENCES = 4
+# OpenAI takes 4; evaluation harnesses send more (lm-eval: a task's stop strings and the EOS text).
+MAX_STOP_SEQUENCES = 16
 MAX_TOP_LOGPROBS = 20
 MAX_CONTINUATIONS = 64
 MAX_STOP_CHARS = 256

@@ -10,7 +10,7 @@ from webapi.services import Services
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the API for ``settings`` (default: from ``BATCHGEN_*`` environment variables)."""
-    from webapi import auth, compat, errors, health, jobs, openapi, ops, web
+    from webapi import auth, compat, errors, health, jobs, openapi, ops, tokenizer, web
     from webapi.openai import router as openai_router
 
     settings = settings or Settings.from_env()
@@ -30,4 +30,5 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(compat.dashscope)
     app.register_blueprint(compat.eas)
     app.register_blueprint(web.bp)
+    app.register_blueprint(tokenizer.bp)
     return app

@@ -20,7 +20,8 @@ from webapi.errors import ApiError
 from webapi.services import services
 
 PUBLIC_ENDPOINTS = {"health.healthz", "ops.readyz", "ops.metrics", "docs.openapi_json", "docs.docs_page",
-                    "web.index", "web.asset"}
+                    "web.index", "web.asset", "tokenizer.tokenizer_info", "tokenizer.tokenize",
+                    "tokenizer.detokenize"}
 CACHE_SECONDS = 10.0
 
 

@@ -34,7 +34,7 @@ STATUS_BY_CODE = {
 }
 # The compatibility interfaces answer as the services they imitate do: invalid input is a 400
 # (they have no 422) and an unknown model a 404.
-COMPAT_INTERFACES = ("openai", "dashscope", "eas")
+COMPAT_INTERFACES = ("openai", "tokenizer", "dashscope", "eas")
 _COMPAT_STATUS = {"model_not_found": 404}
 
 
@@ -161,7 +161,7 @@ def _native_body(status: int, code: str, message: str, details: Any, request_id:
 
 # Error shapes by blueprint; every other route (PAI-EAS among them: it has no error body of its
 # own) gets the native envelope.
-_SHAPES = {"openai": _openai_body, "dashscope": _dashscope_body}
+_SHAPES = {"openai": _openai_body, "tokenizer": _openai_body, "dashscope": _dashscope_body}
 
 
 def error_body(interface: str, status: int | None, code: str, message: str, details: Any = None,

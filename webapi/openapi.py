@@ -27,6 +27,7 @@ from core.schemas import (
 )
 from webapi.compat import DashScopeRequest, EasRequest
 from webapi.errors import ApiError
+from webapi.tokenizer import DetokenizeRead, DetokenizeRequest, TokenizeRead, TokenizeRequest, TokenizerInfo
 from webapi.openai.protocol import (
     BatchCreateRequest,
     BatchList,
@@ -157,6 +158,16 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("delete", "/v1/jobs/{job_id}", "jobs.delete_job", "Delete a job that has ended, and its results",
               responses={200: Deleted}, params=(JOB_ID,), errors=(401, 404, 409, 429, 503)),
     # --- OpenAI-compatible ---
+    Operation("get", "/tokenizer_info", "tokenizer.tokenizer_info", "The served model's special tokens and context",
+              tag="openai", public=True, responses={200: TokenizerInfo}, errors=(404,), error_model=OpenAIError,
+              description="vLLM's tokenizer routes, which evaluation harnesses (lm-eval's local-completions) "
+                          "look for: no key needed."),
+    Operation("post", "/tokenize", "tokenizer.tokenize", "Token ids of a text (vLLM's shape)", tag="openai",
+              public=True, body=TokenizeRequest, responses={200: TokenizeRead}, errors=(400, 404),
+              error_model=OpenAIError),
+    Operation("post", "/detokenize", "tokenizer.detokenize", "The text of token ids (vLLM's shape)", tag="openai",
+              public=True, body=DetokenizeRequest, responses={200: DetokenizeRead}, errors=(400, 404),
+              error_model=OpenAIError),
     Operation("get", "/v1/models", "openai.list_models", "The models this deployment serves", tag="openai",
               responses={200: ModelList}, errors=(401, 429, 503), error_model=OpenAIError,
               description="OpenAI's model list, with each model's chat flag, context length, defaults and "
@@ -229,9 +240,11 @@ OPERATIONS: tuple[Operation, ...] = (
 
 def build_spec() -> dict[str, Any]:
     """The OpenAPI 3.1 document."""
-    inputs = [JobCreate, BatchCreateRequest, CompletionRequest, ChatCompletionRequest, DashScopeRequest, EasRequest]
+    inputs = [JobCreate, BatchCreateRequest, CompletionRequest, ChatCompletionRequest, DashScopeRequest, EasRequest,
+              TokenizeRequest, DetokenizeRequest]
     outputs = [JobRead, JobPage, ResultRead, ResultPage, Deleted, ErrorEnvelope, FileObjectRead, FileList,
-               FileDeleted, BatchRead, BatchList, ModelList, CompletionRead, ChatCompletionRead, OpenAIError, DashScopeError]
+               FileDeleted, BatchRead, BatchList, ModelList, CompletionRead, ChatCompletionRead, OpenAIError, DashScopeError,
+               TokenizeRead, DetokenizeRead, TokenizerInfo]
     _, defs = models_json_schema([(m, "validation") for m in inputs] + [(m, "serialization") for m in outputs],
                                  ref_template="#/components/schemas/{model}")
     schemas = defs.get("$defs", {})

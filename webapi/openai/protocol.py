@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from core.schemas import MAX_TOP_LOGPROBS, SEED_DOC, GenerationParams, RequestCreate, Text, check_chat_shape
+from core.schemas import MAX_STOP_SEQUENCES, MAX_TOP_LOGPROBS, SEED_DOC, GenerationParams, RequestCreate, Text, check_chat_shape
 
 NOT_SUPPORTED = "is not supported by batchgen"
 # The values of fields batchgen cannot honour that mean "not used": anything else is refused.
@@ -61,8 +61,8 @@ class _Common(BaseModel):
 
     @model_validator(mode="after")
     def _check_stop(self) -> _Common:
-        if isinstance(self.stop, list) and (len(self.stop) > 4 or any(not s for s in self.stop)):
-            raise ValueError("stop takes up to 4 non-empty strings")
+        if isinstance(self.stop, list) and (len(self.stop) > MAX_STOP_SEQUENCES or any(not s for s in self.stop)):
+            raise ValueError(f"stop takes up to {MAX_STOP_SEQUENCES} non-empty strings")
         return self
 
     def stops(self) -> list[str] | None:

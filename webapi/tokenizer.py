@@ -1,0 +1,153 @@
+"""vLLM's tokenizer routes at the API's root: ``GET /tokenizer_info``, ``POST /tokenize`` and
+``POST /detokenize``.
+
+Evaluation harnesses find them on their own: EleutherAI's lm-eval (``local-completions``) looks
+for ``/tokenizer_info`` and ``/tokenize`` next to ``/v1/completions`` and then tokenizes through
+the server, so it needs neither a model hub nor transformers. They are public (lm-eval sends no
+key to them) and tell nothing but how a served model tokenizes; the input is bounded like a
+prompt. Errors are OpenAI-shaped, as vLLM's are.
+
+Tokenizing here follows transformers' defaults, as vLLM does: ``add_special_tokens`` puts BOS in
+front, and the text of a special token (``</s>``) is that token. (Prompts sent as text to
+batchgen never turn ``</s>`` into a token; ids sent as ``prompt_ids`` go to the model as they are.)
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+from flask import Blueprint
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.errors import UnknownModelError
+from core.registry import ModelSpec
+from core.schemas import Text
+from webapi.errors import ApiError, validated
+from webapi.jobs import json_body
+from webapi.services import services
+
+bp = Blueprint("tokenizer", __name__)
+
+MAX_IDS = 32768
+
+
+class TokenizeRequest(BaseModel):
+    """``POST /tokenize`` (vLLM's shape)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Text | None = Field(None, min_length=1, max_length=200, description="Default: the served model.")
+    prompt: Text
+    add_special_tokens: bool = Field(True, description="Put BOS in front.")
+
+
+class DetokenizeRequest(BaseModel):
+    """``POST /detokenize`` (vLLM's shape)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Text | None = Field(None, min_length=1, max_length=200)
+    tokens: list[int] = Field(max_length=MAX_IDS)
+
+
+class TokenizeRead(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: None = None
+
+
+class DetokenizeRead(BaseModel):
+    prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    """What ``tokenizer_config.json`` says of the special tokens, and the context length."""
+
+    model: str
+    tokenizer_class: str
+    bos_token: str | None
+    eos_token: str | None
+    pad_token: str | None
+    unk_token: str | None
+    model_max_length: int
+
+
+_LOADED: dict[Path, Any] = {}
+_LOCK = threading.Lock()
+
+
+def _tokenizer(spec: ModelSpec) -> Any:
+    """The model's tokenizer (special tokens' text is the token), loaded once per process."""
+    path = spec.directory(services().settings.models_dir) / "tokenizer.json"
+    with _LOCK:
+        if path not in _LOADED:
+            if not path.is_file():
+                raise ApiError(404, "model_not_found", f"the tokenizer of {spec.name!r} is not on the API's "
+                               "machine (only on its workers')")
+            from tokenizers import Tokenizer
+
+            _LOADED[path] = Tokenizer.from_file(str(path))
+        return _LOADED[path]
+
+
+def _model(name: str | None) -> ModelSpec:
+    svc = services()
+    try:
+        return svc.submissions.resolve(name or svc.settings.model)
+    except UnknownModelError as exc:
+        raise ApiError(404, "model_not_found", exc.message) from None
+
+
+def _config(spec: ModelSpec) -> dict[str, Any]:
+    path = spec.directory(services().settings.models_dir) / "tokenizer_config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        config = {}
+    return config if isinstance(config, dict) else {}
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+@bp.get("/tokenizer_info")
+def tokenizer_info() -> dict[str, Any]:
+    spec = _model(None)
+    _tokenizer(spec)  # 404 here when the tokenizer is not on this machine
+    config = _config(spec)
+    return TokenizerInfo(
+        model=spec.name, tokenizer_class=str(config.get("tokenizer_class") or "LlamaTokenizerFast"),
+        bos_token=_token_text(config.get("bos_token", "<s>")), eos_token=_token_text(config.get("eos_token", "</s>")),
+        pad_token=_token_text(config.get("pad_token")), unk_token=_token_text(config.get("unk_token", "<unk>")),
+        model_max_length=spec.context_length,
+    ).model_dump(mode="json")
+
+
+@bp.post("/tokenize")
+def tokenize() -> dict[str, Any]:
+    req = validated(TokenizeRequest, json_body())
+    spec = _model(req.model)
+    limit = services().settings.max_prompt_chars
+    if len(req.prompt) > limit:
+        raise ApiError(400, "prompt_too_long", f"prompt is longer than {limit} characters")
+    ids = list(_tokenizer(spec).encode(req.prompt, add_special_tokens=req.add_special_tokens).ids)
+    return TokenizeRead(count=len(ids), max_model_len=spec.context_length, tokens=ids).model_dump(mode="json")
+
+
+@bp.post("/detokenize")
+def detokenize() -> dict[str, Any]:
+    req = validated(DetokenizeRequest, json_body())
+    spec = _model(req.model)
+    tokenizer = _tokenizer(spec)
+    size = tokenizer.get_vocab_size()
+    bad = [i for i in req.tokens if not 0 <= i < size]
+    if bad:
+        raise ApiError(400, "invalid_request", f"token {bad[0]} is not in the vocabulary (0 to {size - 1})")
+    return DetokenizeRead(prompt=tokenizer.decode(req.tokens, skip_special_tokens=False)).model_dump(mode="json")
