@@ -122,3 +122,34 @@ def test_lm_eval_runs_multiple_choice_and_generation_against_batchgen(lm_eval, s
     [gen_samples] = out.rglob("samples_batchgen_gen_*.jsonl")
     generations = [json.loads(line) for line in gen_samples.read_text().splitlines()]
     assert len(generations) == len(questions) and all(isinstance(g["resps"][0][0], str) for g in generations)
+
+
+def test_lm_eval_chat_completions_runs_a_generation_task(lm_eval, served, tmp_path):
+    """``local-chat-completions`` (generate_until only: lm-eval has no loglikelihood for chat; it
+    requires --apply_chat_template of itself)."""
+    api, worker, _, token = served
+    data, tasks, out = tmp_path / "data", tmp_path / "tasks", tmp_path / "out"
+    for d in (data, tasks):
+        d.mkdir()
+    (data / "gen.jsonl").write_text("".join(json.dumps({"question": q, "answer": a}) + "\n"
+                                            for q, a in (("Capital of France?", "Paris"), ("2+2?", "4"))))
+    (tasks / "batchgen_gen.yaml").write_text(GEN_TASK.format(data=data / "gen.jsonl"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "OPENAI_"))}
+    env.update(OPENAI_API_KEY=token, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    done = subprocess.run(
+        [str(lm_eval), "run", "--model", "local-chat-completions",
+         "--model_args", f"model=tiny-chat,base_url={api.url}/v1/chat/completions", "--apply_chat_template",
+         "--tasks", "batchgen_gen", "--include_path", str(tasks), "--output_path", str(out), "--log_samples"],
+        env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}\n{worker.log()[-2000:]}"
+    [samples_file] = out.rglob("samples_batchgen_gen_*.jsonl")
+    samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    # Each answer is what batchgen generated for that conversation (greedy, so it can be asked again).
+    for sample in samples:
+        [[answer]] = sample["resps"]
+        [conversation] = sample["arguments"]["gen_args_0"]["arg_0"]  # the messages it sent, as JSON
+        again = api.http.post(f"{api.url}/v1/chat/completions", timeout=60, json={
+            "model": "tiny-chat", "messages": json.loads(conversation), "max_tokens": 8, "temperature": 0,
+            "stop": ["\n", "Q:", "Question:", "###"]})
+        assert again.status_code == 200, again.text
+        assert answer == again.json()["choices"][0]["message"]["content"]
