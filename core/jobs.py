@@ -81,6 +81,13 @@ def _resolve(*, loc: str, spec: ModelSpec, job_params: Any, item_params: Any,
         ok = False
         problems.append(_problem(param_loc("max_new_tokens"), "max_new_tokens must be at least 1 (0 only with "
                                  "echo, to score the prompt)", "invalid_params"))
+    if params.best_of > 1 and params.best_of < params.n:
+        ok = False
+        problems.append(_problem(param_loc("best_of"), "best_of must be at least n", "invalid_params"))
+    if params.samples > 1 and params.max_new_tokens == 0:
+        ok = False
+        problems.append(_problem(param_loc("n" if params.n > 1 else "best_of"), "n and best_of sample "
+                                 "generations: with max_new_tokens 0 there is nothing to sample", "invalid_params"))
     if params.max_new_tokens >= spec.context_length:
         ok = False
         problems.append(_problem(param_loc("max_new_tokens"),

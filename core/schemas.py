@@ -25,6 +25,7 @@ from pydantic import (
 # OpenAI takes 4; evaluation harnesses send more (lm-eval: a task's stop strings and the EOS text).
 MAX_STOP_SEQUENCES = 16
 MAX_TOP_LOGPROBS = 20
+MAX_SAMPLES = 16
 MAX_CONTINUATIONS = 64
 MAX_STOP_CHARS = 256
 MAX_MESSAGES = 512
@@ -88,6 +89,11 @@ class GenerationParams(BaseModel):
                                      "above 0 it implies logprobs.")
     echo: bool | None = Field(None, description="Also return the prompt's tokens with their log "
                               "probabilities; with max_new_tokens 0 nothing is generated.")
+    n: int | None = Field(None, ge=1, le=MAX_SAMPLES, description="Independent samples of the request, "
+                          "generated in one call; the result's choices hold them, usage counts them all.")
+    best_of: int | None = Field(None, ge=1, le=MAX_SAMPLES, description="Generate this many samples (at "
+                                "least n) and keep the n with the highest log probability per token under "
+                                "the model.")
 
     @model_validator(mode="after")
     def _check_stop(self) -> GenerationParams:
@@ -112,6 +118,8 @@ class ResolvedParams(BaseModel):
     logprobs: bool = False
     top_logprobs: int = 0
     echo: bool = False
+    n: int = 1
+    best_of: int = 1
     # What the request does: generate text, or score given texts (a scoring job).
     mode: Literal["generate", "score"] = "generate"
     # How the result reaches the client: stored only (jobs), or also announced over Redis when
@@ -132,6 +140,11 @@ class ResolvedParams(BaseModel):
         if merged.get("top_logprobs"):
             merged["logprobs"] = True
         return cls(**merged)
+
+    @property
+    def samples(self) -> int:
+        """Sequences generated for the request: ``best_of`` of them when it exceeds ``n``."""
+        return max(self.n, self.best_of)
 
     @property
     def scores_only(self) -> bool:
@@ -368,6 +381,14 @@ class Score(BaseModel):
     is_greedy: bool = Field(description="Every scored token is the model's most likely one at its position.")
 
 
+class Choice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"] | None
+    completion_tokens: int
+    logprobs: Logprobs | None = None
+
+
 class ResultRead(BaseModel):
     id: str
     object: Literal["job.result"] = "job.result"
@@ -381,7 +402,11 @@ class ResultRead(BaseModel):
     finish_reason: Literal["stop", "length"] | None
     prompt_tokens: int | None
     completion_tokens: int | None
-    logprobs: Logprobs | None = Field(None, description="With params.logprobs, top_logprobs or echo.")
+    logprobs: Logprobs | None = Field(None, description="With params.logprobs, top_logprobs or echo (of the "
+                                                          "first choice, with n or best_of).")
+    choices: list[Choice] | None = Field(None, description="With n or best_of: every sample kept, best first "
+                                                           "with best_of; text and finish_reason above are the "
+                                                           "first's, completion_tokens counts all generated.")
     continuations: list[str] | None = Field(None, description="Scoring jobs: the continuations sent.")
     scores: list[Score] | None = Field(None, description="Scoring jobs: one per continuation (or one for the "
                                                          "prompt), in order.")

@@ -81,7 +81,7 @@ def test_a_bad_input_file_fails_the_batch_with_line_errors(stack):
         b'{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {}}',
         b'{"custom_id": "b", "method": "GET", "url": "/v1/chat/completions", "body": {}}',
         b'{"custom_id": "c", "method": "POST", "url": "/v1/completions", "body": {}}',
-        b'{"custom_id": "d", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "tiny-chat", "messages": [{"role": "user", "content": "x"}], "n": 3}}',
+        b'{"custom_id": "d", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "tiny-chat", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"1": 5}}}',
     ]
     upload = client.files.create(file=("bad.jsonl", b"\n".join(lines)), purpose="batch")
     batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
@@ -89,8 +89,8 @@ def test_a_bad_input_file_fails_the_batch_with_line_errors(stack):
     assert batch.status == "failed" and batch.failed_at
     errors = [(e.line, e.code, e.param) for e in batch.errors.data]
     assert errors == [(2, "invalid_json_line", None), (3, "duplicate_custom_id", "custom_id"),
-                      (4, "invalid_method", "method"), (5, "invalid_url", "url"), (6, "invalid_request", "body.n")]
-    assert "n is not supported" in batch.errors.data[-1].message
+                      (4, "invalid_method", "method"), (5, "invalid_url", "url"), (6, "invalid_request", "body.logit_bias")]
+    assert "logit_bias is not supported" in batch.errors.data[-1].message
 
 
 @pytest.mark.slow
@@ -200,14 +200,17 @@ def test_errors_are_openai_shaped(stack):
         client.completions.create(model="nope", prompt="x")
     assert err.value.body["type"] == "invalid_request_error" and err.value.body["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model="tiny-chat", n=2, messages=[{"role": "user", "content": "x"}])
-    assert "n is not supported" in err.value.body["message"]
+        client.chat.completions.create(model="tiny-chat", tools=[{"type": "function", "function": {"name": "f"}}],
+                                       messages=[{"role": "user", "content": "x"}])
+    assert "tools is not supported" in err.value.body["message"]
     # Every unsupported parameter of a request at once, the first in param.
     with pytest.raises(openai.BadRequestError) as err:
-        client.completions.create(model="tiny", prompt="x", n=2, best_of=3, suffix="!", logprobs=1, echo=True)
-    assert err.value.body["param"] == "n"
-    named = ("n", "best_of", "suffix", "logprobs", "echo")
-    assert [p for p in named if f"{p} is not supported" in err.value.body["message"]] == ["n", "best_of", "suffix"]
+        client.completions.create(model="tiny", prompt="x", n=2, best_of=3, suffix="!", logprobs=1, echo=True,
+                                  presence_penalty=1.0, logit_bias={"1": 1})
+    assert err.value.body["param"] == "presence_penalty"
+    named = ("n", "best_of", "presence_penalty", "logit_bias", "suffix", "logprobs", "echo")
+    assert [p for p in named if f"{p} is not supported" in err.value.body["message"]] == [
+        "presence_penalty", "logit_bias", "suffix"]
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model="tiny", prompt="x", extra_body={"nonsense": 1})
     assert "nonsense" in err.value.body["message"]

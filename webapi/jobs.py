@@ -90,7 +90,7 @@ def result_read(row: JobRequest) -> ResultRead:
         finish_reason=row.finish_reason,  # type: ignore[arg-type]
         prompt_tokens=row.prompt_tokens, completion_tokens=row.completion_tokens,
         logprobs=(row.detail or {}).get("logprobs"), continuations=row.continuations,
-        scores=(row.detail or {}).get("scores"),
+        scores=(row.detail or {}).get("scores"), choices=(row.detail or {}).get("choices"),
         error=ErrorInfo(code=row.error_code, message=row.error_message or "") if row.error_code else None,
         created_at=row.created_at, completed_at=row.completed_at,
     )

@@ -432,7 +432,7 @@ class Batcher:
                 failures.append(Outcome(request_id=item.id, job_id=item.job_id, error_code=code,
                                         error_message=getattr(exc, "message", str(exc))))
                 continue
-            cost = enc.length + item.params.max_new_tokens
+            cost = (enc.length + item.params.max_new_tokens) * item.params.samples  # each sample is a row
             key = item.params.sampling_key()  # (a retried one, attempts > 0, runs alone: see _schedule_loop)
             fresh.append(Pending(enc, key, enc.length, cost, now, item.priority,
                                  interactive=item.params.delivery != "store"))
@@ -595,7 +595,7 @@ class Batcher:
         seconds = self.clock() - started
         new_tokens = sum(o.completion_tokens or 0 for o in outcomes)
         prompt_tokens = sum(p.length for p in todo)
-        batch_tokens = prompt_tokens + sum(p.enc.item.params.max_new_tokens for p in todo)
+        batch_tokens = sum(p.cost for p in todo)  # prompt + new tokens of every row (samples count each)
         tuned = ""
         with self._cond:
             # Alone (isolate, retry) or scoring (a forward pass, no generation): not the shape tuned.

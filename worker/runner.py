@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.jobs import Outcome, WorkItem
+from core.jobs import Outcome, WorkItem, storable
 from core.prompts import E_INST, Special, render
 from core.registry import ModelSpec
 from core.schemas import ChatMessage
@@ -60,6 +60,13 @@ class Positions:
     logprobs: list[float]
     greedy: list[bool]
     top: list[list[tuple[int, float]]] | None
+
+
+def _mean_logprob(choice: dict[str, Any]) -> float:
+    """A sample's log probability per token; an empty one ranks last."""
+    tokens = (choice["logprobs"] or {}).get("content") or []
+    values = [t["logprob"] for t in tokens if t["logprob"] is not None]
+    return sum(values) / len(values) if values else float("-inf")
 
 
 def _token_text(token_id: int, raw: bytes, vocabulary: list[str]) -> str:
@@ -490,7 +497,10 @@ class ModelRunner:
         params = batch[0].item.params
         if params.scores_only:  # the batcher keeps these apart (ResolvedParams.sampling_key)
             return self.score(batch)
-        sequences = [_Sequence(enc, self, on_delta) for enc in batch]
+        # Several samples of a request (n, best_of) are rows of their own in the same call: each
+        # stops on its own (the callback stops a batch index), and greedy ones are simply equal.
+        rows = [enc for enc in batch for _ in range(enc.item.params.samples)]
+        sequences = [_Sequence(enc, self, on_delta if enc.item.params.samples == 1 else None) for enc in rows]
 
         def on_step(step: Any) -> bool:
             return sequences[step.batch_id].push(step.token_id)
@@ -501,9 +511,9 @@ class ModelRunner:
         # When every request wants max_length tokens and has no stop strings, CTranslate2's own
         # max_length and end token do the whole job: skip it.
         needs_callback = any(enc.item.params.stop or enc.item.params.max_new_tokens != max_length
-                             or seq.streaming for enc, seq in zip(batch, sequences, strict=True))
+                             or seq.streaming for enc, seq in zip(rows, sequences, strict=True))
         results = self.generator.generate_batch(
-            [enc.tokens for enc in batch],
+            [enc.tokens for enc in rows],
             max_length=max_length,
             min_length=params.min_new_tokens,
             sampling_topk=1 if greedy else params.top_k,
@@ -522,20 +532,45 @@ class ModelRunner:
             if seq.reason is None:
                 seq.reason = "length" if len(ids) >= seq.enc.item.params.max_new_tokens else "stop"
             generated.append(ids)
-        details = self._logprob_details(batch, generated)
+        details = self._logprob_details(rows, generated)
         outcomes = []
-        for seq, ids, detail in zip(sequences, generated, details, strict=True):
-            text = seq.finish(ids)
-            outcomes.append(Outcome(request_id=seq.enc.item.id, job_id=seq.enc.item.job_id, text=text,
-                                    finish_reason=seq.reason, prompt_tokens=seq.enc.length,
-                                    completion_tokens=len(ids), detail=detail))
+        at = 0
+        for enc in batch:
+            p = enc.item.params
+            mine = range(at, at + p.samples)
+            at += p.samples
+            if p.samples == 1:
+                seq, ids, detail = sequences[mine[0]], generated[mine[0]], details[mine[0]]
+                outcomes.append(Outcome(request_id=enc.item.id, job_id=enc.item.job_id, text=seq.finish(ids),
+                                        finish_reason=seq.reason, prompt_tokens=enc.length,
+                                        completion_tokens=len(ids), detail=detail))
+                continue
+            choices = [{"text": storable(sequences[r].finish(generated[r])), "finish_reason": sequences[r].reason,
+                        "completion_tokens": len(generated[r]),
+                        "logprobs": (details[r] or {}).get("logprobs")} for r in mine]
+            if p.best_of > p.n:  # the n with the highest log probability per token (the model's)
+                choices.sort(key=_mean_logprob, reverse=True)
+                choices = choices[:p.n]
+            for i, choice in enumerate(choices):
+                choice["index"] = i
+                if not p.logprobs:
+                    choice["logprobs"] = None
+            detail = {"choices": choices}
+            if p.logprobs:
+                detail["logprobs"] = choices[0]["logprobs"]
+            # Usage counts every sample generated, also those best_of left out.
+            outcomes.append(Outcome(request_id=enc.item.id, job_id=enc.item.job_id, text=choices[0]["text"],
+                                    finish_reason=choices[0]["finish_reason"], prompt_tokens=enc.length,
+                                    completion_tokens=sum(len(generated[r]) for r in mine), detail=detail))
         return outcomes
 
     def _logprob_details(self, batch: Sequence[Encoded], generated: list[list[int]]) -> list[dict[str, Any] | None]:
-        """``{"logprobs": ...}`` for the requests that asked for log probabilities: one forward
-        pass over prompt and generated tokens after generation (the step callback carries none in
-        this CTranslate2, and skipping the callback is what keeps plain batches fast)."""
-        wanted = [n for n, enc in enumerate(batch) if enc.item.params.logprobs or enc.item.params.echo]
+        """``{"logprobs": ...}`` for the requests that asked for log probabilities (and for the
+        samples best_of ranks): one forward pass over prompt and generated tokens after generation
+        (the step callback carries none in this CTranslate2, and skipping the callback is what
+        keeps plain batches fast)."""
+        wanted = [n for n, enc in enumerate(batch) if enc.item.params.logprobs or enc.item.params.echo
+                  or enc.item.params.best_of > enc.item.params.n]
         details: list[dict[str, Any] | None] = [None] * len(batch)
         if not wanted:
             return details

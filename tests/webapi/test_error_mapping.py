@@ -78,10 +78,10 @@ def test_every_unsupported_parameter_is_named_at_once_and_nothing_is_stored(eas_
     client = authed(eas_app, make_key(sqlite_url))
     resp = client.post("/v1/chat/completions", json={
         "model": "no-such-model", "messages": [{"role": "user", "content": "x"}], "n": 3, "presence_penalty": 0.5,
-        "tools": [{"type": "function"}], "seed": 1, "logprobs": True, "top_logprobs": 2})
+        "tools": [{"type": "function"}], "seed": 1, "logprobs": True, "top_logprobs": 2, "frequency_penalty": 1})
     assert resp.status_code == 400
     err = resp.get_json()["error"]
-    assert err["param"] == "n" and err["type"] == "invalid_request_error"
-    assert err["message"] == ("n is not supported by batchgen; presence_penalty is not supported by batchgen; "
-                              "tools is not supported by batchgen")
+    assert err["param"] == "presence_penalty" and err["type"] == "invalid_request_error"
+    assert err["message"] == ("presence_penalty is not supported by batchgen; frequency_penalty is not supported "
+                              "by batchgen; tools is not supported by batchgen")
     assert _jobs(eas_app) == 0

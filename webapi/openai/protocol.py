@@ -1,7 +1,7 @@
 """OpenAI request bodies (completions, chat completions) and their mapping onto batchgen requests.
 
 Fields batchgen can honour are taken; fields it cannot are refused by name when set to anything but
-their neutral value, never silently ignored (n > 1, penalties, tools, ...): each
+their neutral value, never silently ignored (penalties, logit_bias, tools, ...): each
 one refused is its own problem, with the field as its ``loc`` (OpenAI's ``param``), so a request
 learns every unsupported field at once. ``seed`` is accepted as OpenAI documents it, best effort
 (here: not used; see ``core.schemas.SEED_DOC``), and answers carry a ``system_fingerprint``.
@@ -15,13 +15,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from core.schemas import MAX_STOP_SEQUENCES, MAX_TOP_LOGPROBS, SEED_DOC, GenerationParams, RequestCreate, Text, check_chat_shape
+from core.schemas import MAX_SAMPLES, MAX_STOP_SEQUENCES, MAX_TOP_LOGPROBS, SEED_DOC, GenerationParams, RequestCreate, Text, check_chat_shape
 
 NOT_SUPPORTED = "is not supported by batchgen"
 # The values of fields batchgen cannot honour that mean "not used": anything else is refused.
 NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "n": (None, 1), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
-    "logit_bias": (None, {}), "best_of": (None, 1),
+    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
     "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"),
     "response_format": (None, {"type": "text"}),
 }
@@ -40,7 +40,7 @@ class _Common(BaseModel):
     model: Text = Field(min_length=1, max_length=200)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    n: int | None = None
+    n: int | None = Field(None, ge=1, le=MAX_SAMPLES, description="Independent samples, in one call.")
     stream: bool | None = False
     stream_options: dict[str, Any] | None = None
     stop: Text | list[Text] | None = None
@@ -54,7 +54,7 @@ class _Common(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     min_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS)
 
-    @field_validator("n", "presence_penalty", "frequency_penalty", "logit_bias")
+    @field_validator("presence_penalty", "frequency_penalty", "logit_bias")
     @classmethod
     def _refuse_unsupported(cls, value: Any, info: ValidationInfo) -> Any:
         return _neutral_only(value, info)
@@ -84,10 +84,11 @@ class CompletionRequest(_Common):
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="Log probabilities of the "
                                  "tokens, and this many most likely tokens at each position.")
-    best_of: int | None = None
+    best_of: int | None = Field(None, ge=1, le=MAX_SAMPLES, description="Generate this many samples and return "
+                                "the n with the highest log probability per token.")
     suffix: str | None = None
 
-    @field_validator("best_of", "suffix")
+    @field_validator("suffix")
     @classmethod
     def _refuse_unsupported_here(cls, value: Any, info: ValidationInfo) -> Any:
         return _neutral_only(value, info)
@@ -117,6 +118,8 @@ class CompletionRequest(_Common):
     def _zero_tokens_echo(self) -> CompletionRequest:
         if self.max_tokens == 0 and not self.echo:
             raise ValueError("max_tokens 0 is only meaningful with echo (the prompt's log probabilities)")
+        if self.best_of is not None and self.best_of < (self.n or 1):
+            raise ValueError("best_of must be at least n")
         return self
 
     def prompt_ids(self) -> list[int] | None:
@@ -197,7 +200,7 @@ class ChatCompletionRequest(_Common):
 def _params(req: _Common, max_tokens: int | None) -> GenerationParams:
     return GenerationParams(max_new_tokens=max_tokens, min_new_tokens=req.min_tokens, temperature=req.temperature,
                             top_p=req.top_p, top_k=req.top_k, repetition_penalty=req.repetition_penalty,
-                            stop=req.stops())
+                            stop=req.stops(), n=req.n, best_of=getattr(req, "best_of", None))
 
 
 ENDPOINTS: dict[str, type[CompletionRequest] | type[ChatCompletionRequest]] = {

@@ -250,24 +250,25 @@ def _sse(sync: Any, endpoint: str, req: Any, model: Any, call: Any, fingerprint:
             "system_fingerprint": fingerprint}
 
     def chunk(text: str | None, finish: str | None = None, role: bool = False,
-              logprobs: dict[str, Any] | None = None) -> str:
+              logprobs: dict[str, Any] | None = None, index: int = 0) -> str:
         if chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
             if text:
                 delta["content"] = text
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
+            choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
+            choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
         return sse.event({**base, "created": created, "choices": [choice]})
 
-    def token_chunks(row: Any) -> Iterator[str]:
-        """A stream with log probabilities or an echo: one chunk per token, each with its log
-        probabilities when asked for (the worker sends no text ahead for these: see
-        ``worker.runner._Sequence``)."""
+    def token_chunks(row: Any, choice: dict[str, Any]) -> Iterator[str]:
+        """A stream with log probabilities, an echo, or several choices: one chunk per token of
+        each choice, with its log probabilities when asked for (the worker sends no text ahead for
+        these: see ``worker.runner._Sequence``)."""
+        index = choice["index"]
         if chat:
-            text, tokens = row.text or "", ((row.detail or {}).get("logprobs") or {}).get("content") or []
+            text, tokens = choice["text"] or "", (choice.get("logprobs") or {}).get("content") or []
         else:
-            text, tokens = serving.completion_tokens_of(row)
+            text, tokens = serving.completion_tokens_of(row, choice)
         top = bool((row.params or {}).get("top_logprobs"))
         wanted = bool((row.params or {}).get("logprobs"))
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -276,17 +277,18 @@ def _sse(sync: Any, endpoint: str, req: Any, model: Any, call: Any, fingerprint:
             end = min(len(text), sent + len(decoder.decode(bytes(token["bytes"]))))
             piece, sent = text[sent:end], end
             one = serving.chat_logprobs([token]) if chat else serving.completion_logprobs([token], top, sent - len(piece))
-            yield chunk(piece, logprobs=one if wanted else None)
+            yield chunk(piece, logprobs=one if wanted else None, index=index)
         if sent < len(text):
-            yield chunk(text[sent:])
+            yield chunk(text[sent:], index=index)
+        yield chunk(None, finish=choice["finish_reason"], index=index)
 
     import time
 
     created = int(time.time())
     sent = ""
     try:
-        if chat:
-            yield chunk(None, role=True)
+        for index in range(max(1, req.n or 1)) if chat else ():
+            yield chunk(None, role=True, index=index)
         for kind, value in sync.events(call):
             if kind == "delta":
                 sent += value
@@ -297,9 +299,10 @@ def _sse(sync: Any, endpoint: str, req: Any, model: Any, call: Any, fingerprint:
                 err = failed_call(row)
                 yield sse.event(error_body("openai", err.status, err.code, err.message)[1])
                 break
-            if (row.params or {}).get("logprobs") or (row.params or {}).get("echo"):
-                yield from token_chunks(row)
-                yield chunk(None, finish=row.finish_reason)
+            params = row.params or {}
+            if params.get("logprobs") or params.get("echo") or (row.detail or {}).get("choices"):
+                for choice in serving.choices_of(row):
+                    yield from token_chunks(row, choice)
                 if req.include_usage():
                     yield sse.event({**base, "created": created, "choices": [],
                                      "usage": serving.usage(row.prompt_tokens, row.completion_tokens)})

@@ -63,11 +63,22 @@ def _version() -> str:
 _VERSION = _version()
 
 
-def completion_tokens_of(row: JobRequest) -> tuple[str, list[dict[str, Any]]]:
+def choices_of(row: JobRequest) -> list[dict[str, Any]]:
+    """A finished request's choices: ``{index, text, finish_reason, logprobs}``, one unless it
+    asked for n or best_of (then as the worker stored them, best first with best_of)."""
+    detail = row.detail or {}
+    if detail.get("choices"):
+        return list(detail["choices"])
+    return [{"index": 0, "text": row.text or "", "finish_reason": row.finish_reason, "logprobs": detail.get("logprobs")}]
+
+
+def completion_tokens_of(row: JobRequest, choice: dict[str, Any] | None = None) -> tuple[str, list[dict[str, Any]]]:
     """A completion's text as OpenAI returns it (the prompt first with ``echo``) and the tokens
-    its ``logprobs`` list (echoed prompt tokens first), as the worker stored them."""
-    params, logprobs = row.params or {}, (row.detail or {}).get("logprobs") or {}
-    text = row.text or ""
+    its ``logprobs`` list (echoed prompt tokens first), as the worker stored them; of ``choice``
+    (default: the first)."""
+    choice = choice or choices_of(row)[0]
+    params, logprobs = row.params or {}, choice.get("logprobs") or {}
+    text = choice.get("text") or ""
     if params.get("echo"):
         prompt_tokens = logprobs.get("prompt") or []
         prompt = row.prompt
@@ -112,25 +123,28 @@ def chat_logprobs(tokens: list[dict[str, Any]]) -> dict[str, Any]:
 
 def completion_body(row: JobRequest, model: str, created: datetime, fingerprint: str | None = None) -> dict[str, Any]:
     """A ``text_completion`` for a finished request."""
-    text, tokens = completion_tokens_of(row)
     params = row.params or {}
-    logprobs = completion_logprobs(tokens, bool(params.get("top_logprobs"))) if params.get("logprobs") else None
+    choices = []
+    for choice in choices_of(row):
+        text, tokens = completion_tokens_of(row, choice)
+        logprobs = completion_logprobs(tokens, bool(params.get("top_logprobs"))) if params.get("logprobs") else None
+        choices.append(CompletionChoice(text=text, index=choice["index"], finish_reason=choice["finish_reason"],
+                                        logprobs=logprobs))  # type: ignore[arg-type]
     return CompletionRead(
         id=f"cmpl-{row.id}", created=unix(created) or 0, model=model, system_fingerprint=fingerprint,
-        usage=usage(row.prompt_tokens, row.completion_tokens),
-        choices=[CompletionChoice(text=text, index=0, finish_reason=row.finish_reason,
-                                  logprobs=logprobs)],  # type: ignore[arg-type]
+        usage=usage(row.prompt_tokens, row.completion_tokens), choices=choices,
     ).model_dump(mode="json")
 
 
 def chat_body(row: JobRequest, model: str, created: datetime, fingerprint: str | None = None) -> dict[str, Any]:
     """A ``chat.completion`` for a finished request."""
-    logprobs = (row.detail or {}).get("logprobs")
     return ChatCompletionRead(
         id=f"chatcmpl-{row.id}", created=unix(created) or 0, model=model, system_fingerprint=fingerprint,
         usage=usage(row.prompt_tokens, row.completion_tokens),
-        choices=[ChatChoice(index=0, message=AssistantMessage(content=row.text or ""), finish_reason=row.finish_reason,
-                            logprobs=chat_logprobs(logprobs["content"]) if logprobs else None)],  # type: ignore[arg-type]
+        choices=[ChatChoice(index=c["index"], message=AssistantMessage(content=c["text"] or ""),
+                            finish_reason=c["finish_reason"],
+                            logprobs=chat_logprobs(c["logprobs"]["content"]) if c.get("logprobs") else None)  # type: ignore[arg-type]
+                 for c in choices_of(row)],
     ).model_dump(mode="json")
 
 
