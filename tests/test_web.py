@@ -141,6 +141,24 @@ def test_a_scoring_job_from_the_page_shows_each_prompts_score(page, served):
                      for r in stored]
 
 
+def test_samples_from_the_page_are_each_shown(page, served):
+    api, _, _, token = served
+    sign_in(page, token)
+    page.click("a[data-nav=submit]")
+    expect(page.locator("#submit-model")).to_have_value("tiny-chat")
+    page.fill("#submit-prompts", "Tell me about the sea.")
+    page.fill("input[name=max_new_tokens]", "4")
+    page.fill("input[name=n]", "3")
+    page.click("#submit-button")
+    expect(page).to_have_url(re.compile(r"#/jobs/job_"))
+    job_id = page.url.rsplit("/", 1)[-1]
+    expect(page.locator("#job-status")).to_have_text("completed", timeout=60_000)
+    [stored] = api.http.get(f"{api.url}/v1/jobs/{job_id}/results").json()["data"]
+    assert [c["index"] for c in stored["choices"]] == [0, 1, 2]
+    shown = page.locator("#results-list .result-text").first.inner_text()
+    assert shown == "\n".join(f"[{c['index']}] {c['text']}" for c in stored["choices"])
+
+
 def test_the_jobs_list_follows_jobs_live(page, served):
     api, _, _, token = served
     sign_in(page, token)

@@ -380,6 +380,8 @@
       if (r.scores) {  // a scoring job: each score's log probability and perplexity
         shown = r.scores.map((sc) => `${sc.continuation == null ? "(the prompt)" : JSON.stringify(sc.continuation)}: `
           + `logprob ${sc.logprob.toFixed(4)}, perplexity ${sc.perplexity.toFixed(2)}${sc.is_greedy ? ", greedy" : ""}`).join("\n");
+      } else if (r.choices) {  // n or best_of: every sample kept
+        shown = r.choices.map((c) => `[${c.index}] ${c.text}`).join("\n");
       } else if (r.logprobs && r.logprobs.content.length) {
         const lps = r.logprobs.content.map((t) => t.logprob);
         shown += `\n(log probability ${lps.reduce((a, b) => a + b, 0).toFixed(4)} over ${lps.length} tokens)`;
@@ -573,7 +575,8 @@
       // Everything filled in is sent: a setting that does not apply to a scoring job is refused by
       // the API with its name, not dropped here.
       if (form.kind.value === "score") body.kind = "score";
-      for (const name of ["max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "top_logprobs"]) {
+      for (const name of ["max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "top_logprobs",
+        "n", "best_of"]) {
         if (form[name].value !== "") params[name] = Number(form[name].value);
       }
       if (form.logprobs.checked) params.logprobs = true;
