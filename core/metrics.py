@@ -29,6 +29,8 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[float, ...]]] = {
     "batchgen_batch_tokens": ("histogram", "Prompt + new tokens per batch.",
                               (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 65536)),
     "batchgen_generated_tokens_total": ("counter", "Tokens generated.", ()),
+    "batchgen_prefix_tokens_saved_total": ("counter", "Prompt tokens not computed again: a prefix every "
+                                           "request of a batch shares is computed once.", ()),
     "batchgen_generation_seconds_total": ("counter", "Time spent in generate_batch (summed over slots).", ()),
     "batchgen_generation_tokens_per_second": ("gauge", "Generated tokens per second of the last batch.", ()),
     "batchgen_queue_wait_seconds": ("histogram", "From a request reaching a worker to its batch starting.",

@@ -27,6 +27,8 @@ Threads inside one worker process::
 
 from __future__ import annotations
 
+import hashlib
+
 import logging
 import queue
 import threading
@@ -144,6 +146,53 @@ class BatchStats:
     batches: int = 0
     requests: int = 0
     sizes: list[int] = field(default_factory=list)
+
+
+# Requests that arrive together and share at least this many leading tokens (at least
+# PREFIX_GROUP of them: a job's system prompt, an instruction or few-shot block in front of every
+# input) are batched among themselves, so that the runner computes that prefix once per batch
+# (CTranslate2's static_prompt; see ModelRunner.generate).
+PREFIX_MIN = 64
+PREFIX_GROUP = 4
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def group_shared_prefixes(fresh: Sequence[Pending]) -> None:
+    """Give requests that share a long prefix a batching key of their own (the prefix, rounded
+    down to ``PREFIX_MIN`` tokens, so that the same prefix gives the same key in every intake
+    round). Others keep theirs: prompts that share nothing still batch across jobs as before."""
+    by_key: dict[tuple[Any, ...], list[Pending]] = defaultdict(list)
+    for p in fresh:
+        if p.key != ("score",) and p.enc.length > PREFIX_MIN:
+            by_key[p.key].append(p)
+
+    def close(run: list[Pending], shared: int) -> None:
+        if len(run) < PREFIX_GROUP:
+            return
+        size = shared // PREFIX_MIN * PREFIX_MIN
+        mark = ("prefix", size, hashlib.blake2b(repr(run[0].enc.ids[:size]).encode(), digest_size=8).hexdigest())
+        for p in run:
+            p.key = (*p.key, mark)
+
+    for group in by_key.values():
+        group.sort(key=lambda p: p.enc.ids)
+        run, shared = group[:1], 1 << 30
+        for prev, cur in zip(group, group[1:], strict=False):
+            same = common_prefix(prev.enc.ids, cur.enc.ids)
+            if same >= PREFIX_MIN:
+                run.append(cur)
+                shared = min(shared, same)
+            else:
+                close(run, shared)
+                run, shared = [cur], 1 << 30
+        close(run, shared)
 
 
 def _fits(first: Pending, cand: Pending, policy: BatchPolicy) -> bool:
@@ -436,6 +485,7 @@ class Batcher:
             key = item.params.sampling_key()  # (a retried one, attempts > 0, runs alone: see _schedule_loop)
             fresh.append(Pending(enc, key, enc.length, cost, now, item.priority,
                                  interactive=item.params.delivery != "store"))
+        group_shared_prefixes(fresh)
         if failures:
             self._write(lambda s: job_service.fail_queued(session=s, outcomes=failures,
                                                           run_id=new_id("run")))
@@ -615,6 +665,12 @@ class Batcher:
         m.observe("batchgen_batch_size", len(todo))
         m.observe("batchgen_batch_tokens", batch_tokens)
         m.inc("batchgen_generated_tokens_total", new_tokens)
+        shared_prefix = getattr(self.runner, "shared_prefix", None)
+        if shared_prefix is not None and todo[0].key != ("score",):  # as the runner computed it
+            rows = [p.enc for p in todo for _ in range(p.enc.item.params.samples)]
+            saved = shared_prefix(rows) * (len(rows) - 1)
+            if saved:
+                m.inc("batchgen_prefix_tokens_saved_total", saved)
         m.inc("batchgen_generation_seconds_total", seconds)
         if seconds > 0 and todo[0].key != ("score",):  # a scoring batch generates nothing
             m.set("batchgen_generation_tokens_per_second", new_tokens / seconds)

@@ -227,6 +227,7 @@ class ModelRunner:
         self.eos_id = self.tokenizer.eos_id
         self.device, self.compute_type = device, compute_type
         self.inter_threads = inter_threads
+        self.prefix_tokens_saved = 0  # prompt tokens not computed again thanks to shared prefixes
         self.load_seconds = time.monotonic() - started
         log.info("loaded %s from %s on %s:%d (%s, inter_threads=%d, intra_threads=%d) in %.2fs",
                  spec.name, model_dir, device, device_index, compute_type, inter_threads,
@@ -486,6 +487,30 @@ class ModelRunner:
 
     # --- generation -------------------------------------------------------------------------
 
+    # Rows sharing at least this many leading tokens have them computed once per batch
+    # (CTranslate2's static_prompt). Measured on the bench model (2 CPU cores, int8): 256 prompts
+    # of a 400-token prefix and 20-40-token tails ran 1.5-2.4x faster so (bench/prefix.py).
+    # Not cached across calls (cache_static_prompt=False): the cache is unbounded, keyed by
+    # prompt, and caching measured no faster.
+    STATIC_PROMPT_MIN = 64
+
+    def shared_prefix(self, rows: Sequence[Encoded]) -> int:
+        """How many leading tokens every row shares, when worth computing once (else 0); each row
+        keeps at least one token of its own (CTranslate2 starts a row from its own tokens)."""
+        if len(rows) < 2:
+            return 0
+        first = rows[0].ids
+        shared = min(len(enc.ids) for enc in rows) - 1
+        for enc in rows[1:]:
+            ids = enc.ids
+            n = 0
+            while n < shared and ids[n] == first[n]:
+                n += 1
+            shared = n
+            if shared < self.STATIC_PROMPT_MIN:
+                return 0
+        return shared
+
     def generate(self, batch: Sequence[Encoded], on_delta: DeltaSink | None = None) -> list[Outcome]:
         """Run a batch (shared sampling settings) in one ``generate_batch`` call.
 
@@ -512,8 +537,13 @@ class ModelRunner:
         # max_length and end token do the whole job: skip it.
         needs_callback = any(enc.item.params.stop or enc.item.params.max_new_tokens != max_length
                              or seq.streaming for enc, seq in zip(rows, sequences, strict=True))
+        # A prefix every row shares is computed once for the batch, not once per row.
+        shared = self.shared_prefix(rows)
+        self.prefix_tokens_saved += shared * (len(rows) - 1)
+        prefix = {"static_prompt": rows[0].tokens[:shared], "cache_static_prompt": False} if shared else {}
         results = self.generator.generate_batch(
-            [enc.tokens for enc in rows],
+            [enc.tokens[shared:] for enc in rows],
+            **prefix,
             max_length=max_length,
             min_length=params.min_new_tokens,
             sampling_topk=1 if greedy else params.top_k,

@@ -472,3 +472,21 @@ def test_requests_taken_in_while_shutdown_begins_go_back_and_stop_never_hangs(db
     batcher.stop(timeout=20)
     assert time.monotonic() - started < 5
     assert [r.status for r in rows(db, ids)] == ["failed", "queued"]
+
+
+def test_requests_sharing_a_long_prefix_batch_together_and_compute_it_once(db, runner):
+    prefix = "You are a careful assistant. Read the passage and answer in one word. " * 2
+    shared = [f"{prefix}Question {i}: what is {i}?" for i in range(6)]
+    _, ids = submit_job(db, {"prompts": shared, "params": {"max_new_tokens": 3, "temperature": 0.0}})
+    _, other = submit_job(db, {"prompts": ["Something else", "Another thing entirely"],
+                               "params": {"max_new_tokens": 3, "temperature": 0.0}})
+    before = runner.prefix_tokens_saved
+    run_all(db, runner, BatchPolicy(max_batch_size=16, max_wait_ms=1000, length_slack_tokens=1000), [ids + other])
+    r, o = rows(db, ids), rows(db, other)
+    assert {x.status for x in r + o} == {"succeeded"}
+    # The six that share the prefix ran in one call of their own; the two others did not join it.
+    assert len({x.run_id for x in r}) == 1 and not {x.run_id for x in o} & {r[0].run_id}
+    with db.read() as s:
+        encoded = [runner.encode(item) for item in jobs.load_work(session=s, request_ids=ids)]
+    shared_tokens = runner.shared_prefix(encoded)
+    assert shared_tokens >= 64 and runner.prefix_tokens_saved - before == shared_tokens * 5

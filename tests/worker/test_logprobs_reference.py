@@ -81,3 +81,17 @@ def test_scored_continuations_carry_transformers_log_probabilities(models):
         assert score["logprob"] == pytest.approx(sum(want), abs=1e-3)
         greedy = all(int(expected[p - 1].argmax()) == ids[p] for p in range(start, len(ids)))
         assert score["is_greedy"] == greedy
+
+
+def test_a_shared_prefix_computed_once_generates_what_each_prompt_alone_does(models):
+    """CTranslate2's static_prompt for a prefix the whole batch shares: float32, greedy, the same
+    tokens as each prompt run alone (int8 results may move with batch mates, as any batching)."""
+    runner, _ = models
+    prefix = "def main(): return the value of the first argument and the second one " * 2
+    batch = [runner.encode(item(f"{prefix}case {i}", n=i, max_new_tokens=8, min_new_tokens=8, temperature=0.0))
+             for i in range(4)]
+    shared = runner.shared_prefix(batch)
+    assert shared >= runner.STATIC_PROMPT_MIN
+    together = runner.generate(batch)
+    alone = [runner.generate([enc])[0] for enc in batch]
+    assert [o.text for o in together] == [o.text for o in alone]
