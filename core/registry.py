@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from core.errors import UnknownModelError
 from core.settings import Settings
@@ -60,6 +60,16 @@ class ModelSpec(BaseModel):
     aliases: tuple[str, ...] = ()
     source: str | None = Field(default=None, description="Checkpoint it is converted from.")
     description: str = ""
+
+    @field_validator("defaults")
+    @classmethod
+    def _sampling_defaults_only(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # What a request asks for (samples, log probabilities, echo) is never a model's default:
+        # DashScope and PAI-EAS answer one text and cannot ask for it, yet would pay for it.
+        per_request = sorted(set(value) & {"n", "best_of", "logprobs", "top_logprobs", "echo", "mode", "delivery"})
+        if per_request:
+            raise ValueError(f"defaults may not set {', '.join(per_request)}: each request asks for that itself")
+        return value
 
     def directory(self, models_dir: Path) -> Path:
         """Absolute model directory."""

@@ -370,7 +370,8 @@ class TokenLogprob(BaseModel):
 
 class Logprobs(BaseModel):
     prompt: list[TokenLogprob] | None = Field(None, description="With echo: the prompt's tokens.")
-    content: list[TokenLogprob] = Field(description="The generated tokens, as many as completion_tokens.")
+    content: list[TokenLogprob] = Field(description="The generated tokens (of one choice: as many as its "
+                                                    "completion_tokens).")
 
 
 class Score(BaseModel):

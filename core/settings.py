@@ -98,6 +98,10 @@ class Settings(BaseModel):
     auth_failures_per_minute: int = _setting(60, "Requests with keys that are not valid, per client address "
                                              "(an IPv6 /64) and minute, before 429 (0: off).",
                                              "Limits and quotas", ge=0)
+    tokenizer_routes: Literal["public", "key"] = _setting(
+        "public", "`/tokenize`, `/detokenize`, `/tokenizer_info` (vLLM's, which lm-eval finds by itself): "
+        "`public` as vLLM has them (lm-eval sends no key there unless given `auth_token`), or `key` to "
+        "require an API key like every other route.", "Limits and quotas")
 
     # --- worker ---
     model: str = _setting("demo", "The model a worker serves (and `make run` starts).", "Worker")

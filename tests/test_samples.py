@@ -99,3 +99,14 @@ def test_openai_n_and_best_of_sync_stream_and_batch(stack):
     [out] = [json.loads(x) for x in client.files.content(batch.output_file_id).text.splitlines()]
     body = ChatCompletion.model_validate(out["response"]["body"])
     assert [c.index for c in body.choices] == [0, 1]
+
+
+def test_echo_with_several_samples_echoes_the_prompt_in_each(stack):
+    client, api, _ = stack
+    answer = client.completions.create(model="tiny-chat", prompt="Once upon", max_tokens=2, n=2, echo=True,
+                                       temperature=1.0)
+    assert [c.index for c in answer.choices] == [0, 1]
+    assert all(c.text.startswith("Once upon") for c in answer.choices)
+    ids = client.completions.create(model="tiny-chat", prompt=[[300, 301, 302]], max_tokens=2, n=2, echo=True)
+    spelled = api.http.post(f"{api.url}/detokenize", json={"tokens": [300, 301, 302]}, timeout=10).json()["prompt"]
+    assert spelled and all(c.text.startswith(spelled) for c in ids.choices)

@@ -20,8 +20,9 @@ from webapi.errors import ApiError
 from webapi.services import services
 
 PUBLIC_ENDPOINTS = {"health.healthz", "ops.readyz", "ops.metrics", "docs.openapi_json", "docs.docs_page",
-                    "web.index", "web.asset", "tokenizer.tokenizer_info", "tokenizer.tokenize",
-                    "tokenizer.detokenize"}
+                    "web.index", "web.asset"}
+# Public unless BATCHGEN_TOKENIZER_ROUTES=key.
+TOKENIZER_ENDPOINTS = {"tokenizer.tokenizer_info", "tokenizer.tokenize", "tokenizer.detokenize"}
 CACHE_SECONDS = 10.0
 
 
@@ -83,6 +84,8 @@ def init_app(app: Flask) -> None:
     def _authenticate() -> None:
         if request.endpoint is None or request.endpoint in PUBLIC_ENDPOINTS:
             return  # unknown routes answer 404 whoever asks
+        if request.endpoint in TOKENIZER_ENDPOINTS and services().settings.tokenizer_routes == "public":
+            return
         header = request.headers.get("Authorization", "").strip()
         scheme, _, token = header.partition(" ")
         token = token.strip()

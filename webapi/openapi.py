@@ -159,14 +159,14 @@ OPERATIONS: tuple[Operation, ...] = (
               responses={200: Deleted}, params=(JOB_ID,), errors=(401, 404, 409, 429, 503)),
     # --- OpenAI-compatible ---
     Operation("get", "/tokenizer_info", "tokenizer.tokenizer_info", "The served model's special tokens and context",
-              tag="openai", public=True, responses={200: TokenizerInfo}, errors=(404,), error_model=OpenAIError,
+              tag="openai", public=True, responses={200: TokenizerInfo}, errors=(404, 503), error_model=OpenAIError,
               description="vLLM's tokenizer routes, which evaluation harnesses (lm-eval's local-completions) "
                           "look for: no key needed."),
     Operation("post", "/tokenize", "tokenizer.tokenize", "Token ids of a text (vLLM's shape)", tag="openai",
-              public=True, body=TokenizeRequest, responses={200: TokenizeRead}, errors=(400, 404),
+              public=True, body=TokenizeRequest, responses={200: TokenizeRead}, errors=(400, 404, 413, 503),
               error_model=OpenAIError),
     Operation("post", "/detokenize", "tokenizer.detokenize", "The text of token ids (vLLM's shape)", tag="openai",
-              public=True, body=DetokenizeRequest, responses={200: DetokenizeRead}, errors=(400, 404),
+              public=True, body=DetokenizeRequest, responses={200: DetokenizeRead}, errors=(400, 404, 413, 503),
               error_model=OpenAIError),
     Operation("get", "/v1/models", "openai.list_models", "The models this deployment serves", tag="openai",
               responses={200: ModelList}, errors=(401, 429, 503), error_model=OpenAIError,

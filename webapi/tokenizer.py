@@ -3,9 +3,10 @@
 
 Evaluation harnesses find them on their own: EleutherAI's lm-eval (``local-completions``) looks
 for ``/tokenizer_info`` and ``/tokenize`` next to ``/v1/completions`` and then tokenizes through
-the server, so it needs neither a model hub nor transformers. They are public (lm-eval sends no
-key to them) and tell nothing but how a served model tokenizes; the input is bounded like a
-prompt. Errors are OpenAI-shaped, as vLLM's are.
+the server, so it needs neither a model hub nor transformers. They are public by default (lm-eval
+sends no key to them unless given ``auth_token``; ``BATCHGEN_TOKENIZER_ROUTES=key`` requires one)
+and tell nothing but how a served model tokenizes; a body is refused unread past what a prompt
+can hold. Errors are OpenAI-shaped, as vLLM's are.
 
 Tokenizing here follows transformers' defaults, as vLLM does: ``add_special_tokens`` puts BOS in
 front, and the text of a special token (``</s>``) is that token. (Prompts sent as text to
@@ -19,7 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint
+from flask import Blueprint, request
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import UnknownModelError
@@ -86,7 +87,7 @@ def _tokenizer(spec: ModelSpec) -> Any:
     with _LOCK:
         if path not in _LOADED:
             if not path.is_file():
-                raise ApiError(404, "model_not_found", f"the tokenizer of {spec.name!r} is not on the API's "
+                raise ApiError(503, "tokenizer_unavailable", f"the tokenizer of {spec.name!r} is not on the API's "
                                "machine (only on its workers')")
             from tokenizers import Tokenizer
 
@@ -123,16 +124,25 @@ def tokenizer_info() -> dict[str, Any]:
     _tokenizer(spec)  # 404 here when the tokenizer is not on this machine
     config = _config(spec)
     return TokenizerInfo(
-        model=spec.name, tokenizer_class=str(config.get("tokenizer_class") or "LlamaTokenizerFast"),
+        model=spec.name, tokenizer_class=str(config.get("tokenizer_class") or ""),
         bos_token=_token_text(config.get("bos_token", "<s>")), eos_token=_token_text(config.get("eos_token", "</s>")),
         pad_token=_token_text(config.get("pad_token")), unk_token=_token_text(config.get("unk_token", "<unk>")),
         model_max_length=spec.context_length,
     ).model_dump(mode="json")
 
 
+def _bounded_body() -> Any:
+    """The JSON body, refused unread when larger than a prompt can be (these routes may be public)."""
+    limit = services().settings.max_prompt_chars * 4 + 4096  # UTF-8 is at most 4 bytes a character
+    if request.content_length is None or request.content_length > limit:
+        raise ApiError(413, "payload_too_large", f"a tokenizer request body holds at most {limit} bytes "
+                       "(with a Content-Length)")
+    return json_body()
+
+
 @bp.post("/tokenize")
 def tokenize() -> dict[str, Any]:
-    req = validated(TokenizeRequest, json_body())
+    req = validated(TokenizeRequest, _bounded_body())
     spec = _model(req.model)
     limit = services().settings.max_prompt_chars
     if len(req.prompt) > limit:
@@ -143,7 +153,7 @@ def tokenize() -> dict[str, Any]:
 
 @bp.post("/detokenize")
 def detokenize() -> dict[str, Any]:
-    req = validated(DetokenizeRequest, json_body())
+    req = validated(DetokenizeRequest, _bounded_body())
     spec = _model(req.model)
     tokenizer = _tokenizer(spec)
     size = tokenizer.get_vocab_size()

@@ -156,43 +156,36 @@ PREFIX_MIN = 64
 PREFIX_GROUP = 4
 
 
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+def _is_prefix_mark(part: Any) -> bool:
+    return isinstance(part, tuple) and len(part) == 2 and part[0] == "prefix"
 
 
-def group_shared_prefixes(fresh: Sequence[Pending]) -> None:
-    """Give requests that share a long prefix a batching key of their own (the prefix, rounded
-    down to ``PREFIX_MIN`` tokens, so that the same prefix gives the same key in every intake
-    round). Others keep theirs: prompts that share nothing still batch across jobs as before."""
-    by_key: dict[tuple[Any, ...], list[Pending]] = defaultdict(list)
+def prefix_mark(p: Pending) -> tuple[str, str] | None:
+    """What a request's first ``PREFIX_MIN`` tokens are, for grouping; None when it has no more
+    than that, or must not be grouped (scoring; a retried request runs as it is told)."""
+    if p.key == ("score",) or p.enc.length <= PREFIX_MIN or p.enc.item.attempts > 0:
+        return None
+    return ("prefix", hashlib.blake2b(repr(p.enc.ids[:PREFIX_MIN]).encode(), digest_size=8).hexdigest())
+
+
+def group_shared_prefixes(fresh: Sequence[Pending], pending: Sequence[Pending] = ()) -> None:
+    """Give requests that share their first ``PREFIX_MIN`` tokens a batching key of their own:
+    ``PREFIX_GROUP`` or more arriving together, or any that arrive while such a group waits. The
+    runner computes the prefix a batch actually shares (at least that long) once. Others keep
+    their key: prompts that share nothing still batch across jobs as before."""
+    waiting = {p.key for p in pending if _is_prefix_mark(p.key[-1] if p.key else None)}
+    marks = {id(p): prefix_mark(p) for p in fresh}
+    counts: dict[tuple[Any, ...], int] = defaultdict(int)
     for p in fresh:
-        if p.key != ("score",) and p.enc.length > PREFIX_MIN:
-            by_key[p.key].append(p)
-
-    def close(run: list[Pending], shared: int) -> None:
-        if len(run) < PREFIX_GROUP:
-            return
-        size = shared // PREFIX_MIN * PREFIX_MIN
-        mark = ("prefix", size, hashlib.blake2b(repr(run[0].enc.ids[:size]).encode(), digest_size=8).hexdigest())
-        for p in run:
-            p.key = (*p.key, mark)
-
-    for group in by_key.values():
-        group.sort(key=lambda p: p.enc.ids)
-        run, shared = group[:1], 1 << 30
-        for prev, cur in zip(group, group[1:], strict=False):
-            same = common_prefix(prev.enc.ids, cur.enc.ids)
-            if same >= PREFIX_MIN:
-                run.append(cur)
-                shared = min(shared, same)
-            else:
-                close(run, shared)
-                run, shared = [cur], 1 << 30
-        close(run, shared)
+        if marks[id(p)] is not None:
+            counts[(*p.key, marks[id(p)])] += 1
+    for p in fresh:
+        mark = marks[id(p)]
+        if mark is None:
+            continue
+        key = (*p.key, mark)
+        if counts[key] >= PREFIX_GROUP or key in waiting:
+            p.key = key
 
 
 def _fits(first: Pending, cand: Pending, policy: BatchPolicy) -> bool:
@@ -485,7 +478,9 @@ class Batcher:
             key = item.params.sampling_key()  # (a retried one, attempts > 0, runs alone: see _schedule_loop)
             fresh.append(Pending(enc, key, enc.length, cost, now, item.priority,
                                  interactive=item.params.delivery != "store"))
-        group_shared_prefixes(fresh)
+        with self._cond:
+            waiting = list(self._pending.values())
+        group_shared_prefixes(fresh, waiting)
         if failures:
             self._write(lambda s: job_service.fail_queued(session=s, outcomes=failures,
                                                           run_id=new_id("run")))
@@ -643,6 +638,7 @@ class Batcher:
                     self.tuner.failed(sum(p.cost for p in todo))
             return [o for p in todo for o in self._generate([p], run_id, waited, "isolate")]
         seconds = self.clock() - started
+        rows = sum(p.enc.item.params.samples for p in todo)  # sequences generated (n, best_of: several)
         new_tokens = sum(o.completion_tokens or 0 for o in outcomes)
         prompt_tokens = sum(p.length for p in todo)
         batch_tokens = sum(p.cost for p in todo)  # prompt + new tokens of every row (samples count each)
@@ -651,7 +647,7 @@ class Batcher:
             # Alone (isolate, retry) or scoring (a forward pass, no generation): not the shape tuned.
             if self.tuner is not None and reason not in ("isolate", "retry") and todo[0].key != ("score",):
                 limit = self.tuner.limit
-                move = self.tuner.observe(batch_tokens=batch_tokens, requests=len(todo),
+                move = self.tuner.observe(batch_tokens=batch_tokens, requests=rows,
                                           prompt_tokens=prompt_tokens / len(todo), new_tokens=new_tokens,
                                           seconds=seconds, concurrent=min(busy_at_start, self._busy_slots))
                 tuned = f", budget {limit}, {self.tuner.ratio:.2f} of calibration"
@@ -667,8 +663,8 @@ class Batcher:
         m.inc("batchgen_generated_tokens_total", new_tokens)
         shared_prefix = getattr(self.runner, "shared_prefix", None)
         if shared_prefix is not None and todo[0].key != ("score",):  # as the runner computed it
-            rows = [p.enc for p in todo for _ in range(p.enc.item.params.samples)]
-            saved = shared_prefix(rows) * (len(rows) - 1)
+            encs = [p.enc for p in todo for _ in range(p.enc.item.params.samples)]
+            saved = shared_prefix(encs) * (len(encs) - 1)
             if saved:
                 m.inc("batchgen_prefix_tokens_saved_total", saved)
         m.inc("batchgen_generation_seconds_total", seconds)

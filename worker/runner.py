@@ -495,12 +495,15 @@ class ModelRunner:
     STATIC_PROMPT_MIN = 64
 
     def shared_prefix(self, rows: Sequence[Encoded]) -> int:
-        """How many leading tokens every row shares, when worth computing once (else 0); each row
-        keeps at least one token of its own (CTranslate2 starts a row from its own tokens)."""
+        """How many leading tokens every row shares, when worth computing once (else 0). Each row
+        keeps at least two tokens of its own: CTranslate2 forwards the rows' own tokens up to the
+        shortest but one at once, and with nothing to forward it would return a longer row's
+        remaining prompt tokens as generated ones (a prompt is never shorter than BOS + 1 token, so
+        without a static prompt this cannot happen)."""
         if len(rows) < 2:
             return 0
         first = rows[0].ids
-        shared = min(len(enc.ids) for enc in rows) - 1
+        shared = min(len(enc.ids) for enc in rows) - 2
         for enc in rows[1:]:
             ids = enc.ids
             n = 0
@@ -583,10 +586,10 @@ class ModelRunner:
                 choices = choices[:p.n]
             for i, choice in enumerate(choices):
                 choice["index"] = i
-                if not p.logprobs:
+                if not (p.logprobs or p.echo):  # computed only to rank them
                     choice["logprobs"] = None
             detail = {"choices": choices}
-            if p.logprobs:
+            if p.logprobs or p.echo:
                 detail["logprobs"] = choices[0]["logprobs"]
             # Usage counts every sample generated, also those best_of left out.
             outcomes.append(Outcome(request_id=enc.item.id, job_id=enc.item.job_id, text=choices[0]["text"],

@@ -60,3 +60,14 @@ def test_installed_means_a_ctranslate2_model_is_there(s):
     reg.directory(spec).mkdir(parents=True)
     (reg.directory(spec) / "model.bin").write_bytes(b"x")
     assert reg.is_installed(spec)
+
+
+def test_model_defaults_cannot_ask_for_samples_or_log_probabilities():
+    import pytest
+    from pydantic import ValidationError
+
+    from core.registry import ModelSpec
+
+    with pytest.raises(ValidationError, match="defaults may not set best_of, n"):
+        ModelSpec(name="m", path="p", defaults={"n": 2, "best_of": 3, "temperature": 0.5})
+    assert ModelSpec(name="m", path="p", defaults={"temperature": 0.5}).defaults == {"temperature": 0.5}

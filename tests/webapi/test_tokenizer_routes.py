@@ -42,3 +42,15 @@ def test_bad_input_is_a_400_or_404_in_openais_shape(api):
     assert bad.status_code == 400 and "vocabulary" in bad.get_json()["error"]["message"]
     extra = api.post("/tokenize", json={"prompt": "x", "nonsense": 1})
     assert extra.status_code == 400 and extra.get_json()["error"]["param"] == "nonsense"
+
+
+def test_a_body_larger_than_a_prompt_is_refused_unread_and_a_key_can_be_required(api, make_settings, sqlite_url):
+    big = api.post("/tokenize", data=b"{" + b" " * 10_000 + b"}", content_type="application/json")
+    assert big.status_code == 413 and big.get_json()["error"]["code"] == "payload_too_large"
+    from webapi import create_app
+
+    app = create_app(make_settings(sqlite_url, model="tiny-chat", tokenizer_routes="key"))
+    try:
+        assert app.test_client().post("/tokenize", json={"prompt": "x"}).status_code == 401
+    finally:
+        app.extensions["batchgen"].close()

@@ -490,3 +490,23 @@ def test_requests_sharing_a_long_prefix_batch_together_and_compute_it_once(db, r
         encoded = [runner.encode(item) for item in jobs.load_work(session=s, request_ids=ids)]
     shared_tokens = runner.shared_prefix(encoded)
     assert shared_tokens >= 64 and runner.prefix_tokens_saved - before == shared_tokens * 5
+
+
+def test_a_request_arriving_while_its_prefix_group_waits_joins_it():
+    """Grouping looks at what is already waiting, whatever its key holds (sampling keys end in
+    numbers): a late request with the same first tokens joins the waiting group."""
+    from types import SimpleNamespace
+
+    from worker.batcher import PREFIX_MIN, group_shared_prefixes
+
+    def pending(ids, key=(0.7, 0.9, 0, 1.0, 0)):
+        enc = SimpleNamespace(ids=ids, length=len(ids), item=SimpleNamespace(attempts=0))
+        return Pending(enc=enc, key=key, length=len(ids), cost=len(ids), arrived=0.0)
+
+    prefix = list(range(1, PREFIX_MIN + 1))
+    first = [pending(prefix + [100 + i, 7]) for i in range(4)] + [pending(list(range(500, 600)))]
+    group_shared_prefixes(first, [])
+    assert len({p.key for p in first[:4]}) == 1 and first[0].key != first[4].key == (0.7, 0.9, 0, 1.0, 0)
+    late = [pending(prefix + [999]), pending(list(range(700, 800)))]
+    group_shared_prefixes(late, first)
+    assert late[0].key == first[0].key and late[1].key == (0.7, 0.9, 0, 1.0, 0)

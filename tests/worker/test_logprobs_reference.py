@@ -95,3 +95,17 @@ def test_a_shared_prefix_computed_once_generates_what_each_prompt_alone_does(mod
     together = runner.generate(batch)
     alone = [runner.generate([enc])[0] for enc in batch]
     assert [o.text for o in together] == [o.text for o in alone]
+
+
+def test_rows_that_end_right_after_the_shared_prefix_still_get_only_generated_tokens(models):
+    """A row of the prefix and one more token beside a long one: nothing of the long row's own
+    prompt may come back as generated (CTranslate2 must pre-forward the rows' own tokens)."""
+    runner, _ = models
+    prefix = "def main(): return the value of the first argument and the second one " * 2
+    batch = [runner.encode(item(prefix + "x", n=0, max_new_tokens=6, min_new_tokens=6, temperature=0.0)),
+             runner.encode(item(prefix + "xy and then a much longer tail of its own", n=1, max_new_tokens=6,
+                                min_new_tokens=6, temperature=0.0))]
+    together = runner.generate(batch)
+    alone = [runner.generate([enc])[0] for enc in batch]
+    assert [o.completion_tokens for o in together] == [6, 6]
+    assert [o.text for o in together] == [o.text for o in alone]
