@@ -99,6 +99,8 @@ def test_openai_n_and_best_of_sync_stream_and_batch(stack):
     [out] = [json.loads(x) for x in client.files.content(batch.output_file_id).text.splitlines()]
     body = ChatCompletion.model_validate(out["response"]["body"])
     assert [c.index for c in body.choices] == [0, 1]
+    # Batch output lines say what served them, as synchronous answers do.
+    assert body.system_fingerprint == chat.system_fingerprint and body.system_fingerprint.startswith("fp_")
 
 
 def test_echo_with_several_samples_echoes_the_prompt_in_each(stack):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 from core import batches as batch_service
 from core import files as file_service
@@ -59,8 +60,11 @@ class _Output:
 class Finalizer:
     """The finalizer thread of one API process."""
 
-    def __init__(self, db: Database, interval_s: float = 1.0) -> None:
+    def __init__(self, db: Database, interval_s: float = 1.0,
+                 fingerprint: Callable[[str], str | None] | None = None) -> None:
         self.db, self.interval_s = db, interval_s
+        # The system_fingerprint of a model's answers (webapi.openai.serving.system_fingerprint).
+        self.fingerprint = fingerprint or (lambda model: None)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -95,6 +99,7 @@ class Finalizer:
                 return False
             owner, job_id, endpoint, model = batch.owner, batch.job_id, batch.endpoint, batch.model or ""
         assert job_id is not None
+        fingerprint = self.fingerprint(model)
         out_name, err_name = batch_service.output_names(batch_id)
         output, errors = _Output(self.db, owner, out_name), _Output(self.db, owner, err_name)
         after = -1
@@ -102,7 +107,7 @@ class Finalizer:
             with self.db.read() as session:
                 rows = job_service.results_after(session=session, job_id=job_id, after_idx=after,
                                                  limit=CHUNK_REQUESTS)
-                rendered = [batch_line(row, endpoint, model) for row in rows]
+                rendered = [batch_line(row, endpoint, model, fingerprint) for row in rows]
             if not rows:
                 break
             after = rows[-1].idx

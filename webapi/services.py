@@ -35,7 +35,7 @@ class Services:
         self.watch = JobWatch(self.db, view=job_read)
         from webapi.finalizer import Finalizer
 
-        self.finalizer = Finalizer(self.db, interval_s=settings.finalize_interval_s)
+        self.finalizer = Finalizer(self.db, interval_s=settings.finalize_interval_s, fingerprint=self.fingerprint)
         self._registry_file: Path = registry_path(settings)
         self._registry_stamp: float | None = None
         self._registry: Registry | None = None
@@ -69,6 +69,17 @@ class Services:
                 self._registry = load_registry(self.settings)
                 self._registry_stamp = stamp
             return self._registry
+
+    def fingerprint(self, model: str) -> str | None:
+        """The ``system_fingerprint`` of a model's answers; None for a model no longer registered."""
+        from webapi.openai.serving import system_fingerprint
+
+        try:
+            registry = self.registry()
+            spec = registry.resolve(model)
+        except Exception:  # UnknownModelError, or a registry file that cannot be read now
+            return None
+        return system_fingerprint(spec.name, registry.directory(spec))
 
     def token_counter(self, spec: ModelSpec) -> TokenCounter | None:
         """The model's token counter, if its tokenizer is on this machine (checked once)."""

@@ -238,7 +238,7 @@ def _complete(endpoint: str) -> Any:
 
 
 def _fingerprint(model: Any) -> str:
-    return serving.system_fingerprint(model.name, services().registry().directory(model))
+    return services().fingerprint(model.name) or ""
 
 
 def _sse(sync: Any, endpoint: str, req: Any, model: Any, call: Any, fingerprint: str) -> Iterator[str]:

@@ -295,14 +295,14 @@ def errors_from_problems(exc: InvalidRequestError, lines: list[int]) -> list[dic
     return out[:MAX_REPORTED_ERRORS]
 
 
-def batch_line(row: JobRequest, endpoint: str, model: str) -> tuple[bool, bytes]:
+def batch_line(row: JobRequest, endpoint: str, model: str, fingerprint: str | None = None) -> tuple[bool, bytes]:
     """One request's line of a batch's files: (True, its output file line) if it succeeded, else
     (False, its error file line), newline included."""
     line: dict[str, Any] = {"id": f"batch_req_{row.id.removeprefix('req_')}", "custom_id": row.custom_id}
     ok = row.status == "succeeded"
     if ok:
         line["response"] = {"status_code": 200, "request_id": row.id,
-                            "body": BODY[endpoint](row, model, row.completed_at or row.created_at)}
+                            "body": BODY[endpoint](row, model, row.completed_at or row.created_at, fingerprint)}
         line["error"] = None
     elif row.status == "failed":
         status, body = error_body("openai", None, row.error_code or "generation_failed", row.error_message or "")
