@@ -214,3 +214,12 @@ def served(tmp_path_factory, redis_server, registry_file, sqlite_template):  # t
     worker.stop()
     api.stop()
     app.extensions["batchgen"].close()
+
+
+@pytest.fixture(scope="module")
+def openai_stack(served):  # type: ignore[no-untyped-def]
+    """The official openai client on ``served``'s API: (client, api, worker)."""
+    import openai
+
+    api, worker, _, token = served
+    return openai.OpenAI(base_url=f"{api.url}/v1", api_key=token, max_retries=0, timeout=60), api, worker

@@ -16,13 +16,6 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def stack(served):
-    api, worker, settings, token = served
-    client = openai.OpenAI(base_url=f"{api.url}/v1", api_key=token, max_retries=0, timeout=60)
-    return client, api, worker
-
-
 def spelled(byte_lists):
     """The text tokens' bytes spell, or None where they are not UTF-8 (random weights emit stray
     byte tokens; the tokenizer then shows U+FFFD per byte, a decoder's choice, not a fact to check)."""
@@ -40,8 +33,8 @@ def run_job(api, body):
     return job, results
 
 
-def test_native_logprobs_list_every_generated_token_with_its_alternatives(stack):
-    _, api, worker = stack
+def test_native_logprobs_list_every_generated_token_with_its_alternatives(openai_stack):
+    _, api, worker = openai_stack
     job, results = run_job(api, {"model": "tiny-chat", "params": {"temperature": 0, "max_new_tokens": 6},
                                  "requests": [{"prompt": "Once upon", "params": {"top_logprobs": 3}},
                                               {"prompt": "Once upon", "params": {"logprobs": True}},
@@ -65,8 +58,8 @@ def test_native_logprobs_list_every_generated_token_with_its_alternatives(stack)
         assert sum(math.exp(a["logprob"]) for a in alts) <= 1.0 + 1e-5
 
 
-def test_a_scoring_job_scores_texts_and_continuations(stack):
-    _, api, worker = stack
+def test_a_scoring_job_scores_texts_and_continuations(openai_stack):
+    _, api, worker = openai_stack
     job, results = run_job(api, {"model": "tiny-chat", "kind": "score", "requests": [
         {"prompt": "The sky is blue."},
         {"prompt": "Question: what colour is the sky?", "continuations": [" Blue.", " Green and purple."]}]})
@@ -87,8 +80,8 @@ def test_a_scoring_job_scores_texts_and_continuations(stack):
     assert job["usage"]["completion_tokens"] == 0
 
 
-def test_scoring_jobs_refuse_what_does_not_apply(stack):
-    _, api, _ = stack
+def test_scoring_jobs_refuse_what_does_not_apply(openai_stack):
+    _, api, _ = openai_stack
     bad = api.http.post(f"{api.url}/v1/jobs", timeout=30, json={
         "model": "tiny-chat", "kind": "score", "params": {"temperature": 0.5},
         "requests": [{"prompt": "x", "params": {"max_new_tokens": 3}}]})
@@ -103,10 +96,10 @@ def test_scoring_jobs_refuse_what_does_not_apply(stack):
     assert zero.status_code == 422 and zero.json()["error"]["details"][0]["loc"] == "params.max_new_tokens"
 
 
-def test_echo_with_no_new_tokens_gives_the_scoring_jobs_loglikelihood(stack):
+def test_echo_with_no_new_tokens_gives_the_scoring_jobs_loglikelihood(openai_stack):
     """What evaluation harnesses do for loglikelihood tasks (echo, max_tokens 0 or 1, logprobs 1)
     and what a scoring job gives for the same text agree."""
-    client, api, _ = stack
+    client, api, _ = openai_stack
     prompt, continuation = "Question: what colour is the sky?", " Blue."
     _, [scored] = run_job(api, {"model": "tiny-chat", "kind": "score",
                                 "requests": [{"prompt": prompt, "continuations": [continuation]}]})
@@ -134,8 +127,8 @@ def test_echo_with_no_new_tokens_gives_the_scoring_jobs_loglikelihood(stack):
     assert one.choices[0].logprobs.token_logprobs[:len(lp.tokens)] == pytest.approx(lp.token_logprobs, abs=1e-4)
 
 
-def test_openai_logprobs_sync_stream_and_batch_agree(stack):
-    client, api, worker = stack
+def test_openai_logprobs_sync_stream_and_batch_agree(openai_stack):
+    client, api, worker = openai_stack
     messages = [{"role": "user", "content": "Tell me a story"}]
     kw = {"model": "tiny-chat", "max_tokens": 8, "temperature": 0, "messages": messages}
     sync = client.chat.completions.create(logprobs=True, top_logprobs=2, **kw)
@@ -181,13 +174,13 @@ def _wait(client, batch_id, timeout=60):
     return batch
 
 
-def test_token_id_prompts_as_lm_eval_sends_them(stack, tiny_model):
+def test_token_id_prompts_as_lm_eval_sends_them(openai_stack, tiny_model):
     """lm-eval's local-completions sends each loglikelihood request as token ids (its own
     tokenization of context + continuation, no BOS), echo, max_tokens 1, logprobs 1, and sums
     token_logprobs[ctxlen:-1]: that sum is the scoring job's log probability of the continuation."""
     from tokenizers import Tokenizer
 
-    client, api, _ = stack
+    client, api, _ = openai_stack
     tokenizer = Tokenizer.from_file(str(tiny_model / "tokenizer.json"))
     context, continuation = "Question: what colour is the sky?", " Blue."
     whole = tokenizer.encode(context + continuation, add_special_tokens=False).ids
@@ -212,8 +205,8 @@ def test_token_id_prompts_as_lm_eval_sends_them(stack, tiny_model):
     assert "vocabulary" in err.value.body["message"]
 
 
-def test_logprobs_false_is_off_and_a_chat_continuation_follows_the_template(stack):
-    client, api, _ = stack
+def test_logprobs_false_is_off_and_a_chat_continuation_follows_the_template(openai_stack):
+    client, api, _ = openai_stack
     off = client.completions.create(model="tiny-chat", prompt="Once upon", max_tokens=3, logprobs=False)
     assert off.choices[0].logprobs is None
     with pytest.raises(openai.BadRequestError) as err:

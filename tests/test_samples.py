@@ -11,19 +11,12 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def stack(served):
-    api, worker, settings, token = served
-    client = openai.OpenAI(base_url=f"{api.url}/v1", api_key=token, max_retries=0, timeout=60)
-    return client, api, worker
-
-
 def mean(tokens):
     return sum(t["logprob"] for t in tokens) / len(tokens)
 
 
-def test_native_n_samples_and_best_of(stack):
-    _, api, worker = stack
+def test_native_n_samples_and_best_of(openai_stack):
+    _, api, worker = openai_stack
     created = api.http.post(f"{api.url}/v1/jobs", timeout=30, json={
         "model": "tiny-chat", "params": {"temperature": 1.0, "max_new_tokens": 4, "min_new_tokens": 4},
         "requests": [{"prompt": "Once upon", "params": {"n": 3}},
@@ -44,8 +37,8 @@ def test_native_n_samples_and_best_of(stack):
     assert job["usage"]["completion_tokens"] == 12 + 20 + 4
 
 
-def test_n_and_best_of_are_checked(stack):
-    client, api, _ = stack
+def test_n_and_best_of_are_checked(openai_stack):
+    client, api, _ = openai_stack
     bad = api.http.post(f"{api.url}/v1/jobs", timeout=30, json={
         "model": "tiny-chat", "prompts": ["x"], "params": {"n": 3, "best_of": 2}})
     assert bad.status_code == 422 and bad.json()["error"]["details"][0]["loc"] == "params.best_of"
@@ -59,8 +52,8 @@ def test_n_and_best_of_are_checked(stack):
         client.chat.completions.create(model="tiny-chat", n=17, messages=[{"role": "user", "content": "x"}])
 
 
-def test_openai_n_and_best_of_sync_stream_and_batch(stack):
-    client, api, worker = stack
+def test_openai_n_and_best_of_sync_stream_and_batch(openai_stack):
+    client, api, worker = openai_stack
     completion = client.completions.create(model="tiny-chat", prompt="Once upon", max_tokens=3, temperature=1.0,
                                            n=2, best_of=3, logprobs=1, extra_body={"min_tokens": 3})
     Completion.model_validate(completion.model_dump())
@@ -103,8 +96,8 @@ def test_openai_n_and_best_of_sync_stream_and_batch(stack):
     assert body.system_fingerprint == chat.system_fingerprint and body.system_fingerprint.startswith("fp_")
 
 
-def test_echo_with_several_samples_echoes_the_prompt_in_each(stack):
-    client, api, _ = stack
+def test_echo_with_several_samples_echoes_the_prompt_in_each(openai_stack):
+    client, api, _ = openai_stack
     answer = client.completions.create(model="tiny-chat", prompt="Once upon", max_tokens=2, n=2, echo=True,
                                        temperature=1.0)
     assert [c.index for c in answer.choices] == [0, 1]
