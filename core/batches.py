@@ -16,32 +16,43 @@ from sqlalchemy.orm import Session
 
 from core import files as file_service
 from core import jobs as job_service
+from core import webhooks
 from core.errors import ConflictError, NotFoundError
 from core.ids import new_id
 from core.jobs import Limits
 from core.registry import ModelSpec
-from core.schemas import JobCreate, window_seconds
+from core.schemas import JobCreate, WebhookCreate, window_seconds
 from core.tables import Batch, File, Job, utcnow
 
 # How a job's end maps to the batch's end.
 _ENDING = {"completed": "completed", "failed": "completed", "cancelled": "cancelled", "expired": "expired"}
 
+def _webhook_columns(webhook: WebhookCreate | None) -> dict[str, Any]:
+    if webhook is None:
+        return {}
+    return {"webhook": webhooks.initial_state(webhook.url), "webhook_secret": webhook.secret or webhooks.new_secret()}
+
+
 def create_failed_batch(*, session: Session, owner: str, input_file_id: str, endpoint: str,
                         completion_window: str, metadata: dict[str, str] | None,
-                        errors: list[dict[str, Any]]) -> Batch:
-    """A batch whose input file did not validate: it ends at once, with the reasons."""
+                        errors: list[dict[str, Any]], webhook: WebhookCreate | None = None) -> Batch:
+    """A batch whose input file did not validate: it ends at once, with the reasons (and its
+    webhook, if it named one, is told ``batch.failed``)."""
     now = utcnow()
     batch = Batch(id=new_id("batch"), owner=owner, input_file_id=input_file_id, endpoint=endpoint,
                   completion_window=completion_window, status="failed", errors=errors, batch_metadata=metadata,
-                  created_at=now, failed_at=now, expires_at=now + timedelta(seconds=window_seconds(completion_window)))
+                  created_at=now, failed_at=now, expires_at=now + timedelta(seconds=window_seconds(completion_window)),
+                  **_webhook_columns(webhook))
     session.add(batch)
+    webhooks.enqueue_batch_event(session, batch, now)
     session.flush()
     return batch
 
 
 def create_batch(*, session: Session, owner: str, input_file_id: str, endpoint: str, completion_window: str,
                  metadata: dict[str, str] | None, spec: JobCreate, model: ModelSpec, limits: Limits,
-                 counter: Any = None, dispatching: bool = False) -> tuple[Batch, Job, list[str]]:
+                 counter: Any = None, dispatching: bool = False,
+                 webhook: WebhookCreate | None = None) -> tuple[Batch, Job, list[str]]:
     """The job for a validated input file and the batch around it, in the caller's transaction."""
     job, request_ids = job_service.create_job(session=session, spec=spec, model=model, limits=limits,
                                               owner=owner, counter=counter, dispatching=dispatching)
@@ -49,7 +60,7 @@ def create_batch(*, session: Session, owner: str, input_file_id: str, endpoint: 
     batch = Batch(id=new_id("batch"), owner=owner, job_id=job.id, input_file_id=input_file_id, endpoint=endpoint,
                   completion_window=completion_window, model=model.name, status="in_progress",
                   batch_metadata=metadata, created_at=now, in_progress_at=now,
-                  expires_at=job.expires_at or now)
+                  expires_at=job.expires_at or now, **_webhook_columns(webhook))
     session.add(batch)
     session.flush()
     return batch, job, request_ids
@@ -128,6 +139,7 @@ def begin_finalize(*, session: Session, batch_id: str, now: datetime | None = No
         batch.status, batch.failed_at = "failed", now
         batch.errors = [{"code": "job_deleted", "line": None, "param": None,
                          "message": "the job that ran this batch was deleted before its results were collected"}]
+        webhooks.enqueue_batch_event(session, batch, now)
         session.flush()
         return None
     if job.status not in _ENDING:  # cannot happen through ``due``; put it back
@@ -162,5 +174,6 @@ def end_finalize(*, session: Session, batch_id: str, output_file_id: str | None,
     stamp = {"completed": "completed_at", "cancelled": "cancelled_at", "expired": "expired_at",
              "failed": "failed_at"}[batch.status]
     setattr(batch, stamp, now)
+    webhooks.enqueue_batch_event(session, batch, now)  # the batch's end and its event: one transaction
     session.flush()
     return batch

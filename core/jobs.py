@@ -32,8 +32,9 @@ from core.ids import new_id, new_ids
 from core.prompts import render
 from core.registry import ModelSpec
 from core.schemas import JobCreate, ResolvedParams, window_seconds
-from core.tables import Job, JobRequest, UTCDateTime, utcnow
+from core.tables import Job, JobRequest, UTCDateTime, WebhookEvent, utcnow
 from core.tokens import TokenCounter, token_upper_bound
+from core.webhooks import AllowList, check_url, enqueue_job_events, initial_state, new_secret
 
 ACTIVE_JOB_STATUSES = ("queued", "running", "cancelling")
 FINISHED_JOB_STATUSES = ("completed", "failed", "cancelled", "expired")
@@ -50,6 +51,7 @@ class Limits:
 
     max_requests: int
     max_prompt_chars: int
+    webhooks: AllowList = AllowList()  # where webhooks may go (empty: nowhere)
 
 
 def _problem(loc: str, message: str, type_: str) -> dict[str, str]:
@@ -222,6 +224,11 @@ def create_job(*, session: Session, spec: JobCreate, model: ModelSpec, limits: L
         problems.append(_problem("system", f"system prompt is longer than {limits.max_prompt_chars} "
                                  "characters", "prompt_too_long"))
 
+    if spec.webhook is not None:
+        refused = check_url(spec.webhook.url, limits.webhooks)
+        if refused is not None:
+            problems.append(_problem("webhook.url", refused, "webhook_url_not_allowed"))
+
     scoring = spec.kind == "score"
 
     def resolve(loc: str, item_params: Any) -> ResolvedParams | None:
@@ -273,6 +280,8 @@ def create_job(*, session: Session, spec: JobCreate, model: ModelSpec, limits: L
         job_metadata=spec.metadata, priority=spec.priority, idempotency_key=idempotency_key,
         request_hash=fingerprint, completion_window_s=window, expires_at=now + timedelta(seconds=window),
         dispatched_at=now if dispatching else None,
+        webhook=initial_state(spec.webhook.url) if spec.webhook is not None else None,
+        webhook_secret=(spec.webhook.secret or new_secret()) if spec.webhook is not None else None,
     )
     # Core inserts for the job and its requests: the ORM's unit of work costs more per row (and
     # a flush per job) and buys nothing here. The job returned is not attached to the session.
@@ -437,6 +446,8 @@ def delete_job(*, session: Session, job_id: str, owner: str | None) -> None:
     if job.status not in FINISHED_JOB_STATUSES:
         raise ConflictError(f"job {job_id} is {job.status}; cancel it and wait for it to end before deleting it")
     session.execute(delete(JobRequest).where(JobRequest.job_id == job_id))
+    # Its webhook event goes too (sent or not): it names the job and carries the job's key.
+    session.execute(delete(WebhookEvent).where(WebhookEvent.subject_id == job_id))
     session.execute(delete(Job).where(Job.id == job_id))
 
 
@@ -459,9 +470,13 @@ def expire_due(*, session: Session, now: datetime | None = None, limit: int = 10
 
 
 def _finalize(session: Session, job_ids: Sequence[str], now: datetime) -> None:
-    """End the jobs that have nothing queued or running, with the status their requests earned."""
+    """End the jobs that have nothing queued or running, with the status their requests earned;
+    those with a webhook get their event in the same transaction (the outbox, ``core.webhooks``)."""
     if job_ids:
-        session.connection().execute(_FINALIZE, {"jids": list(job_ids), "now": now})
+        ended = session.connection().execute(_FINALIZE, {"jids": list(job_ids), "now": now}).all()
+        hooked = [row.id for row in ended if row.webhook is not None]
+        if hooked:
+            enqueue_job_events(session, hooked, now)
 
 
 # --- worker side ---------------------------------------------------------------------------
@@ -601,6 +616,7 @@ _FINALIZE = (
     .values(status=case((_JOBS.cancel_requested_at.is_not(None), "cancelled"), (_JOBS.expired > 0, "expired"),
                         (_JOBS.succeeded == 0, "failed"), else_="completed"),
             completed_at=_NOW)
+    .returning(_JOBS.id, _JOBS.webhook)
 )
 _CLAIM_JOB = (
     update(Job.__table__).where(_JOBS.id == bindparam("jid"))

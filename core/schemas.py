@@ -221,6 +221,42 @@ class PlainPrompt:
     prompt_ids: None = None
 
 
+class WebhookCreate(BaseModel):
+    """Where to be told, once, that a job has ended."""
+
+    model_config = _STRICT
+
+    url: Text = Field(min_length=1, max_length=2048, description="https:// (or http://) URL that receives a "
+                      "signed POST when the job ends (job.completed, job.failed, job.cancelled, job.expired). "
+                      "The service's allow-list decides which hosts may be named.")
+    secret: Text | None = Field(None, description="Your own signing key (whsec_ + base64 of 24-64 bytes), to "
+                                "verify every job's events with one key; without one a key is made and shown "
+                                "in this response only.")
+
+    @field_validator("secret")
+    @classmethod
+    def _secret(cls, value: str | None) -> str | None:
+        from core.webhooks import check_secret
+
+        return None if value is None else check_secret(value)
+
+
+class WebhookRead(BaseModel):
+    url: str
+    secret: str | None = Field(None, description="The signing key: in the response that created the job only.")
+    status: Literal["waiting", "pending", "delivered", "failed"] = Field(
+        description="waiting: the job has not ended. pending: its event is being sent or retried. delivered: "
+        "a 2xx came back. failed: every retry failed.")
+    event_id: str | None = Field(description="The event's id (the webhook-id header), once the job has ended.")
+    type: str | None = Field(description="job.completed, job.failed, job.cancelled or job.expired.")
+    attempts: int
+    last_attempt_at: datetime | None
+    last_response_status: int | None = Field(description="The receiver's HTTP status at the last attempt.")
+    last_error: str | None = Field(description="Why the last attempt did not deliver.")
+    next_attempt_at: datetime | None
+    delivered_at: datetime | None
+
+
 class JobCreate(BaseModel):
     """``POST /v1/jobs``: a model and either ``prompts`` or ``requests``."""
 
@@ -239,6 +275,8 @@ class JobCreate(BaseModel):
     metadata: dict[Text, Text] | None = Field(None, description="Up to 16 string pairs, kept with the job.")
     completion_window: str = Field("24h", description="Time to run it, e.g. 30m, 24h, 7d; what has not "
                                    "run by then expires.")
+    webhook: WebhookCreate | None = Field(None, description="A URL told (signed, Standard Webhooks) when "
+                                          "the job ends.")
 
     @field_validator("metadata")
     @classmethod
@@ -338,6 +376,7 @@ class JobRead(BaseModel):
     cancel_requested_at: datetime | None
     estimated_completion_at: datetime | None = Field(
         None, description="While running: when it should end at the rate so far.")
+    webhook: WebhookRead | None = Field(None, description="The job's webhook and how its delivery goes.")
 
 
 class JobPage(BaseModel):

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "BATCHGEN_"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -21,6 +21,16 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 def _setting(default: Any, doc: str, group: str, **constraints: Any) -> Any:
     """A setting's default, what it does and its group (for docs/configuration.md)."""
     return Field(default=default, description=doc, json_schema_extra={"group": group}, **constraints)
+
+
+def _delays(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        raise ValueError("seconds between retries, comma-separated numbers") from None
+    if any(not 0 <= v < 10**7 for v in values):
+        raise ValueError("delays are from 0 to 10,000,000 seconds")
+    return values
 
 
 class SettingsError(ValueError):
@@ -103,6 +113,19 @@ class Settings(BaseModel):
         "`public` as vLLM has them (lm-eval sends no key there unless given `auth_token`), or `key` to "
         "require an API key like every other route.", "Limits and quotas")
 
+    # --- webhooks ---
+    webhook_allowed_hosts: str = _setting(
+        "*", "Where job and batch webhooks may go, comma-separated: `*` any host name that resolves only to "
+        "public addresses; `*.example.com` names under it (public addresses only); `hooks.example.com` that "
+        "name wherever it resolves; `10.0.0.0/8` or `127.0.0.1` those addresses. Empty: no webhooks. Checked "
+        "when a job is submitted and on the resolved addresses at every send.", "Webhooks")
+    webhook_retry_s: str = _setting(
+        "5,300,1800,7200,18000,36000,36000", "Seconds between a failed send and the next, one number per retry "
+        "(Standard Webhooks' schedule); after the last the event fails.", "Webhooks")
+    webhook_timeout_s: float = _setting(10.0, "A receiver has this long to answer a send.", "Webhooks", gt=0)
+    webhook_interval_s: float = _setting(1.0, "How often each API process looks for webhook events to send.",
+                                         "Webhooks", gt=0)
+
     # --- worker ---
     model: str = _setting("demo", "The model a worker serves (and `make run` starts).", "Worker")
     device: Literal["cpu", "cuda"] = _setting("cpu", "`cuda` runs the worker on a GPU.", "Worker")
@@ -158,6 +181,25 @@ class Settings(BaseModel):
         if self.calibration_dir == Path(""):
             object.__setattr__(self, "calibration_dir", self.var_dir / "calibration")
         return self
+
+    @field_validator("webhook_allowed_hosts")
+    @classmethod
+    def _allow_list(cls, value: str) -> str:
+        from core.webhooks import AllowList
+
+        AllowList.parse(value)  # ValueError names an entry that cannot be used
+        return value
+
+    @field_validator("webhook_retry_s")
+    @classmethod
+    def _retry_schedule(cls, value: str) -> str:
+        _delays(value)
+        return value
+
+    @property
+    def webhook_retries(self) -> tuple[float, ...]:
+        """``webhook_retry_s`` as numbers."""
+        return _delays(self.webhook_retry_s)
 
     @property
     def long_call_limit(self) -> int:

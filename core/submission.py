@@ -30,10 +30,11 @@ from core.db import Database
 from core.dispatch import Dispatcher
 from core.errors import InvalidRequestError, UnavailableError, UnknownModelError
 from core.registry import ModelSpec, Registry
-from core.schemas import JobCreate, error_details
+from core.schemas import JobCreate, WebhookCreate, error_details
 from core.settings import Settings
 from core.tables import Batch, Job
 from core.tokens import TokenCounter
+from core.webhooks import AllowList, check_url
 
 log = logging.getLogger("batchgen.submit")
 
@@ -61,6 +62,7 @@ class Submissions:
         self.dispatcher = dispatcher
         self.capacity = Capacity(settings)
         self.token_counter = token_counter
+        self.webhooks = AllowList.parse(settings.webhook_allowed_hosts)
 
     def resolve(self, name: str) -> ModelSpec:
         """The model called ``name`` (or an alias of it); ``UnknownModelError`` otherwise."""
@@ -72,7 +74,7 @@ class Submissions:
 
     def limits(self, max_requests: int | None = None) -> job_service.Limits:
         return job_service.Limits(max_requests=max_requests or self.settings.max_requests_per_job,
-                                  max_prompt_chars=self.settings.max_prompt_chars)
+                                  max_prompt_chars=self.settings.max_prompt_chars, webhooks=self.webhooks)
 
     def dispatches_inline(self, count: int) -> bool:
         """Whether a job of ``count`` requests is stored as dispatched: small jobs are published
@@ -117,6 +119,13 @@ class Submissions:
         self._dispatch_later(job, request_ids)
         return Submitted(job, request_ids)
 
+    def check_webhook(self, webhook: WebhookCreate | None) -> None:
+        """``InvalidRequestError`` if the service may not call this webhook (the allow-list)."""
+        refused = None if webhook is None else check_url(webhook.url, self.webhooks)
+        if refused is not None:
+            raise InvalidRequestError(refused, details=[{"loc": "webhook.url", "message": refused,
+                                                         "type": "webhook_url_not_allowed"}])
+
     def _replay(self, owner: str, key: str, fingerprint: str | None) -> Submitted | None:
         with self.db.read() as session:
             job = job_service.find_idempotent(session=session, owner=owner, idempotency_key=key,
@@ -126,7 +135,8 @@ class Submissions:
     # --- OpenAI batches ------------------------------------------------------------------------
 
     def submit_batch(self, *, owner: str, input_file_id: str, endpoint: str, completion_window: str,
-                     metadata: dict[str, str] | None, spec: JobCreate, model: ModelSpec) -> tuple[Batch, Submitted]:
+                     metadata: dict[str, str] | None, spec: JobCreate, model: ModelSpec,
+                     webhook: WebhookCreate | None = None) -> tuple[Batch, Submitted]:
         """Store a validated batch input as a job with its batch, and hand it to the dispatcher.
         ``InvalidRequestError`` (problems by request index) if the model refuses some of it."""
         with self.db.write() as session:
@@ -135,7 +145,7 @@ class Submissions:
                 session=session, owner=owner, input_file_id=input_file_id, endpoint=endpoint,
                 completion_window=completion_window, metadata=metadata, spec=spec, model=model,
                 limits=self.limits(), counter=self.token_counter(model),
-                dispatching=self.dispatches_inline(spec.count()))
+                dispatching=self.dispatches_inline(spec.count()), webhook=webhook)
         log.info("batch accepted: %d requests", len(request_ids), extra={"job_id": job.id})
         self._dispatch_later(job, request_ids)
         return batch, Submitted(job, request_ids)

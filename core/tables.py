@@ -83,6 +83,9 @@ class Job(Base):
     dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # A webhook told when the job ends: what the client reads of it (core.webhooks), and its key.
+    webhook: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+    webhook_secret: Mapped[str | None] = mapped_column(String(80))
 
     __table_args__ = (
         Index("ix_jobs_status", "status"),
@@ -201,6 +204,34 @@ class Batch(Base):
     cancelling_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    webhook: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+    webhook_secret: Mapped[str | None] = mapped_column(String(80))
 
     __table_args__ = (Index("ix_batches_owner_id", "owner", "id"), Index("ix_batches_job_id", "job_id"),
                       Index("ix_batches_status", "status"))
+
+
+class WebhookEvent(Base):
+    """The outbox: one event about a job or batch that ended, until its webhook took it (or gave up).
+
+    Written in the transaction that ends its subject; self-contained (URL, key and the exact body),
+    so a delivery reads nothing else. ``next_attempt_at`` is also the lease of the deliverer
+    sending it: taking a row pushes it past the send's timeout."""
+
+    __tablename__ = "webhook_events"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # the webhook-id header
+    owner: Mapped[str] = mapped_column(String(128))
+    subject_id: Mapped[str] = mapped_column(String(40))  # job_… or batch_…
+    type: Mapped[str] = mapped_column(String(32))
+    url: Mapped[str] = mapped_column(Text)
+    secret: Mapped[str] = mapped_column(String(80))
+    payload: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))  # pending, delivered, failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_webhook_events_status_next", "status", "next_attempt_at"),
+                      Index("ix_webhook_events_subject_id", "subject_id"))

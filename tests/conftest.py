@@ -83,7 +83,7 @@ def sqlite_url(tmp_path: Path, sqlite_template: Path) -> str:
 def _truncate(url: str) -> None:
     db = Database(url)
     with db.write() as session:
-        session.execute(text("TRUNCATE job_requests, jobs CASCADE"))
+        session.execute(text("TRUNCATE job_requests, jobs, webhook_events CASCADE"))
     db.dispose()
 
 

@@ -413,3 +413,59 @@ class Host:
     def remove(self) -> None:
         subprocess.run(["ip", "netns", "del", self.name], check=False, capture_output=True)
         subprocess.run(["ip", "link", "del", self.outside], check=False, capture_output=True)
+
+
+class Receiver:
+    """A webhook receiver: a real HTTP server on 127.0.0.1 that records every POST and answers from
+    a script (``answers``: status codes, or ``"hang"`` to hold the request until ``release()``; 200
+    once the script is used up)."""
+
+    class Got:
+        def __init__(self, path: str, headers: dict[str, str], body: bytes) -> None:
+            self.path, self.headers, self.body = path, headers, body
+
+    def __init__(self, answers: tuple[int | str, ...] = ()) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.answers = list(answers)
+        self.requests: list[Receiver.Got] = []
+        self._released = threading.Event()
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                with receiver._lock:
+                    receiver.requests.append(Receiver.Got(self.path, {k.lower(): v for k, v in self.headers.items()},
+                                                          body))
+                    answer = receiver.answers.pop(0) if receiver.answers else 200
+                if answer == "hang":
+                    receiver._released.wait(60)
+                    return
+                self.send_response(int(answer))
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}/hook"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Receiver:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+        self._server.shutdown()
+        self._server.server_close()
+
+    def release(self) -> None:
+        """Let a held request go (its connection closes without an answer)."""
+        self._released.set()

@@ -28,6 +28,7 @@ from core.schemas import (
     ResultPage,
     ResultRead,
     Usage,
+    WebhookRead,
 )
 from core.tables import Job, JobRequest
 from webapi.auth import CACHE_SECONDS, current_principal, key_still_valid
@@ -66,8 +67,12 @@ def _window(seconds: int) -> str:
     return f"{seconds}s"
 
 
-def job_read(job: Job) -> JobRead:
-    """The API view of a job row."""
+def job_read(job: Job, *, created: bool = False) -> JobRead:
+    """The API view of a job row (``created``: the answer to its submission, the only one that
+    shows its webhook's secret)."""
+    webhook = None
+    if job.webhook is not None:
+        webhook = WebhookRead.model_validate({**job.webhook, "secret": job.webhook_secret if created else None})
     return JobRead(
         id=job.id, model=job.model, kind=job.kind or "generate", status=job.status,  # type: ignore[arg-type]
         counts=JobCounts(total=job.total, queued=job.queued, running=job.running, succeeded=job.succeeded,
@@ -78,7 +83,7 @@ def job_read(job: Job) -> JobRead:
         owner=job.owner, completion_window=_window(job.completion_window_s), created_at=job.created_at,
         started_at=job.started_at, completed_at=job.completed_at,
         expires_at=job.expires_at, cancel_requested_at=job.cancel_requested_at,
-        estimated_completion_at=job_service.estimated_completion(job),
+        estimated_completion_at=job_service.estimated_completion(job), webhook=webhook,
     )
 
 
@@ -114,7 +119,8 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
     headers = {"Location": location}
     if done.replayed:
         headers["Idempotent-Replayed"] = "true"
-    return jsonify(job_read(done.job).model_dump(mode="json")), 200 if done.replayed else 202, headers
+    body = job_read(done.job, created=True).model_dump(mode="json")
+    return jsonify(body), 200 if done.replayed else 202, headers
 
 
 @bp.get("")

@@ -13,6 +13,7 @@ from core.registry import ModelSpec, Registry, load_registry, registry_path
 from core.settings import Settings
 from core.submission import Submissions
 from core.tokens import TokenCounter, counter_for
+from core.webhooks import AllowList, Deliverer
 from webapi.limits import Limits
 
 
@@ -36,6 +37,8 @@ class Services:
         from webapi.finalizer import Finalizer
 
         self.finalizer = Finalizer(self.db, interval_s=settings.finalize_interval_s, fingerprint=self.fingerprint)
+        self.deliverer = Deliverer(self.db, AllowList.parse(settings.webhook_allowed_hosts), settings.webhook_retries,
+                                   timeout_s=settings.webhook_timeout_s, interval_s=settings.webhook_interval_s)
         self._registry_file: Path = registry_path(settings)
         self._registry_stamp: float | None = None
         self._registry: Registry | None = None
@@ -45,6 +48,7 @@ class Services:
     def init_app(self, app: Flask) -> None:
         app.extensions["batchgen"] = self
         self.finalizer.start()
+        self.deliverer.start()
 
     def close(self) -> None:
         """Stop background work and close connections (tests, shutdown)."""
@@ -56,6 +60,7 @@ class Services:
         self.watch.close()
         self.sync.notifier.close()
         self.finalizer.stop()
+        self.deliverer.stop()
         self.db.dispose()
 
     def registry(self) -> Registry:

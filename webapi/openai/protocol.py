@@ -15,7 +15,17 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from core.schemas import MAX_SAMPLES, MAX_STOP_SEQUENCES, MAX_TOP_LOGPROBS, SEED_DOC, GenerationParams, RequestCreate, Text, check_chat_shape
+from core.schemas import (
+    MAX_SAMPLES,
+    MAX_STOP_SEQUENCES,
+    MAX_TOP_LOGPROBS,
+    SEED_DOC,
+    GenerationParams,
+    RequestCreate,
+    Text,
+    WebhookCreate,
+    check_chat_shape,
+)
 
 NOT_SUPPORTED = "is not supported by batchgen"
 # The values of fields batchgen cannot honour that mean "not used": anything else is refused.
@@ -219,6 +229,9 @@ class BatchCreateRequest(BaseModel):
     completion_window: Literal["24h"] = "24h"
     metadata: dict[Text, Text] | None = None
     output_expires_after: dict[str, Any] | None = None
+    webhook: WebhookCreate | None = Field(None, description="batchgen extension: a URL told when the batch ends "
+                                          "(batch.completed, batch.failed, batch.cancelled, batch.expired; OpenAI's "
+                                          "event shape, signed as OpenAI signs its webhooks).")
 
     @model_validator(mode="after")
     def _no_file_expiry(self) -> BatchCreateRequest:
@@ -323,6 +336,22 @@ class BatchUsage(BaseModel):
     output_tokens_details: dict[str, int]
 
 
+class BatchWebhookRead(BaseModel):
+    """batchgen extension: the batch's webhook and how its delivery goes (times in Unix seconds)."""
+
+    url: str
+    secret: str | None = None
+    status: Literal["waiting", "pending", "delivered", "failed"]
+    event_id: str | None
+    type: str | None
+    attempts: int
+    last_attempt_at: int | None
+    last_response_status: int | None
+    last_error: str | None
+    next_attempt_at: int | None
+    delivered_at: int | None
+
+
 class BatchRead(BaseModel):
     id: str
     object: Literal["batch"] = "batch"
@@ -347,6 +376,7 @@ class BatchRead(BaseModel):
     request_counts: RequestCounts
     usage: BatchUsage | None
     metadata: dict[str, str] | None
+    webhook: BatchWebhookRead | None = None
 
 
 class BatchList(BaseModel):

@@ -144,6 +144,7 @@ def create_batch() -> dict[str, Any]:
         raise ApiError(400, "invalid_request", str(exc), [{"loc": "metadata", "message": str(exc),
                                                            "type": "invalid_value"}]) from None
     svc = services()
+    svc.submissions.check_webhook(req.webhook)
     with svc.db.read() as session:
         file = file_service.get_file(session=session, file_id=req.input_file_id, owner=principal.owner)
         if file.purpose != "batch":
@@ -159,17 +160,18 @@ def create_batch() -> dict[str, Any]:
         try:
             batch, done = svc.submissions.submit_batch(
                 owner=principal.owner, input_file_id=input_file_id, endpoint=req.endpoint,
-                completion_window=req.completion_window, metadata=req.metadata, spec=spec, model=model)
+                completion_window=req.completion_window, metadata=req.metadata, spec=spec, model=model,
+                webhook=req.webhook)
         except InvalidRequestError as exc:  # what only the model can tell (a prompt too long for it)
             errors = serving.errors_from_problems(exc, lines)
         else:
-            return serving.batch_view(batch, done.job)
+            return serving.batch_view(batch, done.job, created=True)
     with svc.db.write() as session:
         batch = batch_service.create_failed_batch(
             session=session, owner=principal.owner, input_file_id=input_file_id, endpoint=req.endpoint,
-            completion_window=req.completion_window, metadata=req.metadata, errors=errors)
+            completion_window=req.completion_window, metadata=req.metadata, errors=errors, webhook=req.webhook)
     log.info("batch failed validation with %d errors", len(errors))
-    return serving.batch_view(batch, None)
+    return serving.batch_view(batch, None, created=True)
 
 
 def _view(batch_id: str, owner: str | None) -> dict[str, Any]:

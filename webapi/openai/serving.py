@@ -156,7 +156,9 @@ def file_view(file: File) -> dict[str, Any]:
                           purpose=file.purpose).model_dump(mode="json")  # type: ignore[arg-type]
 
 
-def batch_view(batch: Batch, job: Job | None) -> dict[str, Any]:
+def batch_view(batch: Batch, job: Job | None, *, created: bool = False) -> dict[str, Any]:
+    """A batch as OpenAI shows it (``created``: the answer to its creation, the only one that shows its
+    webhook's secret)."""
     counts = {"total": 0, "completed": 0, "failed": 0}
     tokens = None
     if job is not None:
@@ -174,8 +176,18 @@ def batch_view(batch: Batch, job: Job | None) -> dict[str, Any]:
         "completed_at": unix(batch.completed_at), "failed_at": unix(batch.failed_at),
         "expired_at": unix(batch.expired_at), "cancelling_at": unix(batch.cancelling_at),
         "cancelled_at": unix(batch.cancelled_at), "request_counts": counts, "usage": tokens,
-        "metadata": batch.batch_metadata,
-    }).model_dump(mode="json")
+        "metadata": batch.batch_metadata, "webhook": _webhook_view(batch, created),
+    }).model_dump(mode="json", exclude_none=False)
+
+
+def _webhook_view(batch: Batch, created: bool) -> dict[str, Any] | None:
+    if batch.webhook is None:
+        return None
+    view = {**batch.webhook, "secret": batch.webhook_secret if created else None}
+    for name in ("last_attempt_at", "next_attempt_at", "delivered_at"):
+        if view.get(name) is not None:
+            view[name] = int(datetime.fromisoformat(view[name]).timestamp())
+    return view
 
 
 def _error(line: int | None, code: str, message: str, param: str | None = None) -> dict[str, Any]:
