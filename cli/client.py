@@ -311,6 +311,10 @@ def cmd_submit(args: Any) -> int:
     for field in ("kind", "system", "priority", "completion_window"):
         if getattr(args, field, None) is not None:
             body[field] = getattr(args, field)
+    if getattr(args, "webhook", None):
+        body["webhook"] = {"url": args.webhook}
+        if args.webhook_secret:
+            body["webhook"]["secret"] = args.webhook_secret
     api = _api(args)
     job = api.call("POST", "/v1/jobs", body)
     if args.json and not args.wait:
@@ -318,6 +322,8 @@ def cmd_submit(args: Any) -> int:
         return 0
     print(job["id"])
     print(f"submitted {job['id']}: {job['counts']['total']} requests for {job['model']}", file=sys.stderr)
+    if job.get("webhook") and not getattr(args, "webhook_secret", None):
+        print(f"webhook secret (shown once): {job['webhook']['secret']}", file=sys.stderr)
     if not args.wait:
         print(f"follow it: batchgen status {job['id']} --wait", file=sys.stderr)
         return 0

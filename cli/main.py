@@ -270,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metadata", action="append", metavar="KEY=VALUE", help="your own labels; repeatable")
     p.add_argument("--completion-window", dest="completion_window", metavar="WINDOW",
                    help="how long it may take before what is left expires, e.g. 1h, 24h (default 24h)")
+    p.add_argument("--webhook", metavar="URL", help="a URL told, signed, when the job ends; its signing secret "
+                   "is printed on stderr, once")
+    p.add_argument("--webhook-secret", dest="webhook_secret", metavar="whsec_...",
+                   help="sign the webhook's events with this key of yours instead of a new one")
     p.add_argument("--wait", action="store_true", help="follow the job with a progress bar until it ends")
     p.add_argument("--json", action="store_true", help="print the job as JSON")
     p.set_defaults(func=client.cmd_submit)

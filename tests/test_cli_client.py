@@ -195,3 +195,23 @@ def test_an_error_line_says_when_to_retry_a_limit():
                       "details": {"retry_after": 30}, "request_id": "rid_1"}}
     assert describe_error(429, json.dumps(body).encode()) == (
         "429 queue_full: model tiny-chat has more than 3 requests waiting (retry after 30 s) [request rid_1]")
+
+
+def test_submit_with_a_webhook_prints_its_secret_once_and_shows_refusals(cli, served, tmp_path):
+    api = served[0]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("one\n")
+    # A public name is accepted (its addresses are checked when the event is sent).
+    status, out, err = cli("submit", str(prompts), "--model", "tiny", "--webhook", "https://hooks.example.com/b")
+    job_id = out.strip()
+    secret = next(line.split(": ", 1)[1] for line in err.splitlines() if line.startswith("webhook secret"))
+    assert status == 0 and secret.startswith("whsec_"), err
+    job = api.http.get(f"{api.url}/v1/jobs/{job_id}").json()
+    assert job["webhook"]["url"] == "https://hooks.example.com/b" and job["webhook"]["secret"] is None
+    own = "whsec_" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldY"  # 24 bytes
+    status, out, err = cli("submit", str(prompts), "--model", "tiny", "--webhook", "https://hooks.example.com/b",
+                           "--webhook-secret", own)
+    assert status == 0 and "webhook secret" not in err
+    # The service's own network is not a tenant's to call.
+    message = one_line_error(cli("submit", str(prompts), "--model", "tiny", "--webhook", "http://127.0.0.1:6379/"))
+    assert "422" in message and "webhook" in message, message

@@ -159,6 +159,31 @@ def test_samples_from_the_page_are_each_shown(page, served):
     assert shown == "\n".join(f"[{c['index']}] {c['text']}" for c in stored["choices"])
 
 
+def test_a_webhook_from_the_page_shows_its_secret_once_and_its_delivery(page, served):
+    api, _, _, token = served
+    sign_in(page, token)
+    page.click("a[data-nav=submit]")
+    expect(page.locator("#submit-model")).to_have_value("tiny-chat")
+    page.fill("#submit-prompts", "Hello")
+    page.fill("input[name=max_new_tokens]", "2")
+    page.fill("input[name=webhook]", "http://10.0.0.1/hook")  # not this tenant's to call: named by the API
+    page.click("#submit-button")
+    expect(page.locator("#error-details")).to_contain_text("webhook.url")
+    # A public name is taken (its addresses are checked when the event is sent; none resolve here).
+    page.fill("input[name=webhook]", "https://hooks.example.com/batchgen")
+    page.click("#submit-button")
+    expect(page).to_have_url(re.compile(r"#/jobs/job_"))
+    job_id = page.url.rsplit("/", 1)[-1]
+    expect(page.locator("#job-webhook-secret")).to_contain_text("whsec_")
+    expect(page.locator("#job-status")).to_have_text("completed", timeout=60_000)
+    expect(page.locator("#job-webhook")).to_contain_text("https://hooks.example.com/batchgen", timeout=10_000)
+    job = api.http.get(f"{api.url}/v1/jobs/{job_id}").json()
+    assert job["webhook"]["secret"] is None and job["webhook"]["status"] in ("pending", "failed")
+    page.reload()  # shown once: not after reloading the job page
+    expect(page.locator("#job-webhook-row")).to_be_visible()
+    expect(page.locator("#job-webhook-secret")).to_be_hidden()
+
+
 def test_the_jobs_list_follows_jobs_live(page, served):
     api, _, _, token = served
     sign_in(page, token)

@@ -9,6 +9,7 @@
   const $ = (sel, root = document) => root.querySelector(sel);
   let token = sessionStorage.getItem(KEY);
   let leaving = []; // what to stop when the view changes (streams, timers)
+  let shownOnce = null; // {id, secret}: a webhook secret from a submission, shown on its job page once
 
   // --- talking to the API ---------------------------------------------------------------
 
@@ -336,6 +337,12 @@
 
   async function jobView(id) {
     const root = mount("tpl-job");
+    if (shownOnce && shownOnce.id === id) {
+      const note = $("#job-webhook-secret", root);
+      note.textContent = `Webhook signing secret (shown this once; keep it to verify the events): ${shownOnce.secret}`;
+      note.hidden = false;
+      shownOnce = null;
+    }
     const list = $("#results-list", root);
     const more = $("#results-more", root);
     const filter = $("#results-filter", root);
@@ -362,6 +369,12 @@
         : (j.estimated_completion_at ? `about ${new Date(j.estimated_completion_at).toLocaleTimeString()}` : "—");
       cancel.hidden = ENDED.has(j.status) || j.status === "cancelling";
       remove.hidden = !ENDED.has(j.status);
+      $("#job-webhook-row", root).hidden = !j.webhook;
+      if (j.webhook) {
+        const w = j.webhook;
+        $("#job-webhook", root).textContent = `${w.url} · ${w.status}` + (w.attempts ? ` after ${plural(w.attempts, "attempt")}` : "")
+          + (w.last_error && w.status !== "delivered" ? ` (${w.last_error})` : "");
+      }
       return changed;
     }
 
@@ -584,10 +597,13 @@
       if (stop.length) params.stop = stop;
       if (Object.keys(params).length) body.params = params;
       if (form.priority.value !== "") body.priority = Number(form.priority.value);
+      if (form.webhook.value.trim()) body.webhook = {url: form.webhook.value.trim()};
       const button = $("#submit-button", root);
       button.disabled = true;
       try {
         const job = await call("POST", "/v1/jobs", body);
+        // The webhook's signing secret comes in this answer only: the job page shows it once.
+        if (job.webhook && job.webhook.secret) shownOnce = {id: job.id, secret: job.webhook.secret};
         location.hash = `#/jobs/${job.id}`;
       } catch (err) {
         fail(err);
