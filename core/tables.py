@@ -85,7 +85,7 @@ class Job(Base):
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # A webhook told when the job ends: what the client reads of it (core.webhooks), and its key.
     webhook: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
-    webhook_secret: Mapped[str | None] = mapped_column(String(80))
+    webhook_secret: Mapped[str | None] = mapped_column(String(128))
 
     __table_args__ = (
         Index("ix_jobs_status", "status"),
@@ -205,7 +205,7 @@ class Batch(Base):
     cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
     webhook: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
-    webhook_secret: Mapped[str | None] = mapped_column(String(80))
+    webhook_secret: Mapped[str | None] = mapped_column(String(128))
 
     __table_args__ = (Index("ix_batches_owner_id", "owner", "id"), Index("ix_batches_job_id", "job_id"),
                       Index("ix_batches_status", "status"))
@@ -225,7 +225,7 @@ class WebhookEvent(Base):
     subject_id: Mapped[str] = mapped_column(String(40))  # job_… or batch_…
     type: Mapped[str] = mapped_column(String(32))
     url: Mapped[str] = mapped_column(Text)
-    secret: Mapped[str] = mapped_column(String(80))
+    secret: Mapped[str] = mapped_column(String(128))
     payload: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16))  # pending, delivered, failed
     attempts: Mapped[int] = mapped_column(Integer, default=0)

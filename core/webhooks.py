@@ -62,6 +62,7 @@ SECRET_BYTES = (24, 64)  # what Standard Webhooks allows a key to be
 MAX_URL_CHARS = 2048
 MAX_ERROR_CHARS = 300
 RESPONSE_READ_BYTES = 64 * 1024
+MAX_ADDRESSES = 2  # of a host's addresses, tried in turn: each may take the whole timeout
 USER_AGENT = "batchgen-webhooks/1"
 
 # How a job's end (``jobs.status``) and a batch's end name their events.
@@ -161,7 +162,26 @@ class AllowList:
             return True
         if _literal(host) is None and host in self.names:
             return True
-        return address.is_global and not address.is_multicast
+        return _public(address)
+
+
+# IPv6 ranges that carry an IPv4 address a gateway may deliver to (NAT64), or that are deprecated
+# or unroutable but which ``is_global`` does not flag on every Python version.
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+_NEVER = (ipaddress.ip_network("::/96"), ipaddress.ip_network("::ffff:0:0:0/96"), ipaddress.ip_network("fec0::/10"),
+          ipaddress.ip_network("2002::/16"), ipaddress.ip_network("2001::/32"))
+
+
+def _public(address: Address) -> bool:
+    """A public unicast address, also through every IPv6 form that embeds an IPv4 one."""
+    if not address.is_global or address.is_multicast:
+        return False
+    if address.version == 6:
+        if any(address in net for net in _NEVER):  # IPv4-compatible, SIIT, site-local, 6to4, Teredo
+            return False
+        if any(address in net for net in _NAT64):
+            return _public(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    return True
 
 
 def _literal(host: str) -> Address | None:
@@ -185,8 +205,9 @@ def parse_url(url: str) -> Target:
     """The parts of a webhook URL, or ``ValueError`` saying what is wrong with it."""
     if len(url) > MAX_URL_CHARS:
         raise ValueError(f"a webhook URL has at most {MAX_URL_CHARS} characters")
-    if any(c.isspace() or ord(c) < 0x20 for c in url):
-        raise ValueError("a webhook URL holds no spaces or control characters")
+    if any(c.isspace() or ord(c) < 0x20 or ord(c) > 0x7E for c in url):
+        raise ValueError("a webhook URL holds no spaces, control or non-ASCII characters (percent-encode them; "
+                         "an internationalized host name is written in its xn-- form)")
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -318,7 +339,12 @@ class Taken:
 _C = _EVENTS.c
 _NOW = bindparam("now", type_=UTCDateTime())
 _DUE = (select(_C.id).where(_C.status == "pending", _C.next_attempt_at <= _NOW)
-        .order_by(_C.next_attempt_at).limit(bindparam("limit")))
+        .order_by(_C.next_attempt_at, _C.id).limit(bindparam("limit")))
+
+
+def any_due(*, session: Session, now: datetime | None = None) -> bool:
+    """Whether some event is due to be sent (a read, for the deliverer's idle rounds)."""
+    return session.execute(_DUE, {"now": now or utcnow(), "limit": 1}).first() is not None
 _TAKE = (update(_EVENTS).where(_C.id == bindparam("eid"), _C.status == "pending", _C.next_attempt_at <= _NOW)
          .values(next_attempt_at=bindparam("lease", type_=UTCDateTime()))
          .returning(_C.id, _C.subject_id, _C.url, _C.secret, _C.payload, _C.attempts))
@@ -396,8 +422,12 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):
     """HTTPS to an address already checked; the certificate is checked against the URL's host."""
 
+    _shared_context: ssl.SSLContext | None = None
+
     def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+        if _PinnedHTTPSConnection._shared_context is None:  # loading the CA bundle costs; once per process
+            _PinnedHTTPSConnection._shared_context = ssl.create_default_context()
+        super().__init__(host, port, timeout=timeout, context=_PinnedHTTPSConnection._shared_context)
         self._address = address
 
     def connect(self) -> None:
@@ -408,21 +438,24 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
 def resolve(target: Target, allow: AllowList) -> list[str]:
     """The addresses to call ``target`` at; ``PermissionError`` if the allow-list forbids any."""
     if not allow.permits_name(target.host):
-        raise PermissionError(f"{target.host} is not in this service's allow-list (BATCHGEN_WEBHOOK_ALLOWED_HOSTS)")
+        raise PermissionError(f"refused: {target.host} is not in this service's allow-list "
+                              "(BATCHGEN_WEBHOOK_ALLOWED_HOSTS)")
     literal = _literal(target.host)
     if literal is not None:
         found = [literal]
     else:
         try:
             infos = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
-        except OSError as exc:
-            raise ConnectionError(f"cannot resolve {target.host}: {exc}") from None
+        except OSError:
+            raise ConnectionError(f"cannot resolve {target.host}") from None
         found = list(dict.fromkeys(ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos))
     refused = [str(a) for a in found if not allow.permits_address(target.host, a)]
     if refused:  # one private address among public ones is enough to refuse (DNS rebinding)
-        raise PermissionError(f"{target.host} resolves to {', '.join(refused)}, which is not a public address and "
-                              "not in this service's allow-list (BATCHGEN_WEBHOOK_ALLOWED_HOSTS)")
-    return [str(a) for a in found]
+        # The client reads this: which internal address a name has is the operator's to know (the log).
+        log.warning("webhook refused: %s resolves to %s", target.host, ", ".join(refused))
+        raise PermissionError(f"refused: {target.host} resolves to an address that is not public and not in this "
+                              "service's allow-list (BATCHGEN_WEBHOOK_ALLOWED_HOSTS)")
+    return [str(a) for a in found][:MAX_ADDRESSES]
 
 
 def send(event: Taken, *, allow: AllowList, timeout_s: float, now: float | None = None) -> Attempt:
@@ -432,6 +465,9 @@ def send(event: Taken, *, allow: AllowList, timeout_s: float, now: float | None 
         addresses = resolve(target, allow)
     except (ValueError, PermissionError, ConnectionError) as exc:
         return Attempt(error=str(exc))
+    except Exception as exc:  # whatever it is, it is this attempt's outcome, never a lost one
+        log.exception("webhook %s: resolving its host failed", event.id)
+        return Attempt(error=f"could not resolve the host ({type(exc).__name__})")
     body = event.payload.encode()
     timestamp = int(now if now is not None else time.time())
     headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT, "webhook-id": event.id,
@@ -440,16 +476,34 @@ def send(event: Taken, *, allow: AllowList, timeout_s: float, now: float | None 
     error = "no address to call"
     for address in addresses:
         conn = kind(target.host, target.port, address, timeout_s)
+        # The socket timeout bounds each read; this bounds the whole exchange (a receiver trickling
+        # a byte at a time would hold the slot, and outlive the lease, without it).
+        cutoff = threading.Timer(timeout_s, _cut, (conn,))
+        cutoff.start()
         try:
             conn.request("POST", target.path, body=body, headers=headers)
             response = conn.getresponse()
             response.read(RESPONSE_READ_BYTES)
             return Attempt(status_code=response.status)
-        except (OSError, http.client.HTTPException) as exc:
-            error = f"{type(exc).__name__} calling {address}: {exc}"
+        except Exception as exc:  # OSError, HTTPException, ssl errors, anything: this attempt failed
+            timed_out = not cutoff.is_alive() or isinstance(exc, TimeoutError)
+            error = (f"no answer within {timeout_s:g} s" if timed_out
+                     else f"could not deliver: {type(exc).__name__}")
+            log.info("webhook %s to %s (%s): %s", event.id, target.host, address, exc)
         finally:
+            cutoff.cancel()
             conn.close()
     return Attempt(error=error)
+
+
+def _cut(conn: http.client.HTTPConnection) -> None:
+    """End a send that has run out of time (shutdown wakes a thread blocked reading the socket)."""
+    sock = conn.sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 @dataclass
@@ -494,17 +548,24 @@ class Deliverer:
         free = self.concurrency - len(self._inflight)
         if free <= 0 or self._pool is None:
             return 0
+        with self.db.read() as session:  # the usual answer is "nothing": no write lock for it (SQLite)
+            if not any_due(session=session):
+                return 0
         with self.db.write() as session:
-            # Held for twice the send's timeout (it may try two addresses) and some: a lapsed lease
-            # means this process died mid-send.
-            taken = take_due(session=session, limit=free, lease_s=2 * self.timeout_s + 5)
+            # Held past the longest a send can take (two addresses, each cut off at the timeout, and
+            # the lookup): a lapsed lease means this process died mid-send.
+            taken = take_due(session=session, limit=free, lease_s=3 * self.timeout_s + 5)
         for event in taken:
             self._inflight.add(self._pool.submit(self.deliver, event))
         return len(taken)
 
     def deliver(self, event: Taken) -> str | None:
         """Send one taken event and record the outcome."""
-        attempt = send(event, allow=self.allow, timeout_s=self.timeout_s)
+        try:
+            attempt = send(event, allow=self.allow, timeout_s=self.timeout_s)
+        except Exception as exc:  # send catches what it expects; anything else still ends this attempt
+            log.exception("webhook %s: sending failed", event.id)
+            attempt = Attempt(error=f"could not deliver: {type(exc).__name__}")
         try:
             with self.db.write() as session:
                 status = record_attempt(session=session, event=event, attempt=attempt, retry_s=self.retry_s)
@@ -512,7 +573,7 @@ class Deliverer:
             log.exception("recording a webhook attempt failed (event %s)", event.id)
             return None
         level = logging.INFO if attempt.delivered else logging.WARNING
-        log.log(level, "webhook %s to %s: %s (attempt %d, now %s)", event.id, event.url,
+        log.log(level, "webhook %s to %s: %s (attempt %d, now %s)", event.id, urlsplit(event.url).hostname,
                 attempt.status_code if attempt.error is None else attempt.error, event.attempts + 1, status,
                 extra={"job_id": event.subject_id})
         return status

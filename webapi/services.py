@@ -48,7 +48,8 @@ class Services:
     def init_app(self, app: Flask) -> None:
         app.extensions["batchgen"] = self
         self.finalizer.start()
-        self.deliverer.start()
+        if self.deliverer.allow.enabled:  # webhooks off: nothing can be due
+            self.deliverer.start()
 
     def close(self) -> None:
         """Stop background work and close connections (tests, shutdown)."""

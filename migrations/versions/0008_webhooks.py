@@ -30,7 +30,7 @@ def upgrade() -> None:
     for table in ("jobs", "batches"):
         with op.batch_alter_table(table) as batch:
             batch.add_column(sa.Column("webhook", sa.JSON(none_as_null=True), nullable=True))
-            batch.add_column(sa.Column("webhook_secret", sa.String(80), nullable=True))
+            batch.add_column(sa.Column("webhook_secret", sa.String(128), nullable=True))
     op.create_table(
         "webhook_events",
         sa.Column("id", sa.String(40), primary_key=True),
@@ -38,7 +38,7 @@ def upgrade() -> None:
         sa.Column("subject_id", sa.String(40), nullable=False),
         sa.Column("type", sa.String(32), nullable=False),
         sa.Column("url", sa.Text(), nullable=False),
-        sa.Column("secret", sa.String(80), nullable=False),
+        sa.Column("secret", sa.String(128), nullable=False),
         sa.Column("payload", sa.Text(), nullable=False),
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),

@@ -3,6 +3,7 @@
 The sends here go to a real HTTP server on this machine (``tests.support.Receiver``).
 """
 
+import base64
 import ipaddress
 import json
 import socket
@@ -58,14 +59,18 @@ def test_signature_matches_the_standard_webhooks_test_vector_and_openais_verifie
     "http://127.0.0.1/hook", "http://localhost:8000/", "http://app.localhost/", "http://169.254.169.254/latest",
     "http://[::1]:80/", "http://10.0.0.5/", "http://192.168.1.1/", "http://[::ffff:127.0.0.1]/",
     "http://100.64.0.1/", "http://0.0.0.0/", "ftp://example.com/", "http://user:pw@example.com/",
-    "https:///path", "http://example.com:99999/", "http://exa mple.com/",
+    "https:///path", "http://example.com:99999/", "http://exa mple.com/", "https://example.com/hoök",
+    # IPv6 forms that carry an IPv4 address (NAT64 reaches it; the others are deprecated or tunnels)
+    "http://[64:ff9b::a9fe:a9fe]/", "http://[64:ff9b::a00:5]/", "http://[2002:a9fe:a9fe::]/", "http://[::a9fe:a9fe]/",
+    "http://[::ffff:0:a9fe:a9fe]/", "http://[fec0::1]/", "http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/",
 ])
 def test_the_default_allow_list_refuses_what_is_not_a_public_http_address(url):
     assert check_url(url, AllowList.parse("*")) is not None
 
 
 def test_allow_list_entries():
-    public = ["https://hooks.example.com/x?y=1", "http://93.184.216.34:8080/"]
+    public = ["https://hooks.example.com/x?y=1", "http://93.184.216.34:8080/", "http://[2606:4700::1111]/",
+              "http://[64:ff9b::5db8:d822]/"]  # NAT64 of a public IPv4 address
     assert all(check_url(u, AllowList.parse("*")) is None for u in public)
     assert check_url("http://127.0.0.1:9/", AllowList.parse("127.0.0.1")) is None
     assert check_url("http://10.1.2.3/", AllowList.parse("10.0.0.0/8")) is None
@@ -91,6 +96,41 @@ def _loopback_name() -> str:
     return name
 
 
+def test_a_receiver_that_trickles_its_answer_is_cut_off_at_the_timeout():
+    """The socket timeout bounds each read; the send as a whole is bounded too, so a receiver that
+    answers a byte at a time cannot hold a delivery slot past its lease."""
+    import threading
+    import time
+
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def trickle() -> None:
+        conn, _ = server.accept()
+        conn.recv(65536)
+        for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 100:
+            if stop.wait(0.4):
+                break
+            try:
+                conn.sendall(bytes([byte]))
+            except OSError:
+                break
+        conn.close()
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    event = webhooks.Taken("evt_t", "job_t", f"http://127.0.0.1:{server.getsockname()[1]}/", webhooks.new_secret(),
+                           "{}", 0)
+    started = time.monotonic()
+    attempt = webhooks.send(event, allow=AllowList.parse("127.0.0.1"), timeout_s=1.5)
+    took = time.monotonic() - started
+    stop.set()
+    thread.join(5)
+    server.close()
+    assert attempt.status_code is None and "no answer within 1.5 s" in attempt.error, attempt
+    assert took < 4, took
+
+
 def test_a_name_the_wildcard_allows_is_not_called_when_it_resolves_to_a_private_address():
     """DNS decides at send time: a public-looking name pointed at an internal address is refused then,
     and nothing is sent."""
@@ -100,10 +140,11 @@ def test_a_name_the_wildcard_allows_is_not_called_when_it_resolves_to_a_private_
         assert check_url(url, AllowList.parse("*")) is None  # a name: only its addresses can tell
         event = webhooks.Taken("evt_x", "job_x", url, webhooks.new_secret(), "{}", 0)
         attempt = webhooks.send(event, allow=AllowList.parse("*"), timeout_s=2)
-        assert attempt.status_code is None and "not a public address" in attempt.error
+        assert attempt.status_code is None and "not public" in attempt.error
+        assert "127.0.0.1" not in attempt.error  # the client reads it: internal addresses stay in the log
         # Literal addresses too, if the allow-list changed after the job was submitted.
         literal = webhooks.Taken("evt_y", "job_x", f"http://127.0.0.1:{receiver.port}/", webhooks.new_secret(), "{}", 0)
-        assert "not a public address" in webhooks.send(literal, allow=AllowList.parse("*"), timeout_s=2).error
+        assert "not public" in webhooks.send(literal, allow=AllowList.parse("*"), timeout_s=2).error
         assert receiver.requests == []
         # Allowed, the same send arrives, signed.
         assert webhooks.send(literal, allow=AllowList.parse("127.0.0.1"), timeout_s=2).status_code == 200
@@ -134,6 +175,10 @@ def test_the_transaction_that_ends_a_job_writes_its_event_once(db):
     job, ids = _submit(db, {"model": "m", "prompts": ["a", "b"], "webhook": {"url": "http://127.0.0.1:9/h"},
                             "metadata": {"k": "v"}})
     assert job.webhook_secret.startswith("whsec_") and job.webhook["status"] == "waiting"
+    longest = "whsec_" + base64.b64encode(bytes(range(64))).decode()  # the longest key a client may bring
+    own, _ = _submit(db, {"model": "m", "prompts": ["a"], "webhook": {"url": "http://127.0.0.1:9/", "secret": longest}})
+    with db.read() as s:
+        assert s.get(Job, own.id).webhook_secret == longest
     with db.write() as s:
         jobs.claim(session=s, request_ids=ids, run_id="run_1")
     with db.write() as s:
