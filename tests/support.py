@@ -469,3 +469,26 @@ class Receiver:
     def release(self) -> None:
         """Let a held request go (its connection closes without an answer)."""
         self._released.set()
+
+
+STREAM_PROMPTS = ("Tell me a story", "Hello there", "What is the capital of France?", "Count to ten",
+                  "Write a poem about the sea", "Say something", "abc def ghi", "Why is the sky blue?")
+
+
+def streamable_prompt(base_url: str, token: str, max_tokens: int) -> str:
+    """A user message whose greedy answer from tiny-chat streams in pieces on this machine.
+
+    Text is cut after ordinary tokens, and a random-weight model's int8 answer can be one run of
+    byte tokens (rightly held to the end) on one CPU and not on another, so a streaming test that
+    wants pieces picks its prompt: one whose greedy tokens (read through ``logprobs``) hold an
+    ordinary token before the last."""
+    for prompt in STREAM_PROMPTS:
+        resp = requests.post(f"{base_url}/v1/chat/completions", headers={"Authorization": f"Bearer {token}"},
+                             json={"model": "tiny-chat", "max_tokens": max_tokens, "temperature": 0, "logprobs": True,
+                                   "messages": [{"role": "user", "content": prompt}]}, timeout=60)
+        resp.raise_for_status()
+        tokens = resp.json()["choices"][0]["logprobs"]["content"]
+        if any(t["token"].encode() == bytes(t["bytes"] or b"") and "\ufffd" not in t["token"] and t["token"].strip()
+               for t in tokens[:-1]):
+            return prompt
+    raise AssertionError("no prompt's greedy answer has an ordinary token before its last one")

@@ -5,7 +5,7 @@ import dashscope
 import pytest
 import requests
 
-from tests.support import cut_at
+from tests.support import cut_at, streamable_prompt
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,8 @@ def test_dashscope_prompt_and_messages(ds):
 @pytest.mark.slow
 def test_dashscope_streams_the_text_so_far(ds):
     api, _, token = ds
-    chunks = list(dashscope.Generation.call(model="tiny-chat", prompt="Tell me a story", api_key=token,
+    prompt = streamable_prompt(api.url, token, max_tokens=20)  # a prompt is the user's turn on a chat model
+    chunks = list(dashscope.Generation.call(model="tiny-chat", prompt=prompt, api_key=token,
                                             max_tokens=20, temperature=0, stream=True))
     assert all(c.status_code == 200 for c in chunks) and len(chunks) >= 2
     texts = [c.output.text for c in chunks]
@@ -50,7 +51,7 @@ def test_dashscope_streams_the_text_so_far(ds):
     assert texts[-1] and texts[-1] == _stored(api, token)["text"] and len(set(texts)) >= 2
     assert cut_at(chunks[-1].output.finish_reason, chunks[-1].usage.output_tokens, 20)
     # The same greedy call unstreamed: the same text.
-    again = dashscope.Generation.call(model="tiny-chat", prompt="Tell me a story", api_key=token, max_tokens=20,
+    again = dashscope.Generation.call(model="tiny-chat", prompt=prompt, api_key=token, max_tokens=20,
                                       temperature=0)
     assert again.output.text == texts[-1]
 

@@ -11,7 +11,7 @@ import pytest
 from openai.types import Batch, Completion, FileObject
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from tests.support import cut_at
+from tests.support import cut_at, streamable_prompt
 
 
 @pytest.fixture(scope="module")
@@ -173,26 +173,10 @@ def test_completions_and_chat_completions(stack):
     assert chat.id.startswith("chatcmpl-req_") and chat.model == "tiny-chat"
 
 
-def _streamable_prompt(client) -> str:
-    """A prompt whose greedy answer streams in pieces on this machine: text is cut after ordinary
-    tokens, and a random-weight model's int8 answer can be one run of byte tokens (held to the end,
-    rightly) on one CPU and not on another. The greedy tokens come from the non-streamed answer."""
-    for prompt in ("Tell me a story", "Hello there", "What is the capital of France?", "Count to ten",
-                   "Write a poem about the sea", "Say something", "abc def ghi", "Why is the sky blue?"):
-        answer = client.chat.completions.create(model="tiny-chat", max_tokens=24, temperature=0, logprobs=True,
-                                                messages=[{"role": "user", "content": prompt}])
-        tokens = answer.choices[0].logprobs.content
-        ordinary = [i for i, t in enumerate(tokens[:-1]) if t.token.encode() == bytes(t.bytes or b"")
-                    and "\ufffd" not in t.token and t.token.strip()]
-        if ordinary:
-            return prompt
-    raise AssertionError("no prompt's greedy answer has an ordinary token before its last one")
-
-
 @pytest.mark.slow
 def test_chat_streaming_sends_text_as_it_is_generated(stack):
-    client, *_ = stack
-    prompt = _streamable_prompt(client)
+    client, api, *_ = stack
+    prompt = streamable_prompt(api.url, api.http.headers["Authorization"].split()[1], max_tokens=24)
     chunks = list(client.chat.completions.create(
         model="tiny-chat", max_tokens=24, temperature=0, stream=True, stream_options={"include_usage": True},
         messages=[{"role": "user", "content": prompt}]))
