@@ -67,6 +67,35 @@ def serialize(session: Session, keys: list[tuple[str, str]]) -> None:
                         {"k": f"batchgen:capacity:{kind}:{name}"})
 
 
+class Ledger:
+    """The pending counts of one transaction's capacity keys, moved as submissions are admitted
+    in order: each is decided as a transaction of its own, run in that order, would decide it."""
+
+    def __init__(self, capacity: Capacity, counts: dict[tuple[str, str], int]) -> None:
+        self.capacity, self.counts = capacity, counts
+
+    def take(self, *, owner: str, model: str, new: int, stored: bool = True) -> LimitError | None:
+        """Admit ``new`` requests (the counts move), or the ``LimitError`` that refuses them."""
+        limits = self.capacity.limits(owner=owner, model=model, stored=stored)
+        for key, cap in limits:
+            if self.counts[key] + new > cap:
+                return _refusal(key, cap, model)
+        for key, _ in limits:
+            self.counts[key] += new
+        return None
+
+
+def _refusal(key: tuple[str, str], cap: int, model: str) -> LimitError:
+    if key[0] == "model":
+        return LimitError("queue_full", f"model {model} has more than {cap} requests waiting; retry later",
+                          details={"retry_after": 30}, retry_after=30)
+    if key[0] == "stored":
+        return LimitError("storage_quota_exceeded", f"this owner's jobs hold {cap} requests, the most it "
+                          "may store; delete jobs that have ended to make room", details={"limit": cap})
+    return LimitError("too_many_pending", f"this owner has more than {cap} requests waiting or running; "
+                      "wait for some to finish", details={"retry_after": 60}, retry_after=60)
+
+
 class Capacity:
     """The caps of ``settings``, with the pending counts they are checked against."""
 
@@ -74,30 +103,31 @@ class Capacity:
         self.settings = settings
         self._pending = PendingCounts()
 
-    def check(self, *, session: Session, owner: str, model: str, new: int, stored: bool = True) -> None:
-        """Refuse ``new`` requests when the model's queue or the key's pending work is full.
-
-        Call it in the write transaction that stores them: every other submission for the same
-        model or owner waits until this transaction ends (SQLite's one write lock; PostgreSQL
-        advisory locks taken in a fixed order), so parallel submissions on any number of API
-        processes cannot together overshoot a cap. ``stored=False`` (synchronous calls): the
-        stored-requests quota does not refuse it (a one-request job that ends within the call).
-        """
+    def limits(self, *, owner: str, model: str, stored: bool = True) -> list[tuple[tuple[str, str], int]]:
+        """The (key, cap) pairs a submission is held to, in the order they are checked: the
+        model's queue, the owner's pending work, the owner's stored requests (``stored=False``:
+        a synchronous call, a one-request job that ends within the call, is not held to that one)."""
         limits = [(("model", model), self.settings.max_pending_per_model),
                   (("owner", owner), self.settings.max_pending_per_key),
                   (("stored", owner), self.settings.max_stored_requests_per_owner if stored else 0)]
-        limits = [(key, cap) for key, cap in limits if cap]
-        if not limits:
-            return
-        serialize(session, [key for key, _ in limits])
-        for key, cap in limits:
-            if self._pending.get(key, session) + new <= cap:
-                continue
-            if key[0] == "model":
-                raise LimitError("queue_full", f"model {model} has more than {cap} requests waiting; retry later",
-                                 details={"retry_after": 30}, retry_after=30)
-            if key[0] == "stored":
-                raise LimitError("storage_quota_exceeded", f"this owner's jobs hold {cap} requests, the most it "
-                                 "may store; delete jobs that have ended to make room", details={"limit": cap})
-            raise LimitError("too_many_pending", f"this owner has more than {cap} requests waiting or running; "
-                             "wait for some to finish", details={"retry_after": 60}, retry_after=60)
+        return [(key, cap) for key, cap in limits if cap]
+
+    def ledger(self, *, session: Session, wanted: list[tuple[str, str, bool]]) -> Ledger:
+        """The counts of every key the (owner, model, stored) submissions are held to, each read
+        once. Call it in the write transaction that stores them: every other submission for the
+        same model or owner waits until this transaction ends (SQLite's one write lock;
+        PostgreSQL advisory locks taken in a fixed order), so parallel submissions on any number
+        of API processes cannot together overshoot a cap."""
+        keys = sorted({key for owner, model, stored in wanted
+                       for key, _ in self.limits(owner=owner, model=model, stored=stored)})
+        if keys:
+            serialize(session, keys)
+        return Ledger(self, {key: self._pending.get(key, session) for key in keys})
+
+    def check(self, *, session: Session, owner: str, model: str, new: int, stored: bool = True) -> None:
+        """Refuse ``new`` requests (``LimitError``) when the model's queue or the key's pending
+        work is full; one submission's ``ledger`` and ``take``."""
+        refusal = self.ledger(session=session, wanted=[(owner, model, stored)]).take(
+            owner=owner, model=model, new=new, stored=stored)
+        if refusal is not None:
+            raise refusal

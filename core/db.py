@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -102,9 +102,8 @@ class Database:
         self.dialect = self.engine.dialect.name
         # Loaded values stay usable after commit: views serialize after the unit of work ends.
         self._reader = sessionmaker(self.engine, expire_on_commit=False)
-        self._writer = sessionmaker(
-            self.engine.execution_options(batchgen_write=True), expire_on_commit=False
-        )
+        self._write_engine = self.engine.execution_options(batchgen_write=True)
+        self._writer = sessionmaker(self._write_engine, expire_on_commit=False)
 
     @contextmanager
     def write(self) -> Iterator[Session]:
@@ -117,6 +116,20 @@ class Database:
         """A read-only unit of work (whatever it changed is rolled back)."""
         with self._reader() as session:
             yield session
+
+    @contextmanager
+    def connect(self) -> Iterator[Connection]:
+        """A read on a Core connection (rolled back at the end): no ORM session to build, for
+        reads that run on every poll."""
+        with self.engine.connect() as conn:
+            yield conn
+
+    @contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """A write transaction on a Core connection: commits on success, rolls back on any
+        exception (on SQLite it takes the write lock up front, as ``write`` does)."""
+        with self._write_engine.begin() as conn:
+            yield conn
 
     def dispose(self) -> None:
         """Close pooled connections (after a fork, or at shutdown)."""

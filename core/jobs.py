@@ -22,9 +22,10 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import bindparam, case, delete, func, or_, select, update
+from sqlalchemy import Connection, Row, bindparam, case, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from core.errors import ConflictError, InvalidRequestError, NotFoundError
@@ -184,31 +185,93 @@ _INSERT_JOB = Job.__table__.insert()
 _INSERT_REQUEST = JobRequest.__table__.insert()
 
 
-def find_idempotent(*, session: Session, owner: str, idempotency_key: str, fingerprint: str) -> Job | None:
-    """The job an earlier request with this key created, or None; ``ConflictError`` if that request
-    was a different one."""
-    job = session.scalar(select(Job).where(Job.owner == owner, Job.idempotency_key == idempotency_key))
+def idempotency_conflict(job_id: str) -> ConflictError:
+    """The error for an Idempotency-Key that an earlier, different request used."""
+    return ConflictError("this Idempotency-Key was used for a different request",
+                         details=[{"loc": "header.Idempotency-Key", "message": f"already used by {job_id}",
+                                   "type": "idempotency_key_reused"}])
+
+
+def find_idempotent(*, session: Session | Connection, owner: str, idempotency_key: str,
+                    fingerprint: str) -> Row[Any] | None:
+    """The row of the job an earlier request with this key created, or None; ``ConflictError``
+    if that request was a different one."""
+    job = find_idempotent_many(session=session, keys=[(owner, idempotency_key)]).get((owner, idempotency_key))
     if job is not None and job.request_hash != fingerprint:
-        raise ConflictError("this Idempotency-Key was used for a different request",
-                            details=[{"loc": "header.Idempotency-Key", "message": f"already used by {job.id}",
-                                      "type": "idempotency_key_reused"}])
+        raise idempotency_conflict(job.id)
     return job
+
+
+def find_idempotent_many(*, session: Session | Connection,
+                         keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Row[Any]]:
+    """The rows of the jobs stored under these (owner, Idempotency-Key) pairs, in one statement."""
+    if not keys:
+        return {}
+    rows = session.execute(_BY_IDEMPOTENCY_KEY, {"keys": sorted({k for _, k in keys}),
+                                                 "owners": sorted({o for o, _ in keys})})
+    wanted = set(keys)
+    return {(r.owner, r.idempotency_key): r for r in rows if (r.owner, r.idempotency_key) in wanted}
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A validated job, ready to store: its row (ORM attribute names) and its requests' rows."""
+
+    values: dict[str, Any]
+    requests: list[dict[str, Any]]
+
+    @property
+    def id(self) -> str:
+        return str(self.values["id"])
+
+    @property
+    def request_ids(self) -> list[str]:
+        return [r["id"] for r in self.requests]
+
+    @property
+    def row(self) -> Any:
+        """The job as its stored row reads (attribute access, as a ``Job``)."""
+        return SimpleNamespace(**self.values)
 
 
 def create_job(*, session: Session, spec: JobCreate, model: ModelSpec, limits: Limits, owner: str,
                counter: TokenCounter | None = None, idempotency_key: str | None = None,
                fingerprint: str | None = None, delivery: str = "store",
                dispatching: bool = False) -> tuple[Job, list[str]]:
-    """Validate ``spec`` against the model and limits, then insert the job and its requests.
+    """``prepare_job`` and ``insert_jobs`` in the caller's transaction: the job (not attached to
+    the session) and its request ids in order."""
+    new = prepare_job(spec=spec, model=model, limits=limits, owner=owner, counter=counter,
+                      idempotency_key=idempotency_key, fingerprint=fingerprint, delivery=delivery,
+                      dispatching=dispatching)
+    insert_jobs(session.connection(), [new])
+    return Job(**new.values), new.request_ids
 
-    ``dispatching``: the caller publishes the requests right after this transaction commits, so
+
+def insert_jobs(conn: Any, jobs: Sequence[NewJob]) -> None:
+    """Insert jobs and their requests: one statement for the jobs, one for all their requests.
+    Core inserts: the ORM's unit of work costs more per row (and a flush per job) and buys
+    nothing here."""
+    if not jobs:
+        return
+    conn.execute(_INSERT_JOB, [{("metadata" if k == "job_metadata" else k): v for k, v in new.values.items()}
+                               for new in jobs])
+    conn.execute(_INSERT_REQUEST, [row for new in jobs for row in new.requests])
+
+
+def prepare_job(*, spec: JobCreate, model: ModelSpec, limits: Limits, owner: str,
+                counter: TokenCounter | None = None, idempotency_key: str | None = None,
+                fingerprint: str | None = None, delivery: str = "store",
+                dispatching: bool = False) -> NewJob:
+    """Validate ``spec`` against the model and limits, and build the rows of the job and its
+    requests (nothing is stored: ``insert_jobs`` does, in the caller's transaction).
+
+    ``dispatching``: the caller publishes the requests right after the transaction commits, so
     the job is stored as dispatched (``undispatched`` clears that if publishing fails).
 
     ``counter`` counts prompt tokens with the model's tokenizer, to refuse prompts too long for the
     context now; without one, a worker fails such a request alone. ``delivery`` is how results
-    reach the client (see ``ResolvedParams.delivery``). Returns the job and its
-    request ids in order. Raises ``InvalidRequestError`` listing every problem (with the request
-    index) and writes nothing in that case.
+    reach the client (see ``ResolvedParams.delivery``). Raises ``InvalidRequestError`` listing
+    every problem (with the request index).
     """
     items = spec.items()
     problems: list[dict[str, str]] = []
@@ -279,30 +342,45 @@ def create_job(*, session: Session, spec: JobCreate, model: ModelSpec, limits: L
         cancelled=0, expired=0, prompt_tokens=0, completion_tokens=0, created_at=now,
         job_metadata=spec.metadata, priority=spec.priority, idempotency_key=idempotency_key,
         request_hash=fingerprint, completion_window_s=window, expires_at=now + timedelta(seconds=window),
-        dispatched_at=now if dispatching else None,
+        dispatched_at=now if dispatching else None, started_at=None, completed_at=None, cancel_requested_at=None,
         webhook=initial_state(spec.webhook.url) if spec.webhook is not None else None,
         webhook_secret=(spec.webhook.secret or new_secret()) if spec.webhook is not None else None,
     )
-    # Core inserts for the job and its requests: the ORM's unit of work costs more per row (and
-    # a flush per job) and buys nothing here. The job returned is not attached to the session.
-    conn = session.connection()  # Core statements: the ORM's execute layer is not needed here
-    conn.execute(_INSERT_JOB, [{("metadata" if k == "job_metadata" else k): v for k, v in values.items()}])
-    job = Job(**values)
     ids = new_ids("req", len(items))
     rows = [
-        {"id": request_id, "job_id": job.id, "idx": i, "custom_id": item.custom_id, "prompt": item.prompt,
+        {"id": request_id, "job_id": values["id"], "idx": i, "custom_id": item.custom_id, "prompt": item.prompt,
          "prompt_ids": item.prompt_ids, "messages": [m.model_dump() for m in item.messages] if item.messages is not None else None,
          "params": params_json, "continuations": item.continuations, "status": "queued", "attempts": 0,
          "created_at": now}
         for i, (request_id, item, (_, params_json)) in enumerate(zip(ids, items, resolved, strict=True))
     ]
-    conn.execute(_INSERT_REQUEST, rows)
-    return job, ids
+    return NewJob(values, rows)
 
 
-def get_job(*, session: Session, job_id: str, owner: str | None = None) -> Job:
-    """The job, or ``NotFoundError`` (also when it belongs to another owner)."""
-    job = session.get(Job, job_id)
+# --- what clients read: Core rows, no ORM objects (a poll must cost next to nothing) ----------
+#
+# Rows carry the ORM's attribute names (the jobs' "metadata" column reads as ``job_metadata``),
+# so code that formats them takes a row or a ``Job`` alike. Statements are built once: building
+# a SQLAlchemy statement costs more than running a cached one.
+
+JOB_FIELDS = tuple(c.label("job_metadata") if c.name == "metadata" else c for c in Job.__table__.c)
+RESULT_FIELDS = tuple(JobRequest.__table__.c[name] for name in (
+    "id", "job_id", "idx", "custom_id", "status", "prompt", "messages", "prompt_ids", "continuations", "text",
+    "detail", "finish_reason", "prompt_tokens", "completion_tokens", "error_code", "error_message",
+    "created_at", "completed_at"))
+_JOB_BY_ID = select(*JOB_FIELDS).where(Job.__table__.c.id == bindparam("id"))
+_JOB_PAGES: dict[tuple[bool, bool, bool], Any] = {}
+_RESULT_PAGES: dict[bool, Any] = {}
+_BY_IDEMPOTENCY_KEY = select(*JOB_FIELDS).where(
+    Job.__table__.c.idempotency_key.in_(bindparam("keys", expanding=True)),
+    Job.__table__.c.owner.in_(bindparam("owners", expanding=True)))
+_REQUEST_IDX = select(JobRequest.__table__.c.idx).where(JobRequest.__table__.c.job_id == bindparam("job"),
+                                                         JobRequest.__table__.c.id == bindparam("id"))
+
+
+def get_job(*, session: Session | Connection, job_id: str, owner: str | None = None) -> Row[Any]:
+    """The job's row, or ``NotFoundError`` (also when it belongs to another owner)."""
+    job = session.execute(_JOB_BY_ID, {"id": job_id}).first()
     if job is None or (owner is not None and job.owner != owner):
         raise NotFoundError(f"no job {job_id!r}")
     return job
@@ -318,37 +396,48 @@ def mark_undispatched(*, session: Session, job_id: str) -> None:
     session.execute(update(Job).where(Job.id == job_id).values(dispatched_at=None))
 
 
-def list_jobs(*, session: Session, owner: str | None, after: str | None = None, limit: int = 20,
-              status: str | None = None) -> tuple[list[Job], bool]:
+def _job_page(owner: bool, after: bool, status: bool) -> Any:
+    key = (owner, after, status)
+    if key not in _JOB_PAGES:
+        c = Job.__table__.c
+        query = select(*JOB_FIELDS)
+        if owner:
+            query = query.where(c.owner == bindparam("owner"))
+        if status:
+            query = query.where(c.status == bindparam("status"))
+        if after:
+            query = query.where(c.id < bindparam("after"))
+        _JOB_PAGES[key] = query.order_by(c.id.desc()).limit(bindparam("limit"))
+    return _JOB_PAGES[key]
+
+
+def list_jobs(*, session: Session | Connection, owner: str | None, after: str | None = None, limit: int = 20,
+              status: str | None = None) -> tuple[list[Row[Any]], bool]:
     """The owner's jobs, newest first, after the job ``after``; and whether more follow.
 
     Ids are time-ordered, so "newest first" is id order and the cursor is the last id seen.
     """
-    query = select(Job)
-    if owner is not None:
-        query = query.where(Job.owner == owner)
-    if status is not None:
-        query = query.where(Job.status == status)
-    if after is not None:
-        query = query.where(Job.id < after)
-    rows = list(session.scalars(query.order_by(Job.id.desc()).limit(limit + 1)))
+    query = _job_page(owner is not None, after is not None, status is not None)
+    rows = session.execute(query, {"owner": owner, "after": after, "status": status, "limit": limit + 1}).all()
     return rows[:limit], len(rows) > limit
 
 
-def jobs_in_motion(*, session: Session, owner: str | None, since: datetime, limit: int = 200) -> list[Job]:
+def jobs_in_motion(*, session: Session | Connection, owner: str | None, since: datetime,
+                   limit: int = 200) -> list[Row[Any]]:
     """The owner's jobs that may be changing: active ones, and those created or ended since
     ``since``; newest first, at most ``limit``."""
-    query = select(Job).where(or_(Job.status.in_(ACTIVE_JOB_STATUSES), Job.created_at >= since,
-                                  Job.completed_at >= since))
+    c = Job.__table__.c
+    query = select(*JOB_FIELDS).where(or_(c.status.in_(ACTIVE_JOB_STATUSES), c.created_at >= since,
+                                          c.completed_at >= since))
     if owner is not None:
-        query = query.where(Job.owner == owner)
-    return list(session.scalars(query.order_by(Job.id.desc()).limit(limit)))
+        query = query.where(c.owner == owner)
+    return list(session.execute(query.order_by(c.id.desc()).limit(limit)).all())
 
 
 def list_results(
-    *, session: Session, job_id: str, owner: str | None = None, after: str | None = None,
+    *, session: Session | Connection, job_id: str, owner: str | None = None, after: str | None = None,
     limit: int = 100, status: str | None = None,
-) -> tuple[list[JobRequest], bool]:
+) -> tuple[list[Row[Any]], bool]:
     """A page of the job's requests in request order, and whether more follow.
 
     ``after`` is the id of the last request of the previous page.
@@ -356,9 +445,7 @@ def list_results(
     get_job(session=session, job_id=job_id, owner=owner)
     after_idx = -1
     if after is not None:
-        found = session.scalar(
-            select(JobRequest.idx).where(JobRequest.job_id == job_id, JobRequest.id == after)
-        )
+        found = session.execute(_REQUEST_IDX, {"job": job_id, "id": after}).scalar()
         if found is None:
             raise InvalidRequestError(
                 f"'after' is not a request of job {job_id!r}",
@@ -369,54 +456,70 @@ def list_results(
     return rows[:limit], len(rows) > limit
 
 
-def results_after(*, session: Session, job_id: str, after_idx: int, limit: int,
-                  status: str | None = None) -> list[JobRequest]:
+def results_after(*, session: Session | Connection, job_id: str, after_idx: int, limit: int,
+                  status: str | None = None) -> list[Row[Any]]:
     """Up to ``limit`` requests of a job with index above ``after_idx``, in order (keyset paging)."""
-    query = select(JobRequest).where(JobRequest.job_id == job_id, JobRequest.idx > after_idx)
-    if status is not None:
-        query = query.where(JobRequest.status == status)
-    return list(session.scalars(query.order_by(JobRequest.idx).limit(limit)))
+    key = status is not None
+    if key not in _RESULT_PAGES:
+        c = JobRequest.__table__.c
+        query = select(*RESULT_FIELDS).where(c.job_id == bindparam("job"), c.idx > bindparam("after"))
+        if key:
+            query = query.where(c.status == bindparam("status"))
+        _RESULT_PAGES[key] = query.order_by(c.idx).limit(bindparam("limit"))
+    return list(session.execute(_RESULT_PAGES[key], {"job": job_id, "after": after_idx, "status": status,
+                                                     "limit": limit}).all())
 
 
-def estimated_completion(job: Job, now: datetime | None = None) -> datetime | None:
-    """While a job runs: when it should end, at the rate its requests have finished so far."""
-    done = job.succeeded + job.failed
-    if job.status != "running" or job.started_at is None or done == 0:
+def estimated_completion(*, status: str, started_at: datetime | None, done: int, left: int,
+                         now: datetime | None = None) -> datetime | None:
+    """While a job runs: when it should end, at the rate its ``done`` requests have finished so
+    far (``left``: those queued or running)."""
+    if status != "running" or started_at is None or done == 0:
         return None
     now = now or utcnow()
-    per_request = (now - job.started_at) / done
-    return now + per_request * (job.queued + job.running)
+    return now + (now - started_at) / done * left
 
 
-def pending_for_model(*, session: Session, model: str) -> int:
+# The capacity caps' reads (``core.capacity``), built once: they run in every submission group.
+_C = Job.__table__.c
+_ACTIVE = _C.status.in_(ACTIVE_JOB_STATUSES)
+_PENDING_FOR_MODEL = select(func.coalesce(func.sum(_C.queued), 0)).where(_C.model == bindparam("v"), _ACTIVE)
+_PENDING_FOR_OWNER = select(func.coalesce(func.sum(_C.queued + _C.running), 0)).where(_C.owner == bindparam("v"),
+                                                                                      _ACTIVE)
+_STORED_FOR_OWNER = select(func.coalesce(func.sum(_C.total), 0)).where(_C.owner == bindparam("v"))
+_SUBMITTED_SINCE = {
+    column: select(func.coalesce(func.sum(_C.total), 0)).where(_C[column] == bindparam("v"),
+                                                               _C.id >= bindparam("since"))
+    for column in ("model", "owner")}
+
+
+def pending_for_model(*, session: Session | Connection, model: str) -> int:
     """Requests of a model waiting to run."""
-    return int(session.scalar(select(func.coalesce(func.sum(Job.queued), 0))
-                              .where(Job.model == model, Job.status.in_(ACTIVE_JOB_STATUSES))) or 0)
+    return int(session.execute(_PENDING_FOR_MODEL, {"v": model}).scalar() or 0)
 
 
-def submitted_since(*, session: Session, since_id: str, model: str | None = None, owner: str | None = None) -> int:
+def submitted_since(*, session: Session | Connection, since_id: str, model: str | None = None,
+                    owner: str | None = None) -> int:
     """Requests of the jobs of a model (or an owner) whose ids sort at or after ``since_id``:
     what was submitted since that id was current (an index range scan)."""
-    column, value = (Job.model, model) if model is not None else (Job.owner, owner)
-    return int(session.scalar(select(func.coalesce(func.sum(Job.total), 0))
-                              .where(column == value, Job.id >= since_id)) or 0)
+    column, value = ("model", model) if model is not None else ("owner", owner)
+    return int(session.execute(_SUBMITTED_SINCE[column], {"v": value, "since": since_id}).scalar() or 0)
 
 
-def stored_for_owner(*, session: Session, owner: str) -> int:
+def stored_for_owner(*, session: Session | Connection, owner: str) -> int:
     """Requests an owner's jobs hold, in any status (until the jobs are deleted)."""
-    return int(session.scalar(select(func.coalesce(func.sum(Job.total), 0)).where(Job.owner == owner)) or 0)
+    return int(session.execute(_STORED_FOR_OWNER, {"v": owner}).scalar() or 0)
 
 
-def pending_for_owner(*, session: Session, owner: str) -> int:
+def pending_for_owner(*, session: Session | Connection, owner: str) -> int:
     """An owner's requests waiting or running."""
-    return int(session.scalar(select(func.coalesce(func.sum(Job.queued + Job.running), 0))
-                              .where(Job.owner == owner, Job.status.in_(ACTIVE_JOB_STATUSES))) or 0)
+    return int(session.execute(_PENDING_FOR_OWNER, {"v": owner}).scalar() or 0)
 
 
 # --- changes a client asks for ---------------------------------------------------------------
 
 
-def cancel_job(*, session: Session, job_id: str, owner: str | None, now: datetime | None = None) -> Job:
+def cancel_job(*, session: Session, job_id: str, owner: str | None, now: datetime | None = None) -> Row[Any]:
     """Cancel what has not started; running requests finish and are kept.
 
     The job is ``cancelling`` while some still run and ``cancelled`` once none do. Cancelling a
@@ -436,8 +539,7 @@ def cancel_job(*, session: Session, job_id: str, owner: str | None, now: datetim
         queued=Job.queued - n, cancelled=Job.cancelled + n, cancel_requested_at=now,
         status=case((Job.running > 0, "cancelling"), else_=Job.status)))
     _finalize(session, [job_id], now)
-    session.refresh(job)
-    return job
+    return get_job(session=session, job_id=job_id)
 
 
 def delete_job(*, session: Session, job_id: str, owner: str | None) -> None:

@@ -21,18 +21,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy.exc import IntegrityError
 
 from core import batches as batch_service
 from core import jobs as job_service
 from core.capacity import Capacity
 from core.db import Database
 from core.dispatch import Dispatcher
+from core.group_commit import Entry, GroupCommit
 from core.errors import InvalidRequestError, UnavailableError, UnknownModelError
 from core.registry import ModelSpec, Registry
 from core.schemas import JobCreate, WebhookCreate, error_details
 from core.settings import Settings
-from core.tables import Batch, Job
+from core.tables import Batch
 from core.tokens import TokenCounter
 from core.webhooks import AllowList, check_url
 
@@ -43,10 +43,11 @@ CALL_PRIORITY = 9  # a caller is waiting: ahead of batch work, in the same batch
 
 @dataclass(frozen=True)
 class Submitted:
-    """A stored job: its row, its request ids in order, and whether it was stored by an earlier
-    request with the same idempotency key (``replayed``: nothing new was stored)."""
+    """A stored job: its row (attribute access, as a ``Job``), its request ids in order, and
+    whether it was stored by an earlier request with the same idempotency key (``replayed``:
+    nothing new was stored, and ``request_ids`` is empty)."""
 
-    job: Job
+    job: Any
     request_ids: list[str] = field(default_factory=list)
     replayed: bool = False
 
@@ -63,6 +64,7 @@ class Submissions:
         self.capacity = Capacity(settings)
         self.token_counter = token_counter
         self.webhooks = AllowList.parse(settings.webhook_allowed_hosts)
+        self.group_commit = GroupCommit(db, self.capacity, on_stored=self._dispatch_group)
 
     def resolve(self, name: str) -> ModelSpec:
         """The model called ``name`` (or an alias of it); ``UnknownModelError`` otherwise."""
@@ -102,22 +104,16 @@ class Submissions:
         except ValidationError as exc:
             raise InvalidRequestError("the job is not valid", details=error_details(exc)) from None
         model = self.resolve(spec.model)
-        try:
-            with self.db.write() as session:
-                self.capacity.check(session=session, owner=owner, model=model.name, new=spec.count())
-                job, request_ids = job_service.create_job(
-                    session=session, spec=spec, model=model, limits=self.limits(), owner=owner,
-                    counter=self.token_counter(model), idempotency_key=idempotency_key, fingerprint=fingerprint,
-                    dispatching=self.dispatches_inline(spec.count()))
-        except IntegrityError:
-            # Two requests with one Idempotency-Key raced; the other one stored the job.
-            replay = self._replay(owner, idempotency_key, fingerprint) if idempotency_key else None
-            if replay is None:
-                raise
-            return replay
-        log.info("job accepted: %d requests for %s", job.total, job.model, extra={"job_id": job.id})
-        self._dispatch_later(job, request_ids)
-        return Submitted(job, request_ids)
+        new = job_service.prepare_job(
+            spec=spec, model=model, limits=self.limits(), owner=owner, counter=self.token_counter(model),
+            idempotency_key=idempotency_key, fingerprint=fingerprint,
+            dispatching=self.dispatches_inline(spec.count()))
+        entry = self.group_commit.store(Entry(new, owner=owner, model=model.name, idempotency_key=idempotency_key,
+                                              fingerprint=fingerprint))
+        if entry.job is not None:  # a job stored earlier under this key
+            return Submitted(entry.job, replayed=True)
+        log.debug("job accepted: %d requests for %s", len(new.requests), model.name, extra={"job_id": new.id})
+        return Submitted(new.row, new.request_ids)
 
     def check_webhook(self, webhook: WebhookCreate | None) -> None:
         """``InvalidRequestError`` if the service may not call this webhook (the allow-list)."""
@@ -127,8 +123,8 @@ class Submissions:
                                                          "type": "webhook_url_not_allowed"}])
 
     def _replay(self, owner: str, key: str, fingerprint: str | None) -> Submitted | None:
-        with self.db.read() as session:
-            job = job_service.find_idempotent(session=session, owner=owner, idempotency_key=key,
+        with self.db.connect() as conn:
+            job = job_service.find_idempotent(session=conn, owner=owner, idempotency_key=key,
                                               fingerprint=fingerprint or "")
         return None if job is None else Submitted(job, replayed=True)
 
@@ -150,7 +146,14 @@ class Submissions:
         self._dispatch_later(job, request_ids)
         return batch, Submitted(job, request_ids)
 
-    def _dispatch_later(self, job: Job, request_ids: list[str]) -> None:
+    def _dispatch_group(self, entries: list[Entry]) -> None:
+        """After a group commit: the native jobs it stored go to the publishing thread together
+        (synchronous calls publish themselves, in the request)."""
+        for entry in entries:
+            if entry.dispatch:
+                self._dispatch_later(entry.new.row, entry.new.request_ids)
+
+    def _dispatch_later(self, job: Any, request_ids: list[str]) -> None:
         """Hand a committed job's requests to the publishing thread. If the broker refuses them the
         job stays stored and queued, not lost: the workers' reconciler dispatches it."""
 
@@ -184,19 +187,17 @@ class Submissions:
         except Exception as exc:
             log.warning("synchronous call refused: the queue is unavailable (%s)", exc)
             raise UnavailableError("the queue is unavailable; retry shortly") from None
-        with self.db.write() as session:
-            self.capacity.check(session=session, owner=owner, model=model.name, new=1, stored=False)
-            job, request_ids = job_service.create_job(
-                session=session, spec=spec, model=model, limits=self.limits(max_requests=1), owner=owner,
-                counter=self.token_counter(model), delivery=delivery, dispatching=True)
+        new = job_service.prepare_job(spec=spec, model=model, limits=self.limits(max_requests=1), owner=owner,
+                                      counter=self.token_counter(model), delivery=delivery, dispatching=True)
+        self.group_commit.store(Entry(new, owner=owner, model=model.name, stored_quota=False, dispatch=False))
         try:
-            before_dispatch(request_ids[0])
-            self.dispatcher.dispatch(model=model.name, request_ids=request_ids, priority=CALL_PRIORITY)
+            before_dispatch(new.request_ids[0])
+            self.dispatcher.dispatch(model=model.name, request_ids=new.request_ids, priority=CALL_PRIORITY)
         except Exception as exc:  # Redis went away in between: the stored request is cancelled
-            self.cancel_quietly(job.id)
-            log.warning("synchronous call refused: the queue is unavailable (%s)", exc, extra={"job_id": job.id})
+            self.cancel_quietly(new.id)
+            log.warning("synchronous call refused: the queue is unavailable (%s)", exc, extra={"job_id": new.id})
             raise UnavailableError("the queue is unavailable; retry shortly") from None
-        return Submitted(job, request_ids)
+        return Submitted(new.row, new.request_ids)
 
     def cancel_quietly(self, job_id: str) -> None:
         """Cancel a job nobody waits for any more, if it can still be cancelled."""

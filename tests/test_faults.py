@@ -281,3 +281,64 @@ def test_a_database_that_drops_packets_is_a_503_within_seconds_never_a_hung_thre
             time.sleep(0.5)
     finally:
         api.stop()
+
+
+def test_a_job_answered_202_survives_the_api_killed_right_after(make_settings, database_url):
+    """Sixteen clients submit single-prompt jobs at once (the API stores them in groups); as soon
+    as 40 have been answered 202, the API (master and workers) is SIGKILLed. Every job answered
+    202 is in the database with its request: the answer is sent only after the commit that holds
+    the job, whatever group it was in."""
+    import os
+    import signal
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    from core.tables import JobRequest
+    from tests.support import GunicornApi, children_running, wait_until
+
+    settings = make_settings(database_url, rate_limit_per_minute=0)
+    token = make_key(database_url)
+    api = GunicornApi(settings, token, workers=2).start()
+    accepted: list[str] = []
+    lock = threading.Lock()
+    killed = threading.Event()
+
+    def client(i: int) -> None:
+        http = requests.Session()
+        http.headers["Authorization"] = f"Bearer {token}"
+        n = 0
+        while not killed.is_set():
+            n += 1
+            try:
+                resp = http.post(f"{api.url}/v1/jobs", json={"model": "tiny-base", "prompts": [f"client {i} job {n}"]},
+                                 timeout=10)
+            except requests.RequestException:
+                return
+            if resp.status_code == 202:
+                with lock:
+                    accepted.append(resp.json()["id"])
+
+    db = Database(database_url)
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            for i in range(16):
+                pool.submit(client, i)
+            wait_until(lambda: len(accepted) >= 40, 60, what="40 jobs accepted")
+            for pid in [*children_running(api.pid, "cli"), api.pid]:
+                os.kill(pid, signal.SIGKILL)
+            killed.set()
+        api.kill()
+        with lock:
+            answered = list(accepted)
+        with db.read() as s:
+            stored = dict(s.execute(select(Job.id, Job.total).where(Job.id.in_(answered))).all())
+            requests_stored = s.scalar(select(func.count()).select_from(JobRequest)
+                                       .where(JobRequest.job_id.in_(answered)))
+        assert len(answered) >= 40
+        assert set(stored) == set(answered) and set(stored.values()) == {1}
+        assert requests_stored == len(answered)
+    finally:
+        api.stop()
+        db.dispose()

@@ -6,6 +6,7 @@ not exist; an admin key reaches every job.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import re
@@ -18,23 +19,12 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 
 from core import jobs as job_service
-from core.schemas import (
-    JOB_STATUSES,
-    REQUEST_STATUSES,
-    ErrorInfo,
-    JobCounts,
-    JobPage,
-    JobRead,
-    ResultPage,
-    ResultRead,
-    Usage,
-    WebhookRead,
-)
-from core.tables import Job, JobRequest
+from core.schemas import JOB_STATUSES, REQUEST_STATUSES, ResultRead
 from webapi.auth import CACHE_SECONDS, current_principal, key_still_valid
 from webapi.errors import ApiError, attachment, choice_arg, int_arg, parse_json, read_body
 from webapi import sse
 from webapi.services import services
+from webapi.views import job_view, result_view
 from webapi.watch import FAILED, Follower
 
 log = logging.getLogger("batchgen.api")
@@ -60,47 +50,6 @@ def json_body() -> Any:
         raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from None
 
 
-def _window(seconds: int) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds % size == 0:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
-
-
-def job_read(job: Job, *, created: bool = False) -> JobRead:
-    """The API view of a job row (``created``: the answer to its submission, the only one that
-    shows its webhook's secret)."""
-    webhook = None
-    if job.webhook is not None:
-        webhook = WebhookRead.model_validate({**job.webhook, "secret": job.webhook_secret if created else None})
-    return JobRead(
-        id=job.id, model=job.model, kind=job.kind or "generate", status=job.status,  # type: ignore[arg-type]
-        counts=JobCounts(total=job.total, queued=job.queued, running=job.running, succeeded=job.succeeded,
-                         failed=job.failed, cancelled=job.cancelled, expired=job.expired),
-        usage=Usage(prompt_tokens=job.prompt_tokens, completion_tokens=job.completion_tokens,
-                    total_tokens=job.prompt_tokens + job.completion_tokens),
-        params=job.params, system=job.system, priority=job.priority, metadata=job.job_metadata,
-        owner=job.owner, completion_window=_window(job.completion_window_s), created_at=job.created_at,
-        started_at=job.started_at, completed_at=job.completed_at,
-        expires_at=job.expires_at, cancel_requested_at=job.cancel_requested_at,
-        estimated_completion_at=job_service.estimated_completion(job), webhook=webhook,
-    )
-
-
-def result_read(row: JobRequest) -> ResultRead:
-    """The API view of one request and its result."""
-    return ResultRead(
-        id=row.id, index=row.idx, custom_id=row.custom_id, status=row.status,  # type: ignore[arg-type]
-        prompt=row.prompt, messages=row.messages, prompt_ids=row.prompt_ids, text=row.text,
-        finish_reason=row.finish_reason,  # type: ignore[arg-type]
-        prompt_tokens=row.prompt_tokens, completion_tokens=row.completion_tokens,
-        logprobs=(row.detail or {}).get("logprobs"), continuations=row.continuations,
-        scores=(row.detail or {}).get("scores"), choices=(row.detail or {}).get("choices"),
-        error=ErrorInfo(code=row.error_code, message=row.error_message or "") if row.error_code else None,
-        created_at=row.created_at, completed_at=row.completed_at,
-    )
-
-
 @bp.post("")
 def create_job() -> tuple[Response, int, dict[str, str]]:
     """Validate and store a job in one transaction, dispatch its requests, answer 202.
@@ -119,7 +68,7 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
     headers = {"Location": location}
     if done.replayed:
         headers["Idempotent-Replayed"] = "true"
-    body = job_read(done.job, created=True).model_dump(mode="json")
+    body = job_view(done.job, created=not done.replayed)
     return jsonify(body), 200 if done.replayed else 202, headers
 
 
@@ -128,13 +77,12 @@ def list_jobs() -> dict[str, Any]:
     """The caller's jobs, newest first: ``after`` (a job id), ``limit``, ``status``."""
     limit = int_arg("limit", 20, 1, 100)
     status = choice_arg("status", JOB_STATUSES)
-    with services().db.read() as session:
-        rows, has_more = job_service.list_jobs(session=session, owner=current_principal().owner_filter,
+    with services().db.connect() as conn:
+        rows, has_more = job_service.list_jobs(session=conn, owner=current_principal().owner_filter,
                                                after=request.args.get("after"), limit=limit, status=status)
-        data = [job_read(j) for j in rows]
-    page = JobPage(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
-                   has_more=has_more)
-    return page.model_dump(mode="json")
+    data = [job_view(j) for j in rows]  # as core.schemas.JobPage
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": has_more}
 
 
 def event_stream(follower: Follower, max_s: float) -> Response:
@@ -205,9 +153,9 @@ def all_job_events() -> Response:
 @bp.get("/<job_id>")
 def get_job(job_id: str) -> dict[str, Any]:
     """Status, counts, usage, timestamps and, while it runs, an estimated completion time."""
-    with services().db.read() as session:
-        job = job_service.get_job(session=session, job_id=job_id, owner=current_principal().owner_filter)
-        return job_read(job).model_dump(mode="json")
+    with services().db.connect() as conn:
+        job = job_service.get_job(session=conn, job_id=job_id, owner=current_principal().owner_filter)
+    return job_view(job)
 
 
 @bp.get("/<job_id>/results")
@@ -215,14 +163,22 @@ def list_results(job_id: str) -> dict[str, Any]:
     """A page of results in request order: ``after`` (a request id), ``limit``, ``status``."""
     limit = int_arg("limit", 100, 1, MAX_PAGE)
     status = choice_arg("status", REQUEST_STATUSES)
-    with services().db.read() as session:
-        rows, has_more = job_service.list_results(session=session, job_id=job_id,
+    with services().db.connect() as conn:
+        rows, has_more = job_service.list_results(session=conn, job_id=job_id,
                                                   owner=current_principal().owner_filter,
                                                   after=request.args.get("after"), limit=limit, status=status)
-        data = [result_read(r) for r in rows]
-    page = ResultPage(data=data, first_id=data[0].id if data else None,
-                      last_id=data[-1].id if data else None, has_more=has_more)
-    return page.model_dump(mode="json")
+    data = [result_view(r) for r in rows]  # as core.schemas.ResultPage
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": has_more}
+
+
+def result_line(row: Any) -> str:
+    """One line of a results download: ``ResultRead`` as compact JSON. A result with log
+    probabilities or scores goes through the model, which writes an infinite value as null."""
+    view = result_view(row)
+    if row.detail:
+        return ResultRead.model_validate(view).model_dump_json() + "\n"
+    return json.dumps(view, ensure_ascii=False, separators=(",", ":")) + "\n"
 
 
 @bp.get("/<job_id>/results.jsonl")
@@ -230,8 +186,8 @@ def download_results(job_id: str) -> Response:
     """Every result as one JSON line each, streamed a chunk at a time (``status`` filters)."""
     status = choice_arg("status", REQUEST_STATUSES)
     svc = services()
-    with svc.db.read() as session:
-        job_service.get_job(session=session, job_id=job_id, owner=current_principal().owner_filter)
+    with svc.db.connect() as conn:
+        job_service.get_job(session=conn, job_id=job_id, owner=current_principal().owner_filter)
     held = svc.limits.take_long_call(current_principal())  # a download lasts: it counts among long calls
     still_valid = key_still_valid()
 
@@ -244,10 +200,10 @@ def download_results(job_id: str) -> Response:
                 if not still_valid():
                     log.info("download ended: its key was revoked", extra={"job_id": job_id})
                     return
-            with svc.db.read() as session:
-                rows = job_service.results_after(session=session, job_id=job_id, after_idx=after,
+            with svc.db.connect() as conn:
+                rows = job_service.results_after(session=conn, job_id=job_id, after_idx=after,
                                                  limit=STREAM_CHUNK, status=status)
-                chunk = "".join(result_read(r).model_dump_json() + "\n" for r in rows)
+            chunk = "".join(result_line(r) for r in rows)
             if not rows:
                 return
             yield chunk
@@ -267,7 +223,7 @@ def job_events(job_id: str) -> Response:
     with svc.db.read() as session:
         job = job_service.get_job(session=session, job_id=job_id, owner=owner)
         follower = svc.watch.follow_job(job_id, owner)
-        follower.offer([job], finished=lambda read: read.status in job_service.FINISHED_JOB_STATUSES)
+        follower.offer([job], finished=lambda read: read["status"] in job_service.FINISHED_JOB_STATUSES)
     return event_stream(follower, max_s=svc.settings.stream_max_s)
 
 
@@ -276,9 +232,8 @@ def cancel_job(job_id: str) -> dict[str, Any]:
     """Cancel what has not started; running requests finish and are kept."""
     with services().db.write() as session:
         job = job_service.cancel_job(session=session, job_id=job_id, owner=current_principal().owner_filter)
-        view = job_read(job)
     log.info("job cancel requested", extra={"job_id": job_id})
-    return view.model_dump(mode="json")
+    return job_view(job)
 
 
 @bp.delete("/<job_id>")

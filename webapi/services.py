@@ -30,10 +30,10 @@ class Services:
         from webapi.sync import SyncRunner
 
         self.sync = SyncRunner(self)
-        from webapi.jobs import job_read
+        from webapi.views import job_view
         from webapi.watch import JobWatch
 
-        self.watch = JobWatch(self.db, view=job_read)
+        self.watch = JobWatch(self.db, view=job_view)
         from webapi.finalizer import Finalizer
 
         self.finalizer = Finalizer(self.db, interval_s=settings.finalize_interval_s, fingerprint=self.fingerprint)

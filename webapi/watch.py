@@ -50,28 +50,28 @@ class Event(NamedTuple):
 class Follower:
     """One waiting call's view: the events it has not been sent yet, on a queue of its own."""
 
-    def __init__(self, view: Callable[[Job], Any]) -> None:
+    def __init__(self, view: Callable[[Any], dict[str, Any]]) -> None:
         self.view = view
         self.events: queue.Queue[Event | object] = queue.Queue()  # or FAILED
         self._sent: dict[str, tuple[Any, ...]] = {}
 
-    def offer(self, jobs: list[Job], *, finished: Callable[[Any], bool] | None = None) -> None:
+    def offer(self, jobs: list[Any], *, finished: Callable[[Any], bool] | None = None) -> None:
         """Queue a ``progress`` event for each job that changed since it was last sent (and an
         ``end`` after a job that ``finished``)."""
         for job in jobs:
             read = self.view(job)
-            state = (read.status, read.counts, read.usage)
-            if self._sent.get(read.id) != state:
-                self._sent[read.id] = state
-                self.events.put(Event("progress", read.model_dump_json()))
+            state = (read["status"], read["counts"], read["usage"])
+            if self._sent.get(read["id"]) != state:
+                self._sent[read["id"]] = state
+                self.events.put(Event("progress", json.dumps(read, ensure_ascii=False, separators=(",", ":"))))
             if finished is not None and finished(read):
-                self.events.put(Event("end", read.model_dump_json()))
+                self.events.put(Event("end", json.dumps(read, ensure_ascii=False, separators=(",", ":"))))
 
 
 class JobWatch:
     """Looks at followed jobs (and owners) for every follower in this process."""
 
-    def __init__(self, db: Database, view: Callable[[Job], Any], interval_s: float = 0.5) -> None:
+    def __init__(self, db: Database, view: Callable[[Any], dict[str, Any]], interval_s: float = 0.5) -> None:
         self.db, self.view, self.interval_s = db, view, interval_s
         self._lock = threading.Lock()
         self._jobs: dict[str, dict[Follower, str | None]] = defaultdict(dict)  # job -> follower -> owner filter
@@ -127,24 +127,25 @@ class JobWatch:
     def _look(self, jobs: dict[str, dict[Follower, str | None]], owners: dict[Follower, tuple[str | None, datetime]]
               ) -> None:
         ids = list(jobs)
-        found: dict[str, Job] = {}
+        found: dict[str, Any] = {}
         for start in range(0, len(ids), CHUNK):
-            with self.db.read() as session:
-                found.update((j.id, j) for j in session.scalars(select(Job).where(Job.id.in_(ids[start:start + CHUNK]))))
+            with self.db.connect() as conn:
+                found.update((j.id, j) for j in conn.execute(
+                    select(*job_service.JOB_FIELDS).where(Job.id.in_(ids[start:start + CHUNK]))))
         for job_id, followers in jobs.items():
             job = found.get(job_id)
             for follower, owner in followers.items():
                 if job is None or (owner is not None and job.owner != owner):
                     follower.events.put(Event("end", '{"deleted": true}'))
                 else:
-                    follower.offer([job], finished=lambda read: read.status in job_service.FINISHED_JOB_STATUSES)
+                    follower.offer([job], finished=lambda read: read["status"] in job_service.FINISHED_JOB_STATUSES)
         by_owner: dict[str | None, list[tuple[Follower, datetime]]] = defaultdict(list)
         for follower, (owner, since) in owners.items():
             by_owner[owner].append((follower, since))
         for owner, followers in by_owner.items():
             since = min(s for _, s in followers)
-            with self.db.read() as session:
-                moving = job_service.jobs_in_motion(session=session, owner=owner, since=since)
+            with self.db.connect() as conn:
+                moving = job_service.jobs_in_motion(session=conn, owner=owner, since=since)
             for follower, own_since in followers:
                 follower.offer([j for j in reversed(moving)  # oldest first, as they happened
                                 if j.status in job_service.ACTIVE_JOB_STATUSES or j.created_at >= own_since

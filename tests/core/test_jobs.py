@@ -245,6 +245,7 @@ def test_estimated_completion_follows_the_rate_so_far():
     from datetime import UTC, timedelta
 
     start = datetime(2026, 1, 1, tzinfo=UTC)
-    job = Job(status="running", started_at=start, succeeded=3, failed=1, queued=6, running=2)
-    assert jobs.estimated_completion(job, now=start + timedelta(seconds=40)) == start + timedelta(seconds=120)
-    assert jobs.estimated_completion(Job(status="queued", started_at=None, succeeded=0, failed=0)) is None
+    # 4 done in 40 s, 8 left: 80 s more
+    assert jobs.estimated_completion(status="running", started_at=start, done=4, left=8,
+                                     now=start + timedelta(seconds=40)) == start + timedelta(seconds=120)
+    assert jobs.estimated_completion(status="queued", started_at=None, done=0, left=4) is None
