@@ -44,6 +44,9 @@ test: install-dev $(LMEVAL)
 	@# The web page is tested in Debian's chromium (driven by Playwright); install it if we can.
 	@test -x /usr/bin/chromium || (apt-get install -y -q chromium >/dev/null 2>&1 \
 	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) || true
+	@# The partition tests drop packets with iptables in the machine's own network namespace.
+	@command -v iptables >/dev/null 2>&1 || (apt-get install -y -q iptables >/dev/null 2>&1 \
+	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q iptables >/dev/null 2>&1)) || true
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest
 	@# The compose stack for real, where a Docker engine can run (one line says so where it cannot).

@@ -162,6 +162,8 @@ class Settings(BaseModel):
                                   "this marker.", "Testing")
     fault_generate_s: float = _setting(0.0, "Testing only: every generate call takes at least this long (a slow "
                                        "device).", "Testing", ge=0)
+    fault_kill_before_ack: bool = _setting(False, "Testing only: a worker SIGKILLs itself once results are stored, "
+                                           "before it acks their messages.", "Testing")
 
     # --- observability ---
     metrics_interval_s: float = _setting(5.0, "How often each process publishes its metrics to Redis (what "

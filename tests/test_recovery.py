@@ -297,3 +297,40 @@ def test_sigterm_to_the_api_finishes_requests_in_flight(make_settings, sqlite_ur
 def snapshot_count(db: Database) -> int:
     with db.read() as s:
         return len(list(s.scalars(select(JobRequest.id))))
+
+
+def test_worker_killed_between_storing_results_and_acking_them(make_settings, sqlite_url):
+    """The worker stores its first batch's results and dies before acking their messages (and
+    holding others it took): Redis keeps them all as unacked, kombu's restore (run by every
+    worker) brings them back after the visibility timeout, a second worker runs what was not
+    stored and acks everything, and each result is stored once."""
+    import redis as redis_lib
+
+    settings = make_settings(sqlite_url, **FAST_RECOVERY)
+    app = create_app(settings)
+    client = authed(app, make_key(sqlite_url))
+    db = Database(sqlite_url)
+    broker = redis_lib.Redis.from_url(settings.redis_url)
+    unacked = settings.redis_prefix + "unacked"
+    first = WorkerProcess(settings.model_copy(update={"fault_kill_before_ack": True}), "tiny-chat",
+                          "--max-batch-size", "4").start()
+    second = None
+    try:
+        job = client.post("/v1/jobs", json={"model": "tiny", "prompts": [f"p{i}" for i in range(12)],
+                                            "params": {"max_new_tokens": 6, "min_new_tokens": 6}}).get_json()
+        wait_until(lambda: not first.running(), 60, what="the worker to kill itself before acking")
+        stored_before = {r.id for r in snapshot(db, job["id"])[1] if r.status == "succeeded"}
+        assert stored_before  # it died after storing results...
+        assert broker.hlen(unacked) > 0  # ...whose messages (and the others it held) are still unacked
+        second = WorkerProcess(settings, "tiny-chat").start()
+        wait_until(lambda: finished(db, job["id"]), 60, what="the job to finish")
+        rows = assert_each_result_stored_once(db, job["id"], 12, 6)
+        assert {r.id for r in rows if r.id in stored_before} == stored_before
+        wait_until(lambda: broker.hlen(unacked) == 0, 30, what="every message acked")
+    finally:
+        for process in (second, first):
+            if process is not None:
+                process.stop()
+        app.extensions["batchgen"].close()
+        broker.close()
+        db.dispose()

@@ -105,9 +105,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m worker") -> int:
     from worker.batcher import Batcher, BatchPolicy
     from worker.celery_app import create_celery
     from worker.runner import ModelRunner
-    from worker.tasks import QuietHandBack
-
-    logging.getLogger("celery.app.trace").addFilter(QuietHandBack())
 
     from worker.device import apply_choice, fully_explicit
 
@@ -168,9 +165,22 @@ def main(argv: list[str] | None = None, prog: str = "python -m worker") -> int:
     batcher = Batcher(runner=runner, db=db, policy=policy, announcer=publisher, lease_s=settings.lease_s,
                       max_attempts=settings.max_attempts, metrics=metrics, tuner=tuner,
                       labels={"model": spec.name}).start()
-    app = create_celery(settings, batcher)
+    app = create_celery(settings)
     queue = settings.queue_for(spec.name)
     import redis
+
+    from core.queueing import redis_client as pooled_redis
+    from worker.batcher import Requeue
+    from worker.consumer import Consumer, install
+
+    # The model's queue is taken in bulk beside Celery (worker/consumer.py); Celery's own
+    # consumer listens on a queue nothing is published to, for its process model: remote
+    # control, events, and kombu's restore of messages a dead worker left unacked (kombu runs
+    # that only for a channel that consumes).
+    consumer = Consumer(pooled_redis(settings.redis_url, socket_timeout=10, max_connections=8), settings,
+                        spec.name, batcher.submit, inflight=settings.worker_inflight, requeue=Requeue,
+                        kill_before_ack=settings.fault_kill_before_ack)
+    install(app, consumer)
 
     from worker.janitor import Janitor
 
@@ -205,6 +215,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m worker") -> int:
     @worker_shutting_down.connect(weak=False)
     def _hand_back(**_: object) -> None:
         # Warm shutdown (SIGTERM): batches that run finish and are stored, the rest go back.
+        consumer.stop_fetching()
         batcher.hand_back()
 
     if args.ready_file is not None:
@@ -217,7 +228,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m worker") -> int:
             ready_file.write_text(str(os.getpid()))
 
     argv_celery = [
-        "worker", "--pool=threads", f"--concurrency={settings.worker_inflight}", f"--queues={queue}",
+        "worker", "--pool=threads", "--concurrency=1", f"--queues={queue}.celery",
         f"--hostname={node}.{plan.device}{plan.physical_index}.{os.getpid()}@{socket.gethostname()}",
         "--without-gossip", "--without-mingle", f"--loglevel={settings.log_level}",
         *(["--task-events"] if args.events else []),
@@ -226,9 +237,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m worker") -> int:
     try:
         app.worker_main(argv_celery)
     finally:
+        consumer.stop_fetching()
         exporter.stop()
         janitor.stop()
         batcher.stop()
+        consumer.close()
         publisher.close()
         db.dispose()
     return 0
