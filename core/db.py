@@ -93,6 +93,11 @@ def make_engine(url: str, *, pool_size: int = 5, statement_timeout_s: float | No
     return engine
 
 
+def connection_of(unit: Session | Connection) -> Connection:
+    """The Core connection of a unit of work: an ORM session's, or the connection itself."""
+    return unit if isinstance(unit, Connection) else unit.connection()
+
+
 class Database:
     """A process's engine and its units of work: ``read()`` and ``write()`` sessions."""
 

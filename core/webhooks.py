@@ -5,7 +5,7 @@ The path of an event:
 1. A job submitted with ``webhook: {"url"}`` stores the URL (in ``jobs.webhook``, what the client
    reads of the delivery) and an HMAC key (``jobs.webhook_secret``, shown in the create response
    only). A batch does the same on its own row.
-2. The transaction that ends the job (``core.jobs._finalize``) or the batch (``core.batches``)
+2. The transaction that ends the job (``core.jobs.finalize``) or the batch (``core.batches``)
    writes one ``webhook_events`` row holding the URL, the key and the exact body: the outbox. An
    event can only exist if its subject ended, and a subject cannot end without its event.
 3. Each API process runs a ``Deliverer`` thread. It takes due rows (pushing ``next_attempt_at``
@@ -48,10 +48,10 @@ from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import Connection, bindparam, select, update
 from sqlalchemy.orm import Session
 
-from core.db import Database
+from core.db import Database, connection_of
 from core.ids import new_id
 from core.tables import Batch, Job, UTCDateTime, WebhookEvent, utcnow
 
@@ -281,9 +281,9 @@ _SET_JOB_STATE = update(Job.__table__).where(_JOBS.id == bindparam("jid")).value
     webhook=bindparam("state", type_=_JOBS.webhook.type))
 
 
-def enqueue_job_events(session: Session, job_ids: Sequence[str], now: datetime) -> None:
+def enqueue_job_events(session: Session | Connection, job_ids: Sequence[str], now: datetime) -> None:
     """Write the events of jobs that just ended (and have a webhook), in the caller's transaction."""
-    conn = session.connection()
+    conn = connection_of(session)
     rows = conn.execute(_ENDED_JOBS, {"ids": list(job_ids)}).all()
     events, states = [], []
     for job in rows:

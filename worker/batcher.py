@@ -41,10 +41,10 @@ from typing import Any, NamedTuple, Protocol
 
 from sqlalchemy.exc import OperationalError
 
-from core import jobs as job_service
+from core import runs
 from core.db import Database
 from core.ids import new_id
-from core.jobs import Outcome, WorkItem
+from core.runs import Outcome, WorkItem
 from core.metrics import Metrics
 from core.tables import utcnow
 from worker.tuning import OnlineTuner
@@ -455,7 +455,7 @@ class Batcher:
 
     def _take_in(self, wanted: list[str]) -> None:
         with self.db.read() as session:
-            items = {w.id: w for w in job_service.load_work(session=session, request_ids=wanted)}
+            items = {w.id: w for w in runs.load_work(session=session, request_ids=wanted)}
         settled: list[str] = []
         failures: list[Outcome] = []
         now = self.clock()
@@ -482,7 +482,7 @@ class Batcher:
             waiting = list(self._pending.values())
         group_shared_prefixes(fresh, waiting)
         if failures:
-            self._write(lambda s: job_service.fail_queued(session=s, outcomes=failures,
+            self._write(lambda s: runs.fail_queued(session=s, outcomes=failures,
                                                           run_id=new_id("run")))
             settled.extend(o.request_id for o in failures)
             self._announce_done([o.request_id for o in failures if items[o.request_id].params.delivery != "store"])
@@ -583,7 +583,7 @@ class Batcher:
         run_id = new_id("run")
         ids = [p.enc.item.id for p in batch]
         try:
-            claimed = set(self._write(lambda s: job_service.claim(
+            claimed = set(self._write(lambda s: runs.claim(
                 session=s, request_ids=ids, run_id=run_id, lease_s=self.lease_s, max_attempts=self.max_attempts)))
             lost = [i for i in ids if i not in claimed]
             if lost:
@@ -685,12 +685,12 @@ class Batcher:
         """Renew the leases of running batches, so no one takes over work this worker is doing."""
         while not self._halt.wait(self.lease_s / 3):
             with self._cond:
-                runs = list(self._active_runs)
-            if not runs:
+                active = list(self._active_runs)
+            if not active:
                 continue
             try:
                 with self.db.write() as session:
-                    job_service.renew_leases(session=session, run_ids=runs, lease_s=self.lease_s)
+                    runs.renew_leases(session=session, run_ids=active, lease_s=self.lease_s)
             except Exception as exc:  # the database may be away; the lease is long enough for a retry
                 log.warning("could not renew leases (%s)", exc)
 
@@ -718,7 +718,7 @@ class Batcher:
             # While the database is away the outcomes wait here, the run's leases are renewed as
             # soon as it answers again, and the messages stay unacked in the broker: an outage
             # costs time, never an attempt, and nothing is lost if this worker dies meanwhile.
-            recorded = self._write(lambda s: job_service.record(session=s, outcomes=outcomes, run_id=run_id),
+            recorded = self._write(lambda s: runs.record(session=s, outcomes=outcomes, run_id=run_id),
                                    attempts=None)
             self._observe_results(recorded)
         except OperationalError:  # stopping, or the database failed too long: they run again elsewhere
@@ -750,13 +750,13 @@ class Batcher:
 
     def _record_alone(self, outcome: Outcome, run_id: str) -> None:
         try:
-            self._write(lambda s: job_service.record(session=s, outcomes=[outcome], run_id=run_id))
+            self._write(lambda s: runs.record(session=s, outcomes=[outcome], run_id=run_id))
         except Exception as exc:
             log.exception("result could not be stored", extra={"request_id": outcome.request_id,
                                                                 "job_id": outcome.job_id})
             failure = Outcome(request_id=outcome.request_id, job_id=outcome.job_id, error_code="store_failed",
                               error_message=f"the result could not be stored: {type(exc).__name__}")
-            self._write(lambda s: job_service.record(session=s, outcomes=[failure], run_id=run_id))
+            self._write(lambda s: runs.record(session=s, outcomes=[failure], run_id=run_id))
 
     def _write(self, work: Callable[[Any], Any], attempts: int | None = 8) -> Any:
         """Run ``work(session)`` in a write transaction, retrying while the database is away:

@@ -18,6 +18,7 @@ from datetime import timedelta
 from typing import Any
 
 from core import jobs as job_service
+from core import runs
 from core import queueing
 from core.db import Database
 from core.settings import Settings
@@ -67,7 +68,7 @@ class Janitor:
             return 0  # another worker of this model is at it
         now = utcnow()
         with self.db.read() as session:
-            candidates = job_service.needing_dispatch(
+            candidates = runs.needing_dispatch(
                 session=session, model=self.model, now=now, after=self._cursor,
                 older_than=now - timedelta(seconds=settings.reconcile_grace_s), limit=RECONCILE_LIMIT)
         # The next pass goes on after these (a backlog bigger than a pass is covered over several),

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.jobs import Outcome, WorkItem, storable
+from core.runs import Outcome, WorkItem, storable
 from core.prompts import E_INST, Special, render
 from core.registry import ModelSpec
 from core.schemas import ChatMessage

@@ -5,10 +5,11 @@ from datetime import datetime
 import pytest
 from sqlalchemy import func, select
 
-from core import jobs
+from core import jobs, runs
 from core.db import Database
 from core.errors import InvalidRequestError
-from core.jobs import Limits, Outcome
+from core.jobs import Limits
+from core.runs import Outcome
 from core.registry import ModelSpec
 from core.schemas import JobCreate
 from core.tables import Job, JobRequest
@@ -75,20 +76,20 @@ def test_too_many_requests_and_chat_input_for_base_model_are_refused(db):
 def test_claim_then_record_moves_counts_once(db):
     job, ids = submit(db, {"model": "m", "prompts": ["a", "b", "c"]})
     with db.write() as s:
-        assert sorted(jobs.claim(session=s, request_ids=ids[:2], run_id="run_1")) == sorted(ids[:2])
+        assert sorted(runs.claim(session=s, request_ids=ids[:2], run_id="run_1")) == sorted(ids[:2])
     with db.write() as s:  # a second run cannot take what the first holds
-        assert jobs.claim(session=s, request_ids=ids, run_id="run_2") == [ids[2]]
+        assert runs.claim(session=s, request_ids=ids, run_id="run_2") == [ids[2]]
     with db.read() as s:
         j = s.get(Job, job.id)
         assert (j.status, j.queued, j.running) == ("running", 0, 3) and j.started_at is not None
     ok = Outcome(request_id=ids[0], job_id=job.id, text="x", finish_reason="length", prompt_tokens=3,
                  completion_tokens=5)
     with db.write() as s:  # a run that does not hold the claim records nothing
-        assert jobs.record(session=s, outcomes=[ok], run_id="run_2") == []
+        assert runs.record(session=s, outcomes=[ok], run_id="run_2") == []
     with db.write() as s:
-        assert jobs.record(session=s, outcomes=[ok], run_id="run_1") == [ids[0]]
+        assert runs.record(session=s, outcomes=[ok], run_id="run_1") == [ids[0]]
     with db.write() as s:  # the same request ran twice: its second result is not recorded
-        assert jobs.record(session=s, outcomes=[ok], run_id="run_1") == []
+        assert runs.record(session=s, outcomes=[ok], run_id="run_1") == []
     with db.read() as s:
         j = s.get(Job, job.id)
         assert (j.running, j.succeeded, j.prompt_tokens, j.completion_tokens) == (2, 1, 3, 5)
@@ -97,13 +98,13 @@ def test_claim_then_record_moves_counts_once(db):
 def test_last_result_completes_the_job_and_all_failed_fails_it(db):
     job, ids = submit(db, {"model": "m", "prompts": ["a", "b"]})
     with db.write() as s:
-        jobs.claim(session=s, request_ids=ids, run_id="run_1")
-        jobs.record(session=s, outcomes=[Outcome(request_id=ids[0], job_id=job.id, error_code="x", error_message="m")],
+        runs.claim(session=s, request_ids=ids, run_id="run_1")
+        runs.record(session=s, outcomes=[Outcome(request_id=ids[0], job_id=job.id, error_code="x", error_message="m")],
                     run_id="run_1")
     with db.read() as s:
         assert s.get(Job, job.id).status == "running"
     with db.write() as s:
-        jobs.record(session=s, outcomes=[Outcome(request_id=ids[1], job_id=job.id, text="t", finish_reason="stop",
+        runs.record(session=s, outcomes=[Outcome(request_id=ids[1], job_id=job.id, text="t", finish_reason="stop",
                                                  prompt_tokens=1, completion_tokens=1)], run_id="run_1")
     with db.read() as s:
         j = s.get(Job, job.id)
@@ -111,7 +112,7 @@ def test_last_result_completes_the_job_and_all_failed_fails_it(db):
 
     job2, ids2 = submit(db, {"model": "m", "prompts": ["a"]})
     with db.write() as s:
-        jobs.fail_queued(session=s, outcomes=[Outcome(request_id=ids2[0], job_id=job2.id, error_code="too_long",
+        runs.fail_queued(session=s, outcomes=[Outcome(request_id=ids2[0], job_id=job2.id, error_code="too_long",
                                                       error_message="m")], run_id="run_2")
     with db.read() as s:
         assert s.get(Job, job2.id).status == "failed"
@@ -121,8 +122,8 @@ def test_last_result_completes_the_job_and_all_failed_fails_it(db):
 def test_counters_always_match_the_rows(db):
     job, ids = submit(db, {"model": "m", "prompts": list("abcdefgh")})
     with db.write() as s:
-        jobs.claim(session=s, request_ids=ids[:6], run_id="r")
-        jobs.record(session=s, outcomes=[Outcome(request_id=i, job_id=job.id, text="", finish_reason="stop",
+        runs.claim(session=s, request_ids=ids[:6], run_id="r")
+        runs.record(session=s, outcomes=[Outcome(request_id=i, job_id=job.id, text="", finish_reason="stop",
                                                  prompt_tokens=1, completion_tokens=0) for i in ids[:4]],
                     run_id="r")
     with db.read() as s:
@@ -135,7 +136,7 @@ def test_counters_always_match_the_rows(db):
 def test_results_page_in_request_order_with_cursor_and_status_filter(db):
     job, ids = submit(db, {"model": "m", "prompts": [str(i) for i in range(7)]})
     with db.write() as s:
-        jobs.claim(session=s, request_ids=[ids[1], ids[4]], run_id="r")
+        runs.claim(session=s, request_ids=[ids[1], ids[4]], run_id="r")
     with db.read() as s:
         page, more = jobs.list_results(session=s, job_id=job.id, limit=3)
         assert [r.idx for r in page] == [0, 1, 2] and more
@@ -176,8 +177,8 @@ def test_prompts_too_long_for_the_context_are_refused_at_submit(db, tiny_model):
 def test_nul_in_generated_text_is_stored_on_every_backend(db):
     job, ids = submit(db, {"model": "m", "prompts": ["a"]})
     with db.write() as s:
-        jobs.claim(session=s, request_ids=ids, run_id="r")
-        assert jobs.record(session=s, outcomes=[Outcome(request_id=ids[0], job_id=job.id, text="x\x00y",
+        runs.claim(session=s, request_ids=ids, run_id="r")
+        assert runs.record(session=s, outcomes=[Outcome(request_id=ids[0], job_id=job.id, text="x\x00y",
                                                         finish_reason="stop", prompt_tokens=1,
                                                         completion_tokens=3)], run_id="r") == ids
     with db.read() as s:
@@ -192,19 +193,19 @@ def finished(job_id, request_id, text="t"):
 def test_cancel_keeps_running_requests_and_ends_when_they_do(db):
     job, ids = submit(db, {"model": "m", "prompts": ["a", "b", "c"]})
     with db.write() as s:
-        jobs.claim(session=s, request_ids=ids[:1], run_id="r")
+        runs.claim(session=s, request_ids=ids[:1], run_id="r")
         j = jobs.cancel_job(session=s, job_id=job.id, owner="alice")
         assert (j.status, j.queued, j.running, j.cancelled) == ("cancelling", 0, 1, 2)
     with db.write() as s:  # a worker that took the cancelled ones now cannot claim them
-        assert jobs.claim(session=s, request_ids=ids, run_id="r2") == []
-        jobs.record(session=s, outcomes=[finished(job.id, ids[0])], run_id="r")
+        assert runs.claim(session=s, request_ids=ids, run_id="r2") == []
+        runs.record(session=s, outcomes=[finished(job.id, ids[0])], run_id="r")
     with db.read() as s:
         j = s.get(Job, job.id)
         assert (j.status, j.succeeded, j.cancelled) == ("cancelled", 1, 2) and j.completed_at is not None
     job2, ids2 = submit(db, {"model": "m", "prompts": ["x"]})
     with db.write() as s:
-        jobs.claim(session=s, request_ids=ids2, run_id="r3")
-        jobs.record(session=s, outcomes=[finished(job2.id, ids2[0])], run_id="r3")
+        runs.claim(session=s, request_ids=ids2, run_id="r3")
+        runs.record(session=s, outcomes=[finished(job2.id, ids2[0])], run_id="r3")
     with db.write() as s, pytest.raises(jobs.ConflictError):
         jobs.cancel_job(session=s, job_id=job2.id, owner="alice")  # completed: too late
 
@@ -216,11 +217,11 @@ def test_expiry_stops_what_has_not_started_and_keeps_what_ran(db):
 
     job, ids = submit(db, {"model": "m", "prompts": ["a", "b", "c"], "completion_window": "1h"})
     with db.write() as s:
-        jobs.claim(session=s, request_ids=ids[:1], run_id="r")
-        jobs.record(session=s, outcomes=[finished(job.id, ids[0])], run_id="r")
+        runs.claim(session=s, request_ids=ids[:1], run_id="r")
+        runs.record(session=s, outcomes=[finished(job.id, ids[0])], run_id="r")
     later = utcnow() + timedelta(hours=2)
     with db.write() as s:
-        assert jobs.claim(session=s, request_ids=ids[1:2], run_id="r", now=later) == []  # too late to start
+        assert runs.claim(session=s, request_ids=ids[1:2], run_id="r", now=later) == []  # too late to start
         assert jobs.expire_due(session=s, now=utcnow()) == []  # not yet
         assert jobs.expire_due(session=s, now=later) == [job.id]
         assert jobs.expire_due(session=s, now=later) == []  # once

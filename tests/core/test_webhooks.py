@@ -13,10 +13,11 @@ import openai
 import pytest
 from sqlalchemy import func, select
 
-from core import jobs, webhooks
+from core import jobs, runs, webhooks
 from core.db import Database
 from core.errors import InvalidRequestError
-from core.jobs import Limits, Outcome
+from core.jobs import Limits
+from core.runs import Outcome
 from core.registry import ModelSpec
 from core.schemas import JobCreate
 from core.tables import Job, WebhookEvent, utcnow
@@ -180,13 +181,13 @@ def test_the_transaction_that_ends_a_job_writes_its_event_once(db):
     with db.read() as s:
         assert s.get(Job, own.id).webhook_secret == longest
     with db.write() as s:
-        jobs.claim(session=s, request_ids=ids, run_id="run_1")
+        runs.claim(session=s, request_ids=ids, run_id="run_1")
     with db.write() as s:
-        jobs.record(session=s, run_id="run_1", outcomes=[Outcome(ids[0], job.id, text="x", prompt_tokens=3,
+        runs.record(session=s, run_id="run_1", outcomes=[Outcome(ids[0], job.id, text="x", prompt_tokens=3,
                                                                  completion_tokens=1)])
     assert _events(db, job.id) == []  # one request still runs: the job has not ended
     with db.write() as s:
-        jobs.record(session=s, run_id="run_1", outcomes=[Outcome(ids[1], job.id, error_code="e", error_message="m")])
+        runs.record(session=s, run_id="run_1", outcomes=[Outcome(ids[1], job.id, error_code="e", error_message="m")])
     [event] = _events(db, job.id)
     body = json.loads(event.payload)
     assert (event.type, event.status, event.url, event.secret) == ("job.completed", "pending", "http://127.0.0.1:9/h",
@@ -198,7 +199,7 @@ def test_the_transaction_that_ends_a_job_writes_its_event_once(db):
         state = s.get(Job, job.id).webhook
     assert (state["status"], state["event_id"], state["type"]) == ("pending", event.id, "job.completed")
     with db.write() as s:  # a job ends once: nothing more is written when nothing changes
-        jobs._finalize(s, [job.id], utcnow())
+        jobs.finalize(s, [job.id], utcnow())
     assert len(_events(db, job.id)) == 1
     with db.write() as s:  # deleting the job deletes its event (it carries the job's key)
         jobs.delete_job(session=s, job_id=job.id, owner="alice")

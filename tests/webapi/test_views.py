@@ -10,9 +10,10 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select, update
 
-from core import jobs
+from core import jobs, runs
 from core.db import Database
-from core.jobs import Limits, Outcome
+from core.jobs import Limits
+from core.runs import Outcome
 from core.registry import ModelSpec
 from core.schemas import ErrorInfo, JobCounts, JobRead, ResultRead, Usage, WebhookRead
 from core.tables import Job, JobRequest, utcnow
@@ -97,18 +98,18 @@ def test_jobs_read_lean_equal_the_pydantic_model_in_every_state(db: Database):
     # running (an estimated end), completed with usage, failed, cancelled, expired
     running, ids = submit(db, {"prompts": ["c", "d", "e"]})
     with db.write() as s:
-        jobs.claim(session=s, request_ids=ids, run_id="r1", now=utcnow() - timedelta(seconds=5))
-        jobs.record(session=s, outcomes=[Outcome(request_id=ids[0], job_id=running.id, text="ok", finish_reason="stop",
+        runs.claim(session=s, request_ids=ids, run_id="r1", now=utcnow() - timedelta(seconds=5))
+        runs.record(session=s, outcomes=[Outcome(request_id=ids[0], job_id=running.id, text="ok", finish_reason="stop",
                                                  prompt_tokens=3, completion_tokens=2)], run_id="r1")
     done, ids = submit(db, {"prompts": ["f"]})
     with db.write() as s:
-        jobs.claim(session=s, request_ids=ids, run_id="r2")
-        jobs.record(session=s, outcomes=[Outcome(request_id=ids[0], job_id=done.id, text="fine", finish_reason="length",
+        runs.claim(session=s, request_ids=ids, run_id="r2")
+        runs.record(session=s, outcomes=[Outcome(request_id=ids[0], job_id=done.id, text="fine", finish_reason="length",
                                                  prompt_tokens=4, completion_tokens=16)], run_id="r2")
     failed, ids = submit(db, {"prompts": ["g"]})
     with db.write() as s:
-        jobs.claim(session=s, request_ids=ids, run_id="r3")
-        jobs.record(session=s, outcomes=[Outcome(request_id=ids[0], job_id=failed.id, error_code="invalid_prompt",
+        runs.claim(session=s, request_ids=ids, run_id="r3")
+        runs.record(session=s, outcomes=[Outcome(request_id=ids[0], job_id=failed.id, error_code="invalid_prompt",
                                                  error_message="no")], run_id="r3")
     cancelled, _ = submit(db, {"prompts": ["h"]})
     expired, _ = submit(db, {"prompts": ["i"], "kind": "score"})
@@ -143,8 +144,8 @@ def test_results_read_lean_equal_the_pydantic_model_in_every_state(db: Database)
                            {"index": 1, "text": "b", "finish_reason": "length", "completion_tokens": 2,
                             "logprobs": {"prompt": [TOKEN], "content": [TOKEN]}}]}
     with db.write() as s:
-        jobs.claim(session=s, request_ids=ids[:6], run_id="r")
-        jobs.record(session=s, run_id="r", outcomes=[
+        runs.claim(session=s, request_ids=ids[:6], run_id="r")
+        runs.record(session=s, run_id="r", outcomes=[
             Outcome(request_id=ids[0], job_id=new.id, text="out", finish_reason="stop", prompt_tokens=2,
                     completion_tokens=1),
             Outcome(request_id=ids[1], job_id=new.id, text="snow ☃", finish_reason="length", prompt_tokens=9,
@@ -161,8 +162,8 @@ def test_results_read_lean_equal_the_pydantic_model_in_every_state(db: Database)
     scores = {"scores": [{"continuation": " blue", "tokens": [TOKEN], "logprob": -0.5, "perplexity": 1.6,
                           "is_greedy": True}]}
     with db.write() as s:
-        jobs.claim(session=s, request_ids=sids, run_id="s")
-        jobs.record(session=s, run_id="s", outcomes=[Outcome(request_id=sids[0], job_id=scored.id, prompt_tokens=4,
+        runs.claim(session=s, request_ids=sids, run_id="s")
+        runs.record(session=s, run_id="s", outcomes=[Outcome(request_id=sids[0], job_id=scored.id, prompt_tokens=4,
                                                              completion_tokens=0, detail=scores)])
     with db.connect() as conn:
         rows, more = jobs.list_results(session=conn, job_id=new.id, limit=100)

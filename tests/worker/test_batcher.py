@@ -11,7 +11,7 @@ from concurrent.futures import Future
 import pytest
 from sqlalchemy import select, update
 
-from core import jobs
+from core import jobs, runs
 from core.db import Database
 from core.jobs import Limits
 from core.registry import ModelSpec
@@ -309,16 +309,16 @@ def test_a_request_whose_worker_died_runs_alone_with_nothing_beside_it(db, runne
     # Two requests were running when their worker died (lease lapsed, attempts 1); six are fresh.
     # Storing results is made slow (as on a busy database) so that running the retried request
     # while an earlier result still waits to be stored would show.
-    record = jobs.record
+    record = runs.record
 
     def slow_record(**kwargs):
         time.sleep(0.2)
         return record(**kwargs)
 
-    monkeypatch.setattr(jobs, "record", slow_record)
+    monkeypatch.setattr(runs, "record", slow_record)
     _, dead = submit_job(db, {"prompts": ["was running a", "was running b"], "params": {"max_new_tokens": 6}})
     with db.write() as s:
-        jobs.claim(session=s, request_ids=dead, run_id="run_dead")
+        runs.claim(session=s, request_ids=dead, run_id="run_dead")
         s.execute(update(JobRequest).where(JobRequest.id.in_(dead)).values(lease_until=jobs.utcnow() - timedelta(seconds=1)))
     _, fresh = submit_job(db, {"prompts": [f"fresh {i}" for i in range(6)], "params": {"max_new_tokens": 6}})
     timed = Timed(runner)
@@ -344,14 +344,14 @@ def test_a_request_whose_worker_died_runs_alone_with_nothing_beside_it(db, runne
 
 @pytest.mark.postgres
 def test_a_result_the_database_refuses_fails_alone_and_the_batch_is_stored(runner, postgres_url):
-    from core.jobs import Outcome
+    from core.runs import Outcome
     from tests.conftest import _truncate
 
     _truncate(postgres_url)
     db = Database(postgres_url)
     job_id, ids = submit_job(db, {"prompts": ["a", "b"]})
     with db.write() as s:
-        jobs.claim(session=s, request_ids=ids, run_id="run_x")
+        runs.claim(session=s, request_ids=ids, run_id="run_x")
     good = Outcome(request_id=ids[0], job_id=job_id, text="fine", finish_reason="stop", prompt_tokens=1,
                    completion_tokens=1)
     # PostgreSQL refuses this row (error_code is at most 64 characters): a non-transient failure.
@@ -415,7 +415,7 @@ def test_a_duplicate_delivery_while_the_request_runs_acks_neither_message_before
 
 def test_leases_are_renewed_until_the_result_is_stored_so_no_one_takes_it_over(db, runner, monkeypatch):
     # The database takes its time storing results (a busy recorder); the lease is much shorter.
-    record = jobs.record
+    record = runs.record
     storing = []
 
     def slow_record(**kwargs):
@@ -423,7 +423,7 @@ def test_leases_are_renewed_until_the_result_is_stored_so_no_one_takes_it_over(d
         time.sleep(2.5)
         return record(**kwargs)
 
-    monkeypatch.setattr(jobs, "record", slow_record)
+    monkeypatch.setattr(runs, "record", slow_record)
     job_id, ids = submit_job(db, {"prompts": ["slow to store"], "params": {"max_new_tokens": 3}})
     batcher = Batcher(runner=runner, db=db, policy=BatchPolicy(max_wait_ms=0), lease_s=0.9).start()
     try:
@@ -433,7 +433,7 @@ def test_leases_are_renewed_until_the_result_is_stored_so_no_one_takes_it_over(d
             time.sleep(0.01)
         time.sleep(1.5)  # past the lease the claim gave: only renewal keeps it
         with db.write() as s:  # another worker, handed the request again, tries to take it over
-            assert jobs.claim(session=s, request_ids=ids, run_id="run_elsewhere", lease_s=60) == []
+            assert runs.claim(session=s, request_ids=ids, run_id="run_elsewhere", lease_s=60) == []
         future.result(timeout=30)
     finally:
         batcher.stop()
@@ -452,14 +452,14 @@ def test_requests_taken_in_while_shutdown_begins_go_back_and_stop_never_hangs(db
     # One request cannot run (too long) and is failed by a write in the intake; the warm shutdown
     # begins during that write, while the intake still holds the other, runnable request.
     in_write, handed_back = threading.Event(), threading.Event()
-    fail_queued = jobs.fail_queued
+    fail_queued = runs.fail_queued
 
     def slow_fail_queued(**kwargs):
         in_write.set()
         assert handed_back.wait(10)
         return fail_queued(**kwargs)
 
-    monkeypatch.setattr(jobs, "fail_queued", slow_fail_queued)
+    monkeypatch.setattr(runs, "fail_queued", slow_fail_queued)
     _, ids = submit_job(db, {"prompts": ["word " * 250, "fine"], "params": {"max_new_tokens": 3}})
     batcher = Batcher(runner=runner, db=db, policy=BatchPolicy(max_wait_ms=0)).start()
     futures = [batcher.submit(ids)]
@@ -487,7 +487,7 @@ def test_requests_sharing_a_long_prefix_batch_together_and_compute_it_once(db, r
     # The six that share the prefix ran in one call of their own; the two others did not join it.
     assert len({x.run_id for x in r}) == 1 and not {x.run_id for x in o} & {r[0].run_id}
     with db.read() as s:
-        encoded = [runner.encode(item) for item in jobs.load_work(session=s, request_ids=ids)]
+        encoded = [runner.encode(item) for item in runs.load_work(session=s, request_ids=ids)]
     shared_tokens = runner.shared_prefix(encoded)
     assert shared_tokens >= 64 and runner.prefix_tokens_saved - before == shared_tokens * 5
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from core.jobs import WorkItem
+from core.runs import WorkItem
 from core.registry import ModelSpec
 from core.schemas import ResolvedParams
 from worker.runner import ModelRunner, _Sequence

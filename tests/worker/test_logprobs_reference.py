@@ -5,7 +5,7 @@ import pytest
 
 pytestmark = pytest.mark.slow  # PyTorch and transformers build and run the checkpoint
 
-from core.jobs import WorkItem
+from core.runs import WorkItem
 from core.registry import ModelSpec
 from core.schemas import ResolvedParams
 from worker.builder import build_checkpoint

@@ -2,7 +2,7 @@
 
 import pytest
 
-from core.jobs import WorkItem
+from core.runs import WorkItem
 from core.registry import ModelSpec
 from core.schemas import ResolvedParams
 from worker.runner import ModelRunner, RequestError
