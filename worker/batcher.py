@@ -48,6 +48,7 @@ from core.runs import Outcome, WorkItem
 from core.metrics import Metrics
 from core.tables import utcnow
 from worker.tuning import OnlineTuner
+from worker.writer import Writer
 
 log = logging.getLogger("batchgen.batcher")
 
@@ -269,11 +270,6 @@ def select_batch(pending: Sequence[Pending], *, now: float, device_idle: bool, p
 
 
 SPLIT = 4  # a dead run is retried a quarter at a time
-# How long a finished batch waits for the database before its requests are handed back (an
-# outage passes within it; an error that does not pass, such as a full disk, must not hold the
-# worker's results and leases for ever), and how long once the worker is shutting down.
-RECORD_PATIENCE_S = 600.0
-DRAIN_GRACE_S = 10.0
 GATHER_S = 1.0  # how long part of a dead run waits for the rest of it to arrive
 
 
@@ -319,7 +315,6 @@ class Batcher:
         self._created: dict[str, Any] = {}  # request id -> submission time, for time-to-result
         self.stats = BatchStats()
         self._inbox: queue.Queue[tuple[list[str], _Submission] | None] = queue.Queue()
-        self._record_q: queue.Queue[Finished | None] = queue.Queue()
         self._cond = threading.Condition()
         self._pending: dict[str, Pending] = {}
         self._waiters: dict[str, list[_Submission]] = defaultdict(list)
@@ -334,16 +329,17 @@ class Batcher:
         self._draining = False  # shutting down: finish what runs, hand back what waits
         self._draining_since: float | None = None
         self._halt = threading.Event()  # wakes the heartbeat at stop
+        self.writer = Writer(db, halt=self._halt, draining_since=lambda: self._draining_since, clock=clock)
         self._threads = [
             threading.Thread(target=self._intake_loop, name="intake", daemon=True),
             threading.Thread(target=self._schedule_loop, name="scheduler", daemon=True),
-            threading.Thread(target=self._record_loop, name="recorder", daemon=True),
             threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True),
         ]
 
     # --- public ----------------------------------------------------------------------------
 
     def start(self) -> Batcher:
+        self.writer.start()
         for thread in self._threads:
             thread.start()
         return self
@@ -387,7 +383,7 @@ class Batcher:
         self._halt.set()
         self._inbox.put(None)
         self._slots.shutdown(wait=True)
-        self._record_q.put(None)
+        self.writer.stop(max(0.0, deadline - self.clock()))
         for thread in self._threads:
             thread.join(max(0.0, deadline - self.clock()))
 
@@ -454,8 +450,8 @@ class Batcher:
                 return
 
     def _take_in(self, wanted: list[str]) -> None:
-        with self.db.read() as session:
-            items = {w.id: w for w in runs.load_work(session=session, request_ids=wanted)}
+        with self.db.connect() as conn:
+            items = {w.id: w for w in runs.load_work(session=conn, request_ids=wanted)}
         settled: list[str] = []
         failures: list[Outcome] = []
         now = self.clock()
@@ -482,8 +478,7 @@ class Batcher:
             waiting = list(self._pending.values())
         group_shared_prefixes(fresh, waiting)
         if failures:
-            self._write(lambda s: runs.fail_queued(session=s, outcomes=failures,
-                                                          run_id=new_id("run")))
+            self.writer.fail_queued(failures)
             settled.extend(o.request_id for o in failures)
             self._announce_done([o.request_id for o in failures if items[o.request_id].params.delivery != "store"])
         with self._cond:  # draining is read under the same lock hand_back sets it: nothing slips in after
@@ -583,8 +578,7 @@ class Batcher:
         run_id = new_id("run")
         ids = [p.enc.item.id for p in batch]
         try:
-            claimed = set(self._write(lambda s: runs.claim(
-                session=s, request_ids=ids, run_id=run_id, lease_s=self.lease_s, max_attempts=self.max_attempts)))
+            claimed = set(self.writer.claim(ids, run_id, lease_s=self.lease_s, max_attempts=self.max_attempts))
             lost = [i for i in ids if i not in claimed]
             if lost:
                 log.info("%d requests of a batch were taken by another run; skipping them", len(lost))
@@ -598,9 +592,7 @@ class Batcher:
                 outcomes = self._generate(todo, run_id, waited=self.clock() - min(p.arrived for p in todo),
                                           reason=reason)
                 notify = [p.enc.item.id for p in todo if p.enc.item.params.delivery != "store"]
-                with self._cond:
-                    self._unrecorded += 1
-                self._record_q.put(Finished(run_id, outcomes, [p.enc.item.id for p in todo], notify))
+                self._store(Finished(run_id, outcomes, [p.enc.item.id for p in todo], notify))
         except Exception:
             log.exception("batch %s failed before generation; handing its requests back to the queue", run_id)
             with self._cond:
@@ -689,51 +681,45 @@ class Batcher:
             if not active:
                 continue
             try:
-                with self.db.write() as session:
-                    runs.renew_leases(session=session, run_ids=active, lease_s=self.lease_s)
+                with self.db.begin() as conn:
+                    runs.renew_leases(session=conn, run_ids=active, lease_s=self.lease_s)
             except Exception as exc:  # the database may be away; the lease is long enough for a retry
                 log.warning("could not renew leases (%s)", exc)
 
     # --- recording -------------------------------------------------------------------------
 
-    def _record_loop(self) -> None:
-        while True:
-            entry = self._record_q.get()
-            if entry is None:
-                return
-            run_id, outcomes, ids, notify = entry
-            try:
-                self._record_run(run_id, outcomes, ids, notify)
-            except Exception:  # a bug: the recorder must outlive any one batch; leases and the reconciler recover it
-                log.exception("could not record batch %s; it will run again once its lease lapses", run_id)
-                self._fail_futures(ids, RuntimeError("recording failed"))
-            finally:
-                with self._cond:
-                    self._active_runs.discard(run_id)
-                    self._unrecorded -= 1
-                    self._cond.notify_all()
+    def _store(self, finished: Finished) -> None:
+        """Hand a run's outcomes to the writer. While the database is away they wait there, the
+        run's leases are renewed as soon as it answers again, and the messages stay unacked in
+        the broker: an outage costs time, never an attempt, and nothing is lost if this worker
+        dies meanwhile. Once stored, the run's requests are settled (their messages acked)."""
+        with self._cond:
+            self._unrecorded += 1
+        future = self.writer.record(finished.run_id, finished.outcomes)
+        future.add_done_callback(lambda f: self._stored(finished, f))
 
-    def _record_run(self, run_id: str, outcomes: list[Outcome], ids: list[str], notify: list[str]) -> None:
+    def _stored(self, finished: Finished, future: Future[list[str]]) -> None:
+        run_id, _, ids, notify = finished
         try:
-            # While the database is away the outcomes wait here, the run's leases are renewed as
-            # soon as it answers again, and the messages stay unacked in the broker: an outage
-            # costs time, never an attempt, and nothing is lost if this worker dies meanwhile.
-            recorded = self._write(lambda s: runs.record(session=s, outcomes=outcomes, run_id=run_id),
-                                   attempts=None)
-            self._observe_results(recorded)
-        except OperationalError:  # stopping, or the database failed too long: they run again elsewhere
-            log.error("batch %s could not be stored (database unavailable for too long, or the worker is "
-                      "stopping); its requests go back to the queue", run_id)
-            self._fail_futures(ids, Requeue("the result could not be stored"))
-            return
+            exc = future.exception()
+            if exc is None:
+                self._observe_results(future.result())
+                self._announce_done(notify)
+                self._settle(ids)
+            elif isinstance(exc, OperationalError):  # stopping, or the database failed too long
+                log.error("batch %s could not be stored (database unavailable for too long, or the worker is "
+                          "stopping); its requests go back to the queue", run_id)
+                self._fail_futures(ids, Requeue("the result could not be stored"))
+            else:  # a bug: leases and the reconciler recover it
+                log.error("could not record batch %s (%s); it will run again once its lease lapses", run_id, exc)
+                self._fail_futures(ids, RuntimeError("recording failed"))
         except Exception:
-            # One result the database refuses must not take its batch down: store them one by
-            # one, and the one that cannot be stored as a failure saying why.
-            log.exception("could not record batch %s whole; recording one by one", run_id)
-            for outcome in outcomes:
-                self._record_alone(outcome, run_id)
-        self._announce_done(notify)
-        self._settle(ids)
+            log.exception("settling batch %s failed", run_id)
+        finally:
+            with self._cond:
+                self._active_runs.discard(run_id)
+                self._unrecorded -= 1
+                self._cond.notify_all()
 
     def _observe_results(self, request_ids: Sequence[str]) -> None:
         now = utcnow()
@@ -747,45 +733,6 @@ class Batcher:
         if self.announcer is not None:
             for request_id in request_ids:
                 self.announcer.done(request_id)
-
-    def _record_alone(self, outcome: Outcome, run_id: str) -> None:
-        try:
-            self._write(lambda s: runs.record(session=s, outcomes=[outcome], run_id=run_id))
-        except Exception as exc:
-            log.exception("result could not be stored", extra={"request_id": outcome.request_id,
-                                                                "job_id": outcome.job_id})
-            failure = Outcome(request_id=outcome.request_id, job_id=outcome.job_id, error_code="store_failed",
-                              error_message=f"the result could not be stored: {type(exc).__name__}")
-            self._write(lambda s: runs.record(session=s, outcomes=[failure], run_id=run_id))
-
-    def _write(self, work: Callable[[Any], Any], attempts: int | None = 8) -> Any:
-        """Run ``work(session)`` in a write transaction, retrying while the database is away:
-        ``attempts`` times, or (``None``) for up to ``RECORD_PATIENCE_S`` (an outage; past that
-        the error is not one that passes, such as a full disk), and not past ``DRAIN_GRACE_S``
-        once the worker is shutting down (a warm shutdown must not wait for the database)."""
-        delay = 0.25
-        attempt = 0
-        started = self.clock()
-        while True:
-            attempt += 1
-            try:
-                with self.db.write() as session:
-                    return work(session)
-            except OperationalError as exc:
-                if attempts is None:
-                    now = self.clock()
-                    give_up = (self._halt.is_set() or now - started > RECORD_PATIENCE_S
-                               or (self._draining_since is not None and now - self._draining_since > DRAIN_GRACE_S))
-                else:
-                    give_up = attempt >= attempts
-                if give_up:
-                    raise
-                log.warning("database unavailable (%s); retrying in %.2fs", exc.orig, delay)
-                if attempts is None:
-                    self._halt.wait(delay)
-                else:
-                    time.sleep(delay)
-                delay = min(delay * 2, 5.0)
 
     # --- futures ---------------------------------------------------------------------------
 

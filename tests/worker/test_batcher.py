@@ -18,7 +18,7 @@ from core.registry import ModelSpec
 from core.schemas import JobCreate
 from tests.support import wait_until
 from core.tables import Job, JobRequest
-from worker.batcher import Batcher, BatchPolicy, Pending, _Submission, select_batch
+from worker.batcher import Batcher, BatchPolicy, Finished, Pending, _Submission, select_batch
 from worker.runner import ModelRunner
 
 # --- the policy, with an explicit clock ----------------------------------------------------
@@ -361,7 +361,7 @@ def test_a_result_the_database_refuses_fails_alone_and_the_batch_is_stored(runne
     waiting = _Submission(Future(), remaining=2)
     for request_id in ids:
         batcher._waiters[request_id].append(waiting)
-    batcher._record_q.put(("run_x", [good, refused], ids, []))
+    batcher._store(Finished("run_x", [good, refused], ids, []))
     waiting.future.result(timeout=30)
     batcher.stop()
     r = rows(db, ids)
