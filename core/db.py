@@ -129,6 +129,11 @@ class Database:
         with self.engine.connect() as conn:
             yield conn
 
+    def connection(self, *, write: bool = False) -> Connection:
+        """A Core connection the caller keeps (and closes): a worker's writer holds one for its
+        life (``write``: its transactions take SQLite's write lock up front, as ``write`` does)."""
+        return (self._write_engine if write else self.engine).connect()
+
     @contextmanager
     def begin(self) -> Iterator[Connection]:
         """A write transaction on a Core connection: commits on success, rolls back on any

@@ -47,7 +47,9 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[float, ...]]] = {
     "batchgen_worker_info": ("gauge", "A worker's device, compute type, thread layout and where its limits "
                                       "came from (value 1).", ()),
     "batchgen_worker_cpu_seconds_total": ("counter", "A worker's CPU time: part=engine for CTranslate2's own "
-                                                     "threads, part=service for everything else.", ()),
+                                                     "threads, part=service for everything else, and that split "
+                                                     "(broker, database, tokenizer, scheduling, generation, other; "
+                                                     "worker/cpu.py).", ()),
     "batchgen_device_memory_bytes": ("gauge", "Memory in use on the worker's device (RSS on CPU).", ()),
     "batchgen_jobs": ("gauge", "Jobs by status.", ()),
     "batchgen_requests": ("gauge", "Requests by status.", ()),

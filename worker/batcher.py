@@ -1,33 +1,30 @@
 """Dynamic batching: many small requests from many jobs -> full CTranslate2 batches.
 
-Celery task threads hand request ids to ``Batcher.submit`` and block on the returned future;
-the message is acked when the future resolves, which is after the result is in the database.
+The consumer (``worker.consumer``) hands each message's request ids to ``Batcher.submit``; the
+future it gets back resolves once every one of them is stored, and only then is the message
+acked.
 
 Threads inside one worker process::
 
-    task threads --submit--> intake --pending--> scheduler --batch--> slot (claim, generate)
-                                                                        |
-             futures resolved <----------- recorder (write results) <---+
+    consumer --submit--> intake --plan--> scheduler --batch--> slot (claim, generate)
+                                                                 |      ^
+        futures resolved (acks) <------- writer (claims, results) <-----+
 
 - intake: loads submitted requests from the database in bulk, drops those that already ran,
   tokenizes the rest, and fails alone the ones that cannot run (too long, bad template).
-- scheduler: picks the next batch when a generation slot is free (``select_batch``). Requests
-  are grouped by sampling settings (CTranslate2 takes them per call) and, inside a group, cut
-  into batches of similar prompt length (CTranslate2 forwards only the shortest prompt of a
-  batch at once, the rest token by token) up to ``max_batch_size`` requests and
-  ``max_batch_tokens`` prompt + new tokens. A batch starts when one is full, at once when the
-  device is idle and nothing else is arriving (an idle single request is not held back), or
-  when the oldest request has waited ``max_wait_ms`` (longer while a burst is still arriving).
-  The largest batch goes first, which keeps the replicas finishing together.
+- scheduler: picks the next batch when a generation slot is free (``worker.scheduling``: groups
+  by sampling settings and prompt length, within the measured limits; a batch starts when one
+  is full, when the device is idle and nothing else is arriving, or when the oldest request has
+  waited long enough; the largest goes first).
 - slots: ``slots`` batches generate at once (on CPU one per CTranslate2 replica,
   ``inter_threads``); while they run, the next batch is being formed.
-- recorder: writes each batch's outcomes in one transaction, retrying while the database is
-  unreachable, and only then resolves the futures (so the messages are acked).
+- writer (``worker.writer``): claims of the next batches and results of finished ones, many per
+  transaction, retried while the database is unreachable; a run's futures resolve once its
+  results are stored.
 """
 
 from __future__ import annotations
 
-import hashlib
 
 import logging
 import queue
@@ -47,6 +44,7 @@ from core.ids import new_id
 from core.runs import Outcome, WorkItem
 from core.metrics import Metrics
 from core.tables import utcnow
+from worker.scheduling import BatchPolicy, Pending, Plan, group_shared_prefixes, isolate, select_batch
 from worker.tuning import OnlineTuner
 from worker.writer import Writer
 
@@ -59,6 +57,7 @@ class Requeue(Exception):  # noqa: N818 - it is an instruction, not an error
 
 class Runner(Protocol):
     def encode(self, item: WorkItem) -> Any: ...
+    def encode_many(self, items: Sequence[WorkItem]) -> list[Any]: ...
     def generate(self, batch: Sequence[Any], on_delta: Callable[[str, str], None] | None = None) -> list[Outcome]: ...
 
 
@@ -67,61 +66,6 @@ class Announcer(Protocol):
 
     def delta(self, request_id: str, text: str, run_id: str) -> None: ...
     def done(self, request_id: str) -> None: ...
-
-
-@dataclass(frozen=True)
-class BatchPolicy:
-    """When a batch leaves, and how many run at once."""
-
-    max_batch_size: int = 16
-    max_batch_tokens: int = 2048  # prompt + max_new_tokens, summed over the batch
-    max_wait_ms: float | None = 20.0  # None: a tenth of batch_seconds (2-200 ms), 20 ms if unknown
-    slots: int = 1
-    # How long a full batch takes on this device (calibration, then what the worker sees); 0 if
-    # unknown. Waits scale with it: waiting 5% of a batch's time costs a lone request little,
-    # while starting a batch of one costs a whole batch's time of a replica.
-    batch_seconds: float = 0.0
-    # Two requests share a batch only if their prompt lengths differ by at most this many
-    # tokens or this fraction of the shorter one, whichever is larger.
-    length_slack_tokens: int = 16
-    length_slack_ratio: float = 0.25
-    # Two or more requests arriving within this window are a burst; while one arrives, a
-    # partial batch waits up to burst_wait_factor times max_wait_ms for it to fill.
-    burst_window_ms: float = 50.0
-    burst_wait_factor: float = 8.0
-    # A request that has waited this long is served first, whatever the size of its batch.
-    starvation_ms: float = 30_000.0
-
-    def waits(self) -> tuple[float, float, float]:
-        """Seconds: (max_wait, idle_wait, burst_wait).
-
-        - max_wait: a partial batch waits this long for more while the device is busy;
-        - idle_wait: an idle device waits this long for company for a lone request (a twentieth
-          of a batch's time), so the first request of a burst does not take a replica alone;
-        - burst_wait: while requests keep arriving, a partial batch waits up to this long
-          (``burst_wait_factor`` x max_wait, at most 30% of a batch's time).
-        """
-        b = self.batch_seconds
-        if self.max_wait_ms is not None:
-            max_wait = self.max_wait_ms / 1000
-        else:
-            max_wait = min(0.2, max(0.002, 0.1 * b)) if b > 0 else 0.02
-        idle = min(max_wait, 0.05 * b) if b > 0 else 0.0
-        burst = max_wait * self.burst_wait_factor
-        if b > 0:
-            burst = max(max_wait, min(burst, 0.3 * b))
-        return max_wait, idle, burst
-
-
-@dataclass(eq=False)  # identity: two entries are never "equal"
-class Pending:
-    enc: Any
-    key: tuple[Any, ...]
-    length: int
-    cost: int
-    arrived: float
-    priority: int = 5
-    interactive: bool = False  # a synchronous or streamed call: someone waits on it now
 
 
 @dataclass
@@ -149,154 +93,6 @@ class BatchStats:
     sizes: list[int] = field(default_factory=list)
 
 
-# Requests that arrive together and share at least this many leading tokens (at least
-# PREFIX_GROUP of them: a job's system prompt, an instruction or few-shot block in front of every
-# input) are batched among themselves, so that the runner computes that prefix once per batch
-# (CTranslate2's static_prompt; see ModelRunner.generate).
-PREFIX_MIN = 64
-PREFIX_GROUP = 4
-
-
-def _is_prefix_mark(part: Any) -> bool:
-    return isinstance(part, tuple) and len(part) == 2 and part[0] == "prefix"
-
-
-def prefix_mark(p: Pending) -> tuple[str, str] | None:
-    """What a request's first ``PREFIX_MIN`` tokens are, for grouping; None when it has no more
-    than that, or must not be grouped (scoring; a retried request runs as it is told)."""
-    if p.key == ("score",) or p.enc.length <= PREFIX_MIN or p.enc.item.attempts > 0:
-        return None
-    return ("prefix", hashlib.blake2b(repr(p.enc.ids[:PREFIX_MIN]).encode(), digest_size=8).hexdigest())
-
-
-def group_shared_prefixes(fresh: Sequence[Pending], pending: Sequence[Pending] = ()) -> None:
-    """Give requests that share their first ``PREFIX_MIN`` tokens a batching key of their own:
-    ``PREFIX_GROUP`` or more arriving together, or any that arrive while such a group waits. The
-    runner computes the prefix a batch actually shares (at least that long) once. Others keep
-    their key: prompts that share nothing still batch across jobs as before."""
-    waiting = {p.key for p in pending if _is_prefix_mark(p.key[-1] if p.key else None)}
-    marks = {id(p): prefix_mark(p) for p in fresh}
-    counts: dict[tuple[Any, ...], int] = defaultdict(int)
-    for p in fresh:
-        if marks[id(p)] is not None:
-            counts[(*p.key, marks[id(p)])] += 1
-    for p in fresh:
-        mark = marks[id(p)]
-        if mark is None:
-            continue
-        key = (*p.key, mark)
-        if counts[key] >= PREFIX_GROUP or key in waiting:
-            p.key = key
-
-
-def _fits(first: Pending, cand: Pending, policy: BatchPolicy) -> bool:
-    slack = max(policy.length_slack_tokens, int(first.length * policy.length_slack_ratio))
-    return cand.length - first.length <= slack
-
-
-def chunks(group: list[Pending], policy: BatchPolicy) -> list[tuple[list[Pending], bool]]:
-    """Cut a length-sorted group into batches as full as the limits allow, each with whether it
-    is full (cannot take another request)."""
-    out: list[tuple[list[Pending], bool]] = []
-    chunk: list[Pending] = []
-    tokens = 0
-    def is_full() -> bool:
-        smallest = min(q.cost for q in chunk)
-        return len(chunk) >= policy.max_batch_size or tokens + smallest > policy.max_batch_tokens
-
-    for p in group:
-        if chunk and (len(chunk) >= policy.max_batch_size or tokens + p.cost > policy.max_batch_tokens
-                      or not _fits(chunk[0], p, policy)):
-            # Cut for a size limit: full. Cut because the next prompt is much longer: not full,
-            # a request of a length in between could still join it.
-            out.append((chunk, is_full() or tokens + p.cost > policy.max_batch_tokens))
-            chunk, tokens = [], 0
-        chunk.append(p)
-        tokens += p.cost
-    if chunk:
-        out.append((chunk, is_full()))
-    return out
-
-
-def select_batch(pending: Sequence[Pending], *, now: float, device_idle: bool, policy: BatchPolicy,
-                 arriving: bool = False, free_slots: int = 1) -> tuple[list[Pending] | None, float, str]:
-    """The batch to start now, or ``(None, seconds to wait before looking again)``, and why
-    (``full``, ``idle``, ``time``, ``starved``).
-
-    Requests are grouped by sampling settings; each group is sorted by prompt length and cut
-    into batches. *When* to start: as soon as a batch is full; when the device is idle and no
-    burst of requests is ``arriving``; or once the oldest request has waited ``max_wait_ms``
-    (stretched up to ``burst_wait_factor`` times while a burst arrives, so it fills batches
-    instead of leaving in fragments). *What* to start: the batch holding the highest job
-    priority, and among those the largest (prompt + new tokens), since longest first keeps the
-    device's replicas finishing together -- unless the oldest
-    request has waited ``starvation_ms``, then its batch goes first whatever its size. When the
-    last batch would leave replicas idle (``free_slots`` > 1, nothing else waiting, no burst
-    arriving), it is split between them.
-    """
-    by_key: dict[tuple[Any, ...], list[Pending]] = defaultdict(list)
-    for p in pending:
-        by_key[p.key].append(p)
-    oldest = min(pending, key=lambda p: p.arrived)
-    waited = now - oldest.arrived
-    max_wait, idle_wait, burst_wait = policy.waits()
-    wait_s = burst_wait if arriving else max_wait
-    largest: tuple[tuple[int, int], list[Pending]] | None = None
-    any_full = False
-    count = 0
-    for key, group in by_key.items():
-        group.sort(key=lambda p: (p.length, p.arrived))
-        for batch, full in chunks(group, policy):
-            count += 1
-            if key == oldest.key and waited * 1000 >= policy.starvation_ms and any(p is oldest for p in batch):
-                return batch, 0.0, "starved"
-            any_full = any_full or full
-            rank = (max(p.priority for p in batch), sum(p.cost for p in batch))
-            if largest is None or rank > largest[0]:
-                largest = (rank, batch)
-    assert largest is not None
-    # An idle device still lets a burst gather first, and gives a lone request a moment's company
-    # (not a synchronous call: someone is waiting on that one).
-    if any(p.interactive for p in pending):
-        idle_wait = 0.0
-    idle = device_idle and not arriving and waited >= idle_wait
-    if any_full or idle or waited >= wait_s:
-        batch = largest[1]
-        if count == 1 and free_slots > 1 and not arriving and len(batch) > 1:
-            batch = batch[len(batch) // free_slots * (free_slots - 1):]  # the longest share
-        return batch, 0.0, "full" if any_full else "idle" if idle else "time"
-    until = idle_wait - waited if device_idle and not arriving else wait_s - waited
-    return None, max(0.0005, min(until, max_wait)), ""
-
-
-SPLIT = 4  # a dead run is retried a quarter at a time
-GATHER_S = 1.0  # how long part of a dead run waits for the rest of it to arrive
-
-
-def isolate(retried: Sequence[Pending], *, now: float) -> tuple[list[Pending] | None, float]:
-    """The next batch to run of requests whose worker died running them: splitting the dead run.
-
-    The requests of the oldest (highest priority) dead run that wait here, in request order:
-    their first quarter (if it kills the worker again, that quarter is split next time; if not,
-    the next quarter runs). When only part of that run is here, it first waits up to
-    ``GATHER_S`` for the rest (its other messages are usually a moment behind; the rest may also
-    have run already, or wait on another worker). ``(None, seconds to wait)`` while gathering. A batch of 64 with one request that kills
-    its worker is done after about four deaths (64, 16, 4, 1) and a score of runs, the 63 others
-    succeeding; only the killer, once alone, uses up its attempts (``core.jobs.claim``).
-    Quarters rather than halves: each death costs a worker restart, and there are half as many.
-    """
-    first = min(retried, key=lambda p: (-p.priority, p.arrived))
-    item = first.enc.item
-    group = sorted((p for p in retried if p.enc.item.run_id == item.run_id and p.key == first.key),
-                   key=lambda p: (p.enc.item.job_id, p.enc.item.idx))
-    if len(group) < (item.run_size or 1):
-        waited = now - min(p.arrived for p in group)
-        if waited < GATHER_S:
-            return None, GATHER_S - waited
-    quarter = ((item.run_size or len(group)) + SPLIT - 1) // SPLIT  # of the dead run, not of what is left
-    return group[:quarter], 0.0
-
-
 class Batcher:
     """Batches requests of every job for one model on one device."""
 
@@ -316,7 +112,8 @@ class Batcher:
         self.stats = BatchStats()
         self._inbox: queue.Queue[tuple[list[str], _Submission] | None] = queue.Queue()
         self._cond = threading.Condition()
-        self._pending: dict[str, Pending] = {}
+        self._plan = Plan()  # what waits to run
+        self.tokenizer_s = 0.0  # CPU the intake spent encoding prompts
         self._waiters: dict[str, list[_Submission]] = defaultdict(list)
         self._busy_slots = 0
         self._calls = 0  # generate calls made: tags what each one streams
@@ -365,8 +162,7 @@ class Batcher:
         with self._cond:
             self._draining = True
             self._draining_since = self.clock()
-            waiting = list(self._pending)
-            self._pending.clear()
+            waiting = [p.enc.item.id for p in self._plan.clear()]
             self._cond.notify_all()
         self._fail_futures(waiting, Requeue("the worker is shutting down"))
         log.info("shutting down: %d waiting requests handed back to the queue", len(waiting))
@@ -375,7 +171,7 @@ class Batcher:
         """Finish what was submitted, then stop the threads."""
         deadline = self.clock() + timeout
         with self._cond:
-            while (self._pending or self._busy_slots or not self._inbox.empty()
+            while (self._plan or self._busy_slots or not self._inbox.empty()
                    or self._intake_busy) and self.clock() < deadline:
                 self._cond.wait(0.05)
             self._stopping = True
@@ -449,6 +245,21 @@ class Batcher:
                 self._fail_futures(wanted, Requeue("intake failed"))
                 return
 
+    def _encode(self, items: list[WorkItem]) -> list[Any]:
+        """Each request encoded, or the exception that keeps it from running: the round in one
+        tokenizer call; should that fail, each alone, so that only the culprit fails."""
+        try:
+            return self.runner.encode_many(items)
+        except Exception:
+            log.exception("encoding a round of %d requests failed; encoding them one by one", len(items))
+        encoded: list[Any] = []
+        for item in items:
+            try:
+                encoded.append(self.runner.encode(item))
+            except Exception as exc:
+                encoded.append(exc)
+        return encoded
+
     def _take_in(self, wanted: list[str]) -> None:
         with self.db.connect() as conn:
             items = {w.id: w for w in runs.load_work(session=conn, request_ids=wanted)}
@@ -457,25 +268,29 @@ class Batcher:
         now = self.clock()
         fresh: list[Pending] = []
         moment = utcnow()
+        runnable = []
         for request_id in wanted:
             item = items.get(request_id)
             if item is None or not item.runnable(moment):
                 # Unknown, finished, or running on a live worker elsewhere: nothing to run here.
                 settled.append(request_id)
-                continue
-            try:
-                enc = self.runner.encode(item)
-            except Exception as exc:
-                code = getattr(exc, "code", "invalid_prompt")
+            else:
+                runnable.append(item)
+        started = time.thread_time()
+        encoded = self._encode(runnable)
+        self.tokenizer_s += time.thread_time() - started  # this thread's CPU (worker/cpu.py)
+        for item, enc in zip(runnable, encoded, strict=True):
+            if isinstance(enc, Exception):
+                code = getattr(enc, "code", "invalid_prompt")
                 failures.append(Outcome(request_id=item.id, job_id=item.job_id, error_code=code,
-                                        error_message=getattr(exc, "message", str(exc))))
+                                        error_message=getattr(enc, "message", str(enc))))
                 continue
             cost = (enc.length + item.params.max_new_tokens) * item.params.samples  # each sample is a row
             key = item.params.sampling_key()  # (a retried one, attempts > 0, runs alone: see _schedule_loop)
             fresh.append(Pending(enc, key, enc.length, cost, now, item.priority,
-                                 interactive=item.params.delivery != "store"))
+                                 interactive=item.params.delivery != "store", retried=item.attempts > 0))
         with self._cond:
-            waiting = list(self._pending.values())
+            waiting = list(self._plan.groups)
         group_shared_prefixes(fresh, waiting)
         if failures:
             self.writer.fail_queued(failures)
@@ -485,7 +300,7 @@ class Batcher:
             draining = self._draining
             if not draining:
                 for p in fresh:
-                    self._pending[p.enc.item.id] = p
+                    self._plan.add(p)
                     if p.enc.item.created_at is not None:
                         self._created[p.enc.item.id] = p.enc.item.created_at
                 if fresh:  # one arrival per intake round: what came together has fully arrived
@@ -505,11 +320,10 @@ class Batcher:
                         self._cond.wait()
                         continue
                     self._exclusive = False  # the retried request ran and its outcome is stored
-                if self._draining or not self._pending or self._busy_slots >= self.policy.slots:
+                if self._draining or not self._plan or self._busy_slots >= self.policy.slots:
                     self._cond.wait()
                     continue
-                retried = [p for p in self._pending.values() if p.enc.item.attempts > 0]
-                if retried:
+                if self._plan.retried:
                     # Requests whose worker died running them may hold what killed that worker.
                     # They run with nothing else in flight in this process (nothing generating,
                     # no outcome waiting to be stored) from their start until their outcomes are
@@ -518,12 +332,11 @@ class Batcher:
                     if self._busy_slots or self._unrecorded:
                         self._cond.wait()
                         continue
-                    batch, wait = isolate(retried, now=self.clock())
+                    batch, wait = isolate(self._plan.retried, now=self.clock())
                     if batch is None:  # the rest of a dead run may still be arriving
                         self._cond.wait(wait)
                         continue
-                    for p in batch:
-                        del self._pending[p.enc.item.id]
+                    self._plan.take(batch)
                     self._busy_slots += 1
                     self._exclusive = True
                     self._slots.submit(self._run, batch, "retry")
@@ -532,8 +345,7 @@ class Batcher:
                 if batch is None:
                     self._cond.wait(wait)
                     continue
-                for p in batch:
-                    del self._pending[p.enc.item.id]
+                self._plan.take(batch)
                 self._busy_slots += 1
                 self._slots.submit(self._run, batch, reason)
 
@@ -566,7 +378,7 @@ class Batcher:
             self._arrivals.popleft()
         arriving = len(self._arrivals) >= 2 or self._intake_busy
         batch, wait, reason = select_batch(
-            list(self._pending.values()), now=now, device_idle=self._busy_slots == 0, policy=self.policy,
+            self._plan, now=now, device_idle=self._busy_slots == 0, policy=self.policy,
             arriving=arriving, free_slots=self.policy.slots - self._busy_slots)
         if batch is None and arriving and self._arrivals:  # look again when the burst may have paused
             wait = min(wait, max(0.0005, self._arrivals[-1] + window - now))

@@ -1,19 +1,33 @@
-"""Where a worker's CPU goes: CTranslate2's own threads (the engine) against everything else.
+"""Where a worker's CPU goes: CTranslate2's own threads (the engine) against the service's own
+work, and that split by what it does.
 
-Python threads (Celery's consumer and task threads, the batcher's intake, scheduler, slots and
-recorder, the publishers) are known by their native ids; every other thread of the process was
+Python threads are known by their native ids and names; every other thread of the process was
 started by CTranslate2 (its replicas) or the libraries under it. The step callback runs on
-CTranslate2's threads, so its Python counts as engine time. Figures count from ``start()``
-(after the model is loaded and calibrated), read from ``/proc/self/task`` (Linux).
+CTranslate2's threads, so its Python counts as engine time. The service's parts:
+
+- ``broker``: taking and acking messages (the consumer's fetcher and acker) and Celery's own loop;
+- ``database``: the writer, the intake's reads, lease renewal, the reconciler;
+- ``tokenizer``: encoding prompts (the intake's share that the batcher measures);
+- ``scheduling``: choosing batches;
+- ``generation``: the slots' Python around CTranslate2's calls (decoding, log probabilities);
+- ``other``: metrics, announcements and the rest.
+
+Figures count from ``start()`` (after the model is loaded and calibrated), read from
+``/proc/self/task`` (Linux); threads that ended count under ``other``.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+PARTS = ("broker", "database", "tokenizer", "scheduling", "generation", "other")
+_BY_THREAD = {"fetcher": "broker", "acker": "broker", "MainThread": "broker", "writer": "database",
+              "intake": "database", "heartbeat": "database", "janitor": "database", "scheduler": "scheduling"}
 
 
 def _cpu(stat_file: Path) -> float:
@@ -21,34 +35,52 @@ def _cpu(stat_file: Path) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime
 
 
-def split() -> tuple[float, float]:
-    """(engine seconds, service seconds) of this process so far; (0, 0) where unsupported."""
+def _part(name: str) -> str:
+    if name.startswith("slot"):
+        return "generation"
+    return _BY_THREAD.get(name, "other")
+
+
+def split(tokenizer_s: float = 0.0) -> dict[str, float]:
+    """CPU seconds of this process so far: ``engine`` and each service part (empty where
+    unsupported). ``tokenizer_s``: the intake's time spent encoding, moved from ``database``."""
     tasks = Path("/proc/self/task")
     if not tasks.is_dir():
-        return 0.0, 0.0
-    python = {t.native_id for t in threading.enumerate()}
-    engine = 0.0
+        return {}
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out = dict.fromkeys(("engine", *PARTS), 0.0)
     for task in tasks.iterdir():
-        if int(task.name) in python:
-            continue
         try:
-            engine += _cpu(task / "stat")
+            seconds = _cpu(task / "stat")
         except (OSError, ValueError, IndexError):
             continue  # the thread ended meanwhile
-    total = _cpu(Path("/proc/self/stat"))  # every thread, ended ones included
-    return engine, total - engine
+        name = names.get(int(task.name))
+        out["engine" if name is None else _part(name)] += seconds
+    try:
+        total = _cpu(Path("/proc/self/stat"))  # every thread, ended ones included
+    except (OSError, ValueError, IndexError):
+        return {}
+    out["other"] += max(0.0, total - sum(out.values()))
+    moved = min(tokenizer_s, out["database"])
+    out["tokenizer"] += moved
+    out["database"] -= moved
+    return out
 
 
 class CpuSplit:
-    """Engine and service CPU since ``start``."""
+    """The split since ``start``; ``tokenizer_s()`` tells the intake's encoding time so far."""
 
-    def __init__(self) -> None:
-        self._base = (0.0, 0.0)
+    def __init__(self, tokenizer_s: Callable[[], float] = lambda: 0.0) -> None:
+        self.tokenizer_s = tokenizer_s
+        self._base: dict[str, float] = {}
 
     def start(self) -> CpuSplit:
-        self._base = split()
+        self._base = split(self.tokenizer_s())
         return self
 
-    def read(self) -> tuple[float, float]:
-        engine, service = split()
-        return max(0.0, engine - self._base[0]), max(0.0, service - self._base[1])
+    def read(self) -> dict[str, float]:
+        """Seconds per part since ``start``, and ``service``: every part but the engine."""
+        now = split(self.tokenizer_s())
+        out = {part: max(0.0, now.get(part, 0.0) - self._base.get(part, 0.0)) for part in now}
+        out["service"] = sum(v for k, v in out.items() if k != "engine")
+        return out

@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m worker") -> int:
         log.error("the database is not migrated to the current schema; run `batchgen migrate`")
         return 2
 
-    from worker.batcher import Batcher, BatchPolicy
+    from worker.batcher import Batcher
+    from worker.scheduling import BatchPolicy
     from worker.celery_app import create_celery
     from worker.runner import ModelRunner
 
@@ -192,15 +193,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m worker") -> int:
 
     from worker.cpu import CpuSplit
 
-    cpu = CpuSplit().start()
+    cpu = CpuSplit(lambda: batcher.tokenizer_s).start()
 
     def _device_memory() -> None:
         used = memory_in_use(plan.device, plan.physical_index)
         if used is not None:
             metrics.set("batchgen_device_memory_bytes", used, device=f"{plan.device}{plan.physical_index}")
-        engine, service = cpu.read()
-        metrics.set("batchgen_worker_cpu_seconds_total", engine, part="engine")
-        metrics.set("batchgen_worker_cpu_seconds_total", service, part="service")
+        for part, seconds in cpu.read().items():
+            metrics.set("batchgen_worker_cpu_seconds_total", seconds, part=part)
 
     exporter = RedisExporter(metrics, redis_client, f"{settings.redis_prefix}metrics:{process_name}",
                              interval_s=settings.metrics_interval_s, before_publish=_device_memory)

@@ -15,7 +15,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -237,25 +237,57 @@ class ModelRunner:
 
     def encode(self, item: WorkItem) -> Encoded:
         """Prompt token ids for one request; raises ``RequestError`` if it cannot run."""
-        shown = 1  # the prompt's BOS is not listed among its tokens
-        if item.prompt_ids is not None:
-            if any(not 0 <= i < len(self.vocabulary) for i in item.prompt_ids):
-                raise RequestError("invalid_prompt", f"prompt_ids hold ids outside the model's vocabulary "
-                                   f"(0 to {len(self.vocabulary) - 1})")
-            if item.continuations:
-                raise RequestError("invalid_prompt", "continuations follow a text prompt, not prompt_ids")
-            segments: list[str | Special] = []
-            given = list(item.prompt_ids)
-            shown = 0 if given[0] == self.bos_id else 1  # list every id that was sent, and only those
-            ids = given if shown == 0 else [self.bos_id, *given]
-        else:
+        (result,) = self.encode_many([item])
+        if isinstance(result, RequestError):
+            raise result
+        return result
+
+    def encode_many(self, items: Sequence[WorkItem]) -> list[Encoded | RequestError]:
+        """``encode`` for a round of requests: every text of every prompt goes to the tokenizer
+        in one call. A request that cannot run gets its ``RequestError`` in its place."""
+        out: list[Encoded | RequestError | None] = [None] * len(items)
+        texts: list[str] = []
+        rendered: list[tuple[int, list[str | Special]]] = []
+        for n, item in enumerate(items):
+            if item.prompt_ids is not None:
+                out[n] = self._catch(lambda item=item: self._given_ids(item))
+                continue
             messages = [ChatMessage(**m) for m in item.messages] if item.messages is not None else None
             try:
                 segments = render(chat_model=self.spec.chat, prompt=item.prompt, messages=messages,
                                   system=item.system)
             except ValueError as exc:
-                raise RequestError("invalid_prompt", str(exc)) from None
-            ids = self._encode_segments(segments)
+                out[n] = RequestError("invalid_prompt", str(exc))
+                continue
+            rendered.append((n, segments))
+            texts.extend(s for s in segments if isinstance(s, str))
+        # "<s>" typed in a prompt stays text, it never becomes BOS (see ``load_tokenizer``).
+        encoded = iter(self.tokenizer.encode_texts(texts)) if texts else iter(())
+        for n, segments in rendered:
+            ids = self._join(segments, encoded)
+            out[n] = self._catch(lambda n=n, segments=segments, ids=ids: self._encoded(items[n], ids, 1, segments))
+        return out  # type: ignore[return-value]
+
+    @staticmethod
+    def _catch(make: Callable[[], Encoded]) -> Encoded | RequestError:
+        try:
+            return make()
+        except RequestError as exc:
+            return exc
+
+    def _given_ids(self, item: WorkItem) -> Encoded:
+        """A prompt sent as token ids: BOS goes in front unless the ids start with it."""
+        assert item.prompt_ids is not None
+        if any(not 0 <= i < len(self.vocabulary) for i in item.prompt_ids):
+            raise RequestError("invalid_prompt", f"prompt_ids hold ids outside the model's vocabulary "
+                               f"(0 to {len(self.vocabulary) - 1})")
+        if item.continuations:
+            raise RequestError("invalid_prompt", "continuations follow a text prompt, not prompt_ids")
+        given = list(item.prompt_ids)
+        shown = 0 if given[0] == self.bos_id else 1  # list every id that was sent, and only those
+        return self._encoded(item, given if shown == 0 else [self.bos_id, *given], shown, [])
+
+    def _encoded(self, item: WorkItem, ids: list[int], shown: int, segments: list[str | Special]) -> Encoded:
         budget = self.spec.context_length
         if len(ids) + item.params.max_new_tokens > budget:
             raise RequestError(
@@ -263,15 +295,14 @@ class ModelRunner:
                 f"the prompt has {len(ids)} tokens; with max_new_tokens={item.params.max_new_tokens} "
                 f"that exceeds the model's context of {budget} tokens",
             )
-        enc = Encoded(item=item, ids=ids, tokens=[self.vocabulary[i] for i in ids], shown=shown)
+        vocabulary = self.vocabulary
+        enc = Encoded(item=item, ids=ids, tokens=[vocabulary[i] for i in ids], shown=shown)
         if item.params.mode == "score":
             enc.scored = self._scored(segments, ids, item.continuations)
         return enc
 
-    def _encode_segments(self, segments: Sequence[str | Special]) -> list[int]:
-        texts = [s for s in segments if isinstance(s, str)]
-        # "<s>" typed in a prompt stays text, it never becomes BOS (see ``load_tokenizer``).
-        encoded = iter(self.tokenizer.encode_texts(texts)) if texts else iter(())
+    def _join(self, segments: Sequence[str | Special], encoded: Iterator[list[int]]) -> list[int]:
+        """A prompt's ids: its texts' ids (the next ones of ``encoded``) and its special tokens."""
         ids: list[int] = []
         for segment in segments:
             if segment is Special.BOS:
@@ -281,6 +312,10 @@ class ModelRunner:
             else:
                 ids.extend(next(encoded))
         return ids
+
+    def _encode_segments(self, segments: Sequence[str | Special]) -> list[int]:
+        texts = [s for s in segments if isinstance(s, str)]
+        return self._join(segments, iter(self.tokenizer.encode_texts(texts)) if texts else iter(()))
 
     def _scored(self, segments: list[str | Special], ids: list[int],
                 continuations: Sequence[str] | None) -> list[tuple[list[int], int]]:

@@ -43,6 +43,7 @@ CLAIM_TRIES = 8
 RECORD_PATIENCE_S = 600.0
 DRAIN_GRACE_S = 10.0
 MAX_GROUP = 64  # writes per transaction
+LINGER_S = 0.002  # results wait this long for the claim of their slot's next batch
 
 
 @dataclass(eq=False)
@@ -105,6 +106,7 @@ class Writer:
         self.halt = halt or threading.Event()
         self._queue: queue.Queue[Write | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="writer", daemon=True)
+        self._conn: Connection | None = None
         self.transactions = 0  # committed (tests, the bench)
         self.writes = 0
 
@@ -150,28 +152,62 @@ class Writer:
         return group, False
 
     def _loop(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                group, _ = self._take()
-                if group:
-                    self._store(group)
-                return
-            group, stop = self._take(first)
-            self._store(group)
-            if stop:
-                group, _ = self._take()
-                if group:
-                    self._store(group)
-                return
+        try:
+            while True:
+                first = self._queue.get()
+                if first is None:
+                    group, _ = self._take()
+                    if group:
+                        self._store(group)
+                    return
+                group, stop = self._take(first)
+                if not stop and not any(isinstance(w, Claim) for w in group):
+                    # A slot whose results these are claims its next batch a moment later: wait
+                    # that moment, so that the claim shares this commit instead of waiting for it.
+                    try:
+                        nxt = self._queue.get(timeout=LINGER_S)
+                    except queue.Empty:
+                        nxt = None
+                        stop = False
+                    else:
+                        stop = nxt is None
+                    if nxt is not None:
+                        more, stop = self._take(nxt, limit=MAX_GROUP - len(group))
+                        group += more
+                self._store(group)
+                if stop:
+                    group, _ = self._take()
+                    if group:
+                        self._store(group)
+                    return
+        finally:
+            self._drop_connection()
+
+    def _connection(self) -> Connection:
+        """The writer's own connection, kept between transactions (a checkout from the pool, its
+        reset and events cost more than a small transaction's statements)."""
+        if self._conn is None or self._conn.closed or self._conn.invalidated:
+            self._conn = self.db.connection(write=True)
+        return self._conn
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.invalidate()
+                self._conn.close()
+            except Exception:  # it was broken already
+                pass
+            self._conn = None
 
     def _store(self, group: list[Write]) -> None:
         delay = 0.25
         while group:
             try:
-                with self.db.begin() as conn:
+                conn = self._connection()
+                with conn.begin():
                     results = [write.run(conn) for write in group]
             except OperationalError as exc:
+                self._drop_connection()  # it may be the connection that broke: a fresh one next time
                 group = self._after_outage(group, exc)
                 if group:
                     log.warning("database unavailable (%s); retrying %d writes in %.2fs", exc.orig, len(group), delay)

@@ -18,7 +18,8 @@ from core.registry import ModelSpec
 from core.schemas import JobCreate
 from tests.support import wait_until
 from core.tables import Job, JobRequest
-from worker.batcher import Batcher, BatchPolicy, Finished, Pending, _Submission, select_batch
+from worker.batcher import Batcher, Finished, _Submission
+from worker.scheduling import BatchPolicy, Pending, select_batch
 from worker.runner import ModelRunner
 
 # --- the policy, with an explicit clock ----------------------------------------------------
@@ -497,7 +498,7 @@ def test_a_request_arriving_while_its_prefix_group_waits_joins_it():
     numbers): a late request with the same first tokens joins the waiting group."""
     from types import SimpleNamespace
 
-    from worker.batcher import PREFIX_MIN, group_shared_prefixes
+    from worker.scheduling import PREFIX_MIN, group_shared_prefixes
 
     def pending(ids, key=(0.7, 0.9, 0, 1.0, 0)):
         enc = SimpleNamespace(ids=ids, length=len(ids), item=SimpleNamespace(attempts=0))
@@ -508,5 +509,5 @@ def test_a_request_arriving_while_its_prefix_group_waits_joins_it():
     group_shared_prefixes(first, [])
     assert len({p.key for p in first[:4]}) == 1 and first[0].key != first[4].key == (0.7, 0.9, 0, 1.0, 0)
     late = [pending(prefix + [999]), pending(list(range(700, 800)))]
-    group_shared_prefixes(late, first)
+    group_shared_prefixes(late, [p.key for p in first])
     assert late[0].key == first[0].key and late[1].key == (0.7, 0.9, 0, 1.0, 0)

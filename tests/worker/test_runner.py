@@ -108,3 +108,25 @@ def test_the_worker_tokenizes_exactly_as_transformers_does(runner, tiny_model):
     assert runner.special_ids == frozenset(hf.all_special_ids)
     ids = want[3] + [runner.bos_id] + want[2]
     assert runner.tokenizer.decode(ids, skip_special_tokens=True) == hf.decode(ids, skip_special_tokens=True)
+
+
+def test_a_round_encoded_at_once_equals_each_request_encoded_alone(runner):
+    from dataclasses import replace
+
+    messages = [{"role": "user", "content": "hi <s> there"}, {"role": "assistant", "content": "ok"},
+                {"role": "user", "content": "again, ünïcode ☃"}]
+    items = [item("Hello world", n=0), item(messages=messages, system="Be brief.", n=1),
+             replace(item(n=2), prompt_ids=[5, 6, 7]), item("word " * 300, n=3),  # too long for the context
+             item("", n=4), replace(item(n=5), prompt_ids=[runner.bos_id, 9, 99999]),  # an id past the vocabulary
+             item("Question: why?", n=6, mode="score", max_new_tokens=0, logprobs=True)]
+    together = runner.encode_many(items)
+    assert len(together) == len(items)
+    for one, alone_item in zip(together, items, strict=True):
+        try:
+            alone = runner.encode(alone_item)
+        except RequestError as exc:
+            assert isinstance(one, RequestError) and (one.code, one.message) == (exc.code, exc.message)
+            continue
+        assert not isinstance(one, RequestError)
+        assert (one.ids, one.tokens, one.shown, one.scored) == (alone.ids, alone.tokens, alone.shown, alone.scored)
+    assert [type(r).__name__ for r in together].count("RequestError") == 2
