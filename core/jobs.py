@@ -364,9 +364,11 @@ def prepare_job(*, spec: JobCreate, model: ModelSpec, limits: Limits, owner: str
 # a SQLAlchemy statement costs more than running a cached one.
 
 JOB_FIELDS = tuple(c.label("job_metadata") if c.name == "metadata" else c for c in Job.__table__.c)
+# What results pages and batch output files read (the request's params: a batch line answers as
+# the request asked, logprobs or echo).
 RESULT_FIELDS = tuple(JobRequest.__table__.c[name] for name in (
-    "id", "job_id", "idx", "custom_id", "status", "prompt", "messages", "prompt_ids", "continuations", "text",
-    "detail", "finish_reason", "prompt_tokens", "completion_tokens", "error_code", "error_message",
+    "id", "job_id", "idx", "custom_id", "status", "prompt", "messages", "prompt_ids", "continuations", "params",
+    "text", "detail", "finish_reason", "prompt_tokens", "completion_tokens", "error_code", "error_message",
     "created_at", "completed_at"))
 _JOB_BY_ID = select(*JOB_FIELDS).where(Job.__table__.c.id == bindparam("id"))
 _JOB_PAGES: dict[tuple[bool, bool, bool], Any] = {}

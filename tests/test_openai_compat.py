@@ -104,6 +104,26 @@ def test_prompts_too_long_fail_the_batch_on_their_line(stack):
 
 
 @pytest.mark.slow
+def test_a_completions_batch_runs_and_its_output_has_openai_shapes(stack):
+    client, _, worker, _ = stack
+    lines = [{"custom_id": f"p{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"model": "tiny-chat", "prompt": f"Once upon a time {i}", "max_tokens": 4, "temperature": 0,
+                       **({"logprobs": 2} if i == 0 else {})}} for i in range(3)]
+    upload = client.files.create(file=("prompts.jsonl", jsonl(lines)), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h")
+    done = wait_batch(client, batch.id)
+    assert done.status == "completed" and done.request_counts.completed == 3, worker.log()
+    out = {x["custom_id"]: x for x in map(json.loads, client.files.content(done.output_file_id).text.splitlines())}
+    assert sorted(out) == ["p0", "p1", "p2"]
+    for line in out.values():
+        body = Completion.model_validate(line["response"]["body"])
+        assert line["response"]["status_code"] == 200 and body.object == "text_completion"
+        assert body.usage.completion_tokens == 4 and body.choices[0].finish_reason == "length"
+    assert out["p0"]["response"]["body"]["choices"][0]["logprobs"]["top_logprobs"]  # the request's own params
+    assert out["p1"]["response"]["body"]["choices"][0]["logprobs"] is None
+
+
+@pytest.mark.slow
 def test_cancel_gives_a_cancelled_batch_with_its_error_file(stack):
     client, *_ = stack
     # tiny-base has no worker here: its requests wait, so cancelling catches them all.
