@@ -58,8 +58,19 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[float, ...]]] = {
 }
 
 
+_KEYS: dict[tuple[tuple[str, str], ...], str] = {}
+
+
 def _key(labels: Mapping[str, str]) -> str:
-    return json.dumps(sorted(labels.items()))
+    """A series' key: its labels as sorted JSON, made once per label set (a counter moves on every
+    HTTP answer; label sets are few: routes, statuses, models)."""
+    items = tuple(labels.items())
+    key = _KEYS.get(items)
+    if key is None:
+        if len(_KEYS) > 10_000:
+            _KEYS.clear()
+        key = _KEYS[items] = json.dumps(sorted(items))
+    return key
 
 
 class Metrics:
@@ -72,7 +83,8 @@ class Metrics:
     def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
         with self._lock:
             series = self._values.setdefault(name, {})
-            series[_key(labels)] = series.get(_key(labels), 0.0) + value
+            key = _key(labels)
+            series[key] = series.get(key, 0.0) + value
 
     def set(self, name: str, value: float, **labels: str) -> None:
         with self._lock:

@@ -346,6 +346,8 @@ class Batcher:
                     self._cond.wait(wait)
                     continue
                 self._plan.take(batch)
+                if self.tuner is not None:
+                    self.tuner.taken()  # a probe cuts its two budgets by turns
                 self._busy_slots += 1
                 self._slots.submit(self._run, batch, reason)
 

@@ -1,5 +1,5 @@
 """The batcher keeps measuring: it learns tokens/s per batch size from its own batches and moves
-its token budget when what it sees argues for another.
+its token budget when what it measures proves another one better.
 
 Calibration measures the device on synthetic prompts once; service then differs: prompts get
 longer or shorter, another process takes a core, outputs stop early. So the tuner:
@@ -12,10 +12,12 @@ longer or shorter, another process takes a core, outputs stop early. So the tune
   that prompt length (``ratio``, a metric): a ratio far from 1 means the calibration no longer
   describes the work;
 - probes: after ``probe_every`` batches (at once when the ratio departs by more than
-  ``depart``), it sets the budget one step up or down (alternating) until ``probe_batches`` batches
-  of that size were seen, and moves there if they did better than the current size by
-  ``gain``; otherwise it goes back. Probes compare batches close in time, so a change of workload
-  affects both sides alike.
+  ``depart``), it tries the budget one step up or down (alternating directions), cutting batches
+  at the current and the probed budget by turns (``taken``), so that both see the same work at
+  the same moment, until ``probe_pairs`` batches of each were measured. It moves only if the
+  probed budget did better in at least ``wins`` of the pairs and by ``gain`` in their median: a
+  machine whose speed wanders by tens of percent from one batch to the next, or the service's own
+  overhead, cannot make it move, while a device that truly does better elsewhere does.
 
 A budget given explicitly in the settings is never moved.
 """
@@ -58,9 +60,10 @@ class OnlineTuner:
     overhead_s: float = 0.0  # the service's own time per batch (worker.calibration.BATCH_OVERHEAD_S)
     min_budget: int = 64
     max_budget: int = 1 << 17
-    probe_every: int = 32
-    probe_batches: int = 4
-    probe_patience: int = 12  # batches a probe may wait for its own size before giving up
+    probe_every: int = 64
+    probe_pairs: int = 10  # batches measured at each of the two budgets a probe compares
+    wins: int = 9  # pairs the probed budget must win to be taken (by chance: 1% of probes)
+    probe_patience: int = 40  # batches a probe may wait for its pairs before giving up
     gain: float = 1.08
     depart: float = 1.3
     alpha: float = 0.3
@@ -70,7 +73,8 @@ class OnlineTuner:
     _since_probe: int = 0
     _probe: int | None = None  # the budget being tried
     _probe_waited: int = 0
-    _probe_seen: int = 0
+    _turn: int = 0  # batches cut since the probe began: odd ones at the probed budget
+    _trial: dict[int, list[float]] = field(default_factory=dict)  # budget -> tokens/s seen in the probe
     _direction: int = -1
     _base_size: float = 0.0
     _home: int = 0
@@ -84,8 +88,14 @@ class OnlineTuner:
 
     @property
     def limit(self) -> int:
-        """The token budget batches are cut to now (the probe's while one runs)."""
-        return self._probe if self._probe is not None else self.budget
+        """The token budget the next batch is cut to (while a probe runs: the current and the
+        probed budget by turns)."""
+        return self._probe if self._probe is not None and self._turn % 2 else self.budget
+
+    def taken(self) -> None:
+        """A batch was cut at ``limit``: during a probe the next one is cut at the other budget."""
+        if self._probe is not None:
+            self._turn += 1
 
     @property
     def size_limit(self) -> int:
@@ -136,21 +146,21 @@ class OnlineTuner:
         b.count += 1
         if self.frozen:
             return None
-        return self._decide(level)
+        return self._decide(level, tps)
 
-    def _decide(self, level: int) -> Move | None:
+    def _decide(self, level: int, tps: float) -> Move | None:
         if self._probe is not None:
             self._probe_waited += 1
-            if level == self._probe:
-                self._probe_seen += 1
-            if self._probe_seen >= self.probe_batches:
+            if level in (self.budget, self._probe):
+                self._trial.setdefault(level, []).append(tps)
+            if all(len(self._trial.get(b, ())) >= self.probe_pairs for b in (self.budget, self._probe)):
                 return self._conclude()
-            if self._probe_waited >= self.probe_patience:  # not enough work to fill that size
+            if self._probe_waited >= self.probe_patience:  # not enough work to fill both sizes
                 self._probe = None
             return None
         self._since_probe += 1
         departed = abs(math.log(max(1e-6, self.ratio / self._settled))) > math.log(self.depart)
-        if self._since_probe >= self.probe_every or (departed and self._since_probe >= self.probe_batches):
+        if self._since_probe >= self.probe_every or (departed and self._since_probe >= self.probe_pairs):
             self._start_probe()
         return None
 
@@ -160,21 +170,22 @@ class OnlineTuner:
             target = self._level(self.budget * 2.0 ** direction)
             if target != self.budget and target <= self.max_budget:
                 self._direction = -direction  # alternate next time
-                self._probe, self._probe_seen, self._probe_waited = target, 0, 0
+                self._probe, self._probe_waited, self._turn, self._trial = target, 0, 0, {}
                 return
 
     def _conclude(self) -> Move | None:
+        """Compare the two budgets batch by batch, in the order they ran (pairs close in time)."""
         assert self._probe is not None
         probe, self._probe = self._probe, None
         self._settled = self.ratio  # what is seen now is explained by this budget or the probed one
-        here = self._buckets.get(self.budget)
-        there = self._buckets[probe]
-        if here is None or here.count < self.probe_batches:
-            return None  # nothing recent to compare with: no evidence for a move
-        if there.tps > self.gain * here.tps:
+        pairs = list(zip(self._trial[self.budget], self._trial[probe], strict=False))[:self.probe_pairs]
+        ratios = sorted(there / here for here, there in pairs if here > 0)
+        won = sum(r > 1 for r in ratios)
+        median = ratios[len(ratios) // 2] if ratios else 0.0
+        if won >= self.wins and median >= self.gain:
             old, self.budget = self.budget, probe
-            move = Move(old, probe, f"{there.tps:.0f} tokens/s at {probe} tokens per batch against "
-                                    f"{here.tps:.0f} at {old}")
+            move = Move(old, probe, f"{probe} tokens per batch did better than {old} in {won} of {len(ratios)} "
+                                    f"alternated batches, by {median:.2f}x in the median")
             self.moves.append(move)
             self._direction = 1 if probe > old else -1  # keep going the way that paid
             return move
