@@ -25,7 +25,7 @@ from sqlalchemy import Connection, bindparam, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from core.db import connection_of
-from core.jobs import ACTIVE_JOB_STATUSES, finalize
+from core.jobs import ACTIVE_JOB_STATUSES, finalize, unindexed_status
 from core.schemas import ResolvedParams
 from core.tables import Job, JobRequest, UTCDateTime, utcnow
 
@@ -131,11 +131,15 @@ def claim(*, session: Session | Connection, request_ids: Sequence[str], run_id: 
 _JOBS = Job.__table__.c
 _REQUESTS = JobRequest.__table__.c
 _NOW = bindparam("now", type_=UTCDateTime())
-_LAPSED = (_REQUESTS.status == "running") & (_REQUESTS.lease_until < _NOW)
+_STATUS = unindexed_status()  # requests named by id are found by id, not through the status index
+_LAPSED = (_STATUS == "running") & (_REQUESTS.lease_until < _NOW)
 _CLAIM_FRESH = (
     update(JobRequest.__table__)
-    .where(_REQUESTS.id.in_(bindparam("ids", expanding=True)), _REQUESTS.status == "queued",
-           _REQUESTS.job_id.in_(select(_JOBS.id).where(or_(_JOBS.expires_at.is_(None), _JOBS.expires_at > _NOW))))
+    .where(_REQUESTS.id.in_(bindparam("ids", expanding=True)), _STATUS == "queued",
+           # Correlated, one index look-up per request: as "job_id IN (jobs not expired)" SQLite
+           # listed every unexpired job of the database at every claim.
+           select(_JOBS.id).where(_JOBS.id == _REQUESTS.job_id,
+                                  or_(_JOBS.expires_at.is_(None), _JOBS.expires_at > _NOW)).exists())
     .values(status="running", attempts=_REQUESTS.attempts + 1, started_at=_NOW, run_id=bindparam("run"),
             run_size=bindparam("size"), lease_until=bindparam("lease", type_=UTCDateTime()))
     .returning(_REQUESTS.id, _REQUESTS.job_id)
@@ -173,7 +177,7 @@ def renew_leases(*, session: Session | Connection, run_ids: Sequence[str], lease
     now = now or utcnow()
     # Rows are locked in id order, as ``record`` locks them: the heartbeat and the recorder
     # touching the same run never deadlock on PostgreSQL.
-    locked = (select(JobRequest.id).where(JobRequest.run_id.in_(list(run_ids)), JobRequest.status == "running")
+    locked = (select(JobRequest.id).where(JobRequest.run_id.in_(list(run_ids)), unindexed_status() == "running")
               .order_by(JobRequest.id))
     if connection_of(session).dialect.name == "postgresql":
         locked = locked.with_for_update()

@@ -250,3 +250,36 @@ def test_estimated_completion_follows_the_rate_so_far():
     assert jobs.estimated_completion(status="running", started_at=start, done=4, left=8,
                                      now=start + timedelta(seconds=40)) == start + timedelta(seconds=120)
     assert jobs.estimated_completion(status="queued", started_at=None, done=0, left=4) is None
+
+
+def test_requests_named_by_id_or_job_are_found_that_way_not_through_the_status_index(sqlite_url):
+    """Claims, lease renewals, cancels and expiry name their requests (by id, run or job): their
+    plans must find them that way. With bound parameters SQLite chose the status index instead,
+    reading every queued request of the database at every claim (the cost of a claim grew with
+    the backlog)."""
+    import sqlite3
+
+    from sqlalchemy import event
+
+    db = Database(sqlite_url)
+    job, ids = submit(db, {"model": "m", "prompts": ["a", "b", "c", "d"]})
+    other, _ = submit(db, {"model": "m", "prompts": ["e"]})
+    seen: list[tuple[str, tuple]] = []
+
+    @event.listens_for(db.engine, "before_cursor_execute")
+    def _capture(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        if statement.lstrip().upper().startswith(("UPDATE JOB_REQUESTS", "SELECT JOB_REQUESTS.ID")) and not executemany:
+            seen.append((statement, tuple(parameters)))
+
+    with db.write() as s:
+        runs.claim(session=s, request_ids=ids[:2], run_id="r")
+        runs.renew_leases(session=s, run_ids=["r"], lease_s=60)
+        jobs.cancel_job(session=s, job_id=other.id, owner="alice")
+    assert len(seen) >= 3
+    path = sqlite_url.removeprefix("sqlite:///")
+    raw = sqlite3.connect(path)
+    for statement, parameters in seen:
+        plan = " ; ".join(row[3] for row in raw.execute("EXPLAIN QUERY PLAN " + statement, parameters))
+        assert "ix_job_requests_status" not in plan, (statement, plan)
+    raw.close()
+    db.dispose()
