@@ -46,7 +46,7 @@ from core.metrics import Metrics
 from core.tables import utcnow
 from worker.scheduling import BatchPolicy, Pending, Plan, group_shared_prefixes, isolate, select_batch
 from worker.tuning import OnlineTuner
-from worker.writer import Writer
+from worker.writer import Claim, Writer
 
 log = logging.getLogger("batchgen.batcher")
 
@@ -113,6 +113,8 @@ class Batcher:
         self._inbox: queue.Queue[tuple[list[str], _Submission] | None] = queue.Queue()
         self._cond = threading.Condition()
         self._plan = Plan()  # what waits to run
+        # The next batch, claimed ahead while every slot was busy: (batch, reason, run id, claim).
+        self._ready: tuple[list[Pending], str, str, Claim] | None = None
         self.tokenizer_s = 0.0  # CPU the intake spent encoding prompts
         self._waiters: dict[str, list[_Submission]] = defaultdict(list)
         self._busy_slots = 0
@@ -171,7 +173,7 @@ class Batcher:
         """Finish what was submitted, then stop the threads."""
         deadline = self.clock() + timeout
         with self._cond:
-            while (self._plan or self._busy_slots or not self._inbox.empty()
+            while (self._plan or self._busy_slots or self._ready is not None or not self._inbox.empty()
                    or self._intake_busy) and self.clock() < deadline:
                 self._cond.wait(0.05)
             self._stopping = True
@@ -320,7 +322,23 @@ class Batcher:
                         self._cond.wait()
                         continue
                     self._exclusive = False  # the retried request ran and its outcome is stored
-                if self._draining or not self._plan or self._busy_slots >= self.policy.slots:
+                if self._ready is not None and self._busy_slots < self.policy.slots:
+                    batch, reason, run_id, claim = self._ready  # claimed already: it runs even when draining
+                    self._ready = None
+                    self._busy_slots += 1
+                    self._slots.submit(self._run, batch, reason, run_id, claim)
+                    continue
+                if self._draining or not self._plan:
+                    self._cond.wait()
+                    continue
+                if self._busy_slots >= self.policy.slots:
+                    if self._ready is None and not self._plan.retried:
+                        # Every slot is busy and a full batch waits: claim it now, so that its
+                        # claim is stored with other writes and the slot that frees up starts it.
+                        batch, _, reason = self._select()
+                        if batch is not None and reason == "full":
+                            self._claim_ahead(batch, reason)
+                            continue
                     self._cond.wait()
                     continue
                 if self._plan.retried:
@@ -350,6 +368,18 @@ class Batcher:
                     self.tuner.taken()  # a probe cuts its two budgets by turns
                 self._busy_slots += 1
                 self._slots.submit(self._run, batch, reason)
+
+    def _claim_ahead(self, batch: list[Pending], reason: str) -> None:
+        """Take ``batch`` from the plan and have the writer claim it in the background (called
+        under the lock); its leases are renewed from now on, as a running batch's are."""
+        self._plan.take(batch)
+        if self.tuner is not None:
+            self.tuner.taken()
+        run_id = new_id("run")
+        claim = self.writer.claim_ahead([p.enc.item.id for p in batch], run_id, lease_s=self.lease_s,
+                                        max_attempts=self.max_attempts)
+        self._active_runs.add(run_id)
+        self._ready = (batch, reason, run_id, claim)
 
     def _policy_now(self) -> BatchPolicy:
         """The policy with the limits the tuner has in force now (called under the lock)."""
@@ -388,11 +418,17 @@ class Batcher:
 
     # --- running ---------------------------------------------------------------------------
 
-    def _run(self, batch: list[Pending], reason: str = "") -> None:
-        run_id = new_id("run")
+    def _run(self, batch: list[Pending], reason: str = "", run_id: str | None = None,
+             claim: Claim | None = None) -> None:
+        """Claim (unless ``claim``, made ahead, did), generate, and hand the outcomes to the writer."""
+        run_id = run_id or new_id("run")
         ids = [p.enc.item.id for p in batch]
         try:
-            claimed = set(self.writer.claim(ids, run_id, lease_s=self.lease_s, max_attempts=self.max_attempts))
+            if claim is None:
+                claim_ids = self.writer.claim(ids, run_id, lease_s=self.lease_s, max_attempts=self.max_attempts)
+            else:
+                claim_ids = self.writer.hurry(claim)
+            claimed = set(claim_ids)
             lost = [i for i in ids if i not in claimed]
             if lost:
                 log.info("%d requests of a batch were taken by another run; skipping them", len(lost))

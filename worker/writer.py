@@ -43,7 +43,7 @@ CLAIM_TRIES = 8
 RECORD_PATIENCE_S = 600.0
 DRAIN_GRACE_S = 10.0
 MAX_GROUP = 64  # writes per transaction
-LINGER_S = 0.002  # results wait this long for the claim of their slot's next batch
+LINGER_S = 0.05  # writes nobody waits on gather up to this long (acks come that much later)
 
 
 @dataclass(eq=False)
@@ -68,6 +68,7 @@ class Claim(Write):
     run_id: str = ""
     lease_s: float = 60.0
     max_attempts: int = 3
+    urgent: bool = True  # a slot waits on it (a claim made ahead, while every slot is busy, is not)
 
     def run(self, conn: Connection) -> list[str]:
         return runs.claim(session=conn, request_ids=self.ids, run_id=self.run_id, lease_s=self.lease_s,
@@ -94,6 +95,19 @@ class FailQueued(Write):
 
     def run(self, conn: Connection) -> list[str]:
         return runs.fail_queued(session=conn, outcomes=self.outcomes, run_id=new_id("run"))
+
+
+@dataclass(eq=False)
+class Nudge(Write):
+    """Nothing to store: wakes a writer that lets writes gather, because a slot now waits on a
+    claim made ahead (``Writer.hurry``)."""
+
+    def run(self, conn: Connection) -> None:
+        return None
+
+
+def _urgent(write: Write) -> bool:
+    return isinstance(write, Claim) and write.urgent or isinstance(write, FailQueued | Nudge)
 
 
 class Writer:
@@ -129,6 +143,20 @@ class Writer:
         write = Claim(ids=list(ids), run_id=run_id, lease_s=lease_s, max_attempts=max_attempts)
         return self.submit(write).result()  # type: ignore[no-any-return]
 
+    def claim_ahead(self, ids: Sequence[str], run_id: str, *, lease_s: float, max_attempts: int) -> Claim:
+        """Claim a batch that will run when a slot frees up: stored with other writes, unless a
+        slot waits for it first (``hurry``)."""
+        claim = Claim(ids=list(ids), run_id=run_id, lease_s=lease_s, max_attempts=max_attempts, urgent=False)
+        self.submit(claim)
+        return claim
+
+    def hurry(self, claim: Claim) -> list[str]:
+        """Wait for a claim made ahead, which a slot now needs: it is stored at once."""
+        if not claim.future.done():
+            claim.urgent = True
+            self.submit(Nudge())
+        return claim.future.result()  # type: ignore[no-any-return]
+
     def record(self, run_id: str, outcomes: list[Outcome]) -> Future[list[str]]:
         """Store a run's outcomes; the future resolves with the ids recorded once committed."""
         return self.submit(Record(run_id=run_id, outcomes=outcomes))
@@ -161,19 +189,23 @@ class Writer:
                         self._store(group)
                     return
                 group, stop = self._take(first)
-                if not stop and not any(isinstance(w, Claim) for w in group):
-                    # A slot whose results these are claims its next batch a moment later: wait
-                    # that moment, so that the claim shares this commit instead of waiting for it.
+                # Nobody waits on results (their messages are acked a few ms later) nor on a
+                # claim made ahead: while no slot waits on a claim, writes gather for up to
+                # LINGER_S, so that a transaction (and its fsync) stores several batches' writes.
+                deadline = self.clock() + LINGER_S
+                while not stop and len(group) < MAX_GROUP and not any(_urgent(w) for w in group):
+                    left = deadline - self.clock()
+                    if left <= 0:
+                        break
                     try:
-                        nxt = self._queue.get(timeout=LINGER_S)
+                        nxt = self._queue.get(timeout=left)
                     except queue.Empty:
-                        nxt = None
-                        stop = False
-                    else:
-                        stop = nxt is None
-                    if nxt is not None:
-                        more, stop = self._take(nxt, limit=MAX_GROUP - len(group))
-                        group += more
+                        break
+                    if nxt is None:
+                        stop = True
+                        break
+                    more, stop = self._take(nxt, limit=MAX_GROUP - len(group))
+                    group += more
                 self._store(group)
                 if stop:
                     group, _ = self._take()

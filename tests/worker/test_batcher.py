@@ -511,3 +511,38 @@ def test_a_request_arriving_while_its_prefix_group_waits_joins_it():
     late = [pending(prefix + [999]), pending(list(range(700, 800)))]
     group_shared_prefixes(late, [p.key for p in first])
     assert late[0].key == first[0].key and late[1].key == (0.7, 0.9, 0, 1.0, 0)
+
+
+def test_the_next_full_batch_is_claimed_while_every_slot_is_busy_and_runs_even_at_shutdown(db, runner):
+    """One slot, batches of two: while the first batch generates, the next full one is claimed
+    ahead (its claim stored with other writes, not on the slot's path). A warm shutdown then
+    hands back what waits, but the batch claimed ahead runs and is stored: claimed requests are
+    never left to lapse."""
+    from worker.batcher import Requeue
+
+    _, ids = submit_job(db, {"prompts": [f"same length {i}" for i in range(6)], "params": {"max_new_tokens": 2}})
+    gated = Gated(runner)
+    batcher = Batcher(runner=gated, db=db, policy=BatchPolicy(max_batch_size=2, max_wait_ms=0, slots=1)).start()
+    try:
+        futures = [batcher.submit([i]) for i in ids]
+        assert gated.started.wait(30)  # the first batch generates, held at the gate
+        wait_until(lambda: sum(r.status == "running" for r in rows(db, ids)) == 4, 10,
+                   what="the next batch claimed while the slot is busy")
+        running = [r for r in rows(db, ids) if r.status == "running"]
+        assert len({r.run_id for r in running}) == 2  # two runs: the one generating, the one claimed ahead
+        batcher.hand_back()  # shutdown begins while the first batch still generates
+        gated.gate.set()
+        outcomes = []
+        for f in futures:
+            try:
+                f.result(timeout=30)
+                outcomes.append("stored")
+            except Requeue:
+                outcomes.append("handed back")
+        assert outcomes.count("stored") == 4 and outcomes.count("handed back") == 2
+        stored = [r for r in rows(db, ids) if r.status == "succeeded"]
+        assert {r.id for r in stored} == {r.id for r in running}
+        assert all(r.status == "queued" for r in rows(db, ids) if r.id not in {s.id for s in stored})
+    finally:
+        gated.gate.set()
+        batcher.stop()
