@@ -363,7 +363,9 @@ def prepare_job(*, spec: JobCreate, model: ModelSpec, limits: Limits, owner: str
 # so code that formats them takes a row or a ``Job`` alike. Statements are built once: building
 # a SQLAlchemy statement costs more than running a cached one.
 
-JOB_FIELDS = tuple(c.label("job_metadata") if c.name == "metadata" else c for c in Job.__table__.c)
+# What clients read of a job (not its idempotency key, request hash, dispatch time or webhook key).
+JOB_FIELDS = tuple(c.label("job_metadata") if c.name == "metadata" else c for c in Job.__table__.c
+                   if c.name not in ("idempotency_key", "request_hash", "dispatched_at", "webhook_secret"))
 # What results pages and batch output files read (the request's params: a batch line answers as
 # the request asked, logprobs or echo).
 RESULT_FIELDS = tuple(JobRequest.__table__.c[name] for name in (
@@ -373,7 +375,7 @@ RESULT_FIELDS = tuple(JobRequest.__table__.c[name] for name in (
 _JOB_BY_ID = select(*JOB_FIELDS).where(Job.__table__.c.id == bindparam("id"))
 _JOB_PAGES: dict[tuple[bool, bool, bool], Any] = {}
 _RESULT_PAGES: dict[bool, Any] = {}
-_BY_IDEMPOTENCY_KEY = select(*JOB_FIELDS).where(
+_BY_IDEMPOTENCY_KEY = select(*JOB_FIELDS, Job.__table__.c.idempotency_key, Job.__table__.c.request_hash).where(
     Job.__table__.c.idempotency_key.in_(bindparam("keys", expanding=True)),
     Job.__table__.c.owner.in_(bindparam("owners", expanding=True)))
 _REQUEST_IDX = select(JobRequest.__table__.c.idx).where(JobRequest.__table__.c.job_id == bindparam("job"),
