@@ -13,7 +13,7 @@ import bisect
 import json
 import math
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client.exposition import generate_latest
@@ -91,13 +91,20 @@ class Metrics:
             self._values.setdefault(name, {})[_key(labels)] = value
 
     def observe(self, name: str, value: float, **labels: str) -> None:
+        self.observe_many(name, (value,), **labels)
+
+    def observe_many(self, name: str, values: Iterable[float], **labels: str) -> None:
+        """Observe several values of one histogram at once (a batch's requests): one lock, one key."""
         buckets = DEFINITIONS[name][2]
+        key = _key(labels)
         with self._lock:
             series = self._values.setdefault(name, {})
-            h = series.setdefault(_key(labels), {"counts": [0] * (len(buckets) + 1), "sum": 0.0, "count": 0})
-            h["counts"][bisect.bisect_left(buckets, value)] += 1
-            h["sum"] += value
-            h["count"] += 1
+            h = series.setdefault(key, {"counts": [0] * (len(buckets) + 1), "sum": 0.0, "count": 0})
+            counts = h["counts"]
+            for value in values:
+                counts[bisect.bisect_left(buckets, value)] += 1
+                h["sum"] += value
+                h["count"] += 1
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """Everything, as JSON-ready data."""

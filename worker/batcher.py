@@ -503,17 +503,13 @@ class Batcher:
         m.observe("batchgen_batch_size", len(todo))
         m.observe("batchgen_batch_tokens", batch_tokens)
         m.inc("batchgen_generated_tokens_total", new_tokens)
-        shared_prefix = getattr(self.runner, "shared_prefix", None)
-        if shared_prefix is not None and todo[0].key != ("score",):  # as the runner computed it
-            encs = [p.enc for p in todo for _ in range(p.enc.item.params.samples)]
-            saved = shared_prefix(encs) * (len(encs) - 1)
-            if saved:
-                m.inc("batchgen_prefix_tokens_saved_total", saved)
+        saved = getattr(self.runner, "prefix_saved", lambda: 0)()  # of the call this thread just made
+        if saved:
+            m.inc("batchgen_prefix_tokens_saved_total", saved)
         m.inc("batchgen_generation_seconds_total", seconds)
         if seconds > 0 and todo[0].key != ("score",):  # a scoring batch generates nothing
             m.set("batchgen_generation_tokens_per_second", new_tokens / seconds)
-        for p in todo:
-            m.observe("batchgen_queue_wait_seconds", max(0.0, started - p.arrived))
+        m.observe_many("batchgen_queue_wait_seconds", [max(0.0, started - p.arrived) for p in todo])
         if self.tuner is not None:
             with self._cond:
                 self._publish_limits()
@@ -575,9 +571,8 @@ class Batcher:
         now = utcnow()
         with self._cond:
             born = [self._created.pop(i, None) for i in request_ids]
-        for created in born:
-            if created is not None:
-                self.metrics.observe("batchgen_time_to_result_seconds", (now - created).total_seconds())
+        self.metrics.observe_many("batchgen_time_to_result_seconds",
+                                  [(now - created).total_seconds() for created in born if created is not None])
 
     def _announce_done(self, request_ids: Sequence[str]) -> None:
         if self.announcer is not None:

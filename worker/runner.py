@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -227,7 +228,7 @@ class ModelRunner:
         self.eos_id = self.tokenizer.eos_id
         self.device, self.compute_type = device, compute_type
         self.inter_threads = inter_threads
-        self.prefix_tokens_saved = 0  # prompt tokens not computed again thanks to shared prefixes
+        self._local = threading.local()  # what the last call of each slot's thread saved
         self.load_seconds = time.monotonic() - started
         log.info("loaded %s from %s on %s:%d (%s, inter_threads=%d, intra_threads=%d) in %.2fs",
                  spec.name, model_dir, device, device_index, compute_type, inter_threads,
@@ -529,6 +530,13 @@ class ModelRunner:
     # prompt, and caching measured no faster.
     STATIC_PROMPT_MIN = 64
 
+    def prefix_saved(self) -> int:
+        """Prompt tokens the last ``generate`` call of this thread did not compute again, thanks
+        to a prefix its rows share (0 for any other call)."""
+        saved = getattr(self._local, "saved", 0)
+        self._local.saved = 0
+        return int(saved)
+
     def shared_prefix(self, rows: Sequence[Encoded]) -> int:
         """How many leading tokens every row shares, when worth computing once (else 0). Each row
         keeps at least two tokens of its own: CTranslate2 forwards the rows' own tokens up to the
@@ -577,7 +585,7 @@ class ModelRunner:
                              or seq.streaming for enc, seq in zip(rows, sequences, strict=True))
         # A prefix every row shares is computed once for the batch, not once per row.
         shared = self.shared_prefix(rows)
-        self.prefix_tokens_saved += shared * (len(rows) - 1)
+        self._local.saved = shared * (len(rows) - 1)
         prefix = {"static_prompt": rows[0].tokens[:shared], "cache_static_prompt": False} if shared else {}
         results = self.generator.generate_batch(
             [enc.tokens[shared:] for enc in rows],

@@ -130,3 +130,37 @@ def test_a_round_encoded_at_once_equals_each_request_encoded_alone(runner):
         assert not isinstance(one, RequestError)
         assert (one.ids, one.tokens, one.shown, one.scored) == (alone.ids, alone.tokens, alone.shown, alone.scored)
     assert [type(r).__name__ for r in together].count("RequestError") == 2
+
+
+class Recording:
+    """The runner's CTranslate2 generator, recording whether each call had a step callback."""
+
+    def __init__(self, generator):
+        self.generator, self.callbacks = generator, []
+
+    def __getattr__(self, name):
+        return getattr(self.generator, name)
+
+    def generate_batch(self, *args, **kwargs):
+        self.callbacks.append(kwargs.get("callback") is not None)
+        return self.generator.generate_batch(*args, **kwargs)
+
+
+def test_a_batch_whose_rows_share_their_length_and_have_no_stop_runs_without_a_step_callback(runner):
+    recording = Recording(runner.generator)
+    runner.generator = recording
+    try:
+        plain = [runner.encode(item(f"prompt {i}", n=i, max_new_tokens=5)) for i in range(3)]
+        outcomes = runner.generate(plain)
+        assert [o.completion_tokens for o in outcomes if o.finish_reason == "length"] and all(
+            o.completion_tokens <= 5 for o in outcomes)
+        stopping = [runner.encode(item("prompt", n=9, max_new_tokens=5, stop=["e"])), *plain[:1]]
+        runner.generate(stopping)
+        mixed = [runner.encode(item("prompt", n=10, max_new_tokens=2)), *plain[:1]]
+        outcomes = runner.generate(mixed)
+        assert outcomes[0].completion_tokens <= 2
+    finally:
+        runner.generator = recording.generator
+    # Python runs for every token of every row only where a row needs it: a stop string to find,
+    # or a row to stop before the others.
+    assert recording.callbacks == [False, True, True]
