@@ -44,7 +44,15 @@ from core.ids import new_id
 from core.runs import Outcome, WorkItem
 from core.metrics import Metrics
 from core.tables import utcnow
-from worker.scheduling import BatchPolicy, Pending, Plan, group_shared_prefixes, isolate, select_batch
+from worker.scheduling import (
+    BatchPolicy,
+    Pending,
+    Plan,
+    cost_shared_prefixes,
+    group_shared_prefixes,
+    isolate,
+    select_batch,
+)
 from worker.tuning import OnlineTuner
 from worker.writer import Claim, Writer
 
@@ -292,8 +300,9 @@ class Batcher:
             fresh.append(Pending(enc, key, enc.length, cost, now, item.priority,
                                  interactive=item.params.delivery != "store", retried=item.attempts > 0))
         with self._cond:
-            waiting = list(self._plan.groups)
-        group_shared_prefixes(fresh, waiting)
+            waiting = dict(self._plan.groups)
+            group_shared_prefixes(fresh, waiting)
+            cost_shared_prefixes(fresh, waiting)
         if failures:
             self.writer.fail_queued(failures)
             settled.extend(o.request_id for o in failures)

@@ -77,6 +77,9 @@ class Pending:
     priority: int = 5
     interactive: bool = False  # a synchronous or streamed call: someone waits on it now
     retried: bool = False  # its worker died running it: it runs alone (see ``isolate``)
+    # Leading tokens it shares with its prefix group (see ``cost_shared_prefixes``): computed once
+    # per batch, so counted once in a batch's tokens, not in ``cost``.
+    shared: int = 0
     waiting: bool = True  # still in the plan
 
 
@@ -214,6 +217,33 @@ def group_shared_prefixes(fresh: Sequence[Pending], waiting_keys: Iterable[tuple
             p.key = key
 
 
+def cost_shared_prefixes(fresh: Sequence[Pending], groups: dict[tuple[Any, ...], list[Pending]]) -> None:
+    """Cost requests of a prefix group by what a batch computes for them: their own tokens and
+    new ones (``cost``), the prefix the group shares once per batch (``shared``). Without this a
+    batch of requests sharing 400 tokens counted them in every row, and was cut at a quarter of
+    what the device runs best with its prefix computed once (``static_prompt``). ``groups``: what
+    already waits, by key (a late arrival is compared with a request of its waiting group)."""
+    by_key: dict[tuple[Any, ...], list[Pending]] = defaultdict(list)
+    for p in fresh:
+        if p.key and _is_prefix_mark(p.key[-1]):
+            by_key[p.key].append(p)
+    for key, members in by_key.items():
+        waiting = groups.get(key)
+        reference = (waiting[0] if waiting else members[0]).enc.ids
+        shared = waiting[0].shared if waiting and waiting[0].shared else len(reference)
+        for p in members:  # what every one of them shares with the reference
+            ids = p.enc.ids
+            limit = min(shared, len(ids) - 2)  # each row keeps tokens of its own (the runner's rule)
+            n = 0
+            while n < limit and ids[n] == reference[n]:
+                n += 1
+            shared = n
+        if shared >= PREFIX_MIN:
+            for p in members:
+                p.cost -= shared * p.enc.item.params.samples
+                p.shared = shared
+
+
 def _fits(first: Pending, cand: Pending, policy: BatchPolicy) -> bool:
     slack = max(policy.length_slack_tokens, int(first.length * policy.length_slack_ratio))
     return cand.length - first.length <= slack
@@ -236,6 +266,8 @@ def chunks(group: list[Pending], policy: BatchPolicy) -> list[tuple[list[Pending
             # a request of a length in between could still join it.
             out.append((chunk, is_full() or tokens + p.cost > policy.max_batch_tokens))
             chunk, tokens = [], 0
+        if not chunk:
+            tokens = p.shared  # a prefix the batch's rows share is computed once for the batch
         chunk.append(p)
         tokens += p.cost
     if chunk:

@@ -68,3 +68,27 @@ def test_the_plan_keeps_groups_sorted_and_counts_what_waits():
     assert plan.oldest().length == 10 and len(plan) == 5
     plan.take(first)
     assert [p.length for p in plan.clear()] == [25, 30, 40] and len(plan) == 0 and plan.interactive == 0
+
+
+def test_a_prefix_group_is_cut_by_what_its_batches_compute():
+    """Requests sharing 201 leading tokens (BOS and a 200-token prefix), 9 of their own and 3 new:
+    the prefix is computed once per batch, so a 400-token budget takes 16 of them (201 + 16 x 12),
+    not one (213 each when every row counted the prefix)."""
+    from types import SimpleNamespace
+
+    from worker.scheduling import chunks, cost_shared_prefixes, group_shared_prefixes
+
+    prefix = list(range(1000, 1200))
+    fresh = []
+    for i in range(40):
+        ids = [1, *prefix, *range(10 * i, 10 * i + 9)]  # BOS, the prefix, 9 tokens of its own
+        item = SimpleNamespace(attempts=0, params=SimpleNamespace(samples=1))
+        enc = SimpleNamespace(ids=ids, length=len(ids), item=item)
+        fresh.append(Pending(enc=enc, key=("sample",), length=len(ids), cost=len(ids) + 3, arrived=i * 0.001))
+    group_shared_prefixes(fresh)
+    cost_shared_prefixes(fresh, {})
+    assert {p.key[-1][0] for p in fresh} == {"prefix"} and {p.shared for p in fresh} == {201}
+    policy = BatchPolicy(max_batch_size=64, max_batch_tokens=400)
+    batches = chunks(sorted(fresh, key=lambda p: p.length), policy)
+    assert [len(b) for b, _ in batches] == [16, 16, 8]
+    assert all(201 + sum(p.cost for p in b) <= 400 for b, _ in batches)
