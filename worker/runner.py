@@ -1,90 +1,32 @@
-"""The model runner: a CTranslate2 ``Generator`` and the model's transformers tokenizer.
+"""The model runner: a CTranslate2 ``Generator``, the model's prompts (``worker.tokenizing``)
+and log probabilities (``worker.logprobs``).
 
-``encode`` turns a request into prompt tokens (Llama-2 chat template where it applies);
 ``generate`` runs one batch of encoded requests in a single ``generate_batch`` call. The batch
 shares sampling settings (CTranslate2 takes them per call); each request's own
 ``max_new_tokens`` and ``stop`` strings are enforced inside the call by the step callback, which
-stops that sequence only.
+stops that sequence only, and runs only where a row needs it (a stop string, a stream, a row
+that ends before the others).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.runs import Outcome, WorkItem, storable
-from core.prompts import E_INST, Special, render
 from core.registry import ModelSpec
-from core.schemas import ChatMessage
-from worker.detokenizer import CONTEXT, StreamDecoder, first_stop, incremental_ok
+from core.runs import Outcome, storable
+from worker.detokenizer import StreamDecoder, first_stop
+from worker.logprobs import LogProbs, mean_logprob
+from worker.tokenizing import Encoded, Prompts
 
 log = logging.getLogger("batchgen.runner")
-
-# Prompt ids kept to decode the first generated token in context (see decode_continuation);
-# the incremental decoder uses the same number, so both give the same text.
-_TAIL = CONTEXT
-
-
-@dataclass
-class Encoded:
-    """A request ready to run: prompt token ids and the strings CTranslate2 takes; for a scoring
-    request, also the sequences to score, each with the position its scored tokens start at."""
-
-    item: WorkItem
-    ids: list[int]
-    tokens: list[str]
-    scored: list[tuple[list[int], int]] | None = None
-    shown: int = 1  # where the prompt's tokens that results list (echo) start: after our BOS
-
-    @property
-    def length(self) -> int:
-        if self.scored is not None:
-            return sum(len(ids) for ids, _ in self.scored)
-        return len(self.ids)
-
-
-@dataclass(frozen=True)
-class Positions:
-    """Log probabilities at the scored positions of one sequence: for each scored token, its log
-    probability, whether it was the model's most likely token, and the ``top`` most likely (id,
-    log probability) pairs when asked for."""
-
-    logprobs: list[float]
-    greedy: list[bool]
-    top: list[list[tuple[int, float]]] | None
-
-
-def _mean_logprob(choice: dict[str, Any]) -> float:
-    """A sample's log probability per token; an empty one ranks last."""
-    tokens = (choice["logprobs"] or {}).get("content") or []
-    values = [t["logprob"] for t in tokens if t["logprob"] is not None]
-    return sum(values) / len(values) if values else float("-inf")
-
-
-def _token_text(token_id: int, raw: bytes, vocabulary: list[str]) -> str:
-    """A token as text: its bytes decoded (part of a character shows U+FFFD, NUL too, which no
-    database text holds), or a special token's own name."""
-    if not raw and vocabulary[token_id].startswith("<"):
-        return vocabulary[token_id]
-    return raw.decode("utf-8", errors="replace").replace("\x00", "\ufffd")
-
-
-class RequestError(Exception):
-    """A request that cannot run (too long, unencodable); it fails alone."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
-
 
 DeltaSink = Callable[[str, str], None]
 
@@ -158,48 +100,6 @@ class _Sequence:
         return text
 
 
-@dataclass(frozen=True)
-class Tokenizer:
-    """The model's tokenizer as the worker uses it: the Rust ``tokenizers`` object of the model's
-    ``tokenizer.json`` (what transformers itself wraps), without transformers or PyTorch."""
-
-    backend: Any
-    bos_id: int
-    eos_id: int
-    special_ids: frozenset[int]
-
-    def encode_texts(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each text: no BOS/EOS added, special-token strings kept as text."""
-        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        return str(self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens))
-
-
-def load_tokenizer(model_dir: Path) -> Tokenizer:
-    """The tokenizer saved next to a converted model (``tokenizer.json`` + ``tokenizer_config.json``)."""
-    from tokenizers import Tokenizer as RustTokenizer
-
-    backend = RustTokenizer.from_file(str(model_dir / "tokenizer.json"))
-    # What transformers' split_special_tokens does: a special token's text in a prompt is
-    # tokenized as text, so "<s>" typed by a user can never become BOS.
-    backend.encode_special_tokens = True
-    config_file = model_dir / "tokenizer_config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-
-    def token_id(name: str, default: str) -> int:
-        token = config.get(name) or default
-        content = token.get("content", default) if isinstance(token, dict) else str(token)
-        found = backend.token_to_id(content)
-        if found is None:
-            raise ValueError(f"{model_dir}: the tokenizer has no {name} {content!r}")
-        return int(found)
-
-    specials = frozenset(int(i) for i, t in backend.get_added_tokens_decoder().items() if t.special)
-    return Tokenizer(backend=backend, bos_id=token_id("bos_token", "<s>"), eos_id=token_id("eos_token", "</s>"),
-                     special_ids=specials)
-
-
 class ModelRunner:
     """One model on one device, loaded once per worker process."""
 
@@ -212,20 +112,19 @@ class ModelRunner:
         self.fault_kill_on, self.fault_generate_s = fault_kill_on, fault_generate_s
         self.spec = spec
         self.model_dir = Path(model_dir)
-        self.tokenizer = load_tokenizer(self.model_dir)
-        self._backend = self.tokenizer.backend  # the Rust tokenizer
+        self.prompts = Prompts(self.model_dir, spec)
         self.generator = ctranslate2.Generator(
             str(model_dir), device=device, device_index=device_index, compute_type=compute_type,
             inter_threads=inter_threads, intra_threads=intra_threads,
         )
-        # CTranslate2 takes token strings; its vocabulary maps our ids to them.
-        self.vocabulary: list[str] = json.loads((self.model_dir / "vocabulary.json").read_text())
-        self.byte_ids = frozenset(i for i, t in enumerate(self.vocabulary)
-                                  if len(t) == 6 and t.startswith("<0x") and t.endswith(">"))
-        self.special_ids = self.tokenizer.special_ids
-        self.incremental = incremental_ok(json.loads((self.model_dir / "tokenizer.json").read_text()))
-        self.bos_id = self.tokenizer.bos_id
-        self.eos_id = self.tokenizer.eos_id
+        self.logprobs = LogProbs(self.generator, self.prompts)
+        p = self.prompts
+        self.tokenizer, self.vocabulary, self.bos_id, self.eos_id = p.tokenizer, p.vocabulary, p.bos_id, p.eos_id
+        self.special_ids, self.byte_ids = p.special_ids, p.byte_ids
+        # What the rest of the worker asks of a runner, answered by its parts.
+        self.encode, self.encode_many = p.encode, p.encode_many
+        self.decode_continuation, self.stream_decoder = p.decode_continuation, p.stream_decoder
+        self.token_bytes, self.score = self.logprobs.token_bytes, self.logprobs.score
         self.device, self.compute_type = device, compute_type
         self.inter_threads = inter_threads
         self._local = threading.local()  # what the last call of each slot's thread saved
@@ -234,120 +133,6 @@ class ModelRunner:
                  spec.name, model_dir, device, device_index, compute_type, inter_threads,
                  intra_threads, self.load_seconds)
 
-    # --- encoding ---------------------------------------------------------------------------
-
-    def encode(self, item: WorkItem) -> Encoded:
-        """Prompt token ids for one request; raises ``RequestError`` if it cannot run."""
-        (result,) = self.encode_many([item])
-        if isinstance(result, RequestError):
-            raise result
-        return result
-
-    def encode_many(self, items: Sequence[WorkItem]) -> list[Encoded | RequestError]:
-        """``encode`` for a round of requests: every text of every prompt goes to the tokenizer
-        in one call. A request that cannot run gets its ``RequestError`` in its place."""
-        out: list[Encoded | RequestError | None] = [None] * len(items)
-        texts: list[str] = []
-        rendered: list[tuple[int, list[str | Special]]] = []
-        for n, item in enumerate(items):
-            if item.prompt_ids is not None:
-                out[n] = self._catch(lambda item=item: self._given_ids(item))
-                continue
-            messages = [ChatMessage(**m) for m in item.messages] if item.messages is not None else None
-            try:
-                segments = render(chat_model=self.spec.chat, prompt=item.prompt, messages=messages,
-                                  system=item.system)
-            except ValueError as exc:
-                out[n] = RequestError("invalid_prompt", str(exc))
-                continue
-            rendered.append((n, segments))
-            texts.extend(s for s in segments if isinstance(s, str))
-        # "<s>" typed in a prompt stays text, it never becomes BOS (see ``load_tokenizer``).
-        encoded = iter(self.tokenizer.encode_texts(texts)) if texts else iter(())
-        for n, segments in rendered:
-            ids = self._join(segments, encoded)
-            out[n] = self._catch(lambda n=n, segments=segments, ids=ids: self._encoded(items[n], ids, 1, segments))
-        return out  # type: ignore[return-value]
-
-    @staticmethod
-    def _catch(make: Callable[[], Encoded]) -> Encoded | RequestError:
-        try:
-            return make()
-        except RequestError as exc:
-            return exc
-
-    def _given_ids(self, item: WorkItem) -> Encoded:
-        """A prompt sent as token ids: BOS goes in front unless the ids start with it."""
-        assert item.prompt_ids is not None
-        if any(not 0 <= i < len(self.vocabulary) for i in item.prompt_ids):
-            raise RequestError("invalid_prompt", f"prompt_ids hold ids outside the model's vocabulary "
-                               f"(0 to {len(self.vocabulary) - 1})")
-        if item.continuations:
-            raise RequestError("invalid_prompt", "continuations follow a text prompt, not prompt_ids")
-        given = list(item.prompt_ids)
-        shown = 0 if given[0] == self.bos_id else 1  # list every id that was sent, and only those
-        return self._encoded(item, given if shown == 0 else [self.bos_id, *given], shown, [])
-
-    def _encoded(self, item: WorkItem, ids: list[int], shown: int, segments: list[str | Special]) -> Encoded:
-        budget = self.spec.context_length
-        if len(ids) + item.params.max_new_tokens > budget:
-            raise RequestError(
-                "context_length_exceeded",
-                f"the prompt has {len(ids)} tokens; with max_new_tokens={item.params.max_new_tokens} "
-                f"that exceeds the model's context of {budget} tokens",
-            )
-        vocabulary = self.vocabulary
-        enc = Encoded(item=item, ids=ids, tokens=[vocabulary[i] for i in ids], shown=shown)
-        if item.params.mode == "score":
-            enc.scored = self._scored(segments, ids, item.continuations)
-        return enc
-
-    def _join(self, segments: Sequence[str | Special], encoded: Iterator[list[int]]) -> list[int]:
-        """A prompt's ids: its texts' ids (the next ones of ``encoded``) and its special tokens."""
-        ids: list[int] = []
-        for segment in segments:
-            if segment is Special.BOS:
-                ids.append(self.bos_id)
-            elif segment is Special.EOS:
-                ids.append(self.eos_id)
-            else:
-                ids.extend(next(encoded))
-        return ids
-
-    def _encode_segments(self, segments: Sequence[str | Special]) -> list[int]:
-        texts = [s for s in segments if isinstance(s, str)]
-        return self._join(segments, iter(self.tokenizer.encode_texts(texts)) if texts else iter(()))
-
-    def _scored(self, segments: list[str | Special], ids: list[int],
-                continuations: Sequence[str] | None) -> list[tuple[list[int], int]]:
-        """What a scoring request scores: the prompt's tokens after the first, or each continuation's
-        tokens after the prompt. A continuation is tokenized joined to the prompt's text (as the
-        model would have read it); its tokens are those after the prompt's tokens that the joined
-        text shares (a token merging across the seam counts as the continuation's)."""
-        budget = self.spec.context_length
-        if not continuations:
-            if len(ids) < 2:
-                raise RequestError("invalid_prompt", "a scored text needs at least one token after the first")
-            return [(ids, 1)]
-        out = []
-        for n, continuation in enumerate(continuations):
-            joined = list(segments)
-            if joined and isinstance(joined[-1], str) and joined[-1].endswith(E_INST) and not continuation[0].isspace():
-                continuation = " " + continuation  # the template writes an answer as "[/INST] answer"
-            if joined and isinstance(joined[-1], str):
-                joined[-1] = joined[-1] + continuation
-            else:
-                joined.append(continuation)
-            full = self._encode_segments(joined)
-            shared = next((i for i, (a, b) in enumerate(zip(ids, full)) if a != b), min(len(ids), len(full)))
-            if len(full) > budget:
-                raise RequestError("context_length_exceeded", f"the prompt with continuations[{n}] has "
-                                   f"{len(full)} tokens; the model's context is {budget} tokens")
-            if shared >= len(full):
-                raise RequestError("invalid_prompt", f"continuations[{n}] adds no token to the prompt")
-            out.append((full, max(1, shared)))
-        return out
-
     def _maybe_die(self, batch: Sequence[Encoded]) -> None:
         # Fault injection for the recovery tests (BATCHGEN_FAULT_KILL_ON): die as a crash would.
         for enc in batch:
@@ -355,171 +140,6 @@ class ModelRunner:
             if any(self.fault_kill_on in t for t in texts):
                 log.error("fault injection: killing this worker on request %s", enc.item.id)
                 os.kill(os.getpid(), signal.SIGKILL)
-
-    # --- decoding ---------------------------------------------------------------------------
-
-    def decode_continuation(self, prompt_ids: Sequence[int], ids: Sequence[int]) -> str:
-        """Text of generated ``ids`` as it continues the prompt.
-
-        Llama's decoder drops the leading space of a text; decoding the generated ids alone would
-        lose the space their first token carries. Decoding the prompt's last few tokens with them
-        and removing that prefix keeps it.
-        """
-        tail = [i for i in prompt_ids[-_TAIL:] if i not in (self.bos_id, self.eos_id)]
-        if not tail:
-            return self._backend.decode(list(ids), skip_special_tokens=True)
-        head = self._backend.decode(tail, skip_special_tokens=True)
-        full = self._backend.decode(tail + list(ids), skip_special_tokens=True)
-        if full.startswith(head):
-            return full[len(head):]
-        # The prompt ended inside a multi-byte character completed by the output.
-        return self._backend.decode(list(ids), skip_special_tokens=True)
-
-    def stream_decoder(self, prompt_ids: Sequence[int]) -> StreamDecoder:
-        """An incremental decoder giving what ``decode_continuation`` gives, token by token."""
-        decoder = StreamDecoder(self._decode_skipping, prompt_ids, byte_ids=self.byte_ids,
-                                special_ids=self.special_ids)
-        return decoder if self.incremental else decoder.whole()
-
-    def _decode_skipping(self, ids: list[int]) -> str:
-        return self._backend.decode(ids, skip_special_tokens=True)
-
-    # --- log probabilities ------------------------------------------------------------------
-
-    # Floats of log probabilities one forward pass may return at once (batch x length x vocabulary):
-    # 128 MiB. A single sequence longer than that still goes, alone.
-    LOGPROB_FLOATS = 32 * 1024 * 1024
-
-    def log_probs(self, sequences: Sequence[tuple[Sequence[int], int, int]]) -> list[Positions]:
-        """Log probabilities of ``(ids, start, top)`` sequences at positions ``start`` to the end.
-
-        One ``forward_batch`` pass over each sequence (batched, longest last, within
-        ``LOGPROB_FLOATS``), with CTranslate2's own log-softmax over the whole vocabulary: the
-        model's distribution, before any sampling setting. ``top`` alternatives are taken at each
-        position when above 0.
-        """
-        import numpy as np
-
-        out: list[Positions | None] = [None] * len(sequences)
-        vocab = len(self.vocabulary)
-        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))
-        chunk: list[int] = []
-
-        def run() -> None:
-            longest = max(len(sequences[i][0]) for i in chunk)
-            rows = self._numpy(self.generator.forward_batch([list(sequences[i][0]) for i in chunk],
-                                                            return_log_probs=True))
-            for row, i in enumerate(chunk):
-                ids, start, top = sequences[i]
-                dist = rows[row, start - 1:len(ids) - 1]  # position p predicts token p + 1
-                target = np.asarray(ids[start:], dtype=np.int64)
-                chosen = dist[np.arange(len(target)), target]
-                greedy = chosen >= dist.max(axis=1)
-                tops = None
-                if top > 0:
-                    k = min(top, vocab)
-                    best = np.argpartition(-dist, k - 1, axis=1)[:, :k]
-                    values = np.take_along_axis(dist, best, axis=1)
-                    rank = np.argsort(-values, axis=1, kind="stable")
-                    best, values = np.take_along_axis(best, rank, axis=1), np.take_along_axis(values, rank, axis=1)
-                    tops = [list(zip(b.tolist(), v.tolist(), strict=True)) for b, v in zip(best, values, strict=True)]
-                out[i] = Positions(logprobs=chosen.tolist(), greedy=greedy.tolist(), top=tops)
-            del longest
-
-        for i in order:
-            longest = max([len(sequences[j][0]) for j in chunk] + [len(sequences[i][0])])
-            if chunk and (len(chunk) + 1) * longest * vocab > self.LOGPROB_FLOATS:
-                run()
-                chunk = []
-            chunk.append(i)
-        if chunk:
-            run()
-        return [p for p in out if p is not None]
-
-    @staticmethod
-    def _numpy(view: Any) -> Any:
-        """A CTranslate2 StorageView as a float32 numpy array on the host."""
-        import ctranslate2
-        import numpy as np
-
-        if view.dtype != ctranslate2.DataType.float32:
-            view = view.to(ctranslate2.DataType.float32)
-        if view.device != "cpu":
-            view = view.to_device(ctranslate2.Device.cpu)
-        return np.asarray(view)
-
-    def token_bytes(self, token_id: int) -> bytes:
-        """What a token adds to the decoded text (Llama's SentencePiece pieces: U+2581 is a space,
-        ``<0xNN>`` one byte); a special token adds nothing."""
-        if token_id in self.special_ids:
-            return b""
-        piece = self.vocabulary[token_id]
-        if token_id in self.byte_ids:
-            return bytes([int(piece[3:5], 16)])
-        return piece.replace("\u2581", " ").encode("utf-8")
-
-    def token_entries(self, ids: Sequence[int], positions: Positions | None, *,
-                      first_of_text: bool = False) -> list[dict[str, Any]]:
-        """Tokens as results list them: ``{token, bytes, logprob, top_logprobs}``. ``positions`` is
-        None for tokens nothing precedes (their log probability is null). ``first_of_text``: these
-        start the decoded text, whose first space the decoder drops."""
-        out = []
-        strip = first_of_text
-        for n, token_id in enumerate(ids):
-            raw = self.token_bytes(token_id)
-            stripping = strip and bool(raw)  # this token starts the text: its alternatives would too
-            if stripping:
-                raw, strip = raw.removeprefix(b" "), False
-            entry: dict[str, Any] = {"token": _token_text(token_id, raw, self.vocabulary),
-                                     "bytes": list(raw), "logprob": None}
-            if positions is not None:
-                entry["logprob"] = positions.logprobs[n]
-                if positions.top is not None:
-                    alternatives = []
-                    for t, lp in positions.top[n]:
-                        b = self.token_bytes(t)
-                        b = b.removeprefix(b" ") if stripping else b
-                        alternatives.append({"token": _token_text(t, b, self.vocabulary), "bytes": list(b),
-                                             "logprob": lp})
-                    entry["top_logprobs"] = alternatives
-            out.append(entry)
-        return out
-
-    def prompt_entries(self, enc: Encoded, positions: Positions) -> list[dict[str, Any]]:
-        """The prompt's tokens as an echo lists them, given ``positions`` from position 1 on."""
-        entries = self.token_entries(enc.ids[1:], positions, first_of_text=True)
-        if enc.shown == 0:  # the ids sent began with BOS: listed, and nothing precedes it
-            entries = self.token_entries(enc.ids[:1], None) + entries
-        return entries
-
-    def score(self, batch: Sequence[Encoded]) -> list[Outcome]:
-        """Run requests that generate nothing: scoring requests, and echoes with 0 new tokens."""
-        jobs: list[tuple[Sequence[int], int, int]] = []
-        for enc in batch:
-            top = enc.item.params.top_logprobs
-            jobs.extend((ids, start, top) for ids, start in enc.scored or [(enc.ids, 1)])
-        found = iter(self.log_probs(jobs))
-        outcomes = []
-        for enc in batch:
-            item = enc.item
-            if enc.scored is None:  # an echo: the prompt's tokens, nothing generated
-                positions = next(found)
-                detail = {"logprobs": {"prompt": self.prompt_entries(enc, positions), "content": []}}
-                outcomes.append(Outcome(request_id=item.id, job_id=item.job_id, text="", finish_reason="length",
-                                        prompt_tokens=enc.length, completion_tokens=0, detail=detail))
-                continue
-            scores = []
-            for n, (ids, start) in enumerate(enc.scored):
-                positions = next(found)
-                total = float(sum(positions.logprobs))
-                count = len(positions.logprobs)
-                scores.append({
-                    "continuation": item.continuations[n] if item.continuations else None,
-                    "tokens": self.token_entries(ids[start:], positions, first_of_text=start == 1),
-                    "logprob": total, "perplexity": math.exp(-total / count), "is_greedy": all(positions.greedy)})
-            outcomes.append(Outcome(request_id=item.id, job_id=item.job_id, prompt_tokens=enc.length,
-                                    completion_tokens=0, detail={"scores": scores}))
-        return outcomes
 
     # --- generation -------------------------------------------------------------------------
 
@@ -567,7 +187,7 @@ class ModelRunner:
             self._maybe_die(batch)
         params = batch[0].item.params
         if params.scores_only:  # the batcher keeps these apart (ResolvedParams.sampling_key)
-            return self.score(batch)
+            return self.logprobs.score(batch)
         # Several samples of a request (n, best_of) are rows of their own in the same call: each
         # stops on its own (the callback stops a batch index), and greedy ones are simply equal.
         rows = [enc for enc in batch for _ in range(enc.item.params.samples)]
@@ -608,7 +228,7 @@ class ModelRunner:
             if seq.reason is None:
                 seq.reason = "length" if len(ids) >= seq.enc.item.params.max_new_tokens else "stop"
             generated.append(ids)
-        details = self._logprob_details(rows, generated)
+        details = self.logprobs.details(rows, generated)
         outcomes = []
         at = 0
         for enc in batch:
@@ -625,7 +245,7 @@ class ModelRunner:
                         "completion_tokens": len(generated[r]),
                         "logprobs": (details[r] or {}).get("logprobs")} for r in mine]
             if p.best_of > p.n:  # the n with the highest log probability per token (the model's)
-                choices.sort(key=_mean_logprob, reverse=True)
+                choices.sort(key=mean_logprob, reverse=True)
                 choices = choices[:p.n]
             for i, choice in enumerate(choices):
                 choice["index"] = i
@@ -639,32 +259,3 @@ class ModelRunner:
                                     finish_reason=choices[0]["finish_reason"], prompt_tokens=enc.length,
                                     completion_tokens=sum(len(generated[r]) for r in mine), detail=detail))
         return outcomes
-
-    def _logprob_details(self, batch: Sequence[Encoded], generated: list[list[int]]) -> list[dict[str, Any] | None]:
-        """``{"logprobs": ...}`` for the requests that asked for log probabilities (and for the
-        samples best_of ranks): one forward pass over prompt and generated tokens after generation
-        (the step callback carries none in this CTranslate2, and skipping the callback is what
-        keeps plain batches fast)."""
-        wanted = [n for n, enc in enumerate(batch) if enc.item.params.logprobs or enc.item.params.echo
-                  or enc.item.params.best_of > enc.item.params.n]
-        details: list[dict[str, Any] | None] = [None] * len(batch)
-        if not wanted:
-            return details
-        jobs = []
-        for n in wanted:
-            enc = batch[n]
-            start = 1 if enc.item.params.echo else len(enc.ids)
-            jobs.append((enc.ids + generated[n], start, enc.item.params.top_logprobs))
-        for n, positions in zip(wanted, self.log_probs(jobs), strict=True):
-            enc, ids = batch[n], generated[n]
-            logprobs: dict[str, Any] = {}
-            if enc.item.params.echo:
-                cut = len(enc.ids) - 1
-                head = Positions(positions.logprobs[:cut], positions.greedy[:cut],
-                                 positions.top[:cut] if positions.top is not None else None)
-                positions = Positions(positions.logprobs[cut:], positions.greedy[cut:],
-                                      positions.top[cut:] if positions.top is not None else None)
-                logprobs["prompt"] = self.prompt_entries(enc, head)
-            logprobs["content"] = self.token_entries(ids, positions)
-            details[n] = {"logprobs": logprobs}
-        return details

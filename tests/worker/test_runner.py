@@ -5,7 +5,8 @@ import pytest
 from core.runs import WorkItem
 from core.registry import ModelSpec
 from core.schemas import ResolvedParams
-from worker.runner import ModelRunner, RequestError
+from worker.runner import ModelRunner
+from worker.tokenizing import RequestError
 
 
 @pytest.fixture(scope="module")

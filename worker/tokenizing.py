@@ -1,0 +1,248 @@
+"""Prompts to token ids and generated ids to text, with the model's own tokenizer.
+
+The worker tokenizes with the Rust ``tokenizers`` object of the model's ``tokenizer.json`` (what
+transformers itself wraps), without transformers or PyTorch. ``Prompts`` renders a request (the
+Llama-2 chat template where it applies), encodes a round of requests in one tokenizer call, checks
+them against the context, and decodes what the model generated as it continues the prompt.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core.prompts import E_INST, Special, render
+from core.registry import ModelSpec
+from core.runs import WorkItem
+from core.schemas import ChatMessage
+from worker.detokenizer import CONTEXT, StreamDecoder, incremental_ok
+
+# Prompt ids kept to decode the first generated token in context (see decode_continuation);
+# the incremental decoder uses the same number, so both give the same text.
+_TAIL = CONTEXT
+
+
+@dataclass
+class Encoded:
+    """A request ready to run: prompt token ids and the strings CTranslate2 takes; for a scoring
+    request, also the sequences to score, each with the position its scored tokens start at."""
+
+    item: WorkItem
+    ids: list[int]
+    tokens: list[str]
+    scored: list[tuple[list[int], int]] | None = None
+    shown: int = 1  # where the prompt's tokens that results list (echo) start: after our BOS
+
+    @property
+    def length(self) -> int:
+        if self.scored is not None:
+            return sum(len(ids) for ids, _ in self.scored)
+        return len(self.ids)
+
+
+class RequestError(Exception):
+    """A request that cannot run (too long, unencodable); it fails alone."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """The model's tokenizer as the worker uses it: the Rust ``tokenizers`` object of the model's
+    ``tokenizer.json`` (what transformers itself wraps), without transformers or PyTorch."""
+
+    backend: Any
+    bos_id: int
+    eos_id: int
+    special_ids: frozenset[int]
+
+    def encode_texts(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text: no BOS/EOS added, special-token strings kept as text."""
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return str(self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens))
+
+
+def load_tokenizer(model_dir: Path) -> Tokenizer:
+    """The tokenizer saved next to a converted model (``tokenizer.json`` + ``tokenizer_config.json``)."""
+    from tokenizers import Tokenizer as RustTokenizer
+
+    backend = RustTokenizer.from_file(str(model_dir / "tokenizer.json"))
+    # What transformers' split_special_tokens does: a special token's text in a prompt is
+    # tokenized as text, so "<s>" typed by a user can never become BOS.
+    backend.encode_special_tokens = True
+    config_file = model_dir / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+
+    def token_id(name: str, default: str) -> int:
+        token = config.get(name) or default
+        content = token.get("content", default) if isinstance(token, dict) else str(token)
+        found = backend.token_to_id(content)
+        if found is None:
+            raise ValueError(f"{model_dir}: the tokenizer has no {name} {content!r}")
+        return int(found)
+
+    specials = frozenset(int(i) for i, t in backend.get_added_tokens_decoder().items() if t.special)
+    return Tokenizer(backend=backend, bos_id=token_id("bos_token", "<s>"), eos_id=token_id("eos_token", "</s>"),
+                     special_ids=specials)
+
+
+class Prompts:
+    """A model's prompts: encoding requests, decoding what it generated."""
+
+    def __init__(self, model_dir: Path, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.tokenizer = load_tokenizer(model_dir)
+        self._backend = self.tokenizer.backend  # the Rust tokenizer
+        # CTranslate2 takes token strings; its vocabulary maps our ids to them.
+        self.vocabulary: list[str] = json.loads((model_dir / "vocabulary.json").read_text())
+        self.byte_ids = frozenset(i for i, t in enumerate(self.vocabulary)
+                                  if len(t) == 6 and t.startswith("<0x") and t.endswith(">"))
+        self.special_ids = self.tokenizer.special_ids
+        self.incremental = incremental_ok(json.loads((model_dir / "tokenizer.json").read_text()))
+        self.bos_id = self.tokenizer.bos_id
+        self.eos_id = self.tokenizer.eos_id
+
+    def encode(self, item: WorkItem) -> Encoded:
+        """Prompt token ids for one request; raises ``RequestError`` if it cannot run."""
+        (result,) = self.encode_many([item])
+        if isinstance(result, RequestError):
+            raise result
+        return result
+
+    def encode_many(self, items: Sequence[WorkItem]) -> list[Encoded | RequestError]:
+        """``encode`` for a round of requests: every text of every prompt goes to the tokenizer
+        in one call. A request that cannot run gets its ``RequestError`` in its place."""
+        out: list[Encoded | RequestError | None] = [None] * len(items)
+        texts: list[str] = []
+        rendered: list[tuple[int, list[str | Special]]] = []
+        for n, item in enumerate(items):
+            if item.prompt_ids is not None:
+                out[n] = self._catch(lambda item=item: self._given_ids(item))
+                continue
+            messages = [ChatMessage(**m) for m in item.messages] if item.messages is not None else None
+            try:
+                segments = render(chat_model=self.spec.chat, prompt=item.prompt, messages=messages,
+                                  system=item.system)
+            except ValueError as exc:
+                out[n] = RequestError("invalid_prompt", str(exc))
+                continue
+            rendered.append((n, segments))
+            texts.extend(s for s in segments if isinstance(s, str))
+        # "<s>" typed in a prompt stays text, it never becomes BOS (see ``load_tokenizer``).
+        encoded = iter(self.tokenizer.encode_texts(texts)) if texts else iter(())
+        for n, segments in rendered:
+            ids = self._join(segments, encoded)
+            out[n] = self._catch(lambda n=n, segments=segments, ids=ids: self._encoded(items[n], ids, 1, segments))
+        return out  # type: ignore[return-value]
+
+    @staticmethod
+    def _catch(make: Callable[[], Encoded]) -> Encoded | RequestError:
+        try:
+            return make()
+        except RequestError as exc:
+            return exc
+
+    def _given_ids(self, item: WorkItem) -> Encoded:
+        """A prompt sent as token ids: BOS goes in front unless the ids start with it."""
+        assert item.prompt_ids is not None
+        if any(not 0 <= i < len(self.vocabulary) for i in item.prompt_ids):
+            raise RequestError("invalid_prompt", f"prompt_ids hold ids outside the model's vocabulary "
+                               f"(0 to {len(self.vocabulary) - 1})")
+        if item.continuations:
+            raise RequestError("invalid_prompt", "continuations follow a text prompt, not prompt_ids")
+        given = list(item.prompt_ids)
+        shown = 0 if given[0] == self.bos_id else 1  # list every id that was sent, and only those
+        return self._encoded(item, given if shown == 0 else [self.bos_id, *given], shown, [])
+
+    def _encoded(self, item: WorkItem, ids: list[int], shown: int, segments: list[str | Special]) -> Encoded:
+        budget = self.spec.context_length
+        if len(ids) + item.params.max_new_tokens > budget:
+            raise RequestError(
+                "context_length_exceeded",
+                f"the prompt has {len(ids)} tokens; with max_new_tokens={item.params.max_new_tokens} "
+                f"that exceeds the model's context of {budget} tokens",
+            )
+        vocabulary = self.vocabulary
+        enc = Encoded(item=item, ids=ids, tokens=[vocabulary[i] for i in ids], shown=shown)
+        if item.params.mode == "score":
+            enc.scored = self._scored(segments, ids, item.continuations)
+        return enc
+
+    def _join(self, segments: Sequence[str | Special], encoded: Iterator[list[int]]) -> list[int]:
+        """A prompt's ids: its texts' ids (the next ones of ``encoded``) and its special tokens."""
+        ids: list[int] = []
+        for segment in segments:
+            if segment is Special.BOS:
+                ids.append(self.bos_id)
+            elif segment is Special.EOS:
+                ids.append(self.eos_id)
+            else:
+                ids.extend(next(encoded))
+        return ids
+
+    def _encode_segments(self, segments: Sequence[str | Special]) -> list[int]:
+        texts = [s for s in segments if isinstance(s, str)]
+        return self._join(segments, iter(self.tokenizer.encode_texts(texts)) if texts else iter(()))
+
+    def _scored(self, segments: list[str | Special], ids: list[int],
+                continuations: Sequence[str] | None) -> list[tuple[list[int], int]]:
+        """What a scoring request scores: the prompt's tokens after the first, or each continuation's
+        tokens after the prompt. A continuation is tokenized joined to the prompt's text (as the
+        model would have read it); its tokens are those after the prompt's tokens that the joined
+        text shares (a token merging across the seam counts as the continuation's)."""
+        budget = self.spec.context_length
+        if not continuations:
+            if len(ids) < 2:
+                raise RequestError("invalid_prompt", "a scored text needs at least one token after the first")
+            return [(ids, 1)]
+        out = []
+        for n, continuation in enumerate(continuations):
+            joined = list(segments)
+            if joined and isinstance(joined[-1], str) and joined[-1].endswith(E_INST) and not continuation[0].isspace():
+                continuation = " " + continuation  # the template writes an answer as "[/INST] answer"
+            if joined and isinstance(joined[-1], str):
+                joined[-1] = joined[-1] + continuation
+            else:
+                joined.append(continuation)
+            full = self._encode_segments(joined)
+            shared = next((i for i, (a, b) in enumerate(zip(ids, full)) if a != b), min(len(ids), len(full)))
+            if len(full) > budget:
+                raise RequestError("context_length_exceeded", f"the prompt with continuations[{n}] has "
+                                   f"{len(full)} tokens; the model's context is {budget} tokens")
+            if shared >= len(full):
+                raise RequestError("invalid_prompt", f"continuations[{n}] adds no token to the prompt")
+            out.append((full, max(1, shared)))
+        return out
+
+    def decode_continuation(self, prompt_ids: Sequence[int], ids: Sequence[int]) -> str:
+        """Text of generated ``ids`` as it continues the prompt.
+
+        Llama's decoder drops the leading space of a text; decoding the generated ids alone would
+        lose the space their first token carries. Decoding the prompt's last few tokens with them
+        and removing that prefix keeps it.
+        """
+        tail = [i for i in prompt_ids[-_TAIL:] if i not in (self.bos_id, self.eos_id)]
+        if not tail:
+            return self._backend.decode(list(ids), skip_special_tokens=True)
+        head = self._backend.decode(tail, skip_special_tokens=True)
+        full = self._backend.decode(tail + list(ids), skip_special_tokens=True)
+        if full.startswith(head):
+            return full[len(head):]
+        # The prompt ended inside a multi-byte character completed by the output.
+        return self._backend.decode(list(ids), skip_special_tokens=True)
+
+    def stream_decoder(self, prompt_ids: Sequence[int]) -> StreamDecoder:
+        """An incremental decoder giving what ``decode_continuation`` gives, token by token."""
+        decoder = StreamDecoder(self._decode_skipping, prompt_ids, byte_ids=self.byte_ids,
+                                special_ids=self.special_ids)
+        return decoder if self.incremental else decoder.whole()
+
+    def _decode_skipping(self, ids: list[int]) -> str:
+        return self._backend.decode(ids, skip_special_tokens=True)
