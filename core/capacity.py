@@ -9,10 +9,11 @@ from __future__ import annotations
 import threading
 import time
 
-from sqlalchemy import text
+from sqlalchemy import Connection, text
 from sqlalchemy.orm import Session
 
 from core import jobs as job_service
+from core.db import connection_of
 from core.errors import LimitError
 from core.ids import floor_id
 from core.settings import Settings
@@ -37,7 +38,7 @@ class PendingCounts:
         self._lock = threading.Lock()
         self._values: dict[tuple[str, str], tuple[float, int, str]] = {}
 
-    def get(self, key: tuple[str, str], session: Session) -> int:
+    def get(self, key: tuple[str, str], session: Session | Connection) -> int:
         kind, name = key
         who = {"model": name} if kind == "model" else {"owner": name}
         now = time.monotonic()
@@ -57,14 +58,16 @@ class PendingCounts:
         return value
 
 
-def serialize(session: Session, keys: list[tuple[str, str]]) -> None:
+def serialize(session: Session | Connection, keys: list[tuple[str, str]]) -> None:
     """Hold back, until this transaction ends, every other transaction that takes one of these
-    keys (on SQLite a write transaction already holds the one write lock)."""
-    if session.get_bind().dialect.name != "postgresql":
+    keys (on SQLite a write transaction already holds the one write lock). One statement takes
+    them all, left to right in one order everywhere: no deadlock between two submitters."""
+    if connection_of(session).dialect.name != "postgresql" or not keys:
         return
-    for kind, name in sorted(keys):  # one order everywhere: no deadlock between two submitters
-        session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"),
-                        {"k": f"batchgen:capacity:{kind}:{name}"})
+    ordered = sorted(set(keys))
+    locks = ", ".join(f"pg_advisory_xact_lock(hashtextextended(:k{i}, 0))" for i in range(len(ordered)))
+    session.execute(text(f"SELECT {locks}"),
+                    {f"k{i}": f"batchgen:capacity:{kind}:{name}" for i, (kind, name) in enumerate(ordered)})
 
 
 class Ledger:
@@ -112,7 +115,7 @@ class Capacity:
                   (("stored", owner), self.settings.max_stored_requests_per_owner if stored else 0)]
         return [(key, cap) for key, cap in limits if cap]
 
-    def ledger(self, *, session: Session, wanted: list[tuple[str, str, bool]]) -> Ledger:
+    def ledger(self, *, session: Session | Connection, wanted: list[tuple[str, str, bool]]) -> Ledger:
         """The counts of every key the (owner, model, stored) submissions are held to, each read
         once. Call it in the write transaction that stores them: every other submission for the
         same model or owner waits until this transaction ends (SQLite's one write lock;

@@ -25,7 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Connection
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from core import jobs as job_service
 from core.capacity import Capacity
@@ -70,6 +71,7 @@ class GroupCommit:
         self._queue: queue.Queue[Entry] = queue.Queue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._conn: Connection | None = None
         self.groups = 0  # transactions committed (tests, the bench)
 
     def store(self, entry: Entry) -> Entry:
@@ -109,15 +111,25 @@ class GroupCommit:
             for entry in group:
                 entry.job, entry.error = None, None
             try:
-                with self.db.write() as session:
-                    stored = self._decide(session, group)
-                    job_service.insert_jobs(session.connection(), [e.new for e in stored])
+                conn = self._connection()
+                with conn.begin():
+                    stored = self._decide(conn, group)
+                    job_service.insert_jobs(conn, [e.new for e in stored])
                 break
             except IntegrityError:
                 # Another process stored a job with one of these idempotency keys after our
                 # look-up: the next attempt finds it.
                 if attempt == RETRIES - 1:
                     raise
+            except DBAPIError as exc:
+                self._drop_connection()  # it may be the connection that broke: a fresh one next time
+                # A connection that died while idle (the database restarted) is not an outage:
+                # try once more on a fresh one, as the pool's ping would have.
+                if not exc.connection_invalidated or attempt == RETRIES - 1:
+                    raise
+            except Exception:
+                self._drop_connection()
+                raise
         self.groups += 1
         if stored and self.on_stored is not None:
             try:
@@ -126,6 +138,22 @@ class GroupCommit:
                 log.exception("handing a stored group to the dispatcher failed")
         for entry in group:
             entry.done.set()
+
+    def _connection(self) -> Connection:
+        """The thread's own connection, kept between groups: a checkout from the pool costs a
+        round trip of its own on PostgreSQL (the pool's ping), and so does each statement."""
+        if self._conn is None or self._conn.closed or self._conn.invalidated:
+            self._conn = self.db.connection(write=True)
+        return self._conn
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.invalidate()
+                self._conn.close()
+            except Exception:  # it was broken already
+                pass
+            self._conn = None
 
     def _decide(self, session: Any, group: list[Entry]) -> list[Entry]:
         """Which entries of the group are stored, in arrival order; the others get their outcome

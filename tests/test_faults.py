@@ -342,3 +342,27 @@ def test_a_job_answered_202_survives_the_api_killed_right_after(make_settings, d
     finally:
         api.stop()
         db.dispose()
+
+
+def test_submissions_after_a_database_restart_are_stored_at_once(make_settings, paused_postgres):
+    """The API stores submissions on a connection it keeps between groups (no pool ping per
+    group). PostgreSQL restarts between two submissions: the kept connection is dead, and the
+    next submission is stored on a fresh one, answered 202, not 503."""
+    from webapi import create_app
+
+    cluster, url = paused_postgres
+    app = create_app(make_settings(url))
+    client = authed(app, make_key(url))
+    db = Database(url)
+    try:
+        first = client.post("/v1/jobs", json={"model": "tiny", "prompts": ["before the restart"]})
+        assert first.status_code == 202, first.get_json()
+        cluster.pause()
+        cluster.resume()
+        second = client.post("/v1/jobs", json={"model": "tiny", "prompts": ["after the restart"]})
+        assert second.status_code == 202, second.get_json()
+        with db.read() as s:
+            assert s.scalar(select(func.count()).select_from(Job)) == 2
+    finally:
+        app.extensions["batchgen"].close()
+        db.dispose()
