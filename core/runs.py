@@ -110,6 +110,8 @@ def claim(*, session: Session | Connection, request_ids: Sequence[str], run_id: 
             "msg": f"its worker stopped while running it {max_attempts} times"}).all()
         retaken = conn.execute(_CLAIM_LAPSED, {"ids": rest, "now": now, "max": max_attempts, "run": run_id,
                                                "lease": lease, "size": len(ids)}).all()
+        # Already this run's: a claim tried again after its commit's answer was lost.
+        retaken += conn.execute(_HELD_BY_RUN, {"ids": rest, "run": run_id}).all()
 
     per_job: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for row in fresh:
@@ -144,6 +146,8 @@ _CLAIM_FRESH = (
             run_size=bindparam("size"), lease_until=bindparam("lease", type_=UTCDateTime()))
     .returning(_REQUESTS.id, _REQUESTS.job_id)
 )
+_HELD_BY_RUN = select(_REQUESTS.id).where(_REQUESTS.id.in_(bindparam("ids", expanding=True)),
+                                          _STATUS == "running", _REQUESTS.run_id == bindparam("run"))
 _DIED_ALONE = or_(_REQUESTS.run_size.is_(None), _REQUESTS.run_size <= 1)
 _CLAIM_EXHAUSTED = (
     update(JobRequest.__table__)

@@ -122,7 +122,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._plan = Plan()  # what waits to run
         # The next batch, claimed ahead while every slot was busy: (batch, reason, run id, claim).
-        self._ready: tuple[list[Pending], str, str, Claim] | None = None
+        self._ready: tuple[list[Pending], str, str, Claim, int] | None = None
         self.tokenizer_s = 0.0  # CPU the intake spent encoding prompts
         self._waiters: dict[str, list[_Submission]] = defaultdict(list)
         self._busy_slots = 0
@@ -159,8 +159,8 @@ class Batcher:
             future.set_result(None)
             return future
         with self._cond:  # flag and put under one lock: intake never reads a stale "idle"
-            if self._stopping:
-                future.set_exception(RuntimeError("the batcher is stopping"))
+            if self._stopping:  # its message goes back to the queue for another worker
+                future.set_exception(Requeue("the batcher is stopping"))
                 return future
             self._intake_busy = True
             self._inbox.put((ids, _Submission(future, len(ids))))
@@ -181,7 +181,8 @@ class Batcher:
         """Finish what was submitted, then stop the threads."""
         deadline = self.clock() + timeout
         with self._cond:
-            while (self._plan or self._busy_slots or self._ready is not None or not self._inbox.empty()
+            while (self._plan or self._busy_slots or self._unrecorded or self._ready is not None
+                   or not self._inbox.empty()
                    or self._intake_busy) and self.clock() < deadline:
                 self._cond.wait(0.05)
             self._stopping = True
@@ -302,7 +303,8 @@ class Batcher:
         with self._cond:
             waiting = dict(self._plan.groups)
             group_shared_prefixes(fresh, waiting)
-            cost_shared_prefixes(fresh, waiting)
+            for key in cost_shared_prefixes(fresh, waiting):
+                self._plan.changed(key)
         if failures:
             self.writer.fail_queued(failures)
             settled.extend(o.request_id for o in failures)
@@ -324,6 +326,15 @@ class Batcher:
     # --- scheduling ------------------------------------------------------------------------
 
     def _schedule_loop(self) -> None:
+        while True:
+            try:
+                self._schedule()
+                return
+            except Exception:  # a bug must not stop this worker's scheduling silently
+                log.exception("the scheduler failed; it starts again")
+                time.sleep(0.1)
+
+    def _schedule(self) -> None:
         with self._cond:
             while not self._stopping:
                 if self._exclusive:
@@ -332,10 +343,10 @@ class Batcher:
                         continue
                     self._exclusive = False  # the retried request ran and its outcome is stored
                 if self._ready is not None and self._busy_slots < self.policy.slots:
-                    batch, reason, run_id, claim = self._ready  # claimed already: it runs even when draining
+                    batch, reason, run_id, claim, cut_at = self._ready  # claimed already: runs even when draining
                     self._ready = None
                     self._busy_slots += 1
-                    self._slots.submit(self._run, batch, reason, run_id, claim)
+                    self._slots.submit(self._run, batch, reason, run_id, claim, cut_at)
                     continue
                 if self._draining or not self._plan:
                     self._cond.wait()
@@ -373,22 +384,24 @@ class Batcher:
                     self._cond.wait(wait)
                     continue
                 self._plan.take(batch)
+                cut_at = self.policy.max_batch_tokens  # the budget it was cut to
                 if self.tuner is not None:
                     self.tuner.taken()  # a probe cuts its two budgets by turns
                 self._busy_slots += 1
-                self._slots.submit(self._run, batch, reason)
+                self._slots.submit(self._run, batch, reason, None, None, cut_at)
 
     def _claim_ahead(self, batch: list[Pending], reason: str) -> None:
         """Take ``batch`` from the plan and have the writer claim it in the background (called
         under the lock); its leases are renewed from now on, as a running batch's are."""
         self._plan.take(batch)
+        cut_at = self.policy.max_batch_tokens
         if self.tuner is not None:
             self.tuner.taken()
         run_id = new_id("run")
         claim = self.writer.claim_ahead([p.enc.item.id for p in batch], run_id, lease_s=self.lease_s,
                                         max_attempts=self.max_attempts)
         self._active_runs.add(run_id)
-        self._ready = (batch, reason, run_id, claim)
+        self._ready = (batch, reason, run_id, claim, cut_at)
 
     def _policy_now(self) -> BatchPolicy:
         """The policy with the limits the tuner has in force now (called under the lock)."""
@@ -428,7 +441,7 @@ class Batcher:
     # --- running ---------------------------------------------------------------------------
 
     def _run(self, batch: list[Pending], reason: str = "", run_id: str | None = None,
-             claim: Claim | None = None) -> None:
+             claim: Claim | None = None, cut_at: int | None = None) -> None:
         """Claim (unless ``claim``, made ahead, did), generate, and hand the outcomes to the writer."""
         run_id = run_id or new_id("run")
         ids = [p.enc.item.id for p in batch]
@@ -443,13 +456,16 @@ class Batcher:
                 log.info("%d requests of a batch were taken by another run; skipping them", len(lost))
                 self._settle(lost)
             todo = [p for p in batch if p.enc.item.id in claimed]
+            if not todo:  # nothing of it is ours (a claim made ahead registered the run): let go
+                with self._cond:
+                    self._active_runs.discard(run_id)
             if todo:
                 # The run's leases are renewed from now until its outcomes are stored (the
                 # recorder lets go of it), however long the database takes to take them.
                 with self._cond:
                     self._active_runs.add(run_id)
                 outcomes = self._generate(todo, run_id, waited=self.clock() - min(p.arrived for p in todo),
-                                          reason=reason)
+                                          reason=reason, cut_at=cut_at)
                 notify = [p.enc.item.id for p in todo if p.enc.item.params.delivery != "store"]
                 self._store(Finished(run_id, outcomes, [p.enc.item.id for p in todo], notify))
         except Exception:
@@ -462,7 +478,8 @@ class Batcher:
                 self._busy_slots -= 1
                 self._cond.notify_all()
 
-    def _generate(self, todo: list[Pending], run_id: str, waited: float, reason: str = "") -> list[Outcome]:
+    def _generate(self, todo: list[Pending], run_id: str, waited: float, reason: str = "",
+                  cut_at: int | None = None) -> list[Outcome]:
         with self._cond:
             busy_at_start = self._busy_slots  # batches running beside this one (itself included)
         started = self.clock()
@@ -500,7 +517,8 @@ class Batcher:
                 limit = self.tuner.limit
                 move = self.tuner.observe(batch_tokens=batch_tokens, requests=rows,
                                           prompt_tokens=prompt_tokens / len(todo), new_tokens=new_tokens,
-                                          seconds=seconds, concurrent=min(busy_at_start, self._busy_slots))
+                                          seconds=seconds, concurrent=min(busy_at_start, self._busy_slots),
+                                          cut_at=cut_at if reason == "full" else 0)
                 tuned = f", budget {limit}, {self.tuner.ratio:.2f} of calibration"
                 if move is not None:
                     log.info("batch limits moved: max_batch_tokens %d -> %d (%s)", move.old, move.new, move.reason)

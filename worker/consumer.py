@@ -49,17 +49,20 @@ _FETCH = """
 local n = tonumber(ARGV[1])
 local lists = #KEYS - 2
 local hash, index = KEYS[lists + 1], KEYS[lists + 2]
-local out = {}
+local out, taken = {}, 0
 for i = 1, lists do
-  while #out < n do
+  while taken < n do
     local m = redis.call('RPOP', KEYS[i])
     if not m then break end
-    local tag = cjson.decode(m)['properties']['delivery_tag']
-    redis.call('HSET', hash, tag, '[' .. m .. ',"",' .. cjson.encode(ARGV[3]) .. ']')
-    redis.call('ZADD', index, ARGV[2], tag)
-    out[#out + 1] = m
+    taken = taken + 1
+    local ok, tag = pcall(function() return cjson.decode(m)['properties']['delivery_tag'] end)
+    if ok and type(tag) == 'string' then
+      redis.call('HSET', hash, tag, '[' .. m .. ',"",' .. cjson.encode(ARGV[3]) .. ']')
+      redis.call('ZADD', index, ARGV[2], tag)
+    end
+    out[#out + 1] = m  -- an unreadable one too: the worker logs it and drops it
   end
-  if #out >= n then break end
+  if taken >= n then break end
 end
 return out
 """
@@ -135,11 +138,14 @@ class Consumer:
             thread.start()
         return self
 
-    def stop_fetching(self) -> None:
-        """Take no more messages (the worker is shutting down)."""
+    def stop_fetching(self, wait_s: float = 0.0) -> None:
+        """Take no more messages (the worker is shutting down); ``wait_s``: wait that long for
+        the fetcher to end (a message it was taking then goes back to its queue)."""
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
+        if wait_s and self._threads:
+            self._threads[0].join(wait_s)
 
     def close(self, timeout: float = 10.0) -> None:
         """After the batcher stopped: ack or hand back what settled, then stop."""
@@ -175,7 +181,14 @@ class Consumer:
                 delay = min(delay * 2, 5.0)
                 continue
             for raw in raws:
-                self._deliver(raw)
+                if self._stop.is_set():  # the worker began to stop meanwhile: not ours to start
+                    self._put_back(raw)
+                    continue
+                try:
+                    self._deliver(raw)
+                except Exception:  # a bug must not stop this worker's intake silently
+                    log.exception("a message on %s could not be handed over; it goes back", self.queue)
+                    self._put_back(raw)
 
     def fetch(self, count: int) -> list[str]:
         """Up to ``count`` messages, highest priority first, recorded as unacked in the same step."""
@@ -211,6 +224,18 @@ class Consumer:
             self._held[message.tag] = message
         future = self.submit(message.request_ids)
         future.add_done_callback(lambda f, tag=message.tag: self._settled.put((tag, f.exception())))
+
+    def _put_back(self, raw: str) -> None:
+        """Return a message taken but not started to the head of its queue."""
+        try:
+            message = parse(raw, lambda pri: self.lists[pri])
+            if message is not None:
+                with self._cond:
+                    self._held.pop(message.tag, None)
+                    self._cond.notify_all()
+                self._requeue(keys=[self.unacked, self.index, message.key], args=[message.tag, message.raw])
+        except Exception as exc:  # kombu restores it after the visibility timeout
+            log.warning("could not put a message back (%s)", exc)
 
     def _ack_now(self, tag: str | None) -> None:
         if tag is None:

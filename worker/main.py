@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m worker") -> int:
     try:
         app.worker_main(argv_celery)
     finally:
-        consumer.stop_fetching()
+        consumer.stop_fetching(wait_s=5.0)  # nothing taken from now on reaches the batcher
         exporter.stop()
         janitor.stop()
         batcher.stop()

@@ -159,6 +159,10 @@ class Plan:
         self.interactive = 0
         return out
 
+    def changed(self, key: tuple[Any, ...]) -> None:
+        """The costs of a group's requests changed: cut its batches again at the next decision."""
+        self._cuts.pop(key, None)
+
     def oldest(self) -> Pending:
         while not self._arrivals[0].waiting:
             self._arrivals.popleft()
@@ -217,13 +221,17 @@ def group_shared_prefixes(fresh: Sequence[Pending], waiting_keys: Iterable[tuple
             p.key = key
 
 
-def cost_shared_prefixes(fresh: Sequence[Pending], groups: dict[tuple[Any, ...], list[Pending]]) -> None:
+def cost_shared_prefixes(fresh: Sequence[Pending],
+                         groups: dict[tuple[Any, ...], list[Pending]]) -> set[tuple[Any, ...]]:
     """Cost requests of a prefix group by what a batch computes for them: their own tokens and
     new ones (``cost``), the prefix the group shares once per batch (``shared``). Without this a
     batch of requests sharing 400 tokens counted them in every row, and was cut at a quarter of
     what the device runs best with its prefix computed once (``static_prompt``). ``groups``: what
-    already waits, by key (a late arrival is compared with a request of its waiting group)."""
+    already waits, by key (a late arrival is compared with a request of its waiting group; one
+    that shares less lowers what the whole group is counted to share). Returns the keys of waiting
+    groups whose costs changed (their batches must be cut again)."""
     by_key: dict[tuple[Any, ...], list[Pending]] = defaultdict(list)
+    changed: set[tuple[Any, ...]] = set()
     for p in fresh:
         if p.key and _is_prefix_mark(p.key[-1]):
             by_key[p.key].append(p)
@@ -238,10 +246,17 @@ def cost_shared_prefixes(fresh: Sequence[Pending], groups: dict[tuple[Any, ...],
             while n < limit and ids[n] == reference[n]:
                 n += 1
             shared = n
-        if shared >= PREFIX_MIN:
-            for p in members:
-                p.cost -= shared * p.enc.item.params.samples
+        if shared < PREFIX_MIN:
+            shared = 0
+        for p in members:
+            p.cost -= shared * p.enc.item.params.samples
+            p.shared = shared
+        if waiting and waiting[0].shared > shared:  # the batches the group makes share less now
+            for p in waiting:
+                p.cost += (p.shared - shared) * p.enc.item.params.samples
                 p.shared = shared
+            changed.add(key)
+    return changed
 
 
 def _fits(first: Pending, cand: Pending, policy: BatchPolicy) -> bool:

@@ -126,8 +126,10 @@ class OnlineTuner:
         return max(self.min_budget, min(self.max_budget, int(self._home * 2.0 ** k)))
 
     def observe(self, *, batch_tokens: int, requests: int, prompt_tokens: float, new_tokens: int,
-                seconds: float, concurrent: int = 1) -> Move | None:
-        """Learn from one finished batch; returns the move it caused, if any."""
+                seconds: float, concurrent: int = 1, cut_at: int | None = None) -> Move | None:
+        """Learn from one finished batch; returns the move it caused, if any. ``cut_at``: the budget
+        a full batch was cut to (a probe credits it to that budget; 0: not a full batch, which a
+        probe does not count); None: taken from the batch's size."""
         if seconds <= 0 or new_tokens <= 0:
             return None
         tps = new_tokens / (seconds + self.overhead_s) * max(1, concurrent)
@@ -146,7 +148,7 @@ class OnlineTuner:
         b.count += 1
         if self.frozen:
             return None
-        return self._decide(level, tps)
+        return self._decide(level if cut_at is None else cut_at, tps)
 
     def _decide(self, level: int, tps: float) -> Move | None:
         if self._probe is not None:

@@ -186,7 +186,7 @@ class Writer:
                 if first is None:
                     group, _ = self._take()
                     if group:
-                        self._store(group)
+                        self._guarded(group)
                     return
                 group, stop = self._take(first)
                 # Nobody waits on results (their messages are acked a few ms later) nor on a
@@ -206,14 +206,30 @@ class Writer:
                         break
                     more, stop = self._take(nxt, limit=MAX_GROUP - len(group))
                     group += more
-                self._store(group)
+                self._guarded(group)
                 if stop:
                     group, _ = self._take()
                     if group:
-                        self._store(group)
+                        self._guarded(group)
                     return
         finally:
             self._drop_connection()
+
+    def _guarded(self, group: list[Write]) -> None:
+        """``_store``, and whatever goes wrong with it a bug: no write is left unanswered (a slot
+        would wait on its claim for ever) and the writer goes on."""
+        for nudge in [w for w in group if isinstance(w, Nudge)]:  # nothing to store: done
+            nudge.future.set_result(None)
+        group = [w for w in group if not isinstance(w, Nudge)]
+        if not group:
+            return
+        try:
+            self._store(group)
+        except BaseException as exc:  # noqa: BLE001
+            log.exception("the writer failed on %d writes", len(group))
+            for write in group:
+                if not write.future.done():
+                    write.future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(str(exc)))
 
     def _connection(self) -> Connection:
         """The writer's own connection, kept between transactions (a checkout from the pool, its
@@ -233,6 +249,7 @@ class Writer:
 
     def _store(self, group: list[Write]) -> None:
         delay = 0.25
+        fresh_tried = False
         while group:
             try:
                 conn = self._connection()
@@ -240,6 +257,11 @@ class Writer:
                     results = [write.run(conn) for write in group]
             except OperationalError as exc:
                 self._drop_connection()  # it may be the connection that broke: a fresh one next time
+                if exc.connection_invalidated and not fresh_tried:
+                    # The kept connection died while idle (the database restarted): no outage
+                    # so far, try once more on a fresh one, at once, as a pool's ping would.
+                    fresh_tried = True
+                    continue
                 group = self._after_outage(group, exc)
                 if group:
                     log.warning("database unavailable (%s); retrying %d writes in %.2fs", exc.orig, len(group), delay)

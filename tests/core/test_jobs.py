@@ -283,3 +283,19 @@ def test_requests_named_by_id_or_job_are_found_that_way_not_through_the_status_i
         assert "ix_job_requests_status" not in plan, (statement, plan)
     raw.close()
     db.dispose()
+
+
+def test_a_claim_tried_again_by_its_own_run_gets_what_the_run_holds(db):
+    """A claim's commit went through but its answer was lost: the writer tries the same claim
+    again. The run gets its requests back (not nothing, which would leave them running under a
+    run that lets go of them), and nothing is counted twice."""
+    job, ids = submit(db, {"model": "m", "prompts": ["a", "b"]})
+    with db.write() as s:
+        assert sorted(runs.claim(session=s, request_ids=ids, run_id="r1")) == sorted(ids)
+    with db.write() as s:
+        assert sorted(runs.claim(session=s, request_ids=ids, run_id="r1")) == sorted(ids)
+        assert runs.claim(session=s, request_ids=ids, run_id="r2") == []  # another live run gets nothing
+    with db.read() as s:
+        j = s.get(Job, job.id)
+        assert (j.queued, j.running) == (0, 2)
+        assert {r.attempts for r in s.scalars(select(JobRequest).where(JobRequest.job_id == job.id))} == {1}

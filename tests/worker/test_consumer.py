@@ -143,3 +143,19 @@ def test_kombu_restores_what_a_dead_consumer_held(env):
     assert queued(client, settings) == 3 and client.hlen(settings.redis_prefix + "unacked") == 0
     again = Consumer(client, settings, "m", Submissions(), inflight=10, requeue=Requeue)
     assert len(again.fetch(10)) == 3
+
+
+def test_an_unreadable_message_is_dropped_and_the_others_run(env):
+    settings, client = env
+    publish(client, settings, model="m", request_ids=["a"], priority=5, per_message=1)
+    client.lpush(queue_keys(settings, "m")[celery_priority(5)], "not a message at all")
+    publish(client, settings, model="m", request_ids=["b"], priority=5, per_message=1)
+    submit = Submissions()
+    consumer = Consumer(client, settings, "m", submit, inflight=10, requeue=Requeue).start()
+    wait_for(lambda: len(submit.calls) == 2)
+    assert [ids for ids, _ in submit.calls] == [["a"], ["b"]] and queued(client, settings) == 0
+    assert client.hlen(settings.redis_prefix + "unacked") == 2  # the two readable ones, held
+    for _, future in submit.calls:
+        future.set_result(None)
+    wait_for(lambda: client.hlen(settings.redis_prefix + "unacked") == 0)
+    consumer.close()

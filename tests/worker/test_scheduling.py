@@ -92,3 +92,27 @@ def test_a_prefix_group_is_cut_by_what_its_batches_compute():
     batches = chunks(sorted(fresh, key=lambda p: p.length), policy)
     assert [len(b) for b, _ in batches] == [16, 16, 8]
     assert all(201 + sum(p.cost for p in b) <= 400 for b, _ in batches)
+
+
+def test_a_late_request_sharing_less_lowers_what_its_waiting_group_is_counted_to_share():
+    from types import SimpleNamespace
+
+    from worker.scheduling import cost_shared_prefixes, group_shared_prefixes
+
+    def request(ids, i):
+        item = SimpleNamespace(attempts=0, params=SimpleNamespace(samples=1))
+        enc = SimpleNamespace(ids=ids, length=len(ids), item=item)
+        return Pending(enc=enc, key=("sample",), length=len(ids), cost=len(ids) + 3, arrived=i * 0.001)
+
+    long_prefix = list(range(1000, 1300))
+    first = [request([1, *long_prefix, 7, 8, i], i) for i in range(5)]
+    group_shared_prefixes(first)
+    cost_shared_prefixes(first, {})
+    assert {p.shared for p in first} == {302}  # BOS, the prefix, 7 and 8: all but two tokens of each
+    plan = Plan(first)
+    late = request([1, *long_prefix[:99], 5, 5, 5, 5], 9)  # shares the first 100 tokens only
+    group_shared_prefixes([late], list(plan.groups))
+    changed = cost_shared_prefixes([late], dict(plan.groups))
+    assert changed == {first[0].key} and late.key == first[0].key
+    assert {p.shared for p in first + [late]} == {100}
+    assert all(p.cost == p.length + 3 - 100 for p in first + [late])
