@@ -79,12 +79,14 @@ class Ledger:
 
     def take(self, *, owner: str, model: str, new: int, stored: bool = True) -> LimitError | None:
         """Admit ``new`` requests (the counts move), or the ``LimitError`` that refuses them."""
-        limits = self.capacity.limits(owner=owner, model=model, stored=stored)
-        for key, cap in limits:
+        for key, cap in self.capacity.limits(owner=owner, model=model, stored=stored):
             if self.counts[key] + new > cap:
                 return _refusal(key, cap, model)
-        for key, _ in limits:
-            self.counts[key] += new
+        # Admitted: it counts for every key it belongs to, also one it was not held to (a
+        # synchronous call is stored, and counts against the owner's quota for what follows).
+        for key in (("model", model), ("owner", owner), ("stored", owner)):
+            if key in self.counts:
+                self.counts[key] += new
         return None
 
 

@@ -107,13 +107,15 @@ class GroupCommit:
                         entry.done.set()
 
     def _commit(self, group: list[Entry]) -> None:
+        stored: list[Entry] = []
         for attempt in range(RETRIES):
             for entry in group:
                 entry.job, entry.error = None, None
+            stored = []
             try:
                 conn = self._connection()
                 with conn.begin():
-                    stored = self._decide(conn, group)
+                    stored = self._decide(conn, group, stamp=attempt == 0)
                     job_service.insert_jobs(conn, [e.new for e in stored])
                 break
             except IntegrityError:
@@ -124,9 +126,12 @@ class GroupCommit:
             except DBAPIError as exc:
                 self._drop_connection()  # it may be the connection that broke: a fresh one next time
                 # A connection that died while idle (the database restarted) is not an outage:
-                # try once more on a fresh one, as the pool's ping would have.
+                # try once more on a fresh one, as the pool's ping would have. One that died
+                # during the commit may have committed: the answer was lost, not the jobs.
                 if not exc.connection_invalidated or attempt == RETRIES - 1:
                     raise
+                if stored and self._were_stored(stored):
+                    break
             except Exception:
                 self._drop_connection()
                 raise
@@ -138,6 +143,16 @@ class GroupCommit:
                 log.exception("handing a stored group to the dispatcher failed")
         for entry in group:
             entry.done.set()
+
+    def _were_stored(self, entries: list[Entry]) -> bool:
+        """Whether these entries' jobs are in the database (a commit whose answer was lost)."""
+        ids = [e.new.id for e in entries]
+        with self.db.connect() as conn:
+            return len(job_service.existing_jobs(session=conn, job_ids=ids)) == len(ids)
+
+    def close(self) -> None:
+        """Let go of the kept connection (at shutdown)."""
+        self._drop_connection()
 
     def _connection(self) -> Connection:
         """The thread's own connection, kept between groups: a checkout from the pool costs a
@@ -155,13 +170,18 @@ class GroupCommit:
                 pass
             self._conn = None
 
-    def _decide(self, session: Any, group: list[Entry]) -> list[Entry]:
+    def _decide(self, session: Any, group: list[Entry], *, stamp: bool = True) -> list[Entry]:
         """Which entries of the group are stored, in arrival order; the others get their outcome
-        (an earlier job with the same key, a conflict, a cap)."""
+        (an earlier job with the same key, a conflict, a cap). ``stamp``: give the jobs their ids
+        and times now, with the locks held: a job's id is what the capacity caps read
+        submissions since (``core.capacity.PendingCounts``), so it must not predate the wait."""
         keyed = [e for e in group if e.idempotency_key is not None]
         earlier = job_service.find_idempotent_many(
             session=session, keys=[(e.owner, e.idempotency_key) for e in keyed]) if keyed else {}  # type: ignore[misc]
         ledger = self.capacity.ledger(session=session, wanted=[(e.owner, e.model, e.stored_quota) for e in group])
+        if stamp:
+            for entry in group:
+                entry.new.stamp()
         in_group: dict[tuple[str, str], Entry] = {}
         stored = []
         for entry in group:

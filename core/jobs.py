@@ -192,6 +192,13 @@ def idempotency_conflict(job_id: str) -> ConflictError:
                                    "type": "idempotency_key_reused"}])
 
 
+def existing_jobs(*, session: Session | Connection, job_ids: Sequence[str]) -> set[str]:
+    """Which of these job ids are stored."""
+    if not job_ids:
+        return set()
+    return set(session.execute(_EXISTING, {"ids": list(job_ids)}).scalars())
+
+
 def find_idempotent(*, session: Session | Connection, owner: str, idempotency_key: str,
                     fingerprint: str) -> Row[Any] | None:
     """The row of the job an earlier request with this key created, or None; ``ConflictError``
@@ -227,6 +234,16 @@ class NewJob:
     @property
     def request_ids(self) -> list[str]:
         return [r["id"] for r in self.requests]
+
+    def stamp(self) -> None:
+        """A fresh job id and creation time, given when it is stored (its requests follow)."""
+        now = utcnow()
+        job_id = new_id("job")
+        window = self.values["completion_window_s"]
+        self.values.update(id=job_id, created_at=now, expires_at=now + timedelta(seconds=window),
+                           dispatched_at=now if self.values["dispatched_at"] is not None else None)
+        for row in self.requests:
+            row["job_id"], row["created_at"] = job_id, now
 
     @property
     def row(self) -> Any:
@@ -375,6 +392,7 @@ RESULT_FIELDS = tuple(JobRequest.__table__.c[name] for name in (
 _JOB_BY_ID = select(*JOB_FIELDS).where(Job.__table__.c.id == bindparam("id"))
 _JOB_PAGES: dict[tuple[bool, bool, bool], Any] = {}
 _RESULT_PAGES: dict[bool, Any] = {}
+_EXISTING = select(Job.__table__.c.id).where(Job.__table__.c.id.in_(bindparam("ids", expanding=True)))
 _BY_IDEMPOTENCY_KEY = select(*JOB_FIELDS, Job.__table__.c.idempotency_key, Job.__table__.c.request_hash).where(
     Job.__table__.c.idempotency_key.in_(bindparam("keys", expanding=True)),
     Job.__table__.c.owner.in_(bindparam("owners", expanding=True)))

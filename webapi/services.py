@@ -62,6 +62,7 @@ class Services:
         self.sync.notifier.close()
         self.finalizer.stop()
         self.deliverer.stop()
+        self.submissions.group_commit.close()
         self.db.dispose()
 
     def registry(self) -> Registry:

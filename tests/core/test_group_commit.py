@@ -50,9 +50,10 @@ class Held:
         self._cm = self.db.write()
         session = self._cm.__enter__()
         session.connection()  # SQLite: BEGIN IMMEDIATE, the write lock, taken now
-        if self.db.dialect == "postgresql":
-            session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"),
-                            {"k": f"batchgen:capacity:owner:{self.owner}"})
+        if self.db.dialect == "postgresql":  # the model's key: every submission for it waits
+            for key in ("model:m", f"owner:{self.owner}"):
+                session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"),
+                                {"k": f"batchgen:capacity:{key}"})
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -120,3 +121,28 @@ def test_idempotency_keys_inside_one_group(db: Database):
     assert again.job.id == a.new.id
     with db.read() as s:
         assert sorted(s.scalars(select(Job.idempotency_key))) == ["k1", "k2"]
+
+
+def test_a_call_in_a_group_counts_against_the_stored_quota_of_what_follows_it(db: Database):
+    """A synchronous call is not held to the owner's stored-requests quota, but it is stored: a
+    job after it in the same group is decided as it would be in a transaction of its own."""
+    gc = GroupCommit(db, Capacity(Settings.model_validate({"max_stored_requests_per_owner": 10,
+                                                           "database_url": db.url})))
+    first = entry(1, owner="bob")  # a group of its own, waiting for the lock while the next two queue
+    call = entry(1)
+    call.stored_quota = False
+    job = entry(10)
+    with Held(db):
+        threading.Thread(target=gc.store, args=(first,)).start()
+        time.sleep(0.3)
+        done = threading.Event()
+        result: list[list[Entry | BaseException]] = []
+        threading.Thread(target=lambda: (result.append(store_in_order(gc, [call, job])), done.set())).start()
+        time.sleep(0.3)
+    assert done.wait(30) and first.done.wait(5)
+    assert gc.groups == 2
+    stored_call, refused = result[0]
+    assert isinstance(stored_call, Entry)
+    assert isinstance(refused, LimitError) and refused.code == "storage_quota_exceeded"
+    with db.read() as s:
+        assert s.scalar(select(func.count()).select_from(Job).where(Job.owner == "alice")) == 1
