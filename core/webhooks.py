@@ -478,7 +478,8 @@ def send(event: Taken, *, allow: AllowList, timeout_s: float, now: float | None 
         conn = kind(target.host, target.port, address, timeout_s)
         # The socket timeout bounds each read; this bounds the whole exchange (a receiver trickling
         # a byte at a time would hold the slot, and outlive the lease, without it).
-        cutoff = threading.Timer(timeout_s, _cut, (conn,))
+        cut = threading.Event()  # set before the socket is shut: the failure that follows is the cut's
+        cutoff = threading.Timer(timeout_s, _cut, (conn, cut))
         cutoff.start()
         try:
             conn.request("POST", target.path, body=body, headers=headers)
@@ -486,7 +487,7 @@ def send(event: Taken, *, allow: AllowList, timeout_s: float, now: float | None 
             response.read(RESPONSE_READ_BYTES)
             return Attempt(status_code=response.status)
         except Exception as exc:  # OSError, HTTPException, ssl errors, anything: this attempt failed
-            timed_out = not cutoff.is_alive() or isinstance(exc, TimeoutError)
+            timed_out = cut.is_set() or isinstance(exc, TimeoutError)
             error = (f"no answer within {timeout_s:g} s" if timed_out
                      else f"could not deliver: {type(exc).__name__}")
             log.info("webhook %s to %s (%s): %s", event.id, target.host, address, exc)
@@ -496,8 +497,10 @@ def send(event: Taken, *, allow: AllowList, timeout_s: float, now: float | None 
     return Attempt(error=error)
 
 
-def _cut(conn: http.client.HTTPConnection) -> None:
-    """End a send that has run out of time (shutdown wakes a thread blocked reading the socket)."""
+def _cut(conn: http.client.HTTPConnection, cut: threading.Event) -> None:
+    """End a send that has run out of time (shutdown wakes a thread blocked reading the socket).
+    ``cut`` is set first: the timer thread may still be alive when the reader sees the failure."""
+    cut.set()
     sock = conn.sock
     if sock is not None:
         try:
