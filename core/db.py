@@ -93,6 +93,31 @@ def make_engine(url: str, *, pool_size: int = 5, statement_timeout_s: float | No
     return engine
 
 
+class KeptConnection:
+    """A write connection one thread keeps between its transactions (the API's group commit, a
+    worker's writer): a checkout from the pool costs a round trip of its own on PostgreSQL (the
+    pool's ping), and its reset and events cost more than a small transaction's statements.
+    ``drop`` it when it may have broken; the next ``get`` opens a fresh one."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._conn: Connection | None = None
+
+    def get(self) -> Connection:
+        if self._conn is None or self._conn.closed or self._conn.invalidated:
+            self._conn = self.db.connection(write=True)
+        return self._conn
+
+    def drop(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.invalidate()
+                self._conn.close()
+            except Exception:  # it was broken already
+                pass
+            self._conn = None
+
+
 def connection_of(unit: Session | Connection) -> Connection:
     """The Core connection of a unit of work: an ORM session's, or the connection itself."""
     return unit if isinstance(unit, Connection) else unit.connection()

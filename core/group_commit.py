@@ -25,12 +25,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from core import jobs as job_service
 from core.capacity import Capacity
-from core.db import Database
+from core.db import Database, KeptConnection
 from core.jobs import NewJob
 
 log = logging.getLogger("batchgen.submit")
@@ -71,7 +70,7 @@ class GroupCommit:
         self._queue: queue.Queue[Entry] = queue.Queue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._conn: Connection | None = None
+        self._conn = KeptConnection(db)
         self.groups = 0  # transactions committed (tests, the bench)
 
     def store(self, entry: Entry) -> Entry:
@@ -113,7 +112,7 @@ class GroupCommit:
                 entry.job, entry.error = None, None
             stored = []
             try:
-                conn = self._connection()
+                conn = self._conn.get()
                 with conn.begin():
                     stored = self._decide(conn, group, stamp=attempt == 0)
                     job_service.insert_jobs(conn, [e.new for e in stored])
@@ -124,7 +123,7 @@ class GroupCommit:
                 if attempt == RETRIES - 1:
                     raise
             except DBAPIError as exc:
-                self._drop_connection()  # it may be the connection that broke: a fresh one next time
+                self._conn.drop()  # it may be the connection that broke: a fresh one next time
                 # A connection that died while idle (the database restarted) is not an outage:
                 # try once more on a fresh one, as the pool's ping would have. One that died
                 # during the commit may have committed: the answer was lost, not the jobs.
@@ -133,7 +132,7 @@ class GroupCommit:
                 if stored and self._were_stored(stored):
                     break
             except Exception:
-                self._drop_connection()
+                self._conn.drop()
                 raise
         self.groups += 1
         if stored and self.on_stored is not None:
@@ -152,23 +151,7 @@ class GroupCommit:
 
     def close(self) -> None:
         """Let go of the kept connection (at shutdown)."""
-        self._drop_connection()
-
-    def _connection(self) -> Connection:
-        """The thread's own connection, kept between groups: a checkout from the pool costs a
-        round trip of its own on PostgreSQL (the pool's ping), and so does each statement."""
-        if self._conn is None or self._conn.closed or self._conn.invalidated:
-            self._conn = self.db.connection(write=True)
-        return self._conn
-
-    def _drop_connection(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.invalidate()
-                self._conn.close()
-            except Exception:  # it was broken already
-                pass
-            self._conn = None
+        self._conn.drop()
 
     def _decide(self, session: Any, group: list[Entry], *, stamp: bool = True) -> list[Entry]:
         """Which entries of the group are stored, in arrival order; the others get their outcome

@@ -33,7 +33,7 @@ from sqlalchemy import Connection
 from sqlalchemy.exc import OperationalError
 
 from core import runs
-from core.db import Database
+from core.db import Database, KeptConnection
 from core.ids import new_id
 from core.runs import Outcome
 
@@ -120,7 +120,7 @@ class Writer:
         self.halt = halt or threading.Event()
         self._queue: queue.Queue[Write | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="writer", daemon=True)
-        self._conn: Connection | None = None
+        self._conn = KeptConnection(db)
         self.transactions = 0  # committed (tests, the bench)
         self.writes = 0
 
@@ -213,7 +213,7 @@ class Writer:
                         self._guarded(group)
                     return
         finally:
-            self._drop_connection()
+            self._conn.drop()
 
     def _guarded(self, group: list[Write]) -> None:
         """``_store``, and whatever goes wrong with it a bug: no write is left unanswered (a slot
@@ -231,32 +231,16 @@ class Writer:
                 if not write.future.done():
                     write.future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(str(exc)))
 
-    def _connection(self) -> Connection:
-        """The writer's own connection, kept between transactions (a checkout from the pool, its
-        reset and events cost more than a small transaction's statements)."""
-        if self._conn is None or self._conn.closed or self._conn.invalidated:
-            self._conn = self.db.connection(write=True)
-        return self._conn
-
-    def _drop_connection(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.invalidate()
-                self._conn.close()
-            except Exception:  # it was broken already
-                pass
-            self._conn = None
-
     def _store(self, group: list[Write]) -> None:
         delay = 0.25
         fresh_tried = False
         while group:
             try:
-                conn = self._connection()
+                conn = self._conn.get()
                 with conn.begin():
                     results = [write.run(conn) for write in group]
             except OperationalError as exc:
-                self._drop_connection()  # it may be the connection that broke: a fresh one next time
+                self._conn.drop()  # it may be the connection that broke: a fresh one next time
                 if exc.connection_invalidated and not fresh_tried:
                     # The kept connection died while idle (the database restarted): no outage
                     # so far, try once more on a fresh one, at once, as a pool's ping would.
