@@ -74,8 +74,8 @@ class Settings(BaseModel):
                                      "API", ge=1)
     inline_dispatch_limit: int = _setting(1_000, "Jobs with more requests than this are marked dispatched only "
                                           "once all of them are on the queue.", "API", ge=0)
-    requests_per_message: int = _setting(8, "Request ids per queue message: a worker pays Celery's per-message "
-                                         "cost once for this many, and takes work in steps of this many.",
+    requests_per_message: int = _setting(8, "Request ids per queue message: a worker acks a message once all "
+                                         "its requests are stored, and takes work in steps of this many.",
                                          "API", ge=1, le=256)
     sync_timeout_s: float = _setting(600.0, "Synchronous calls (completions, DashScope, PAI-EAS) give up after "
                                      "this long (504).", "API", gt=0)

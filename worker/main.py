@@ -42,9 +42,9 @@ def parse_args(argv: list[str] | None, prog: str = "python -m worker") -> argpar
     p.add_argument("--max-batch-size", type=int, help="requests per batch (default: per device)")
     p.add_argument("--max-batch-tokens", type=int, help="prompt+new tokens per batch (default: per device)")
     p.add_argument("--max-wait-ms", type=float, help="longest a request waits for a batch to fill")
-    p.add_argument("--inflight", type=int, help="messages taken from Redis at once (default 256)")
+    p.add_argument("--inflight", type=int, help="messages a worker holds at once (default 256)")
     p.add_argument("--ready-file", type=Path, help="touch this file once the worker consumes")
-    p.add_argument("--events", action="store_true", help="send task events (for Flower; one per request)")
+    p.add_argument("--events", action="store_true", help="send Celery's worker events (for Flower; requests are not Celery tasks here)")
     p.add_argument("--loglevel", help="default: BATCHGEN_LOG_LEVEL or INFO")
     return p.parse_args(argv)
 
