@@ -323,6 +323,29 @@ def test_playground_streams_a_chat_answer(page, served):
     page.screenshot(path=SHOTS / "06-playground.png", full_page=True)
 
 
+def test_a_chat_sent_before_the_model_list_arrives_waits_for_it(page, served):
+    """An Enter pressed in the playground while its model list is on its way is sent once the list
+    is in. Before, the listeners went on only after the list came, and the Enter was lost: CI saw
+    it as a flaky test of the busy server's 429."""
+    _, _, _, token = served
+    sign_in(page, token)
+    page.evaluate("""() => {
+        const real = window.fetch;
+        window.fetch = (url, ...rest) => String(url).includes("/v1/models")
+            ? new Promise((ok) => setTimeout(ok, 1500)).then(() => real(url, ...rest))
+            : real(url, ...rest);
+    }""")
+    page.click("a[data-nav=play]")
+    page.fill("#play-max", "4")
+    page.fill("#play-input", "Hello there")
+    page.keyboard.press("Enter")
+    expect(page.locator("#play-model")).to_have_value("", timeout=1000)  # the list was still out
+    answer = page.locator("#play-log .msg.assistant")
+    expect(answer).to_have_count(1, timeout=15_000)
+    expect(answer.locator(".usage")).to_contain_text(" tokens", timeout=30_000)
+    expect(page.locator("#play-log .msg.user")).to_have_count(1)
+
+
 def test_a_phone_sized_screen(browser, served):
     api, _, settings, _ = served
     token = make_key(settings.database_url, owner="phone")

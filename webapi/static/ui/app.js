@@ -625,9 +625,12 @@
     let messages = [];
     let abort = null;
 
+    // Listeners go on at once and a send waits for the model list: an Enter pressed while the list
+    // was still on its way used to find no listener and was lost (CI saw it as a flaky test).
     send.disabled = true;  // until the model list is in, as in submitView
-    await fillModels($("#play-model", root), null, {chatOnly: true});
-    send.disabled = false;
+    const modelsIn = fillModels($("#play-model", root), null, {chatOnly: true}).finally(() => {
+      send.disabled = false;
+    });
 
     function bubble(role, text) {
       const li = document.createElement("li");
@@ -661,8 +664,14 @@
 
     form.addEventListener("submit", async (ev) => {
       ev.preventDefault();
+      if (abort) return;
+      abort = new AbortController();  // taken now: a second Enter while the list loads sends nothing
+      await modelsIn.catch(() => {});
       const text = input.value.trim();
-      if (!text || abort) return;
+      if (!text) {
+        abort = null;
+        return;
+      }
       hideError();
       input.value = "";
       messages.push({role: "user", content: text});
@@ -681,7 +690,6 @@
       const maxTokens = $("#play-max", root).value;
       if (temperature !== "") body.temperature = Number(temperature);
       if (maxTokens !== "") body.max_tokens = Number(maxTokens);
-      abort = new AbortController();
       send.hidden = true;
       stop.hidden = false;
       let finish = null;
@@ -728,6 +736,7 @@
       }
     });
     input.focus();
+    await modelsIn;
   }
 
   // --- start ------------------------------------------------------------------------------
