@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import Connection, Row, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from core import files as file_service
@@ -74,15 +74,42 @@ def get_batch(*, session: Session, batch_id: str, owner: str | None, lock: bool 
     return batch
 
 
-def list_batches(*, session: Session, owner: str | None, after: str | None = None,
-                 limit: int = 20) -> tuple[list[Batch], bool]:
-    """The owner's batches, newest first; and whether more follow."""
-    query = select(Batch)
+# What a batch read shows: the batch's columns (by their attribute names) and its job's counts and
+# usage (``job_*``, None when it has no job or the job was deleted), in one query.
+_b, _j = Batch.__table__.c, Job.__table__.c
+BATCH_FIELDS = (*(c.label("batch_metadata") if c.name == "metadata" else c for c in _b
+                  if c.name != "webhook_secret"),
+                _j.total.label("job_total"), _j.succeeded.label("job_succeeded"), _j.failed.label("job_failed"),
+                _j.prompt_tokens.label("job_prompt_tokens"), _j.completion_tokens.label("job_completion_tokens"))
+_WITH_JOB = select(*BATCH_FIELDS).select_from(Batch.__table__.outerjoin(Job.__table__, _j.id == _b.job_id))
+_JOB_COUNTS = ("total", "succeeded", "failed", "prompt_tokens", "completion_tokens")
+
+
+def batch_fields(batch: Batch, job: Job | None) -> dict[str, Any]:
+    """A just-created batch's values under ``BATCH_FIELDS``' names (with its webhook's secret,
+    which only the answer to its creation shows)."""
+    values = {a.key: getattr(batch, a.key) for a in Batch.__mapper__.column_attrs}
+    values.update({f"job_{name}": None if job is None else getattr(job, name) for name in _JOB_COUNTS})
+    return values
+
+
+def batch_row(conn: Connection, *, batch_id: str, owner: str | None) -> Row[Any]:
+    """The batch as ``BATCH_FIELDS``, or ``NotFoundError`` (also when it belongs to another owner)."""
+    row = conn.execute(_WITH_JOB.where(_b.id == bindparam("id")), {"id": batch_id}).first()
+    if row is None or (owner is not None and row.owner != owner):
+        raise NotFoundError(f"no batch {batch_id!r}")
+    return row
+
+
+def list_batches(*, session: Session | Connection, owner: str | None, after: str | None = None,
+                 limit: int = 20) -> tuple[list[Row[Any]], bool]:
+    """The owner's batches as ``BATCH_FIELDS``, newest first; and whether more follow."""
+    query = _WITH_JOB
     if owner is not None:
-        query = query.where(Batch.owner == owner)
+        query = query.where(_b.owner == owner)
     if after is not None:
-        query = query.where(Batch.id < after)
-    rows = list(session.scalars(query.order_by(Batch.id.desc()).limit(limit + 1)))
+        query = query.where(_b.id < after)
+    rows = session.execute(query.order_by(_b.id.desc()).limit(limit + 1)).all()
     return rows[:limit], len(rows) > limit
 
 

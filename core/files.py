@@ -10,9 +10,9 @@ file row carries no content, so listing files reads none.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Connection, Row, bindparam, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from core.db import Database
@@ -114,18 +114,33 @@ def lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
         yield rest
 
 
-def list_files(*, session: Session, owner: str | None, after: str | None = None, limit: int = 100,
-               order: str = "desc", purpose: str | None = None) -> tuple[list[File], bool]:
-    """The owner's files by creation time (ids are time-ordered); and whether more follow."""
-    query = select(File)
+# What a file read shows (a file row carries no content).
+_f = File.__table__.c
+FILE_FIELDS = (_f.id, _f.owner, _f.purpose, _f.filename, _f.bytes, _f.created_at)
+_FILE = select(*FILE_FIELDS)
+
+
+def file_row(conn: Session | Connection, *, file_id: str, owner: str | None) -> Row[Any]:
+    """The file as ``FILE_FIELDS``, or ``NotFoundError`` (also when it belongs to another owner)."""
+    row = conn.execute(_FILE.where(_f.id == bindparam("id")), {"id": file_id}).first()
+    if row is None or (owner is not None and row.owner != owner):
+        raise NotFoundError(f"no file {file_id!r}")
+    return row
+
+
+def list_files(*, session: Session | Connection, owner: str | None, after: str | None = None, limit: int = 100,
+               order: str = "desc", purpose: str | None = None) -> tuple[list[Row[Any]], bool]:
+    """The owner's files as ``FILE_FIELDS`` by creation time (ids are time-ordered); and whether
+    more follow."""
+    query = _FILE
     if owner is not None:
-        query = query.where(File.owner == owner)
+        query = query.where(_f.owner == owner)
     if purpose is not None:
-        query = query.where(File.purpose == purpose)
+        query = query.where(_f.purpose == purpose)
     if after is not None:
-        query = query.where(File.id < after if order == "desc" else File.id > after)
-    query = query.order_by(File.id.desc() if order == "desc" else File.id.asc()).limit(limit + 1)
-    rows = list(session.scalars(query))
+        query = query.where(_f.id < after if order == "desc" else _f.id > after)
+    query = query.order_by(_f.id.desc() if order == "desc" else _f.id.asc()).limit(limit + 1)
+    rows = session.execute(query).all()
     return rows[:limit], len(rows) > limit
 
 

@@ -34,7 +34,9 @@ def window(seconds: int) -> str:
 
 def fields(row: Any) -> Any:
     """A row's values by name: a Core row's mapping (reading a Core row by attribute costs five
-    times more, and a view reads thirty), or an object's attributes."""
+    times more, and a view reads thirty), a dict of them, or an object's attributes."""
+    if isinstance(row, dict):
+        return row
     return row._mapping if hasattr(row, "_mapping") else vars(row)
 
 

@@ -5,19 +5,23 @@ SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from sqlalchemy import select, update
 
-from core import jobs, runs
+from core import batches, files, jobs, runs
 from core.db import Database
 from core.jobs import Limits
 from core.runs import Outcome
 from core.registry import ModelSpec
-from core.schemas import ErrorInfo, JobCounts, JobRead, ResultRead, Usage, WebhookRead
-from core.tables import Job, JobRequest, utcnow
+from core.errors import NotFoundError
+from core.schemas import ErrorInfo, JobCounts, JobCreate, JobRead, ResultRead, Usage, WebhookCreate, WebhookRead
+from core.tables import Batch, File, Job, JobRequest, utcnow
 from core.webhooks import AllowList
+from core.webhooks import initial_state as hook_state
+from webapi.openai.protocol import BatchRead, FileObjectRead
+from webapi.openai.serving import batch_view, file_view, unix
 from webapi.jobs import result_line
 from webapi.views import job_view, result_view, window
 
@@ -70,8 +74,6 @@ def reference_result(row: JobRequest) -> ResultRead:
 
 
 def submit(db: Database, payload: dict) -> tuple[jobs.NewJob, list[str]]:
-    from core.schemas import JobCreate
-
     new = jobs.prepare_job(spec=JobCreate.model_validate({"model": "m", **payload}), model=MODEL, limits=LIMITS,
                            owner="alice", idempotency_key=payload.get("metadata", {}).get("key"))
     with db.write() as s:
@@ -177,3 +179,103 @@ def test_results_read_lean_equal_the_pydantic_model_in_every_state(db: Database)
         # a line of the results download, as the model writes it
         assert json.loads(result_line(row)) == json.loads(reference.model_dump_json()), row.id
     assert {result_view(r)["status"] for r in rows} == {"succeeded", "failed", "queued"}
+
+
+# --- OpenAI batches and files ---------------------------------------------------------------
+
+
+def reference_batch(batch: Batch, job: Job | None, *, created: bool = False) -> dict:
+    """The batch as ``BatchRead`` from the ORM objects (what the API answered before the lean reads)."""
+    counts = {"total": 0, "completed": 0, "failed": 0}
+    tokens = None
+    if job is not None:
+        counts = {"total": job.total, "completed": job.succeeded, "failed": job.failed}
+        tokens = {"input_tokens": job.prompt_tokens, "output_tokens": job.completion_tokens,
+                  "total_tokens": job.prompt_tokens + job.completion_tokens,
+                  "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}
+    webhook = None
+    if batch.webhook is not None:
+        webhook = {**batch.webhook, "secret": batch.webhook_secret if created else None}
+        for name in ("last_attempt_at", "next_attempt_at", "delivered_at"):
+            if webhook.get(name) is not None:
+                webhook[name] = int(datetime.fromisoformat(webhook[name]).timestamp())
+    return BatchRead.model_validate({
+        "id": batch.id, "endpoint": batch.endpoint, "model": batch.model,
+        "errors": {"data": batch.errors} if batch.errors else None,
+        "input_file_id": batch.input_file_id, "completion_window": batch.completion_window,
+        "status": batch.status, "output_file_id": batch.output_file_id, "error_file_id": batch.error_file_id,
+        "created_at": unix(batch.created_at), "in_progress_at": unix(batch.in_progress_at),
+        "expires_at": unix(batch.expires_at), "finalizing_at": unix(batch.finalizing_at),
+        "completed_at": unix(batch.completed_at), "failed_at": unix(batch.failed_at),
+        "expired_at": unix(batch.expired_at), "cancelling_at": unix(batch.cancelling_at),
+        "cancelled_at": unix(batch.cancelled_at), "request_counts": counts, "usage": tokens,
+        "metadata": batch.batch_metadata, "webhook": webhook,
+    }).model_dump(mode="json")
+
+
+def test_batches_and_files_read_lean_equal_the_pydantic_models(db: Database):
+    spec = JobCreate.model_validate({"model": "m", "prompts": ["a", "b", "c"]})
+    hook = WebhookCreate(url="https://hooks.example.com/b")
+    with db.write() as s:
+        upload = files.create_file(session=s, owner="alice", purpose="batch", filename="in.jsonl", content=b"{}\n")
+        running, job, _ = batches.create_batch(
+            session=s, owner="alice", input_file_id=upload.id, endpoint="/v1/chat/completions",
+            completion_window="24h", metadata={"team": "x"}, spec=spec, model=MODEL, limits=LIMITS, webhook=hook)
+        created = (batches.batch_fields(running, job), reference_batch(running, job, created=True))
+        failed = batches.create_failed_batch(
+            session=s, owner="alice", input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h",
+            metadata=None, errors=[{"code": "invalid_json", "line": 2, "message": "not JSON", "param": None}],
+            webhook=hook)
+        failed_created = (batches.batch_fields(failed, None), reference_batch(failed, None, created=True))
+        done, done_job, done_ids = batches.create_batch(
+            session=s, owner="alice", input_file_id=upload.id, endpoint="/v1/completions", completion_window="1h",
+            metadata=None, spec=spec, model=MODEL, limits=LIMITS)
+        gone, _, _ = batches.create_batch(
+            session=s, owner="alice", input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h",
+            metadata=None, spec=spec, model=MODEL, limits=LIMITS)
+        output = files.create_file(session=s, owner="alice", purpose="batch_output", filename="out.jsonl",
+                                   content=b"x" * 10)
+        ids = [running.id, failed.id, done.id, gone.id]
+        file_ids = [upload.id, output.id]
+    with db.write() as s:  # one with usage, done and delivered; one whose job is gone; one cancelling
+        runs.claim(session=s, request_ids=done_ids, run_id="r")
+        runs.record(session=s, run_id="r", outcomes=[
+            Outcome(request_id=i, job_id=done_job.id, text="t", finish_reason="stop", prompt_tokens=3,
+                    completion_tokens=2) for i in done_ids[:2]] + [
+            Outcome(request_id=done_ids[2], job_id=done_job.id, error_code="invalid_prompt", error_message="no")])
+        at = (utcnow() - timedelta(minutes=3)).isoformat().replace("+00:00", "Z")
+        s.execute(update(Batch).where(Batch.id == failed.id).values(webhook={
+            **hook_state(hook.url), "status": "delivered", "attempts": 2, "event_id": "evt_1", "type": "batch.failed",
+            "last_attempt_at": at, "delivered_at": at, "last_response_status": 200}))
+        s.execute(update(Batch).where(Batch.id == done.id).values(
+            status="completed", finalizing_at=utcnow(), completed_at=utcnow(), output_file_id=output.id))
+        s.execute(update(Batch).where(Batch.id == gone.id).values(job_id=None))
+        batches.cancel_batch(session=s, batch_id=running.id, owner="alice")
+    # the answers to their creation: the same JSON, secrets shown
+    for values, reference in (created, failed_created):
+        assert batch_view(values, created=True) == reference
+        assert reference["webhook"]["secret"] is not None
+    with db.connect() as conn:
+        lean = {r.id: batch_view(r) for r in (batches.batch_row(conn, batch_id=i, owner="alice") for i in ids)}
+        page, more = batches.list_batches(session=conn, owner="alice", limit=10)
+        lean_files = {r.id: file_view(r) for r in (files.file_row(conn, file_id=i, owner=None) for i in file_ids)}
+        file_page, _ = files.list_files(session=conn, owner="alice")
+        with pytest.raises(NotFoundError):
+            batches.batch_row(conn, batch_id=running.id, owner="mallory")
+        with pytest.raises(NotFoundError):
+            files.file_row(conn, file_id=upload.id, owner="mallory")
+    with db.read() as s:
+        for batch_id in ids:
+            batch = s.get(Batch, batch_id)
+            job_row = s.get(Job, batch.job_id) if batch.job_id else None
+            assert lean[batch_id] == reference_batch(batch, job_row), batch_id
+        for file_id in file_ids:
+            f = s.get(File, file_id)
+            assert lean_files[file_id] == FileObjectRead(
+                id=f.id, bytes=f.bytes, created_at=unix(f.created_at) or 0, filename=f.filename,
+                purpose=f.purpose).model_dump(mode="json")  # type: ignore[arg-type]
+    assert {v["status"] for v in lean.values()} == {"cancelling", "failed", "completed", "in_progress"}
+    assert lean[done.id]["usage"]["total_tokens"] == 10 and lean[done.id]["request_counts"]["failed"] == 1
+    assert lean[gone.id]["usage"] is None and lean[failed.id]["webhook"]["delivered_at"] is not None
+    assert [batch_view(r) for r in page] == [lean[i] for i in sorted(ids, reverse=True)] and not more
+    assert [file_view(r) for r in file_page] == [lean_files[i] for i in reversed(file_ids)]  # newest first

@@ -17,7 +17,6 @@ from core import batches as batch_service
 from core import files as file_service
 from core.errors import InvalidRequestError
 from core.schemas import JobCreate, check_metadata
-from core.tables import Job
 from webapi.auth import current_principal
 from webapi.errors import ApiError, attachment, choice_arg, error_body, failed_call, int_arg, validated
 from webapi.jobs import json_body
@@ -92,26 +91,26 @@ def upload_file() -> dict[str, Any]:
 @bp.get("/files")
 def list_files() -> dict[str, Any]:
     order = choice_arg("order", ("asc", "desc"), "desc")
-    with services().db.read() as session:
-        rows, more = file_service.list_files(session=session, owner=current_principal().owner_filter,
+    with services().db.connect() as conn:
+        rows, more = file_service.list_files(session=conn, owner=current_principal().owner_filter,
                                              after=request.args.get("after"), limit=int_arg("limit", 100, 1, 10_000),
                                              order=order, purpose=request.args.get("purpose"))
-        return _page([serving.file_view(f) for f in rows], more)
+    return _page([serving.file_view(f) for f in rows], more)
 
 
 @bp.get("/files/<file_id>")
 def get_file(file_id: str) -> dict[str, Any]:
-    with services().db.read() as session:
-        return serving.file_view(file_service.get_file(session=session, file_id=file_id,
-                                                       owner=current_principal().owner_filter))
+    with services().db.connect() as conn:
+        file = file_service.file_row(conn, file_id=file_id, owner=current_principal().owner_filter)
+    return serving.file_view(file)
 
 
 @bp.get("/files/<file_id>/content")
 def file_content(file_id: str) -> Response:
     svc = services()
-    with svc.db.read() as session:
-        file = file_service.get_file(session=session, file_id=file_id, owner=current_principal().owner_filter)
-        size, filename = file.bytes, file.filename
+    with svc.db.connect() as conn:
+        file = file_service.file_row(conn, file_id=file_id, owner=current_principal().owner_filter)
+    size, filename = file.bytes, file.filename
     held = svc.limits.take_long_call(current_principal())  # a download lasts: it counts among long calls
     try:
         response = Response(file_service.parts(svc.db, file_id), mimetype="application/jsonl",
@@ -145,12 +144,12 @@ def create_batch() -> dict[str, Any]:
                                                            "type": "invalid_value"}]) from None
     svc = services()
     svc.submissions.check_webhook(req.webhook)
-    with svc.db.read() as session:
-        file = file_service.get_file(session=session, file_id=req.input_file_id, owner=principal.owner)
-        if file.purpose != "batch":
-            raise ApiError(400, "invalid_request", f"file {file.id} has purpose {file.purpose!r}, not 'batch'",
-                           [{"loc": "input_file_id", "message": "not a batch input file", "type": "invalid_value"}])
-        input_file_id, size = file.id, file.bytes
+    with svc.db.connect() as conn:
+        file = file_service.file_row(conn, file_id=req.input_file_id, owner=principal.owner)
+    if file.purpose != "batch":
+        raise ApiError(400, "invalid_request", f"file {file.id} has purpose {file.purpose!r}, not 'batch'",
+                       [{"loc": "input_file_id", "message": "not a batch input file", "type": "invalid_value"}])
+    input_file_id, size = file.id, file.bytes
     with svc.limits.body_slot(size):  # parsing a big file at once costs memory: a few at a time
         spec, model, lines, errors = serving.parse_batch_input(
             file_service.lines(file_service.parts(svc.db, input_file_id)), req.endpoint, svc.registry(),
@@ -165,21 +164,20 @@ def create_batch() -> dict[str, Any]:
         except InvalidRequestError as exc:  # what only the model can tell (a prompt too long for it)
             errors = serving.errors_from_problems(exc, lines)
         else:
-            return serving.batch_view(batch, done.job, created=True)
+            return serving.batch_view(batch_service.batch_fields(batch, done.job), created=True)
     with svc.db.write() as session:
         batch = batch_service.create_failed_batch(
             session=session, owner=principal.owner, input_file_id=input_file_id, endpoint=req.endpoint,
             completion_window=req.completion_window, metadata=req.metadata, errors=errors, webhook=req.webhook)
     log.info("batch failed validation with %d errors", len(errors))
-    return serving.batch_view(batch, None, created=True)
+    return serving.batch_view(batch_service.batch_fields(batch, None), created=True)
 
 
 def _view(batch_id: str, owner: str | None) -> dict[str, Any]:
     """The batch as it is (reading never writes: the API's finalizer ends batches whose job ended)."""
-    with services().db.read() as session:
-        batch = batch_service.get_batch(session=session, batch_id=batch_id, owner=owner)
-        job = session.get(Job, batch.job_id) if batch.job_id else None
-        return serving.batch_view(batch, job)
+    with services().db.connect() as conn:
+        batch = batch_service.batch_row(conn, batch_id=batch_id, owner=owner)
+    return serving.batch_view(batch)
 
 
 @bp.get("/batches/<batch_id>")
@@ -190,11 +188,10 @@ def get_batch(batch_id: str) -> dict[str, Any]:
 @bp.get("/batches")
 def list_batches() -> dict[str, Any]:
     owner = current_principal().owner_filter
-    with services().db.read() as session:
-        rows, more = batch_service.list_batches(session=session, owner=owner, after=request.args.get("after"),
+    with services().db.connect() as conn:  # one query: the batches with their jobs' counts
+        rows, more = batch_service.list_batches(session=conn, owner=owner, after=request.args.get("after"),
                                                 limit=int_arg("limit", 20, 1, 100))
-        ids = [b.id for b in rows]
-    return _page([_view(i, owner) for i in ids], more)
+    return _page([serving.batch_view(b) for b in rows], more)
 
 
 @bp.post("/batches/<batch_id>/cancel")

@@ -16,17 +16,17 @@ from pydantic import ValidationError
 from core.errors import InvalidRequestError, UnknownModelError
 from core.registry import ModelSpec, Registry
 from core.schemas import JobCreate, RequestCreate, check_text, error_details
-from core.tables import Batch, File, Job, JobRequest
+from core.tables import JobRequest
 from webapi.errors import error_body, parse_json
+from webapi.views import fields
 from webapi.openai.protocol import (
     ENDPOINTS,
     AssistantMessage,
-    BatchRead,
+    BatchWebhookRead,
     ChatChoice,
     ChatCompletionRead,
     CompletionChoice,
     CompletionRead,
-    FileObjectRead,
 )
 
 MAX_REPORTED_ERRORS = 1000
@@ -151,43 +151,52 @@ def chat_body(row: JobRequest, model: str, created: datetime, fingerprint: str |
 BODY = {"/v1/completions": completion_body, "/v1/chat/completions": chat_body}
 
 
-def file_view(file: File) -> dict[str, Any]:
-    return FileObjectRead(id=file.id, bytes=file.bytes, created_at=unix(file.created_at) or 0, filename=file.filename,
-                          purpose=file.purpose).model_dump(mode="json")  # type: ignore[arg-type]
+def file_view(file: Any) -> dict[str, Any]:
+    """A file as ``FileObjectRead``, from a row of ``core.files.FILE_FIELDS`` or a ``File``."""
+    f = fields(file)
+    return {"id": f["id"], "object": "file", "bytes": f["bytes"], "created_at": unix(f["created_at"]) or 0,
+            "filename": f["filename"], "purpose": f["purpose"], "status": "processed", "expires_at": None,
+            "status_details": None}
 
 
-def batch_view(batch: Batch, job: Job | None, *, created: bool = False) -> dict[str, Any]:
-    """A batch as OpenAI shows it (``created``: the answer to its creation, the only one that shows its
-    webhook's secret)."""
+def batch_view(batch: Any, *, created: bool = False) -> dict[str, Any]:
+    """A batch as OpenAI shows it (``BatchRead``), from a row of ``core.batches.BATCH_FIELDS`` or
+    the values ``batch_fields`` gives (``created``: the answer to its creation, the only one that
+    shows its webhook's secret). Built without pydantic, as the native reads are; a test compares
+    it with ``BatchRead`` on every field."""
+    b = fields(batch)
     counts = {"total": 0, "completed": 0, "failed": 0}
     tokens = None
-    if job is not None:
-        counts = {"total": job.total, "completed": job.succeeded, "failed": job.failed}
-        tokens = {"input_tokens": job.prompt_tokens, "output_tokens": job.completion_tokens,
-                  "total_tokens": job.prompt_tokens + job.completion_tokens,
+    if b["job_total"] is not None:
+        counts = {"total": b["job_total"], "completed": b["job_succeeded"], "failed": b["job_failed"]}
+        prompt, completion = b["job_prompt_tokens"], b["job_completion_tokens"]
+        tokens = {"input_tokens": prompt, "output_tokens": completion, "total_tokens": prompt + completion,
                   "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}
-    return BatchRead.model_validate({
-        "id": batch.id, "endpoint": batch.endpoint, "model": batch.model,
-        "errors": {"data": batch.errors} if batch.errors else None,
-        "input_file_id": batch.input_file_id, "completion_window": batch.completion_window,
-        "status": batch.status, "output_file_id": batch.output_file_id, "error_file_id": batch.error_file_id,
-        "created_at": unix(batch.created_at), "in_progress_at": unix(batch.in_progress_at),
-        "expires_at": unix(batch.expires_at), "finalizing_at": unix(batch.finalizing_at),
-        "completed_at": unix(batch.completed_at), "failed_at": unix(batch.failed_at),
-        "expired_at": unix(batch.expired_at), "cancelling_at": unix(batch.cancelling_at),
-        "cancelled_at": unix(batch.cancelled_at), "request_counts": counts, "usage": tokens,
-        "metadata": batch.batch_metadata, "webhook": _webhook_view(batch, created),
-    }).model_dump(mode="json", exclude_none=False)
+    errors = b["errors"]
+    return {
+        "id": b["id"], "object": "batch", "endpoint": b["endpoint"], "model": b["model"],
+        "errors": {"object": "list", "data": [_error(e.get("line"), e["code"], e["message"], e.get("param"))
+                                              for e in errors]} if errors else None,
+        "input_file_id": b["input_file_id"], "completion_window": b["completion_window"],
+        "status": b["status"], "output_file_id": b["output_file_id"], "error_file_id": b["error_file_id"],
+        "created_at": unix(b["created_at"]), "in_progress_at": unix(b["in_progress_at"]),
+        "expires_at": unix(b["expires_at"]), "finalizing_at": unix(b["finalizing_at"]),
+        "completed_at": unix(b["completed_at"]), "failed_at": unix(b["failed_at"]),
+        "expired_at": unix(b["expired_at"]), "cancelling_at": unix(b["cancelling_at"]),
+        "cancelled_at": unix(b["cancelled_at"]), "request_counts": counts, "usage": tokens,
+        "metadata": b["batch_metadata"],
+        "webhook": _webhook_view(b["webhook"], b.get("webhook_secret") if created else None),
+    }
 
 
-def _webhook_view(batch: Batch, created: bool) -> dict[str, Any] | None:
-    if batch.webhook is None:
+def _webhook_view(webhook: dict[str, Any] | None, secret: str | None) -> dict[str, Any] | None:
+    if webhook is None:
         return None
-    view = {**batch.webhook, "secret": batch.webhook_secret if created else None}
+    view = {**webhook, "secret": secret}
     for name in ("last_attempt_at", "next_attempt_at", "delivered_at"):
         if view.get(name) is not None:
             view[name] = int(datetime.fromisoformat(view[name]).timestamp())
-    return view
+    return BatchWebhookRead.model_validate(view).model_dump(mode="json")  # rare: through its model
 
 
 def _error(line: int | None, code: str, message: str, param: str | None = None) -> dict[str, Any]:
