@@ -87,11 +87,12 @@ class _Sequence:
             self.on_delta(self.enc.item.id, text[self.sent:end])
             self.sent = end
 
-    def finish(self, ids: list[int]) -> str:
-        """The stored text, given the ids the result holds."""
+    def finish(self, text: str | None) -> str:
+        """The stored text, given the decoded text of the ids the result holds (None when the
+        sequence already ended on a stop string: its text was cut then)."""
         if self.text is not None:
             return self.text
-        text = self.runner.decode_continuation(self.enc.ids, ids)
+        assert text is not None
         stops = self.enc.item.params.stop
         if stops:  # a stop string may sit in a byte run the decoder was still holding back
             cut = first_stop(text, stops, self.searched)
@@ -123,7 +124,8 @@ class ModelRunner:
         self.special_ids, self.byte_ids = p.special_ids, p.byte_ids
         # What the rest of the worker asks of a runner, answered by its parts.
         self.encode, self.encode_many = p.encode, p.encode_many
-        self.decode_continuation, self.stream_decoder = p.decode_continuation, p.stream_decoder
+        self.decode_continuation, self.decode_continuations = p.decode_continuation, p.decode_continuations
+        self.stream_decoder = p.stream_decoder
         self.token_bytes, self.score = self.logprobs.token_bytes, self.logprobs.score
         self.device, self.compute_type = device, compute_type
         self.inter_threads = inter_threads
@@ -229,6 +231,15 @@ class ModelRunner:
                 seq.reason = "length" if len(ids) >= seq.enc.item.params.max_new_tokens else "stop"
             generated.append(ids)
         details = self.logprobs.details(rows, generated)
+        # The whole batch's texts in one tokenizer call (rows cut by a stop string have theirs).
+        undecoded = [r for r, seq in enumerate(sequences) if seq.text is None]
+        decoded = self.decode_continuations([(rows[r].ids, generated[r]) for r in undecoded])
+        texts: list[str | None] = [None] * len(rows)
+        for r, text in zip(undecoded, decoded, strict=True):
+            texts[r] = sequences[r].finish(text)
+        for r, seq in enumerate(sequences):
+            if texts[r] is None:
+                texts[r] = seq.finish(None)
         outcomes = []
         at = 0
         for enc in batch:
@@ -237,11 +248,11 @@ class ModelRunner:
             at += p.samples
             if p.samples == 1:
                 seq, ids, detail = sequences[mine[0]], generated[mine[0]], details[mine[0]]
-                outcomes.append(Outcome(request_id=enc.item.id, job_id=enc.item.job_id, text=seq.finish(ids),
+                outcomes.append(Outcome(request_id=enc.item.id, job_id=enc.item.job_id, text=texts[mine[0]],
                                         finish_reason=seq.reason, prompt_tokens=enc.length,
                                         completion_tokens=len(ids), detail=detail))
                 continue
-            choices = [{"text": storable(sequences[r].finish(generated[r])), "finish_reason": sequences[r].reason,
+            choices = [{"text": storable(texts[r]), "finish_reason": sequences[r].reason,
                         "completion_tokens": len(generated[r]),
                         "logprobs": (details[r] or {}).get("logprobs")} for r in mine]
             if p.best_of > p.n:  # the n with the highest log probability per token (the model's)

@@ -20,7 +20,7 @@ from core.runs import WorkItem
 from core.schemas import ChatMessage
 from worker.detokenizer import CONTEXT, StreamDecoder, incremental_ok
 
-# Prompt ids kept to decode the first generated token in context (see decode_continuation);
+# Prompt ids kept to decode the first generated token in context (see decode_continuations);
 # the incremental decoder uses the same number, so both give the same text.
 _TAIL = CONTEXT
 
@@ -222,21 +222,29 @@ class Prompts:
         return out
 
     def decode_continuation(self, prompt_ids: Sequence[int], ids: Sequence[int]) -> str:
-        """Text of generated ``ids`` as it continues the prompt.
+        """Text of generated ``ids`` as it continues the prompt (see ``decode_continuations``)."""
+        return self.decode_continuations([(prompt_ids, ids)])[0]
+
+    def decode_continuations(self, rows: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[str]:
+        """Text of each row's generated ids as it continues its prompt, for a whole batch in two
+        calls of the Rust tokenizer (``decode_batch``), not two per row.
 
         Llama's decoder drops the leading space of a text; decoding the generated ids alone would
         lose the space their first token carries. Decoding the prompt's last few tokens with them
         and removing that prefix keeps it.
         """
-        tail = [i for i in prompt_ids[-_TAIL:] if i not in (self.bos_id, self.eos_id)]
-        if not tail:
-            return self._backend.decode(list(ids), skip_special_tokens=True)
-        head = self._backend.decode(tail, skip_special_tokens=True)
-        full = self._backend.decode(tail + list(ids), skip_special_tokens=True)
-        if full.startswith(head):
-            return full[len(head):]
-        # The prompt ended inside a multi-byte character completed by the output.
-        return self._backend.decode(list(ids), skip_special_tokens=True)
+        specials = (self.bos_id, self.eos_id)
+        tails = [[i for i in prompt_ids[-_TAIL:] if i not in specials] for prompt_ids, _ in rows]
+        heads = self._backend.decode_batch(tails, skip_special_tokens=True)
+        fulls = self._backend.decode_batch([tail + list(ids) for tail, (_, ids) in zip(tails, rows, strict=True)],
+                                           skip_special_tokens=True)
+        texts = []
+        for head, full, (_, ids) in zip(heads, fulls, rows, strict=True):
+            if full.startswith(head):  # an empty tail: head is "" and full the ids' own text
+                texts.append(full[len(head):])
+            else:  # the prompt ended inside a multi-byte character completed by the output
+                texts.append(self._backend.decode(list(ids), skip_special_tokens=True))
+        return texts
 
     def stream_decoder(self, prompt_ids: Sequence[int]) -> StreamDecoder:
         """An incremental decoder giving what ``decode_continuation`` gives, token by token."""

@@ -9,6 +9,7 @@ import pytest
 from core.runs import WorkItem
 from core.registry import ModelSpec
 from core.schemas import ResolvedParams
+from worker.detokenizer import CONTEXT
 from worker.runner import ModelRunner, _Sequence
 
 
@@ -54,6 +55,28 @@ def test_pieces_add_up_to_the_full_decode(runner):
         assert "".join(pieces) == decoder.text == want, (prompt, output)
 
 
+def one_row(runner, prompt: list[int], output: list[int]) -> str:
+    """A row's text decoded on its own, as the worker decoded each row before batches decoded
+    together (``decode_continuations``): the prompt's tail with the output, less the tail's text."""
+    backend = runner.tokenizer.backend
+    tail = [i for i in prompt[-CONTEXT:] if i not in (runner.bos_id, runner.eos_id)]
+    if not tail:
+        return backend.decode(output, skip_special_tokens=True)
+    head = backend.decode(tail, skip_special_tokens=True)
+    full = backend.decode(tail + output, skip_special_tokens=True)
+    return full[len(head):] if full.startswith(head) else backend.decode(output, skip_special_tokens=True)
+
+
+def test_a_batch_decoded_together_reads_as_each_row_alone(runner):
+    rng = random.Random(2)
+    euro = [byte_id(runner, b) for b in "€".encode()]
+    for _ in range(200):
+        rows = [(random_ids(runner, rng, rng.randint(0, 10)), random_ids(runner, rng, rng.randint(0, 24)))
+                for _ in range(rng.randint(1, 12))]
+        rows.append(([runner.bos_id, euro[0]], euro[1:]))  # a prompt ending inside a character
+        assert runner.decode_continuations(rows) == [one_row(runner, p, o) for p, o in rows]
+
+
 def test_a_byte_run_is_held_until_it_ends(runner):
     prompt = runner.encode(item("Hello")).ids
     euro = [byte_id(runner, b) for b in "€".encode()]
@@ -92,7 +115,8 @@ def run_sequence(runner, enc, output):
             break
     ids = output[: len(seq.ids)] if seq.reason else output
     seq.reason = seq.reason or "length"
-    return seq.finish(ids), seq.reason, len(ids)
+    text = None if seq.text is not None else runner.decode_continuation(enc.ids, ids)
+    return seq.finish(text), seq.reason, len(ids)
 
 
 def test_stop_strings_cut_where_the_full_decode_would(runner):
@@ -138,7 +162,8 @@ def test_streamed_text_is_a_prefix_of_the_stored_text(runner):
         for token in output:
             if seq.push(token):
                 break
-        stored = seq.finish(output[: len(seq.ids)])
+        stored = seq.finish(None if seq.text is not None
+                            else runner.decode_continuation(enc.ids, output[: len(seq.ids)]))
         assert stored.startswith("".join(sent))
         streamed += bool(sent)
     assert streamed > 250  # it did stream, nearly every time (not just "" being a prefix of everything)
