@@ -49,6 +49,18 @@ def default_server() -> str:
     return f"http://{host}:{port}"
 
 
+def webhook_secret(args: Any) -> str | None:
+    """A webhook key of the user's: from ``--webhook-secret-file``, else ``BATCHGEN_WEBHOOK_SECRET``
+    (a key on the command line would show in ``ps`` to every user of the machine)."""
+    path = getattr(args, "webhook_secret_file", None)
+    if path:
+        try:
+            return Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise CliError(f"cannot read the webhook secret: {exc}") from None
+    return (os.environ.get("BATCHGEN_WEBHOOK_SECRET") or "").strip() or None
+
+
 def find_key(flag: str | None) -> str:
     """The API key: --key, ``BATCHGEN_API_KEY``, or the development key `make run` wrote."""
     if flag:
@@ -311,10 +323,13 @@ def cmd_submit(args: Any) -> int:
     for field in ("kind", "system", "priority", "completion_window"):
         if getattr(args, field, None) is not None:
             body[field] = getattr(args, field)
+    secret = webhook_secret(args)
     if getattr(args, "webhook", None):
         body["webhook"] = {"url": args.webhook}
-        if args.webhook_secret:
-            body["webhook"]["secret"] = args.webhook_secret
+        if secret:
+            body["webhook"]["secret"] = secret
+    elif getattr(args, "webhook_secret_file", None):
+        raise CliError("--webhook-secret-file signs a webhook: name one with --webhook URL")
     api = _api(args)
     job = api.call("POST", "/v1/jobs", body)
     if args.json and not args.wait:
@@ -322,7 +337,7 @@ def cmd_submit(args: Any) -> int:
         return 0
     print(job["id"])
     print(f"submitted {job['id']}: {job['counts']['total']} requests for {job['model']}", file=sys.stderr)
-    if job.get("webhook") and not getattr(args, "webhook_secret", None):
+    if job.get("webhook") and not secret:
         print(f"webhook secret (shown once): {job['webhook']['secret']}", file=sys.stderr)
     if not args.wait:
         print(f"follow it: batchgen status {job['id']} --wait", file=sys.stderr)

@@ -272,8 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long it may take before what is left expires, e.g. 1h, 24h (default 24h)")
     p.add_argument("--webhook", metavar="URL", help="a URL told, signed, when the job ends; its signing secret "
                    "is printed on stderr, once")
-    p.add_argument("--webhook-secret", dest="webhook_secret", metavar="whsec_...",
-                   help="sign the webhook's events with this key of yours instead of a new one")
+    p.add_argument("--webhook-secret-file", dest="webhook_secret_file", metavar="PATH",
+                   help="sign the webhook's events with the key of yours in this file (whsec_...) instead of a "
+                   "new one; or set BATCHGEN_WEBHOOK_SECRET (never on the command line: `ps` shows it)")
     p.add_argument("--wait", action="store_true", help="follow the job with a progress bar until it ends")
     p.add_argument("--json", action="store_true", help="print the job as JSON")
     p.set_defaults(func=client.cmd_submit)

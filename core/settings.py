@@ -112,6 +112,10 @@ class Settings(BaseModel):
         "public", "`/tokenize`, `/detokenize`, `/tokenizer_info` (vLLM's, which lm-eval finds by itself): "
         "`public` as vLLM has them (lm-eval sends no key there unless given `auth_token`), or `key` to "
         "require an API key like every other route.", "Limits and quotas")
+    tokenizer_per_minute: int = _setting(
+        600, "Calls of the public tokenizer routes per client address (an IPv6 /64) and minute, before 429 "
+        "`rate_limited` (0: off); with `tokenizer_routes=key` the key's `rate_limit_per_minute` applies instead.",
+        "Limits and quotas", ge=0)
 
     # --- webhooks ---
     webhook_allowed_hosts: str = _setting(
@@ -119,12 +123,23 @@ class Settings(BaseModel):
         "public addresses; `*.example.com` names under it (public addresses only); `hooks.example.com` that "
         "name wherever it resolves; `10.0.0.0/8` or `127.0.0.1` those addresses. Empty: no webhooks. Checked "
         "when a job is submitted and on the resolved addresses at every send.", "Webhooks")
+    webhook_allowed_ports: str = _setting(
+        "80,443", "Ports a webhook may use on a host allowed only by a wildcard (`*`, `*.example.com`), "
+        "comma-separated; a name or address `webhook_allowed_hosts` names exactly keeps any port.", "Webhooks")
     webhook_retry_s: str = _setting(
         "5,300,1800,7200,18000,36000,36000", "Seconds between a failed send and the next, one number per retry "
         "(Standard Webhooks' schedule); after the last the event fails.", "Webhooks")
     webhook_timeout_s: float = _setting(10.0, "A receiver has this long to answer a send.", "Webhooks", gt=0)
     webhook_interval_s: float = _setting(1.0, "How often each API process looks for webhook events to send.",
                                          "Webhooks", gt=0)
+    webhook_per_owner: int = _setting(2, "Sends of one owner's events an API process runs at once (of its 4): "
+                                      "a tenant's slow receivers slow only its own webhooks.", "Webhooks", ge=1)
+    webhook_max_pending: int = _setting(1000, "Events of one owner waiting to be sent past which a new job or "
+                                        "batch naming a webhook is refused (429 `webhook_backlog`); 0: no cap.",
+                                        "Webhooks", ge=0)
+    webhook_retention_s: float = _setting(7 * 86400.0, "Delivered and failed webhook events are deleted this long "
+                                          "after they ended (the job or batch keeps its delivery status).",
+                                          "Webhooks", gt=0)
 
     # --- worker ---
     model: str = _setting("demo", "The model a worker serves (and `make run` starts).", "Worker")
@@ -190,6 +205,14 @@ class Settings(BaseModel):
         from core.webhooks import AllowList
 
         AllowList.parse(value)  # ValueError names an entry that cannot be used
+        return value
+
+    @field_validator("webhook_allowed_ports")
+    @classmethod
+    def _allowed_ports(cls, value: str) -> str:
+        from core.webhooks import AllowList
+
+        AllowList.parse("", value)  # ValueError says what is wrong
         return value
 
     @field_validator("webhook_retry_s")

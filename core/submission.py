@@ -28,13 +28,13 @@ from core.capacity import Capacity
 from core.db import Database
 from core.dispatch import Dispatcher
 from core.group_commit import Entry, GroupCommit
-from core.errors import InvalidRequestError, UnavailableError, UnknownModelError
+from core.errors import InvalidRequestError, LimitError, UnavailableError, UnknownModelError
 from core.registry import ModelSpec, Registry
 from core.schemas import JobCreate, WebhookCreate, error_details
 from core.settings import Settings
 from core.tables import Batch
 from core.tokens import TokenCounter
-from core.webhooks import AllowList, check_url
+from core.webhooks import AllowList, check_url, pending_events
 
 log = logging.getLogger("batchgen.submit")
 
@@ -63,7 +63,7 @@ class Submissions:
         self.dispatcher = dispatcher
         self.capacity = Capacity(settings)
         self.token_counter = token_counter
-        self.webhooks = AllowList.parse(settings.webhook_allowed_hosts)
+        self.webhooks = AllowList.of(settings)
         self.group_commit = GroupCommit(db, self.capacity, on_stored=self._dispatch_group)
 
     def resolve(self, name: str) -> ModelSpec:
@@ -104,6 +104,8 @@ class Submissions:
         except ValidationError as exc:
             raise InvalidRequestError("the job is not valid", details=error_details(exc)) from None
         model = self.resolve(spec.model)
+        if spec.webhook is not None:
+            self.check_webhook(spec.webhook, owner)
         new = job_service.prepare_job(
             spec=spec, model=model, limits=self.limits(), owner=owner, counter=self.token_counter(model),
             idempotency_key=idempotency_key, fingerprint=fingerprint,
@@ -115,12 +117,23 @@ class Submissions:
         log.debug("job accepted: %d requests for %s", len(new.requests), model.name, extra={"job_id": new.id})
         return Submitted(new.row, new.request_ids)
 
-    def check_webhook(self, webhook: WebhookCreate | None) -> None:
-        """``InvalidRequestError`` if the service may not call this webhook (the allow-list)."""
+    def check_webhook(self, webhook: WebhookCreate | None, owner: str | None = None) -> None:
+        """``InvalidRequestError`` if the service may not call this webhook (the allow-list);
+        ``LimitError`` (``webhook_backlog``) if the owner's events waiting to be sent are at the
+        cap (``webhook_max_pending``): their receivers do not keep up, and more would only wait."""
         refused = None if webhook is None else check_url(webhook.url, self.webhooks)
         if refused is not None:
             raise InvalidRequestError(refused, details=[{"loc": "webhook.url", "message": refused,
                                                          "type": "webhook_url_not_allowed"}])
+        cap = self.settings.webhook_max_pending
+        if webhook is None or owner is None or not cap:
+            return
+        with self.db.connect() as conn:
+            waiting = pending_events(conn, owner)
+        if waiting >= cap:
+            raise LimitError("webhook_backlog", f"{waiting} webhook events of yours wait to be sent (at most {cap}); "
+                             "submit without a webhook and poll, or retry once your receivers caught up",
+                             retry_after=60)
 
     def _replay(self, owner: str, key: str, fingerprint: str | None) -> Submitted | None:
         with self.db.connect() as conn:

@@ -225,7 +225,7 @@ class WebhookEvent(Base):
     subject_id: Mapped[str] = mapped_column(String(40))  # job_… or batch_…
     type: Mapped[str] = mapped_column(String(32))
     url: Mapped[str] = mapped_column(Text)
-    secret: Mapped[str] = mapped_column(String(128))
+    secret: Mapped[str | None] = mapped_column(String(128))  # dropped once the event is delivered or failed
     payload: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16))  # pending, delivered, failed
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -234,4 +234,5 @@ class WebhookEvent(Base):
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     __table_args__ = (Index("ix_webhook_events_status_next", "status", "next_attempt_at"),
-                      Index("ix_webhook_events_subject_id", "subject_id"))
+                      Index("ix_webhook_events_subject_id", "subject_id"),
+                      Index("ix_webhook_events_owner_status", "owner", "status"))

@@ -41,14 +41,15 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import Connection, bindparam, select, update
+from sqlalchemy import Connection, bindparam, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from core.db import Database, connection_of
@@ -112,6 +113,10 @@ class AllowList:
     - ``hooks.example.com``: that name, wherever it resolves (naming it exactly trusts it).
     - ``10.1.2.0/24``, ``127.0.0.1``, ``::1``: those addresses, literal or resolved, private or not.
 
+    A host allowed only by a wildcard (or a public literal address allowed by ``*``) is called on
+    the ``ports`` (setting ``webhook_allowed_ports``: 80 and 443), never on a database's or a mail
+    server's port; a name or address the operator wrote exactly keeps any port.
+
     Empty: no webhooks at all (a job that names one is refused).
     """
 
@@ -119,10 +124,11 @@ class AllowList:
     names: frozenset[str] = frozenset()
     suffixes: tuple[str, ...] = ()
     networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    ports: frozenset[int] = frozenset((80, 443))
 
     @classmethod
-    def parse(cls, text: str) -> AllowList:
-        """The entries of the setting; ``ValueError`` names one that cannot be used."""
+    def parse(cls, text: str, ports: str = "80,443") -> AllowList:
+        """The entries of the settings; ``ValueError`` names one that cannot be used."""
         any_name, names, suffixes, networks = False, set(), [], []
         for entry in text.replace(",", " ").split():
             entry = entry.lower().rstrip(".")
@@ -137,19 +143,33 @@ class AllowList:
                     networks.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
                 except ValueError:
                     names.add(entry)
-        return cls(any_name, frozenset(names), tuple(suffixes), tuple(networks))
+        return cls(any_name, frozenset(names), tuple(suffixes), tuple(networks), _ports(ports))
+
+    @classmethod
+    def of(cls, settings: Any) -> AllowList:
+        """The allow-list a ``core.settings.Settings`` describes."""
+        return cls.parse(settings.webhook_allowed_hosts, settings.webhook_allowed_ports)
 
     @property
     def enabled(self) -> bool:
         return self.any_name or bool(self.names or self.suffixes or self.networks)
 
-    def permits_name(self, host: str) -> bool:
-        """Whether a URL may name ``host`` (a literal address: whether some entry may cover it)."""
+    def _exact(self, host: str) -> bool:
+        """Whether the operator named ``host`` itself (a name, or an address in a network entry)."""
         literal = _literal(host)
-        if literal is not None:
-            return self.any_name or any(literal in net for net in self.networks if net.version == literal.version)
-        if host in self.names:
+        if literal is None:
+            return host in self.names
+        return any(literal in net for net in self.networks if net.version == literal.version)
+
+    def permits_name(self, host: str, port: int | None = None) -> bool:
+        """Whether a URL may name ``host`` (a literal address: whether some entry may cover it),
+        and, given ``port``, on that port."""
+        if self._exact(host):
             return True
+        if port is not None and port not in self.ports:
+            return False
+        if _literal(host) is not None:
+            return self.any_name
         if host == "localhost" or host.endswith(".localhost"):  # loopback by definition (RFC 6761)
             return False
         return self.any_name or any(host.endswith("." + suffix) for suffix in self.suffixes)
@@ -162,26 +182,45 @@ class AllowList:
             return True
         if _literal(host) is None and host in self.names:
             return True
-        return _public(address)
+        return public(address)
 
 
-# IPv6 ranges that carry an IPv4 address a gateway may deliver to (NAT64), or that are deprecated
-# or unroutable but which ``is_global`` does not flag on every Python version.
-_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
-_NEVER = (ipaddress.ip_network("::/96"), ipaddress.ip_network("::ffff:0:0:0/96"), ipaddress.ip_network("fec0::/10"),
-          ipaddress.ip_network("2002::/16"), ipaddress.ip_network("2001::/32"))
+def _ports(text: str) -> frozenset[int]:
+    try:
+        ports = frozenset(int(p) for p in text.replace(",", " ").split())
+    except ValueError:
+        raise ValueError(f"{text!r}: ports are numbers, comma-separated") from None
+    if any(not 0 < p < 65536 for p in ports):
+        raise ValueError(f"{text!r}: a port is between 1 and 65535")
+    return ports
 
 
-def _public(address: Address) -> bool:
+# Addresses that are not public, from IANA's special-purpose registries (those marked not globally
+# reachable, and those that embed or tunnel to another address), written out here rather than
+# taken from ``ipaddress.is_global``, whose answer has changed between patch releases of Python.
+_NOT_PUBLIC_V4 = tuple(ipaddress.IPv4Network(n) for n in (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24",
+    "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4"))
+# IPv6: only global unicast (2000::/3) can be public, less these; NAT64's well-known prefix is
+# decided by the IPv4 address it carries.
+_GLOBAL_UNICAST = ipaddress.IPv6Network("2000::/3")
+_NOT_PUBLIC_V6 = tuple(ipaddress.IPv6Network(n) for n in (
+    "2001::/23",  # IETF protocol assignments: Teredo (2001::/32), benchmarking, ORCHID, ...
+    "2001:db8::/32", "2002::/16",  # documentation; 6to4 (carries an IPv4 address)
+    "3fff::/20", "5f00::/16"))  # documentation (2024); SRv6 SIDs
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # the local-use 64:ff9b:1::/48 is not public at all
+
+
+def public(address: Address) -> bool:
     """A public unicast address, also through every IPv6 form that embeds an IPv4 one."""
-    if not address.is_global or address.is_multicast:
-        return False
-    if address.version == 6:
-        if any(address in net for net in _NEVER):  # IPv4-compatible, SIIT, site-local, 6to4, Teredo
-            return False
-        if any(address in net for net in _NAT64):
-            return _public(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
-    return True
+    if address.version == 4:
+        return not any(address in net for net in _NOT_PUBLIC_V4)
+    if address.ipv4_mapped is not None:  # type: ignore[union-attr]
+        return public(address.ipv4_mapped)  # type: ignore[union-attr]
+    if address in _NAT64:
+        return public(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    return address in _GLOBAL_UNICAST and not any(address in net for net in _NOT_PUBLIC_V6)
 
 
 def _literal(host: str) -> Address | None:
@@ -239,6 +278,10 @@ def check_url(url: str, allow: AllowList) -> str | None:
     if not allow.permits_name(target.host) or (literal is not None and not allow.permits_address(target.host, literal)):
         return (f"webhooks may not call {target.host}: it is not a public address or is not in this "
                 "service's allow-list (BATCHGEN_WEBHOOK_ALLOWED_HOSTS)")
+    if not allow.permits_name(target.host, target.port):
+        allowed = ", ".join(str(p) for p in sorted(allow.ports)) or "none"
+        return (f"webhooks may call {target.host} on ports {allowed} only, not {target.port} "
+                "(BATCHGEN_WEBHOOK_ALLOWED_PORTS; a host the operator names exactly keeps any port)")
     return None
 
 
@@ -277,8 +320,9 @@ def _job_payload(job: Any, event_type: str, now: datetime) -> str:
 _JOBS = Job.__table__.c
 _ENDED_JOBS = select(Job.__table__).where(_JOBS.id.in_(bindparam("ids", expanding=True)),
                                           _JOBS.webhook.is_not(None))
+# The job's key moves into its event: the job keeps none once its event is written.
 _SET_JOB_STATE = update(Job.__table__).where(_JOBS.id == bindparam("jid")).values(
-    webhook=bindparam("state", type_=_JOBS.webhook.type))
+    webhook=bindparam("state", type_=_JOBS.webhook.type), webhook_secret=None)
 
 
 def enqueue_job_events(session: Session | Connection, job_ids: Sequence[str], now: datetime) -> None:
@@ -319,6 +363,25 @@ def enqueue_batch_event(session: Session, batch: Batch, now: datetime) -> None:
         "attempts": 0, "next_attempt_at": now, "created_at": now, "delivered_at": None}])
     batch.webhook = {**batch.webhook, "status": "pending", "event_id": event_id, "type": event_type,
                      "next_attempt_at": _iso(now)}
+    batch.webhook_secret = None  # the key moved into the event
+
+
+def pending_events(conn: Session | Connection, owner: str) -> int:
+    """How many of the owner's events wait to be sent (the API's cap on an owner's backlog)."""
+    return int(conn.execute(select(func.count()).where(_EVENTS.c.owner == owner,
+                                                        _EVENTS.c.status == "pending")).scalar_one())
+
+
+def purge(*, session: Session | Connection, older_than: datetime, limit: int = 1000) -> int:
+    """Delete events that were delivered or failed before ``older_than`` (at most ``limit`` a
+    call); returns how many. A subject keeps what its client reads of the delivery."""
+    c = _EVENTS.c
+    ids = select(c.id).where(c.status.in_(("delivered", "failed")), c.next_attempt_at < older_than).limit(limit)
+    conn = connection_of(session)
+    found = list(conn.execute(ids).scalars())
+    if found:
+        conn.execute(delete(_EVENTS).where(c.id.in_(found)))
+    return len(found)
 
 
 # --- delivering --------------------------------------------------------------------------------
@@ -326,7 +389,7 @@ def enqueue_batch_event(session: Session, batch: Batch, now: datetime) -> None:
 
 @dataclass(frozen=True)
 class Taken:
-    """An event a deliverer holds until ``lease_until``."""
+    """An event a deliverer holds until its lease lapses."""
 
     id: str
     subject_id: str
@@ -334,33 +397,68 @@ class Taken:
     secret: str
     payload: str
     attempts: int  # before this one
+    owner: str = ""
 
 
 _C = _EVENTS.c
 _NOW = bindparam("now", type_=UTCDateTime())
 _DUE = (select(_C.id).where(_C.status == "pending", _C.next_attempt_at <= _NOW)
         .order_by(_C.next_attempt_at, _C.id).limit(bindparam("limit")))
+# Due events, each owner's first few, ranked so that the first of every owner comes before the
+# second of any: one owner's thousand due events do not stand before another's one.
+_RANKED = (select(_C.id, _C.owner, _C.next_attempt_at,
+                  func.row_number().over(partition_by=_C.owner, order_by=(_C.next_attempt_at, _C.id)).label("rank"))
+           .where(_C.status == "pending", _C.next_attempt_at <= _NOW).subquery())
+_FAIR_DUE = (select(_RANKED.c.id, _RANKED.c.owner).where(_RANKED.c.rank <= bindparam("per_owner"))
+             .order_by(_RANKED.c.rank, _RANKED.c.next_attempt_at, _RANKED.c.id).limit(bindparam("limit")))
 
 
 def any_due(*, session: Session, now: datetime | None = None) -> bool:
     """Whether some event is due to be sent (a read, for the deliverer's idle rounds)."""
     return session.execute(_DUE, {"now": now or utcnow(), "limit": 1}).first() is not None
+
+
 _TAKE = (update(_EVENTS).where(_C.id == bindparam("eid"), _C.status == "pending", _C.next_attempt_at <= _NOW)
          .values(next_attempt_at=bindparam("lease", type_=UTCDateTime()))
-         .returning(_C.id, _C.subject_id, _C.url, _C.secret, _C.payload, _C.attempts))
+         .returning(_C.id, _C.subject_id, _C.url, _C.secret, _C.payload, _C.attempts, _C.owner))
 
 
-def take_due(*, session: Session, limit: int, lease_s: float, now: datetime | None = None) -> list[Taken]:
-    """Take up to ``limit`` events that are due, for ``lease_s`` seconds."""
+def take_due(*, session: Session, limit: int, lease_s: float, now: datetime | None = None,
+             per_owner: int = 1_000_000, held: Mapping[str, int] | None = None,
+             busy: Collection[str] = ()) -> list[Taken]:
+    """Take up to ``limit`` events that are due, for ``lease_s`` seconds: fairly, owner by owner
+    (round robin), and no more than ``per_owner`` of an owner's at once counting those this
+    deliverer already ``held`` (sends in flight, by owner). Events in ``busy`` (being sent here)
+    are never taken again."""
     now = now or utcnow()
+    held = held or {}
     conn = session.connection()
+    candidates = conn.execute(_FAIR_DUE, {"now": now, "per_owner": per_owner,
+                                          "limit": limit + len(busy) + len(held) * per_owner}).all()
+    counts = dict(held)
     taken = []
-    for event_id in conn.execute(_DUE, {"now": now, "limit": limit}).scalars().all():
-        row = conn.execute(_TAKE, {"eid": event_id, "now": now,
-                                   "lease": now + timedelta(seconds=lease_s)}).first()
+    for event_id, owner in candidates:
+        if len(taken) >= limit:
+            break
+        if event_id in busy or counts.get(owner, 0) >= per_owner:
+            continue
+        row = conn.execute(_TAKE, {"eid": event_id, "now": now, "lease": now + timedelta(seconds=lease_s)}).first()
         if row is not None:  # another deliverer took it between the two statements
-            taken.append(Taken(row.id, row.subject_id, row.url, row.secret, row.payload, row.attempts))
+            taken.append(Taken(row.id, row.subject_id, row.url, row.secret, row.payload, row.attempts, row.owner))
+            counts[owner] = counts.get(owner, 0) + 1
     return taken
+
+
+_RENEW = (update(_EVENTS).where(_C.id == bindparam("eid"), _C.attempts == bindparam("before"), _C.status == "pending")
+          .values(next_attempt_at=bindparam("lease", type_=UTCDateTime())))
+
+
+def renew(*, session: Session, events: Collection[Taken], lease_s: float, now: datetime | None = None) -> None:
+    """Push the leases of events still being sent here, so a send in flight is never taken again
+    (one whose attempt was recorded meanwhile is left as the record set it)."""
+    if events:
+        lease = (now or utcnow()) + timedelta(seconds=lease_s)
+        session.connection().execute(_RENEW, [{"eid": e.id, "before": e.attempts, "lease": lease} for e in events])
 
 
 @dataclass(frozen=True)
@@ -375,6 +473,11 @@ class Attempt:
         return self.status_code is not None and 200 <= self.status_code < 300
 
 
+def final(status_code: int | None) -> bool:
+    """An answer that retrying will not change: a 4xx other than 408 (timeout) and 429 (busy)."""
+    return status_code is not None and 400 <= status_code < 500 and status_code not in (408, 429)
+
+
 def record_attempt(*, session: Session, event: Taken, attempt: Attempt, retry_s: Sequence[float],
                    now: datetime | None = None) -> str | None:
     """Store how a send went, on the event and on its subject; returns the event's status now
@@ -383,7 +486,7 @@ def record_attempt(*, session: Session, event: Taken, attempt: Attempt, retry_s:
     attempts = event.attempts + 1
     if attempt.delivered:
         status, next_at = "delivered", None
-    elif attempts > len(retry_s):
+    elif attempts > len(retry_s) or final(attempt.status_code):
         status, next_at = "failed", None
     else:
         delay = retry_s[attempts - 1]
@@ -392,12 +495,15 @@ def record_attempt(*, session: Session, event: Taken, attempt: Attempt, retry_s:
         update(WebhookEvent).where(WebhookEvent.id == event.id, WebhookEvent.status == "pending",
                                    WebhookEvent.attempts == event.attempts)
         .values(status=status, attempts=attempts, next_attempt_at=next_at or now,
-                delivered_at=now if status == "delivered" else None)).rowcount
+                delivered_at=now if status == "delivered" else None,
+                secret=event.secret if status == "pending" else None)).rowcount  # an ended event keeps no key
     if not changed:
         return None
     error = attempt.error
     if error is None and not attempt.delivered:
         error = f"the receiver answered {attempt.status_code}; only 2xx counts as delivered"
+        if final(attempt.status_code):
+            error += " (a 4xx other than 408 and 429 is not retried: the same send would get the same answer)"
     table: Any = Job if event.subject_id.startswith("job_") else Batch
     subject = session.get(table, event.subject_id, with_for_update=True)
     if subject is not None and subject.webhook is not None:
@@ -409,61 +515,107 @@ def record_attempt(*, session: Session, event: Taken, attempt: Attempt, retry_s:
 
 
 class _PinnedHTTPConnection(http.client.HTTPConnection):
-    """HTTP to an address already checked, never looked up again."""
+    """HTTP to an address already checked, never looked up again. ``cut`` is the send's cut-off:
+    once it is set, no further step starts."""
 
-    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
+    def __init__(self, host: str, port: int, address: str, timeout: float, cut: threading.Event) -> None:
         super().__init__(host, port, timeout=timeout)
-        self._address = address
+        self._address, self._cut = address, cut
 
     def connect(self) -> None:
         self.sock = socket.create_connection((self._address, self.port), self.timeout)
+        if self._cut.is_set():
+            raise TimeoutError("cut off")
 
 
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):
-    """HTTPS to an address already checked; the certificate is checked against the URL's host."""
+    """HTTPS to an address already checked; the certificate is checked against the URL's host.
+
+    The TLS handshake runs on a socket the cut-off can already reach: wrapped first, shaken hands
+    after (with ``do_handshake_on_connect`` the wrapped socket appears only once the handshake
+    ended, and under gevent the handshake's timeout restarts at every byte, so a receiver that
+    trickled its handshake held the send for as long as it liked)."""
 
     _shared_context: ssl.SSLContext | None = None
 
-    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
+    def __init__(self, host: str, port: int, address: str, timeout: float, cut: threading.Event) -> None:
         if _PinnedHTTPSConnection._shared_context is None:  # loading the CA bundle costs; once per process
             _PinnedHTTPSConnection._shared_context = ssl.create_default_context()
         super().__init__(host, port, timeout=timeout, context=_PinnedHTTPSConnection._shared_context)
-        self._address = address
+        self._address, self._cut = address, cut
 
     def connect(self) -> None:
         sock = socket.create_connection((self._address, self.port), self.timeout)
-        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
+        try:
+            tls = self._context.wrap_socket(sock, server_hostname=self.host,  # type: ignore[attr-defined]
+                                            do_handshake_on_connect=False)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = tls
+        if self._cut.is_set():  # cut before the socket could be reached: it would not see the shutdown
+            raise TimeoutError("cut off")
+        tls.do_handshake()
 
 
-def resolve(target: Target, allow: AllowList) -> list[str]:
-    """The addresses to call ``target`` at; ``PermissionError`` if the allow-list forbids any."""
-    if not allow.permits_name(target.host):
-        raise PermissionError(f"refused: {target.host} is not in this service's allow-list "
-                              "(BATCHGEN_WEBHOOK_ALLOWED_HOSTS)")
+_lookups: ThreadPoolExecutor | None = None
+_lookups_lock = threading.Lock()
+
+
+def _lookup(host: str, port: int, timeout_s: float) -> list[Any]:
+    """``getaddrinfo`` within ``timeout_s`` (a resolver can be made as slow as its owner likes; the
+    lookup goes on in its thread, the send does not wait for it)."""
+    global _lookups
+    with _lookups_lock:
+        if _lookups is None:  # made on first use: under gevent, after the process was patched
+            _lookups = ThreadPoolExecutor(4, thread_name_prefix="webhook-dns")
+    future = _lookups.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+    try:
+        return future.result(timeout=max(0.0, timeout_s))
+    except FuturesTimeout:
+        future.cancel()
+        raise OSError(f"no answer from the resolver within {timeout_s:.3g} s") from None
+
+
+def resolve(target: Target, allow: AllowList, timeout_s: float = 10.0) -> list[str]:
+    """The addresses to call ``target`` at; ``PermissionError`` if the allow-list forbids the host,
+    its port or any address it resolves to.
+
+    A name that cannot be resolved and one that resolves to an address the service may not call
+    give the client the same answer: told apart, they would let a tenant map internal host names.
+    The log keeps which it was."""
+    if not allow.permits_name(target.host, target.port):
+        raise PermissionError(f"refused: {target.host} on port {target.port} is not in this service's allow-list "
+                              "(BATCHGEN_WEBHOOK_ALLOWED_HOSTS, BATCHGEN_WEBHOOK_ALLOWED_PORTS)")
+    unreachable = PermissionError(f"refused: {target.host} does not resolve to an address this service may call "
+                                  "(a public one, or one in BATCHGEN_WEBHOOK_ALLOWED_HOSTS)")
     literal = _literal(target.host)
     if literal is not None:
         found = [literal]
     else:
         try:
-            infos = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
-        except OSError:
-            raise ConnectionError(f"cannot resolve {target.host}") from None
+            infos = _lookup(target.host, target.port, timeout_s)
+        except OSError as exc:
+            log.warning("webhook refused: cannot resolve %s (%s)", target.host, exc)
+            raise unreachable from None
         found = list(dict.fromkeys(ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos))
     refused = [str(a) for a in found if not allow.permits_address(target.host, a)]
-    if refused:  # one private address among public ones is enough to refuse (DNS rebinding)
-        # The client reads this: which internal address a name has is the operator's to know (the log).
-        log.warning("webhook refused: %s resolves to %s", target.host, ", ".join(refused))
-        raise PermissionError(f"refused: {target.host} resolves to an address that is not public and not in this "
-                              "service's allow-list (BATCHGEN_WEBHOOK_ALLOWED_HOSTS)")
+    if refused or not found:  # one private address among public ones is enough to refuse (DNS rebinding)
+        log.warning("webhook refused: %s resolves to %s", target.host, ", ".join(refused) or "nothing")
+        raise unreachable
     return [str(a) for a in found][:MAX_ADDRESSES]
 
 
 def send(event: Taken, *, allow: AllowList, timeout_s: float, now: float | None = None) -> Attempt:
-    """POST one event, signed; what happened (never raises)."""
+    """POST one event, signed; what happened (never raises). The whole attempt (the lookup, the
+    connection, the TLS handshake, the request, the answer, on each address tried) ends within
+    ``timeout_s``, whatever the receiver and its resolver do."""
+    deadline = time.monotonic() + timeout_s
+    late = f"no answer within {timeout_s:g} s"
     try:
         target = parse_url(event.url)
-        addresses = resolve(target, allow)
-    except (ValueError, PermissionError, ConnectionError) as exc:
+        addresses = resolve(target, allow, timeout_s)
+    except (ValueError, PermissionError) as exc:
         return Attempt(error=str(exc))
     except Exception as exc:  # whatever it is, it is this attempt's outcome, never a lost one
         log.exception("webhook %s: resolving its host failed", event.id)
@@ -473,23 +625,28 @@ def send(event: Taken, *, allow: AllowList, timeout_s: float, now: float | None 
     headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT, "webhook-id": event.id,
                "webhook-timestamp": str(timestamp), "webhook-signature": sign(event.secret, event.id, timestamp, body)}
     kind = _PinnedHTTPSConnection if target.scheme == "https" else _PinnedHTTPConnection
-    error = "no address to call"
+    error = late
     for address in addresses:
-        conn = kind(target.host, target.port, address, timeout_s)
-        # The socket timeout bounds each read; this bounds the whole exchange (a receiver trickling
-        # a byte at a time would hold the slot, and outlive the lease, without it).
+        left = deadline - time.monotonic()
+        if left <= 0.05:
+            break
+        # The socket timeout bounds each read; the cut-off bounds the whole exchange (a receiver
+        # trickling a byte at a time would hold the slot, and outlive the lease, without it).
         cut = threading.Event()  # set before the socket is shut: the failure that follows is the cut's
-        cutoff = threading.Timer(timeout_s, _cut, (conn, cut))
+        conn = kind(target.host, target.port, address, left, cut)
+        cutoff = threading.Timer(left, _cut, (conn, cut))
+        cutoff.daemon = True
         cutoff.start()
         try:
             conn.request("POST", target.path, body=body, headers=headers)
             response = conn.getresponse()
             response.read(RESPONSE_READ_BYTES)
+            if cut.is_set():  # the answer came whole, but after the cut-off: it does not count
+                raise TimeoutError("cut off")
             return Attempt(status_code=response.status)
         except Exception as exc:  # OSError, HTTPException, ssl errors, anything: this attempt failed
             timed_out = cut.is_set() or isinstance(exc, TimeoutError)
-            error = (f"no answer within {timeout_s:g} s" if timed_out
-                     else f"could not deliver: {type(exc).__name__}")
+            error = late if timed_out else f"could not deliver: {type(exc).__name__}"
             log.info("webhook %s to %s (%s): %s", event.id, target.host, address, exc)
         finally:
             cutoff.cancel()
@@ -498,8 +655,9 @@ def send(event: Taken, *, allow: AllowList, timeout_s: float, now: float | None 
 
 
 def _cut(conn: http.client.HTTPConnection, cut: threading.Event) -> None:
-    """End a send that has run out of time (shutdown wakes a thread blocked reading the socket).
-    ``cut`` is set first: the timer thread may still be alive when the reader sees the failure."""
+    """End a send that has run out of time (shutdown wakes a thread blocked on the socket, in the
+    handshake or reading the answer). ``cut`` is set first: the timer thread may still be alive
+    when the reader sees the failure, and a connection not made yet will not start its next step."""
     cut.set()
     sock = conn.sock
     if sock is not None:
@@ -512,7 +670,14 @@ def _cut(conn: http.client.HTTPConnection, cut: threading.Event) -> None:
 @dataclass
 class Deliverer:
     """The webhook thread of one API process: sends due events, ``concurrency`` at a time, so a
-    slow receiver holds one slot rather than every delivery."""
+    slow receiver holds one slot rather than every delivery.
+
+    Fair between owners: due events are taken owner by owner, and one owner's events hold at most
+    ``per_owner`` of the slots, so a tenant whose receivers are slow or dead slows only its own
+    webhooks. Each send ends within ``timeout_s`` (``send``); the events in flight are tracked by
+    id and their leases renewed every round, so an event this process is still sending is never
+    taken again, here or by another process. Finished events are deleted ``retention_s`` after
+    they ended."""
 
     db: Database
     allow: AllowList
@@ -520,10 +685,19 @@ class Deliverer:
     timeout_s: float = 10.0
     interval_s: float = 1.0
     concurrency: int = 4
+    per_owner: int = 2
+    retention_s: float = 7 * 86400.0
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _pool: ThreadPoolExecutor | None = None
-    _inflight: set[Future[Any]] = field(default_factory=set)
+    _inflight: dict[str, tuple[Taken, Future[Any]]] = field(default_factory=dict)  # event id: (event, send)
+    _purged_at: float = 0.0
+
+    @property
+    def lease_s(self) -> float:
+        # Past the longest a send can take (it is cut off at the timeout) and a round or two more:
+        # renewed every round while it runs, it lapses only if this process stopped.
+        return self.timeout_s + 5 * self.interval_s + 5
 
     def start(self) -> Deliverer:
         self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="webhook")
@@ -544,10 +718,26 @@ class Deliverer:
                 self.run_once()
             except Exception:  # the database may be away; try again next round
                 log.exception("delivering webhooks failed")
+            try:
+                self.purge_once()
+            except Exception:
+                log.exception("purging old webhook events failed")
+
+    def in_flight(self) -> dict[str, int]:
+        """Sends in flight, by owner."""
+        self._inflight = {k: v for k, v in self._inflight.items() if not v[1].done()}
+        held: dict[str, int] = {}
+        for event, _ in self._inflight.values():
+            held[event.owner] = held.get(event.owner, 0) + 1
+        return held
 
     def run_once(self) -> int:
-        """Start sending what is due, as far as free slots go; returns how many were taken."""
-        self._inflight = {f for f in self._inflight if not f.done()}
+        """Renew the leases of sends in flight, then start sending what is due, as far as free
+        slots and the owners' shares go; returns how many were taken."""
+        held = self.in_flight()
+        if self._inflight:
+            with self.db.write() as session:
+                renew(session=session, events=[e for e, _ in self._inflight.values()], lease_s=self.lease_s)
         free = self.concurrency - len(self._inflight)
         if free <= 0 or self._pool is None:
             return 0
@@ -555,12 +745,22 @@ class Deliverer:
             if not any_due(session=session):
                 return 0
         with self.db.write() as session:
-            # Held past the longest a send can take (two addresses, each cut off at the timeout, and
-            # the lookup): a lapsed lease means this process died mid-send.
-            taken = take_due(session=session, limit=free, lease_s=3 * self.timeout_s + 5)
+            taken = take_due(session=session, limit=free, lease_s=self.lease_s, per_owner=self.per_owner,
+                             held=held, busy=set(self._inflight))
         for event in taken:
-            self._inflight.add(self._pool.submit(self.deliver, event))
+            self._inflight[event.id] = (event, self._pool.submit(self.deliver, event))
         return len(taken)
+
+    def purge_once(self, *, every_s: float = 60.0) -> int:
+        """Delete events that ended more than ``retention_s`` ago (at most once every ``every_s``)."""
+        if time.monotonic() - self._purged_at < every_s:
+            return 0
+        self._purged_at = time.monotonic()
+        with self.db.write() as session:
+            gone = purge(session=session, older_than=utcnow() - timedelta(seconds=self.retention_s))
+        if gone:
+            log.info("deleted %d webhook events that ended over %g s ago", gone, self.retention_s)
+        return gone
 
     def deliver(self, event: Taken) -> str | None:
         """Send one taken event and record the outcome."""

@@ -197,7 +197,7 @@ def test_an_error_line_says_when_to_retry_a_limit():
         "429 queue_full: model tiny-chat has more than 3 requests waiting (retry after 30 s) [request rid_1]")
 
 
-def test_submit_with_a_webhook_prints_its_secret_once_and_shows_refusals(cli, served, tmp_path):
+def test_submit_with_a_webhook_prints_its_secret_once_and_shows_refusals(cli, served, tmp_path, monkeypatch):
     api = served[0]
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("one\n")
@@ -208,10 +208,20 @@ def test_submit_with_a_webhook_prints_its_secret_once_and_shows_refusals(cli, se
     assert status == 0 and secret.startswith("whsec_"), err
     job = api.http.get(f"{api.url}/v1/jobs/{job_id}").json()
     assert job["webhook"]["url"] == "https://hooks.example.com/b" and job["webhook"]["secret"] is None
+    # A key of the user's comes from a file or the environment, never the command line (`ps` shows it).
     own = "whsec_" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldY"  # 24 bytes
+    key_file = tmp_path / "webhook.key"
+    key_file.write_text(own + "\n")
     status, out, err = cli("submit", str(prompts), "--model", "tiny", "--webhook", "https://hooks.example.com/b",
-                           "--webhook-secret", own)
+                           "--webhook-secret-file", str(key_file))
     assert status == 0 and "webhook secret" not in err
+    monkeypatch.setenv("BATCHGEN_WEBHOOK_SECRET", "whsec_???")  # not a key: the API says so
+    message = one_line_error(cli("submit", str(prompts), "--model", "tiny", "--webhook", "https://hooks.example.com/b"))
+    assert "422" in message and "secret" in message, message
+    monkeypatch.delenv("BATCHGEN_WEBHOOK_SECRET")
+    with pytest.raises(SystemExit):  # the old flag is gone
+        cli("submit", str(prompts), "--model", "tiny", "--webhook", "https://hooks.example.com/b",
+            "--webhook-secret", own)
     # The service's own network is not a tenant's to call.
     message = one_line_error(cli("submit", str(prompts), "--model", "tiny", "--webhook", "http://127.0.0.1:6379/"))
     assert "422" in message and "webhook" in message, message

@@ -30,7 +30,7 @@ log = logging.getLogger("batchgen.api")
 STATUS_BY_CODE = {
     "invalid_request": 422, "model_not_found": 422, "context_length_exceeded": 422, "invalid_prompt": 422,
     "prompt_too_long": 422, "not_found": 404, "conflict": 409, "queue_full": 429, "too_many_pending": 429,
-    "storage_quota_exceeded": 429, "limit_exceeded": 429, "unavailable": 503,
+    "storage_quota_exceeded": 429, "limit_exceeded": 429, "webhook_backlog": 429, "unavailable": 503,
 }
 # The compatibility interfaces answer as the services they imitate do: invalid input is a 400
 # (they have no 422) and an unknown model a 404.
@@ -50,7 +50,8 @@ def status_for(code: str, interface: str = "native", native: int | None = None) 
 _HTTP_CODES = {
     400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
     405: "method_not_allowed", 406: "not_acceptable", 409: "conflict", 413: "payload_too_large",
-    415: "unsupported_media_type", 429: "rate_limited", 503: "unavailable",
+    414: "uri_too_long", 415: "unsupported_media_type", 417: "expectation_failed", 429: "rate_limited",
+    431: "headers_too_large", 501: "not_implemented", 503: "unavailable",
 }
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -171,6 +172,17 @@ def error_body(interface: str, status: int | None, code: str, message: str, deta
     gone (``request_id`` then comes from the caller: the request context may be over)."""
     status = status_for(code, interface, status)
     return status, _SHAPES.get(interface, _native_body)(status, code, message, details, request_id)
+
+
+def wire_error(status: int, reason: str, message: str) -> bytes:
+    """A whole HTTP response, in the envelope, for what the HTTP server refuses before the app sees
+    a request (gunicorn: a request line or headers past its limits, a request it cannot parse).
+    The route is not known yet, so the shape is the native one."""
+    code = _HTTP_CODES.get(status, "bad_request" if status < 500 else "internal_error")
+    body = json.dumps(_native_body(status, code, message, None, new_id("rid"))).encode()
+    head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
+    return head.encode("latin-1") + body
 
 
 def failed_call(row: Any) -> ApiError:

@@ -37,8 +37,9 @@ class Services:
         from webapi.finalizer import Finalizer
 
         self.finalizer = Finalizer(self.db, interval_s=settings.finalize_interval_s, fingerprint=self.fingerprint)
-        self.deliverer = Deliverer(self.db, AllowList.parse(settings.webhook_allowed_hosts), settings.webhook_retries,
-                                   timeout_s=settings.webhook_timeout_s, interval_s=settings.webhook_interval_s)
+        self.deliverer = Deliverer(self.db, AllowList.of(settings), settings.webhook_retries,
+                                   timeout_s=settings.webhook_timeout_s, interval_s=settings.webhook_interval_s,
+                                   per_owner=settings.webhook_per_owner, retention_s=settings.webhook_retention_s)
         self._registry_file: Path = registry_path(settings)
         self._registry_stamp: float | None = None
         self._registry: Registry | None = None

@@ -8,6 +8,7 @@ import ipaddress
 import json
 import socket
 from datetime import timedelta
+from typing import Any
 
 import openai
 import pytest
@@ -64,13 +65,20 @@ def test_signature_matches_the_standard_webhooks_test_vector_and_openais_verifie
     # IPv6 forms that carry an IPv4 address (NAT64 reaches it; the others are deprecated or tunnels)
     "http://[64:ff9b::a9fe:a9fe]/", "http://[64:ff9b::a00:5]/", "http://[2002:a9fe:a9fe::]/", "http://[::a9fe:a9fe]/",
     "http://[::ffff:0:a9fe:a9fe]/", "http://[fec0::1]/", "http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/",
+    # NAT64's local-use prefix: not public, whatever the last 32 bits decode to (127.0.0.1 in the
+    # /48 layout; 8.8.8.8 read with the /96 one, as Python's ipaddress does)
+    "http://[64:ff9b:1:7f00:0:100:808:808]/", "http://[64:ff9b:1::808:808]/",
+    # special-purpose ranges some Python releases call global
+    "http://[100::1]/", "http://[2001:db8::1]/", "http://[3fff::1]/", "http://[5f00::1]/", "http://[2001:2::1]/",
+    "http://[ff0e::1]/", "http://[fc00::1]/", "http://[fe80::1]/", "http://198.18.0.1/", "http://240.0.0.1/",
+    "http://192.0.0.171/", "http://255.255.255.255/", "http://224.0.0.1/",
 ])
 def test_the_default_allow_list_refuses_what_is_not_a_public_http_address(url):
     assert check_url(url, AllowList.parse("*")) is not None
 
 
 def test_allow_list_entries():
-    public = ["https://hooks.example.com/x?y=1", "http://93.184.216.34:8080/", "http://[2606:4700::1111]/",
+    public = ["https://hooks.example.com/x?y=1", "http://93.184.216.34/", "http://[2606:4700::1111]/",
               "http://[64:ff9b::5db8:d822]/"]  # NAT64 of a public IPv4 address
     assert all(check_url(u, AllowList.parse("*")) is None for u in public)
     assert check_url("http://127.0.0.1:9/", AllowList.parse("127.0.0.1")) is None
@@ -83,6 +91,127 @@ def test_allow_list_entries():
     assert "turned off" in check_url("https://hooks.example.com/", AllowList.parse(""))
     with pytest.raises(ValueError):
         AllowList.parse("ho*st")
+
+
+def test_which_addresses_are_public_is_our_list_not_the_interpreter_s():
+    """``public`` decides from the special-purpose registries written out in core.webhooks: the
+    same answers on every Python (``ipaddress.is_global`` changed between patch releases)."""
+    cases = {"8.8.8.8": True, "93.184.216.34": True, "2606:4700::1111": True, "64:ff9b::808:808": True,
+             "64:ff9b::7f00:1": False, "64:ff9b:1::808:808": False, "::ffff:8.8.8.8": True, "::ffff:10.0.0.1": False,
+             "10.0.0.1": False, "100.64.0.1": False, "192.0.2.1": False, "::1": False, "::": False,
+             "2001:db8::1": False, "2002:808:808::1": False, "2001::1": False, "3fff::1": False, "fd00::1": False,
+             "ff02::1": False, "4000::1": False}
+    assert {a: webhooks.public(ipaddress.ip_address(a)) for a in cases} == cases
+
+
+def test_a_wildcard_host_is_called_on_web_ports_only_an_exact_one_on_any():
+    wide = AllowList.parse("*")
+    assert check_url("https://hooks.example.com/", wide) is None and check_url("http://hooks.example.com:80/", wide) is None
+    for url in ("http://hooks.example.com:6379/", "https://hooks.example.com:25/", "http://93.184.216.34:5432/"):
+        refused = check_url(url, wide)
+        assert refused and "port" in refused, url
+    suffix = AllowList.parse("*.example.com", "80,443,8443")
+    assert check_url("https://a.example.com:8443/", suffix) is None and check_url("https://a.example.com:22/", suffix)
+    exact = AllowList.parse("*, hooks.internal, 127.0.0.1, 10.0.0.0/8")
+    for url in ("http://hooks.internal:6379/", "http://127.0.0.1:9/", "http://10.1.2.3:8080/"):
+        assert check_url(url, exact) is None, url
+    with pytest.raises(ValueError):
+        AllowList.parse("*", "80,http")
+    # Checked again at each send: a port refused there sends nothing.
+    with Receiver() as receiver:
+        event = webhooks.Taken("evt_p", "job_p", f"http://localhost.example.invalid:{receiver.port}/",
+                               webhooks.new_secret(), "{}", 0)
+        attempt = webhooks.send(event, allow=wide, timeout_s=2)
+        assert attempt.status_code is None and "port" in attempt.error and receiver.requests == []
+
+
+def test_a_name_that_does_not_resolve_and_one_that_is_internal_read_the_same():
+    """A tenant cannot tell "no such name" from "an internal name" by the webhook's last_error."""
+    name = _loopback_name()
+    wide = AllowList.parse("*")
+    internal = webhooks.send(webhooks.Taken("evt_i", "job_i", f"http://{name}/", webhooks.new_secret(), "{}", 0),
+                             allow=wide, timeout_s=5)
+    missing = webhooks.send(webhooks.Taken("evt_m", "job_m", "http://no-such-host.invalid/", webhooks.new_secret(),
+                                           "{}", 0), allow=wide, timeout_s=5)
+    assert internal.error == missing.error.replace("no-such-host.invalid", name), (internal, missing)
+    assert "resolve" in internal.error
+
+
+def _trickling_tls_server() -> tuple[socket.socket, Any]:
+    """A server that takes the TLS ClientHello, then answers its handshake a byte every 0.3 s."""
+    import threading
+    import time
+
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def trickle() -> None:
+        conn, _ = server.accept()
+        conn.recv(65536)
+        for byte in b"\x16\x03\x03\x40\x00" + b"\x02" * 200:  # a handshake record, slowly
+            if stop.wait(0.3):
+                break
+            try:
+                conn.sendall(bytes([byte]))
+            except OSError:
+                break
+        conn.close()
+        time.sleep(0)
+
+    threading.Thread(target=trickle, daemon=True).start()
+    return server, stop
+
+
+def test_a_receiver_that_trickles_its_tls_handshake_is_cut_off_at_the_timeout():
+    import time
+
+    server, stop = _trickling_tls_server()
+    event = webhooks.Taken("evt_h", "job_h", f"https://127.0.0.1:{server.getsockname()[1]}/", webhooks.new_secret(),
+                           "{}", 0)
+    started = time.monotonic()
+    attempt = webhooks.send(event, allow=AllowList.parse("127.0.0.1"), timeout_s=1.5)
+    took = time.monotonic() - started
+    stop.set()
+    server.close()
+    assert attempt.status_code is None and "no answer within 1.5 s" in attempt.error and took < 3, (attempt, took)
+
+
+GEVENT_SEND = """
+from gevent import monkey; monkey.patch_all()
+import json, socket, sys, threading, time
+from core import webhooks
+from core.webhooks import AllowList
+server = socket.create_server(("127.0.0.1", 0))
+def trickle():
+    conn, _ = server.accept()
+    conn.recv(65536)
+    for byte in b"\\x16\\x03\\x03\\x40\\x00" + b"\\x02" * 100:
+        time.sleep(0.3)
+        try:
+            conn.sendall(bytes([byte]))
+        except OSError:
+            break
+    conn.close()
+threading.Thread(target=trickle, daemon=True).start()
+event = webhooks.Taken("evt_g", "job_g", f"https://127.0.0.1:{server.getsockname()[1]}/", webhooks.new_secret(), "{}", 0)
+started = time.monotonic()
+attempt = webhooks.send(event, allow=AllowList.parse("127.0.0.1"), timeout_s=1.5)
+print(json.dumps({"took": time.monotonic() - started, "error": attempt.error}))
+"""
+
+
+def test_under_gevent_a_trickled_handshake_is_cut_off_too():
+    """The API serves under gunicorn's gevent workers, where the handshake's timeout restarts at
+    every byte: before the fix this send took the whole trickle (30 s), not 1.5 s."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", GEVENT_SEND], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "no answer within 1.5 s" in result["error"] and result["took"] < 3, result
 
 
 def _loopback_name() -> str:
@@ -138,14 +267,15 @@ def test_a_name_the_wildcard_allows_is_not_called_when_it_resolves_to_a_private_
     name = _loopback_name()
     with Receiver() as receiver:
         url = f"http://{name}:{receiver.port}/hook"
-        assert check_url(url, AllowList.parse("*")) is None  # a name: only its addresses can tell
+        wide = AllowList.parse("*", str(receiver.port))  # the receiver's port is allowed: its address decides
+        assert check_url(url, wide) is None  # a name: only its addresses can tell
         event = webhooks.Taken("evt_x", "job_x", url, webhooks.new_secret(), "{}", 0)
-        attempt = webhooks.send(event, allow=AllowList.parse("*"), timeout_s=2)
-        assert attempt.status_code is None and "not public" in attempt.error
+        attempt = webhooks.send(event, allow=wide, timeout_s=2)
+        assert attempt.status_code is None and "may call" in attempt.error
         assert "127.0.0.1" not in attempt.error  # the client reads it: internal addresses stay in the log
         # Literal addresses too, if the allow-list changed after the job was submitted.
         literal = webhooks.Taken("evt_y", "job_x", f"http://127.0.0.1:{receiver.port}/", webhooks.new_secret(), "{}", 0)
-        assert "not public" in webhooks.send(literal, allow=AllowList.parse("*"), timeout_s=2).error
+        assert "may call" in webhooks.send(literal, allow=wide, timeout_s=2).error
         assert receiver.requests == []
         # Allowed, the same send arrives, signed.
         assert webhooks.send(literal, allow=AllowList.parse("127.0.0.1"), timeout_s=2).status_code == 200
@@ -241,3 +371,102 @@ def test_a_send_that_fails_is_retried_on_the_schedule_then_fails(db):
         state = s.get(Job, job.id).webhook
     assert (state["status"], state["attempts"], state["last_response_status"]) == ("failed", 3, 503)
     assert "503" in state["last_error"] and state["next_attempt_at"] is None
+
+
+def _ended_with_webhook(db, url: str, owner: str = "alice") -> str:
+    with db.write() as s:
+        job, _ = jobs.create_job(session=s, spec=JobCreate.model_validate(
+            {"model": "m", "prompts": ["a"], "webhook": {"url": url}}), model=CHAT, limits=LOCAL, owner=owner)
+    with db.write() as s:
+        jobs.cancel_job(session=s, job_id=job.id, owner=owner)
+    return job.id
+
+
+def test_an_event_still_being_sent_is_never_taken_again(db):
+    """Its lease lapsing mid-send (a send under gevent could outlast it) put the same event in a
+    second slot, and a second copy on the wire; a deliverer now renews the leases of what it sends
+    and never takes an event it holds."""
+    import time
+
+    with Receiver(("hang",)) as receiver:
+        job_id = _ended_with_webhook(db, receiver.url)
+        deliverer = webhooks.Deliverer(db, AllowList.parse("127.0.0.1"), (5.0,), timeout_s=30, interval_s=0.2)
+        deliverer._pool = webhooks.ThreadPoolExecutor(4)
+        try:
+            assert deliverer.run_once() == 1
+            deadline = time.monotonic() + 5
+            while not receiver.requests and time.monotonic() < deadline:
+                time.sleep(0.05)
+            # The lease lapses while the send still runs (as if it had taken longer than the lease).
+            with db.write() as s:
+                s.execute(WebhookEvent.__table__.update().values(next_attempt_at=utcnow() - timedelta(seconds=1)))
+            assert deliverer.run_once() == 0
+            with db.read() as s:
+                [event] = s.scalars(select(WebhookEvent).where(WebhookEvent.subject_id == job_id))
+                assert event.next_attempt_at > utcnow() + timedelta(seconds=10)  # renewed: no other process takes it
+            time.sleep(0.3)
+            assert len(receiver.requests) == 1
+        finally:
+            receiver.release()
+            deliverer._pool.shutdown(wait=True)
+
+
+def test_one_owner_s_dead_receivers_do_not_hold_everyone_s_webhooks(db):
+    """Owner A's ten events (older, to a receiver that never answers) came first in, first out and
+    took every slot; now each owner holds at most ``per_owner`` and B's event goes out at once."""
+    import time
+
+    with Receiver(("hang",) * 10) as slow, Receiver() as fast:
+        for _ in range(10):
+            _ended_with_webhook(db, slow.url, owner="alice")
+        later = _ended_with_webhook(db, fast.url, owner="bob")
+        deliverer = webhooks.Deliverer(db, AllowList.parse("127.0.0.1"), (5.0,), timeout_s=30, per_owner=2)
+        deliverer._pool = webhooks.ThreadPoolExecutor(4)
+        try:
+            assert deliverer.run_once() == 3  # two of alice's, bob's one; a slot stays free
+            deadline = time.monotonic() + 10
+            while not fast.requests and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(fast.requests) == 1 and fast.requests[0].headers["webhook-id"].startswith("evt_")
+            assert deliverer.run_once() == 0  # alice has her two in flight; nobody else waits
+            assert len(slow.requests) <= 2
+            with db.read() as s:
+                assert s.get(Job, later).webhook["status"] in ("pending", "delivered")
+        finally:
+            slow.release()
+            deliverer._pool.shutdown(wait=True)
+
+
+def test_an_answer_that_will_not_change_is_not_retried_and_ended_events_drop_their_key(db):
+    with Receiver((404, 429)) as receiver:
+        gone = _ended_with_webhook(db, receiver.url)
+        busy = _ended_with_webhook(db, receiver.url)
+        with db.read() as s:  # the key moved into the event when the job ended
+            assert s.get(Job, gone).webhook_secret is None
+        deliverer = webhooks.Deliverer(db, AllowList.parse("127.0.0.1"), (5.0, 10.0), timeout_s=5)
+        for event in _events(db, gone) + _events(db, busy):
+            assert event.secret.startswith("whsec_")
+            deliverer.deliver(webhooks.Taken(event.id, event.subject_id, event.url, event.secret, event.payload,
+                                             event.attempts, event.owner))
+    [ended] = _events(db, gone)
+    [again] = _events(db, busy)
+    assert (ended.status, ended.attempts, ended.secret) == ("failed", 1, None)  # 404: final
+    assert (again.status, again.secret is not None) == ("pending", True)  # 429: the receiver was busy
+    with db.read() as s:
+        state = s.get(Job, gone).webhook
+    assert state["status"] == "failed" and "not retried" in state["last_error"]
+
+
+def test_ended_events_are_purged_after_the_retention(db):
+    job_id = _ended_with_webhook(db, "http://127.0.0.1:9/")
+    pending_id = _ended_with_webhook(db, "http://127.0.0.1:9/")
+    [event] = _events(db, job_id)
+    with db.write() as s:
+        webhooks.record_attempt(session=s, event=webhooks.Taken(event.id, job_id, event.url, event.secret,
+                                                                event.payload, 0, "alice"),
+                                attempt=Attempt(status_code=200), retry_s=(1.0,), now=utcnow() - timedelta(days=8))
+    deliverer = webhooks.Deliverer(db, AllowList.parse("127.0.0.1"), (5.0,), retention_s=7 * 86400)
+    assert deliverer.purge_once() == 1
+    assert _events(db, job_id) == [] and len(_events(db, pending_id)) == 1
+    with db.read() as s:  # the job keeps what its client reads of the delivery
+        assert s.get(Job, job_id).webhook["status"] == "delivered"

@@ -143,7 +143,7 @@ def create_batch() -> dict[str, Any]:
         raise ApiError(400, "invalid_request", str(exc), [{"loc": "metadata", "message": str(exc),
                                                            "type": "invalid_value"}]) from None
     svc = services()
-    svc.submissions.check_webhook(req.webhook)
+    svc.submissions.check_webhook(req.webhook, principal.owner)
     with svc.db.connect() as conn:
         file = file_service.file_row(conn, file_id=req.input_file_id, owner=principal.owner)
     if file.purpose != "batch":
