@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 from core.db import connection_of
 from core.errors import ConflictError, InvalidRequestError, NotFoundError
 from core.ids import new_id, new_ids
-from core.prompts import render
+from core.prompts import render, with_continuation
 from core.registry import ModelSpec
 from core.schemas import JobCreate, ResolvedParams, window_seconds
 from core.tables import Job, JobRequest, UTCDateTime, WebhookEvent, utcnow
@@ -157,9 +157,44 @@ def _check_request(
                                      f"with max_new_tokens={params.max_new_tokens} it exceeds the context of "
                                      f"{spec.name} ({spec.context_length} tokens)", "context_length_exceeded"))
         return
+    if not plain and item.continuations is not None:
+        _check_continuations(loc=loc, item=item, spec=spec, limits=limits, system=system, counter=counter,
+                             problems=problems)
     if params is not None and len(problems) == before:
         _check_context(loc=loc, item=item, spec=spec, params=params, system=system, counter=counter,
                        problems=problems, plain=plain)
+
+
+def _check_continuations(*, loc: str, item: Any, spec: ModelSpec, limits: Limits, system: str | None,
+                         counter: TokenCounter | None, problems: list[dict[str, str]]) -> None:
+    """Continuations to score are held to the prompt's limits: each, and all of them together, to
+    ``max_prompt_chars``; each, joined to the prompt, to the model's context (as the worker will
+    read it). Unchecked, one request could store (and serve back, and make a worker tokenize) a
+    text of any size."""
+    cap = limits.max_prompt_chars
+    long = [n for n, continuation in enumerate(item.continuations) if len(continuation) > cap]
+    for n in long:
+        problems.append(_problem(f"{loc}.continuations[{n}]", f"a continuation is longer than {cap} characters",
+                                 "prompt_too_long"))
+    if long:
+        return
+    if sum(len(c) for c in item.continuations) > cap:
+        problems.append(_problem(f"{loc}.continuations", f"the continuations are longer than {cap} characters "
+                                 "in all", "prompt_too_long"))
+        return
+    try:
+        segments = render(chat_model=spec.chat, prompt=item.prompt, messages=item.messages, system=system)
+    except ValueError:
+        return  # the shape problems are reported elsewhere
+    for n, continuation in enumerate(item.continuations):
+        joined = with_continuation(segments, continuation)
+        if token_upper_bound(joined) <= spec.context_length or counter is None:
+            continue  # fits for sure; or no tokenizer here, and the worker checks it exactly
+        tokens = counter.count(joined)
+        if tokens > spec.context_length:
+            problems.append(_problem(f"{loc}.continuations[{n}]", f"the prompt with this continuation has {tokens} "
+                                     f"tokens; it exceeds the context of {spec.name} ({spec.context_length} tokens)",
+                                     "context_length_exceeded"))
 
 
 def _check_context(*, loc: str, item: Any, spec: ModelSpec, params: ResolvedParams,

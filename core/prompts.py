@@ -90,3 +90,17 @@ class _UserTurn:
 
     def __init__(self, content: str) -> None:
         self.content = content
+
+
+def with_continuation(segments: Sequence[Segment], continuation: str) -> list[Segment]:
+    """The segments of a prompt followed by a continuation to score, as the model would read them:
+    the continuation joins the prompt's last text (after a chat prompt's ``[/INST]`` with the space
+    the template writes before an answer)."""
+    joined = list(segments)
+    if joined and isinstance(joined[-1], str) and joined[-1].endswith(E_INST) and not continuation[0].isspace():
+        continuation = " " + continuation
+    if joined and isinstance(joined[-1], str):
+        joined[-1] = joined[-1] + continuation
+    else:
+        joined.append(continuation)
+    return joined

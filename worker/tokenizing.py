@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.prompts import E_INST, Special, render
+from core.prompts import Special, render, with_continuation
 from core.registry import ModelSpec
 from core.runs import WorkItem
 from core.schemas import ChatMessage
@@ -204,14 +204,7 @@ class Prompts:
             return [(ids, 1)]
         out = []
         for n, continuation in enumerate(continuations):
-            joined = list(segments)
-            if joined and isinstance(joined[-1], str) and joined[-1].endswith(E_INST) and not continuation[0].isspace():
-                continuation = " " + continuation  # the template writes an answer as "[/INST] answer"
-            if joined and isinstance(joined[-1], str):
-                joined[-1] = joined[-1] + continuation
-            else:
-                joined.append(continuation)
-            full = self._encode_segments(joined)
+            full = self._encode_segments(with_continuation(segments, continuation))
             shared = next((i for i, (a, b) in enumerate(zip(ids, full)) if a != b), min(len(ids), len(full)))
             if len(full) > budget:
                 raise RequestError("context_length_exceeded", f"the prompt with continuations[{n}] has "

@@ -160,3 +160,25 @@ def test_compatibility_routes_bound_lengths_like_the_native_api(client, path, bo
     # Found by schemathesis: an unbounded max_tokens used to fail converting into native params (500).
     resp = client.post(path, json=body)
     assert resp.status_code == 400, resp.get_data(as_text=True)
+
+
+def test_continuations_to_score_are_held_to_the_prompt_s_limits(app, client):
+    """A scoring request's continuations had no length limit and skipped the context check: one of
+    60 MB was stored with 202, served back on every results page and tokenized by a worker before
+    it failed. Each, and all together, now keep to the prompt's limits, on the API."""
+    cap = app.extensions["batchgen"].settings.max_prompt_chars
+    cases = {
+        "one too long": ([("x " * 30_000_000)[:60_000_000]], "continuations[0]", "prompt_too_long"),
+        "all too long": (["y" * (cap // 2 + 1), "z" * (cap // 2 + 1)], "continuations", "prompt_too_long"),
+        "past the context": (["word " * 2_000], "continuations[0]", "context_length_exceeded"),
+    }
+    for name, (continuations, where, kind) in cases.items():
+        resp = client.post("/v1/jobs", json={"model": "tiny", "kind": "score",
+                                             "requests": [{"prompt": "The sky is", "continuations": continuations}]})
+        assert resp.status_code == 422, (name, resp.status_code)
+        details = resp.get_json()["error"]["details"]
+        assert [(d["loc"], d["type"]) for d in details] == [(f"requests[0].{where}", kind)], (name, details)
+    assert stored_jobs(app) == 0
+    fine = client.post("/v1/jobs", json={"model": "tiny", "kind": "score",
+                                         "requests": [{"prompt": "The sky is", "continuations": [" blue", " green"]}]})
+    assert fine.status_code == 202, fine.get_json()
