@@ -43,6 +43,8 @@ log = logging.getLogger("batchgen.calibration")
 
 VERSION = 1  # bump when the procedure changes: cached results of older ones are measured again
 INT8_FAMILY = ("int8_float16", "int8_bfloat16", "int8", "int8_float32")
+# What CTranslate2 takes as a compute type (a cached choice holding anything else is measured again).
+COMPUTE_TYPES = (*INT8_FAMILY, "int16", "float16", "bfloat16", "float32", "default", "auto")
 NEAR_BEST = 0.97  # a smaller budget within this share of the best score is preferred
 SAMPLING = {"sampling_topk": 50, "sampling_topp": 0.9, "sampling_temperature": 0.8}
 
@@ -94,6 +96,24 @@ class Choice:
     max_batch_tokens: int
     tokens_per_s: float  # expected at this choice (mean over the measured shapes)
     batch_seconds: float  # expected duration of a full batch
+
+    def problems(self) -> list[str]:
+        """Why a worker could not run with this choice (read from a cache file anyone with access
+        to the disk may have edited): empty when it can."""
+        found = []
+        for name in ("inter_threads", "max_batch_size", "max_batch_tokens"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                found.append(f"{name} is {value!r}, not a whole number of at least 1")
+        if type(self.intra_threads) is not int or self.intra_threads < 0:
+            found.append(f"intra_threads is {self.intra_threads!r}, not a whole number of at least 0")
+        if not isinstance(self.compute_type, str) or self.compute_type not in COMPUTE_TYPES:
+            found.append(f"compute_type {self.compute_type!r} is not one of CTranslate2's")
+        for name in ("tokens_per_s", "batch_seconds"):
+            value = getattr(self, name)
+            if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+                found.append(f"{name} is {value!r}, not a finite number of at least 0")
+        return found
 
 
 @dataclass
@@ -245,13 +265,23 @@ def cache_path(cache_dir: Path, key: dict[str, Any]) -> Path:
 
 
 def load_cached(cache_dir: Path, key: dict[str, Any]) -> Calibration | None:
-    """The cached calibration for exactly this key, or None."""
+    """The cached calibration for exactly this key, or None (also when the file holds a choice a
+    worker could not run with, such as ``inter_threads: 0``: it is measured again and rewritten)."""
     path = cache_path(cache_dir, key)
     try:
         found = Calibration.from_json(path.read_text())
-    except (OSError, ValueError, KeyError, TypeError):
+    except FileNotFoundError:
         return None
-    return found if found.key == key else None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("the cached calibration %s cannot be read (%s): measuring again", path, exc)
+        return None
+    if found.key != key:
+        return None
+    problems = found.choice.problems()
+    if problems:
+        log.warning("the cached calibration %s is not valid (%s): measuring again", path, "; ".join(problems))
+        return None
+    return found
 
 
 def save(cache_dir: Path, calibration: Calibration) -> Path:

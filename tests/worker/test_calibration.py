@@ -209,3 +209,24 @@ def test_a_worker_calibrates_then_shows_its_limits(make_settings, sqlite_url, tm
     finally:
         api.stop()
         app.extensions["batchgen"].close()
+
+
+def test_a_cached_choice_a_worker_cannot_run_with_is_not_taken(tmp_path):
+    """A cache file is read as the device's truth; one edited (or corrupted) to ``inter_threads: 0``
+    or ``max_batch_size: 0`` left a worker that served nothing, with no clear error. It is refused,
+    with a warning, and the calibration is measured again."""
+    key = {"model": "tiny", "device": "cpu", "device_name": "x", "compute_type": "auto"}
+    good = cal.Calibration(key=key, trials=[], choice=cal.Choice("int8", 1, 2, 16, 2048, 100.0, 0.5), seconds=1.0,
+                           measured_at="2026-12-07T00:00:00Z")
+    cal.save(tmp_path, good)
+    assert cal.load_cached(tmp_path, key).choice == good.choice
+    path = cal.cache_path(tmp_path, key)
+    for field, bad in (("inter_threads", 0), ("max_batch_size", 0), ("max_batch_tokens", -5), ("intra_threads", -1),
+                       ("inter_threads", 1.5), ("max_batch_size", True), ("compute_type", "int3"),
+                       ("batch_seconds", float("nan")), ("tokens_per_s", "fast")):
+        data = json.loads(good.to_json())
+        data["choice"][field] = bad
+        path.write_text(json.dumps(data))
+        assert cal.load_cached(tmp_path, key) is None, (field, bad)
+    path.write_text("{not json")
+    assert cal.load_cached(tmp_path, key) is None
