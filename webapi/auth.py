@@ -85,6 +85,7 @@ def init_app(app: Flask) -> None:
         if request.endpoint is None or request.endpoint in PUBLIC_ENDPOINTS:
             return  # unknown routes answer 404 whoever asks
         if request.endpoint in TOKENIZER_ENDPOINTS and services().settings.tokenizer_routes == "public":
+            services().limits.check_address_rate(client_address())  # they answer anyone: per address
             return
         header = request.headers.get("Authorization", "").strip()
         scheme, _, token = header.partition(" ")

@@ -26,8 +26,24 @@ graceful_timeout = 30
 control_socket_disable = True
 
 
+def _envelope_errors() -> None:
+    """What gunicorn refuses before the app sees it (a request line past ``limit_request_line``,
+    headers past their limits, a request it cannot parse) is answered in the error envelope, not
+    gunicorn's HTML page: its workers write those through ``gunicorn.util.write_error``."""
+    from gunicorn import util
+
+    from webapi.errors import wire_error
+
+    def write_error(sock: Any, status: int, reason: str, message: str) -> None:
+        util.write_nonblock(sock, wire_error(status, reason, message or reason))
+
+    util.write_error = write_error
+
+
 def post_worker_init(worker: Any) -> None:
     from webapi.jobs import STOPPING
+
+    _envelope_errors()
 
     previous = signal.getsignal(signal.SIGTERM)
 

@@ -246,12 +246,21 @@ class Limits:
 
     def check_rate(self, principal: Principal) -> None:
         """At most ``rate_limit_per_minute`` requests per key per clock minute."""
-        limit = self.settings.rate_limit_per_minute
+        self._count(f"ratelimit:{principal.key_id}", self.settings.rate_limit_per_minute, "for this key")
+
+    def check_address_rate(self, client: str) -> None:
+        """At most ``tokenizer_per_minute`` calls of the public tokenizer routes per client address
+        (``webapi.auth.client_address``) per clock minute: they answer anyone, and tokenizing costs."""
+        self._count(f"tokenizer:{client}", self.settings.tokenizer_per_minute, "of the tokenizer routes from "
+                    "this address")
+
+    def _count(self, name: str, limit: int, whose: str) -> None:
+        """Count one request against ``limit`` per clock minute under ``name``; 429 past it."""
         if not limit or not self.settings.redis_url:
             return
         now = time.time()
         window = int(now // 60)
-        key = f"{self.settings.redis_prefix}ratelimit:{principal.key_id}:{window}"
+        key = f"{self.settings.redis_prefix}{name}:{window}"
         try:
             pipe = self._client().pipeline()
             pipe.incr(key)
@@ -262,7 +271,7 @@ class Limits:
             return
         if count > limit:
             retry = max(1, math.ceil((window + 1) * 60 - now))
-            raise ApiError(429, "rate_limited", f"more than {limit} requests this minute for this key",
+            raise ApiError(429, "rate_limited", f"more than {limit} requests this minute {whose}",
                            {"retry_after": retry}, headers={"Retry-After": str(retry)})
 
     def check_upload(self, *, session: Session, principal: Principal, size: int) -> None:

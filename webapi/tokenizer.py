@@ -16,7 +16,10 @@ batchgen never turn ``</s>`` into a token; ids sent as ``prompt_ids`` go to the 
 from __future__ import annotations
 
 import json
+import sys
 import threading
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +39,10 @@ MAX_IDS = 32768
 
 
 class TokenizeRequest(BaseModel):
-    """``POST /tokenize`` (vLLM's shape)."""
+    """``POST /tokenize`` (vLLM's shape). Strict: ``"add_special_tokens": "yes"`` is refused, not
+    read as true."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: Text | None = Field(None, min_length=1, max_length=200, description="Default: the served model.")
     prompt: Text
@@ -46,9 +50,9 @@ class TokenizeRequest(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    """``POST /detokenize`` (vLLM's shape)."""
+    """``POST /detokenize`` (vLLM's shape). Strict: ``["7"]`` is refused, not read as ``[7]``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: Text | None = Field(None, min_length=1, max_length=200)
     tokens: list[int] = Field(max_length=MAX_IDS)
@@ -77,12 +81,13 @@ class TokenizerInfo(BaseModel):
     model_max_length: int
 
 
-_LOADED: dict[Path, Any] = {}
+_LOADED: dict[Path, tuple[Any, int]] = {}
 _LOCK = threading.Lock()
 
 
-def _tokenizer(spec: ModelSpec) -> Any:
-    """The model's tokenizer (special tokens' text is the token), loaded once per process."""
+def _loaded(spec: ModelSpec) -> tuple[Any, int]:
+    """The model's tokenizer (special tokens' text is the token) and the most characters one of
+    its tokens can stand for, loaded once per process."""
     path = spec.directory(services().settings.models_dir) / "tokenizer.json"
     with _LOCK:
         if path not in _LOADED:
@@ -91,8 +96,28 @@ def _tokenizer(spec: ModelSpec) -> Any:
                                "machine (only on its workers')")
             from tokenizers import Tokenizer
 
-            _LOADED[path] = Tokenizer.from_file(str(path))
+            tokenizer = Tokenizer.from_file(str(path))
+            # A token's vocabulary string is at least as long as the text it stands for (byte-level
+            # vocabularies write a byte as a character; byte fallback tokens are longer still).
+            longest = max((len(t) for t in tokenizer.get_vocab(with_added_tokens=True)), default=1)
+            _LOADED[path] = (tokenizer, max(1, longest))
         return _LOADED[path]
+
+
+def _tokenizer(spec: ModelSpec) -> Any:
+    return _loaded(spec)[0]
+
+
+def _off_the_loop(work: Callable[[], Any]) -> Any:
+    """Run tokenizer work (Rust, which lets go of the GIL) on a thread of its own: under gunicorn's
+    gevent workers, in place it would stall every stream and call the process serves until it
+    ended. Elsewhere (threads) it runs in place."""
+    if "gevent" in sys.modules:
+        from gevent import get_hub, monkey
+
+        if monkey.is_module_patched("threading"):
+            return get_hub().threadpool.apply(work)
+    return work()
 
 
 def _model(name: str | None) -> ModelSpec:
@@ -144,10 +169,14 @@ def _bounded_body() -> Any:
 def tokenize() -> dict[str, Any]:
     req = validated(TokenizeRequest, _bounded_body())
     spec = _model(req.model)
-    limit = services().settings.max_prompt_chars
+    tokenizer, longest = _loaded(spec)
+    # Bounded by the context: a text longer than this cannot fit it, whatever it tokenizes to.
+    limit = min(services().settings.max_prompt_chars, spec.context_length * longest)
     if len(req.prompt) > limit:
-        raise ApiError(400, "prompt_too_long", f"prompt is longer than {limit} characters")
-    ids = list(_tokenizer(spec).encode(req.prompt, add_special_tokens=req.add_special_tokens).ids)
+        raise ApiError(400, "prompt_too_long", f"prompt is longer than {limit} characters: more than the "
+                       f"{spec.context_length} tokens of {spec.name}'s context, however it is tokenized")
+    encoded = _off_the_loop(partial(tokenizer.encode, req.prompt, add_special_tokens=req.add_special_tokens))
+    ids = list(encoded.ids)
     return TokenizeRead(count=len(ids), max_model_len=spec.context_length, tokens=ids).model_dump(mode="json")
 
 
@@ -155,9 +184,13 @@ def tokenize() -> dict[str, Any]:
 def detokenize() -> dict[str, Any]:
     req = validated(DetokenizeRequest, _bounded_body())
     spec = _model(req.model)
+    if len(req.tokens) > spec.context_length:
+        raise ApiError(400, "invalid_request", f"{len(req.tokens)} tokens are more than the "
+                       f"{spec.context_length} of {spec.name}'s context")
     tokenizer = _tokenizer(spec)
     size = tokenizer.get_vocab_size()
     bad = [i for i in req.tokens if not 0 <= i < size]
     if bad:
         raise ApiError(400, "invalid_request", f"token {bad[0]} is not in the vocabulary (0 to {size - 1})")
-    return DetokenizeRead(prompt=tokenizer.decode(req.tokens, skip_special_tokens=False)).model_dump(mode="json")
+    text = _off_the_loop(partial(tokenizer.decode, req.tokens, skip_special_tokens=False))
+    return DetokenizeRead(prompt=text).model_dump(mode="json")
