@@ -36,6 +36,10 @@ PRESETS: dict[str, dict[str, int]] = {
     # Seconds to build; for tests.
     "tiny": {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 172,
              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
+    # Llama 3's vocabulary (128,256 tokens) on the tiny body: what log probabilities and the
+    # tokenizer routes cost with a large vocabulary, for tests.
+    "tiny-wide": {"vocab_size": 128256, "hidden_size": 64, "intermediate_size": 172,
+                  "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
     # The `demo` model of `make run`: a few seconds to build, fast on a laptop.
     "demo": {"vocab_size": 2048, "hidden_size": 256, "intermediate_size": 688,
              "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4},
