@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score: the log probability and perplexity of each prompt (or of each request's "
                         "continuations), nothing generated (default generate)")
     p.add_argument("--system", help="system prompt (chat models)")
-    p.add_argument("--priority", type=int, help="0-9, higher runs first (default 5)")
+    p.add_argument("--priority", type=int, help="0-8, higher runs first (default 5; 9 is for synchronous calls)")
     p.add_argument("--name", help="a name for the job (stored as metadata.name)")
     p.add_argument("--metadata", action="append", metavar="KEY=VALUE", help="your own labels; repeatable")
     p.add_argument("--completion-window", dest="completion_window", metavar="WINDOW",

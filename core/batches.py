@@ -35,27 +35,34 @@ def _webhook_columns(webhook: WebhookCreate | None) -> dict[str, Any]:
 
 def create_failed_batch(*, session: Session, owner: str, input_file_id: str, endpoint: str,
                         completion_window: str, metadata: dict[str, str] | None,
-                        errors: list[dict[str, Any]], webhook: WebhookCreate | None = None) -> Batch:
+                        errors: list[dict[str, Any]], webhook: WebhookCreate | None = None) -> tuple[Batch, str | None]:
     """A batch whose input file did not validate: it ends at once, with the reasons (and its
-    webhook, if it named one, is told ``batch.failed``)."""
+    webhook, if it named one, is told ``batch.failed``). Returns it and its webhook's key, which
+    the answer to its creation shows once (the batch itself no longer holds it: its event does)."""
     now = utcnow()
     batch = Batch(id=new_id("batch"), owner=owner, input_file_id=input_file_id, endpoint=endpoint,
                   completion_window=completion_window, status="failed", errors=errors, batch_metadata=metadata,
                   created_at=now, failed_at=now, expires_at=now + timedelta(seconds=window_seconds(completion_window)),
                   **_webhook_columns(webhook))
     session.add(batch)
+    secret = batch.webhook_secret
     webhooks.enqueue_batch_event(session, batch, now)
     session.flush()
-    return batch
+    return batch, secret
 
 
 def create_batch(*, session: Session, owner: str, input_file_id: str, endpoint: str, completion_window: str,
                  metadata: dict[str, str] | None, spec: JobCreate, model: ModelSpec, limits: Limits,
                  counter: Any = None, dispatching: bool = False,
-                 webhook: WebhookCreate | None = None) -> tuple[Batch, Job, list[str]]:
-    """The job for a validated input file and the batch around it, in the caller's transaction."""
-    job, request_ids = job_service.create_job(session=session, spec=spec, model=model, limits=limits,
-                                              owner=owner, counter=counter, dispatching=dispatching)
+                 webhook: WebhookCreate | None = None,
+                 prepared: job_service.NewJob | None = None) -> tuple[Batch, Job, list[str]]:
+    """The job for a validated input file and the batch around it, in the caller's transaction
+    (``prepared``: the job as ``core.jobs.prepare_job`` already made it from ``spec``)."""
+    if prepared is None:
+        prepared = job_service.prepare_job(spec=spec, model=model, limits=limits, owner=owner, counter=counter,
+                                           dispatching=dispatching)
+    job_service.insert_jobs(session.connection(), [prepared])
+    job, request_ids = Job(**prepared.values), prepared.request_ids
     now = utcnow()
     batch = Batch(id=new_id("batch"), owner=owner, job_id=job.id, input_file_id=input_file_id, endpoint=endpoint,
                   completion_window=completion_window, model=model.name, status="in_progress",
@@ -85,10 +92,13 @@ _WITH_JOB = select(*BATCH_FIELDS).select_from(Batch.__table__.outerjoin(Job.__ta
 _JOB_COUNTS = ("total", "succeeded", "failed", "prompt_tokens", "completion_tokens")
 
 
-def batch_fields(batch: Batch, job: Job | None) -> dict[str, Any]:
+def batch_fields(batch: Batch, job: Job | None, secret: str | None = None) -> dict[str, Any]:
     """A just-created batch's values under ``BATCH_FIELDS``' names (with its webhook's secret,
-    which only the answer to its creation shows)."""
+    which only the answer to its creation shows: ``secret`` when the batch already gave it to
+    its event)."""
     values = {a.key: getattr(batch, a.key) for a in Batch.__mapper__.column_attrs}
+    if secret is not None:
+        values["webhook_secret"] = secret
     values.update({f"job_{name}": None if job is None else getattr(job, name) for name in _JOB_COUNTS})
     return values
 

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from core import jobs as job_service
 from core.db import connection_of
-from core.errors import LimitError
+from core.errors import BatchgenError, InvalidRequestError, LimitError
 from core.ids import floor_id
 from core.settings import Settings
 
@@ -77,9 +77,16 @@ class Ledger:
     def __init__(self, capacity: Capacity, counts: dict[tuple[str, str], int]) -> None:
         self.capacity, self.counts = capacity, counts
 
-    def take(self, *, owner: str, model: str, new: int, stored: bool = True) -> LimitError | None:
-        """Admit ``new`` requests (the counts move), or the ``LimitError`` that refuses them."""
+    def take(self, *, owner: str, model: str, new: int, stored: bool = True) -> BatchgenError | None:
+        """Admit ``new`` request units (the counts move), or the error that refuses them: a
+        ``LimitError`` while others' units fill a cap, an ``InvalidRequestError`` when the job
+        alone is past it (waiting would not help)."""
         for key, cap in self.capacity.limits(owner=owner, model=model, stored=stored):
+            if new > cap:
+                return InvalidRequestError(
+                    f"this job counts {new} request units, more than the {cap} a cap allows ({_CAP_NAMES[key[0]]}; "
+                    "a request counts once per sample and per BATCHGEN_REQUEST_WEIGHT_TOKENS tokens): split it",
+                    details=[{"loc": "body", "message": f"{new} request units > {cap}", "type": "job_too_large"}])
             if self.counts[key] + new > cap:
                 return _refusal(key, cap, model)
         # Admitted: it counts for every key it belongs to, also one it was not held to (a
@@ -90,14 +97,19 @@ class Ledger:
         return None
 
 
+_CAP_NAMES = {"model": "BATCHGEN_MAX_PENDING_PER_MODEL", "owner": "BATCHGEN_MAX_PENDING_PER_KEY",
+              "stored": "BATCHGEN_MAX_STORED_REQUESTS_PER_OWNER"}
+
+
 def _refusal(key: tuple[str, str], cap: int, model: str) -> LimitError:
+    # Units: a request counts once per sample and per BATCHGEN_REQUEST_WEIGHT_TOKENS tokens.
     if key[0] == "model":
-        return LimitError("queue_full", f"model {model} has more than {cap} requests waiting; retry later",
+        return LimitError("queue_full", f"model {model} has more than {cap} request units waiting; retry later",
                           details={"retry_after": 30}, retry_after=30)
     if key[0] == "stored":
-        return LimitError("storage_quota_exceeded", f"this owner's jobs hold {cap} requests, the most it "
+        return LimitError("storage_quota_exceeded", f"this owner's jobs hold {cap} request units, the most it "
                           "may store; delete jobs that have ended to make room", details={"limit": cap})
-    return LimitError("too_many_pending", f"this owner has more than {cap} requests waiting or running; "
+    return LimitError("too_many_pending", f"this owner has more than {cap} request units waiting or running; "
                       "wait for some to finish", details={"retry_after": 60}, retry_after=60)
 
 

@@ -170,7 +170,7 @@ class GroupCommit:
         for entry in group:
             if self._replays(entry, earlier, in_group):
                 continue
-            entry.error = ledger.take(owner=entry.owner, model=entry.model, new=entry.count,
+            entry.error = ledger.take(owner=entry.owner, model=entry.model, new=entry.new.units,
                                       stored=entry.stored_quota)
             if entry.error is not None:
                 continue

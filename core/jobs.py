@@ -33,11 +33,10 @@ from core.ids import new_id, new_ids
 from core.prompts import render, with_continuation
 from core.registry import ModelSpec
 from core.schemas import JobCreate, ResolvedParams, window_seconds
-from core.tables import Job, JobRequest, UTCDateTime, WebhookEvent, utcnow
+from core.tables import ACTIVE_JOB_STATUSES, Job, JobRequest, UTCDateTime, WebhookEvent, utcnow
 from core.tokens import TokenCounter, token_upper_bound
 from core.webhooks import AllowList, check_url, enqueue_job_events, initial_state, new_secret
 
-ACTIVE_JOB_STATUSES = ("queued", "running", "cancelling")
 FINISHED_JOB_STATUSES = ("completed", "failed", "cancelled", "expired")
 
 
@@ -53,6 +52,31 @@ class Limits:
     max_requests: int
     max_prompt_chars: int
     webhooks: AllowList = AllowList()  # where webhooks may go (empty: nowhere)
+    # One request's samples x max_new_tokens, at most (n or best_of 16 of 32,768 tokens each would
+    # otherwise be one request to every cap).
+    max_request_new_tokens: int = 32768
+    # A request counts against the caps once per sample (or scored continuation) and per this many
+    # prompt + new tokens: what it asks the device to do, not one whatever it asks.
+    weight_tokens: int = 4096
+
+
+def request_weight(*, item: Any, params: ResolvedParams, system: str | None, spec: ModelSpec,
+                   limits: Limits) -> int:
+    """What one request counts against the caps: rows x ceil((prompt + new tokens) / weight_tokens),
+    rows being its samples (or its scored continuations). The prompt's tokens are estimated from
+    its length (a quarter of its UTF-8 bytes, at most the context): the API does not tokenize
+    every prompt, and the estimate only sizes a share of a cap."""
+    if item.prompt_ids is not None:
+        prompt = len(item.prompt_ids)
+    else:
+        text = (item.prompt or "") + "".join(m.content for m in item.messages or ()) + (system or "")
+        prompt = len(text.encode("utf-8")) // 4 + 1
+    continuations = getattr(item, "continuations", None)
+    rows = len(continuations) if continuations else params.samples
+    if continuations:
+        prompt += max(len(c.encode("utf-8")) for c in continuations) // 4 + 1
+    tokens = min(prompt, spec.context_length) + params.max_new_tokens
+    return rows * max(1, -(-tokens // max(1, limits.weight_tokens)))
 
 
 def _problem(loc: str, message: str, type_: str) -> dict[str, str]:
@@ -165,6 +189,11 @@ def _check_request(
                        problems=problems, plain=plain)
 
 
+# Tokens a continuation joined to its prompt may count more or fewer than the two apart (a token
+# merging across the seam, a space the chat template puts before an answer).
+SEAM_TOKENS = 4
+
+
 def _check_continuations(*, loc: str, item: Any, spec: ModelSpec, limits: Limits, system: str | None,
                          counter: TokenCounter | None, problems: list[dict[str, str]]) -> None:
     """Continuations to score are held to the prompt's limits: each, and all of them together, to
@@ -186,12 +215,22 @@ def _check_continuations(*, loc: str, item: Any, spec: ModelSpec, limits: Limits
         segments = render(chat_model=spec.chat, prompt=item.prompt, messages=item.messages, system=system)
     except ValueError:
         return  # the shape problems are reported elsewhere
+    room = spec.context_length
+    prompt_bound = token_upper_bound(segments)
+    prompt_tokens: int | None = None
     for n, continuation in enumerate(item.continuations):
-        joined = with_continuation(segments, continuation)
-        if token_upper_bound(joined) <= spec.context_length or counter is None:
+        if prompt_bound + len(continuation.encode("utf-8")) + 1 <= room or counter is None:
             continue  # fits for sure; or no tokenizer here, and the worker checks it exactly
-        tokens = counter.count(joined)
-        if tokens > spec.context_length:
+        # The prompt is tokenized once, each continuation alone: joined, a token may merge across
+        # the seam (a few tokens either way), so only a sum near the context is counted joined.
+        # Tokenizing the prompt again with each of 64 continuations cost 64 prompts' work.
+        if prompt_tokens is None:
+            prompt_tokens = counter.count(segments)
+        alone = prompt_tokens + counter.count([continuation])
+        if alone + SEAM_TOKENS <= room:
+            continue
+        tokens = alone if alone - SEAM_TOKENS > room else counter.count(with_continuation(segments, continuation))
+        if tokens > room:
             problems.append(_problem(f"{loc}.continuations[{n}]", f"the prompt with this continuation has {tokens} "
                                      f"tokens; it exceeds the context of {spec.name} ({spec.context_length} tokens)",
                                      "context_length_exceeded"))
@@ -269,6 +308,11 @@ class NewJob:
     @property
     def request_ids(self) -> list[str]:
         return [r["id"] for r in self.requests]
+
+    @property
+    def units(self) -> int:
+        """What the job counts against the caps: its requests' weights (``request_weight``)."""
+        return int(self.values["units"])
 
     def stamp(self) -> None:
         """A fresh job id and creation time, given when it is stored (its requests follow)."""
@@ -359,6 +403,8 @@ def prepare_job(*, spec: JobCreate, model: ModelSpec, limits: Limits, owner: str
     form = "prompts" if spec.prompts is not None else "requests"
     seen_custom_ids: dict[str, int] = {}
     resolved: list[tuple[ResolvedParams | None, dict[str, Any] | None]] = []
+    units = 0  # what the whole job counts against the caps (its requests' weights)
+    ceiling_told = False
     for i, item in enumerate(items):
         loc = f"{form}[{i}]"
         if item.params is None:
@@ -373,6 +419,16 @@ def prepare_job(*, spec: JobCreate, model: ModelSpec, limits: Limits, owner: str
             problems.append(_problem(f"{loc}.continuations", "continuations are scored by a scoring job "
                                      "(kind: score); a generation job takes none", "invalid_request"))
         resolved.append((params, params_json))
+        if params is not None:
+            own = item.params is not None
+            if (own or not ceiling_told) and params.samples * params.max_new_tokens > limits.max_request_new_tokens:
+                ceiling_told = ceiling_told or not own  # the job's own params: told once
+                problems.append(_problem(
+                    f"{loc}.params" if item.params is not None else "params",
+                    f"{params.samples} samples of up to {params.max_new_tokens} new tokens ask for more than "
+                    f"{limits.max_request_new_tokens} tokens in one request; ask for fewer samples or tokens",
+                    "too_much_work"))
+            units += request_weight(item=item, params=params, system=spec.system, spec=model, limits=limits)
         _check_request(loc=loc, item=item, spec=model, params=params, limits=limits, problems=problems,
                        system=spec.system, counter=counter)
         if item.custom_id is not None:
@@ -392,7 +448,8 @@ def prepare_job(*, spec: JobCreate, model: ModelSpec, limits: Limits, owner: str
         params=spec.params.model_dump(exclude_none=True) if spec.params else {},
         system=spec.system, total=len(items), queued=len(items), running=0, succeeded=0, failed=0,
         cancelled=0, expired=0, prompt_tokens=0, completion_tokens=0, created_at=now,
-        job_metadata=spec.metadata, priority=spec.priority, idempotency_key=idempotency_key,
+        job_metadata=spec.metadata, priority=spec.priority, units=max(units, len(items)),
+        idempotency_key=idempotency_key,
         request_hash=fingerprint, completion_window_s=window, expires_at=now + timedelta(seconds=window),
         dispatched_at=now if dispatching else None, started_at=None, completed_at=None, cancel_requested_at=None,
         webhook=initial_state(spec.webhook.url) if spec.webhook is not None else None,
@@ -540,12 +597,22 @@ def estimated_completion(*, status: str, started_at: datetime | None, done: int,
 # The capacity caps' reads (``core.capacity``), built once: they run in every submission group.
 _C = Job.__table__.c
 _ACTIVE = _C.status.in_(ACTIVE_JOB_STATUSES)
-_PENDING_FOR_MODEL = select(func.coalesce(func.sum(_C.queued), 0)).where(_C.model == bindparam("v"), _ACTIVE)
-_PENDING_FOR_OWNER = select(func.coalesce(func.sum(_C.queued + _C.running), 0)).where(_C.owner == bindparam("v"),
-                                                                                      _ACTIVE)
-_STORED_FOR_OWNER = select(func.coalesce(func.sum(_C.total), 0)).where(_C.owner == bindparam("v"))
+
+
+def _share(count: Any) -> Any:
+    """A job's units for ``count`` of its requests: its units in proportion, rounded up (exact
+    when its requests weigh alike, as nearly all jobs' do)."""
+    return (_C.units * count + _C.total - 1) / _C.total
+
+
+# The caps count requests by their weight (``request_weight``: samples and tokens), a job's
+# waiting or running part in proportion to its units.
+_PENDING_FOR_MODEL = select(func.coalesce(func.sum(_share(_C.queued)), 0)).where(_C.model == bindparam("v"), _ACTIVE)
+_PENDING_FOR_OWNER = select(func.coalesce(func.sum(_share(_C.queued + _C.running)), 0)).where(
+    _C.owner == bindparam("v"), _ACTIVE)
+_STORED_FOR_OWNER = select(func.coalesce(func.sum(_C.units), 0)).where(_C.owner == bindparam("v"))
 _SUBMITTED_SINCE = {
-    column: select(func.coalesce(func.sum(_C.total), 0)).where(_C[column] == bindparam("v"),
+    column: select(func.coalesce(func.sum(_C.units), 0)).where(_C[column] == bindparam("v"),
                                                                _C.id >= bindparam("since"))
     for column in ("model", "owner")}
 

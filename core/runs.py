@@ -50,6 +50,7 @@ class WorkItem:
     idx: int = 0
     continuations: list[str] | None = None  # a scoring request's
     prompt_ids: list[int] | None = None  # a prompt sent as token ids
+    owner: str = ""  # its job's (owners share a priority fairly in the batcher)
 
     def runnable(self, now: datetime) -> bool:
         """Waiting to run, or running on a worker that stopped renewing its lease."""
@@ -76,7 +77,7 @@ def load_work(*, session: Session | Connection, request_ids: Sequence[str]) -> l
                  messages=r.messages, system=r.system, params=params_of(r.params),
                  priority=r.priority, lease_until=r.lease_until, attempts=r.attempts, created_at=r.created_at,
                  run_id=r.run_id, run_size=r.run_size, idx=r.idx, continuations=r.continuations,
-                 prompt_ids=r.prompt_ids)
+                 prompt_ids=r.prompt_ids, owner=r.owner)
         for r in rows
     ]
 
@@ -289,7 +290,7 @@ _LOAD_WORK = (
     select(_REQUESTS.id, _REQUESTS.job_id, _JOBS.model, _REQUESTS.status, _REQUESTS.prompt, _REQUESTS.messages,
            _JOBS.system, _REQUESTS.params, _JOBS.priority, _REQUESTS.lease_until, _REQUESTS.attempts,
            _REQUESTS.created_at, _REQUESTS.run_id, _REQUESTS.run_size, _REQUESTS.idx, _REQUESTS.continuations,
-           _REQUESTS.prompt_ids)
+           _REQUESTS.prompt_ids, _JOBS.owner)
     .join(Job.__table__, _JOBS.id == _REQUESTS.job_id)
     .where(_REQUESTS.id.in_(bindparam("ids", expanding=True)))
 )

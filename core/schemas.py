@@ -271,7 +271,8 @@ class JobCreate(BaseModel):
     requests: list[RequestCreate] | None = Field(None, min_length=1)
     params: GenerationParams | None = None
     system: Text | None = Field(None, min_length=1, description="Default system prompt for chat models.")
-    priority: int = Field(5, ge=0, le=9, description="0-9; higher runs first among waiting requests.")
+    priority: int = Field(5, ge=0, le=8, description="0-8; higher runs first among waiting requests (9 is "
+                          "the lane of synchronous calls, which someone waits on).")
     metadata: dict[Text, Text] | None = Field(None, description="Up to 16 string pairs, kept with the job.")
     completion_window: str = Field("24h", description="Time to run it, e.g. 30m, 24h, 7d; what has not "
                                    "run by then expires.")

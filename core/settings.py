@@ -70,6 +70,12 @@ class Settings(BaseModel):
                                          "process; more wait their turn (503 `busy` after 30 s): parsing costs "
                                          "several times a body's size in memory.", "API", ge=1)
     max_requests_per_job: int = _setting(50_000, "Requests one job may hold.", "API", ge=1)
+    max_request_new_tokens: int = _setting(32768, "One request's samples (`n`, `best_of`) x `max_new_tokens`, at "
+                                           "most.", "Limits and quotas", ge=1)
+    request_weight_tokens: int = _setting(
+        4096, "A request unit: the caps on pending and stored work count a request once per sample (or scored "
+        "continuation) and per this many prompt + new tokens, so sixteen samples weigh sixteen short requests.",
+        "Limits and quotas", ge=1)
     max_prompt_chars: int = _setting(200_000, "Characters one prompt (or one request's messages) may hold.",
                                      "API", ge=1)
     inline_dispatch_limit: int = _setting(1_000, "Jobs with more requests than this are marked dispatched only "
@@ -87,18 +93,18 @@ class Settings(BaseModel):
     eas_model: str = _setting("", "The model PAI-EAS calls (`POST /`) run on; empty: `model`.", "API")
 
     # --- limits ---
-    max_pending_per_model: int = _setting(1_000_000, "Requests waiting per model before submissions get 429 "
-                                          "`queue_full` (0: off).", "Limits and quotas", ge=0)
-    max_pending_per_key: int = _setting(500_000, "Requests waiting or running per owner before 429 "
-                                        "`too_many_pending` (0: off).", "Limits and quotas", ge=0)
+    max_pending_per_model: int = _setting(1_000_000, "Request units waiting per model before submissions "
+                                          "get 429 `queue_full` (0: off; a unit: see `request_weight_tokens`).", "Limits and quotas", ge=0)
+    max_pending_per_key: int = _setting(500_000, "Request units waiting or running per owner before "
+                                        "429 `too_many_pending` (0: off).", "Limits and quotas", ge=0)
     rate_limit_per_minute: int = _setting(600, "Requests per key per clock minute before 429 `rate_limited` "
                                           "(0: off).", "Limits and quotas", ge=0)
     max_file_bytes_per_owner: int = _setting(2 * 1024**3, "Bytes of uploaded files per owner (413 "
                                              "`storage_quota_exceeded`; 0: off).", "Limits and quotas", ge=0)
     max_files_per_owner: int = _setting(1000, "Uploaded files per owner (429 `too_many_files`; 0: off).",
                                         "Limits and quotas", ge=0)
-    max_stored_requests_per_owner: int = _setting(10_000_000, "Requests kept in an owner's jobs of any status "
-                                                  "until deleted (429 `storage_quota_exceeded`; 0: off).",
+    max_stored_requests_per_owner: int = _setting(10_000_000, "Request units kept in an owner's jobs of any "
+                                                  "status until deleted (429 `storage_quota_exceeded`; 0: off).",
                                                   "Limits and quotas", ge=0)
     max_long_calls: int = _setting(0, "Event streams, synchronous calls and downloads one API process holds at "
                                    "once before 429 `too_many_streams`; 0: `api_connections` - 100.",

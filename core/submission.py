@@ -76,7 +76,9 @@ class Submissions:
 
     def limits(self, max_requests: int | None = None) -> job_service.Limits:
         return job_service.Limits(max_requests=max_requests or self.settings.max_requests_per_job,
-                                  max_prompt_chars=self.settings.max_prompt_chars, webhooks=self.webhooks)
+                                  max_prompt_chars=self.settings.max_prompt_chars, webhooks=self.webhooks,
+                                  max_request_new_tokens=self.settings.max_request_new_tokens,
+                                  weight_tokens=self.settings.request_weight_tokens)
 
     def dispatches_inline(self, count: int) -> bool:
         """Whether a job of ``count`` requests is stored as dispatched: small jobs are published
@@ -148,13 +150,16 @@ class Submissions:
                      webhook: WebhookCreate | None = None) -> tuple[Batch, Submitted]:
         """Store a validated batch input as a job with its batch, and hand it to the dispatcher.
         ``InvalidRequestError`` (problems by request index) if the model refuses some of it."""
+        prepared = job_service.prepare_job(spec=spec, model=model, limits=self.limits(), owner=owner,
+                                           counter=self.token_counter(model),
+                                           dispatching=self.dispatches_inline(spec.count()))
         with self.db.write() as session:
-            self.capacity.check(session=session, owner=owner, model=model.name, new=spec.count())
+            self.capacity.check(session=session, owner=owner, model=model.name, new=prepared.units)
+            prepared.stamp()  # its id and time from inside the transaction, as the group commit does
             batch, job, request_ids = batch_service.create_batch(
                 session=session, owner=owner, input_file_id=input_file_id, endpoint=endpoint,
                 completion_window=completion_window, metadata=metadata, spec=spec, model=model,
-                limits=self.limits(), counter=self.token_counter(model),
-                dispatching=self.dispatches_inline(spec.count()), webhook=webhook)
+                limits=self.limits(), webhook=webhook, prepared=prepared)
         log.info("batch accepted: %d requests", len(request_ids), extra={"job_id": job.id})
         self._dispatch_later(job, request_ids)
         return batch, Submitted(job, request_ids)

@@ -50,6 +50,10 @@ class Base(DeclarativeBase):
     pass
 
 
+# A job in these statuses may still change (requests to run, or running requests to end).
+ACTIVE_JOB_STATUSES = ("queued", "running", "cancelling")
+
+
 class Job(Base):
     """A submitted job; its counters move in the same transactions as its requests."""
 
@@ -63,6 +67,9 @@ class Job(Base):
     # Named job_metadata in Python: "metadata" is taken by SQLAlchemy's declarative base.
     job_metadata: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON)
     priority: Mapped[int] = mapped_column(Integer, default=5)
+    # What it counts against the caps: its requests' weights (core.jobs.request_weight: samples
+    # and tokens), at least one a request.
+    units: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_hash: Mapped[str | None] = mapped_column(String(64))
     completion_window_s: Mapped[int] = mapped_column(Integer, default=86400)

@@ -54,7 +54,7 @@ from sqlalchemy.orm import Session
 
 from core.db import Database, connection_of
 from core.ids import new_id
-from core.tables import Batch, Job, UTCDateTime, WebhookEvent, utcnow
+from core.tables import ACTIVE_JOB_STATUSES, Batch, Job, UTCDateTime, WebhookEvent, utcnow
 
 log = logging.getLogger("batchgen.webhooks")
 
@@ -155,11 +155,13 @@ class AllowList:
         return self.any_name or bool(self.names or self.suffixes or self.networks)
 
     def _exact(self, host: str) -> bool:
-        """Whether the operator named ``host`` itself (a name, or an address in a network entry)."""
+        """Whether the operator named ``host`` itself: a name, or a single address (a network
+        entry of more than one address is held to the ports, as a wildcard is)."""
         literal = _literal(host)
         if literal is None:
             return host in self.names
-        return any(literal in net for net in self.networks if net.version == literal.version)
+        return any(literal in net for net in self.networks
+                   if net.version == literal.version and net.num_addresses == 1)
 
     def permits_name(self, host: str, port: int | None = None) -> bool:
         """Whether a URL may name ``host`` (a literal address: whether some entry may cover it),
@@ -168,8 +170,9 @@ class AllowList:
             return True
         if port is not None and port not in self.ports:
             return False
-        if _literal(host) is not None:
-            return self.any_name
+        literal = _literal(host)
+        if literal is not None:
+            return self.any_name or any(literal in net for net in self.networks if net.version == literal.version)
         if host == "localhost" or host.endswith(".localhost"):  # loopback by definition (RFC 6761)
             return False
         return self.any_name or any(host.endswith("." + suffix) for suffix in self.suffixes)
@@ -367,9 +370,17 @@ def enqueue_batch_event(session: Session, batch: Batch, now: datetime) -> None:
 
 
 def pending_events(conn: Session | Connection, owner: str) -> int:
-    """How many of the owner's events wait to be sent (the API's cap on an owner's backlog)."""
-    return int(conn.execute(select(func.count()).where(_EVENTS.c.owner == owner,
-                                                        _EVENTS.c.status == "pending")).scalar_one())
+    """How many of the owner's events wait to be sent, and will be: its pending events and its
+    jobs and batches that have not ended and name a webhook (the API's cap on an owner's
+    backlog; counting only events written, a tenant could submit any number of such jobs first
+    and cancel them all at once)."""
+    events = select(func.count()).where(_EVENTS.c.owner == owner, _EVENTS.c.status == "pending")
+    jobs = select(func.count()).where(_JOBS.owner == owner, _JOBS.status.in_(ACTIVE_JOB_STATUSES),
+                                      _JOBS.webhook.is_not(None))
+    b = Batch.__table__.c
+    batches = select(func.count()).where(b.owner == owner, b.status.in_(("validating", "in_progress", "cancelling")),
+                                         b.webhook.is_not(None))
+    return sum(int(conn.execute(q).scalar_one()) for q in (events, jobs, batches))
 
 
 def purge(*, session: Session | Connection, older_than: datetime, limit: int = 1000) -> int:
@@ -560,24 +571,40 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
 
 _lookups: ThreadPoolExecutor | None = None
 _lookups_lock = threading.Lock()
+_looking: dict[str, int] = {}  # lookups still running, by owner (those a send gave up on too)
+LOOKUP_THREADS = 16
+LOOKUPS_PER_OWNER = 2
 
 
-def _lookup(host: str, port: int, timeout_s: float) -> list[Any]:
-    """``getaddrinfo`` within ``timeout_s`` (a resolver can be made as slow as its owner likes; the
-    lookup goes on in its thread, the send does not wait for it)."""
+def _lookup(host: str, port: int, timeout_s: float, owner: str = "") -> list[Any]:
+    """``getaddrinfo`` within ``timeout_s``. A resolver can be made as slow as its owner likes,
+    and a lookup cannot be stopped: it goes on in its thread while the send goes on without it.
+    So one owner has at most ``LOOKUPS_PER_OWNER`` lookups running (its next send fails at once,
+    as its own resolver's doing), and a tenant whose name server never answers cannot take the
+    threads every other tenant's lookups need."""
     global _lookups
     with _lookups_lock:
         if _lookups is None:  # made on first use: under gevent, after the process was patched
-            _lookups = ThreadPoolExecutor(4, thread_name_prefix="webhook-dns")
+            _lookups = ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="webhook-dns")
+        if _looking.get(owner, 0) >= LOOKUPS_PER_OWNER:
+            raise OSError(f"{LOOKUPS_PER_OWNER} lookups of this owner's hosts are still running")
+        _looking[owner] = _looking.get(owner, 0) + 1
+
+    def done(_: Any) -> None:
+        with _lookups_lock:
+            _looking[owner] -= 1
+            if not _looking[owner]:
+                del _looking[owner]
+
     future = _lookups.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+    future.add_done_callback(done)
     try:
         return future.result(timeout=max(0.0, timeout_s))
     except FuturesTimeout:
-        future.cancel()
         raise OSError(f"no answer from the resolver within {timeout_s:.3g} s") from None
 
 
-def resolve(target: Target, allow: AllowList, timeout_s: float = 10.0) -> list[str]:
+def resolve(target: Target, allow: AllowList, timeout_s: float = 10.0, owner: str = "") -> list[str]:
     """The addresses to call ``target`` at; ``PermissionError`` if the allow-list forbids the host,
     its port or any address it resolves to.
 
@@ -594,7 +621,7 @@ def resolve(target: Target, allow: AllowList, timeout_s: float = 10.0) -> list[s
         found = [literal]
     else:
         try:
-            infos = _lookup(target.host, target.port, timeout_s)
+            infos = _lookup(target.host, target.port, timeout_s, owner)
         except OSError as exc:
             log.warning("webhook refused: cannot resolve %s (%s)", target.host, exc)
             raise unreachable from None
@@ -614,7 +641,7 @@ def send(event: Taken, *, allow: AllowList, timeout_s: float, now: float | None 
     late = f"no answer within {timeout_s:g} s"
     try:
         target = parse_url(event.url)
-        addresses = resolve(target, allow, timeout_s)
+        addresses = resolve(target, allow, timeout_s, event.owner)
     except (ValueError, PermissionError) as exc:
         return Attempt(error=str(exc))
     except Exception as exc:  # whatever it is, it is this attempt's outcome, never a lost one

@@ -170,12 +170,16 @@ def tokenize() -> dict[str, Any]:
     req = validated(TokenizeRequest, _bounded_body())
     spec = _model(req.model)
     tokenizer, longest = _loaded(spec)
-    # Bounded by the context: a text longer than this cannot fit it, whatever it tokenizes to.
-    limit = min(services().settings.max_prompt_chars, spec.context_length * longest)
+    # Bounded by the context: a text longer than this cannot fit it, whatever it tokenizes to
+    # (twice the longest token a position: a normalizer may drop characters before tokenizing).
+    by_context = 2 * spec.context_length * longest
+    limit = min(services().settings.max_prompt_chars, by_context)
     if len(req.prompt) > limit:
-        raise ApiError(400, "prompt_too_long", f"prompt is longer than {limit} characters: more than the "
-                       f"{spec.context_length} tokens of {spec.name}'s context, however it is tokenized")
-    encoded = _off_the_loop(partial(tokenizer.encode, req.prompt, add_special_tokens=req.add_special_tokens))
+        why = (f"more than the {spec.context_length} tokens of {spec.name}'s context, however it is tokenized"
+               if limit == by_context else "BATCHGEN_MAX_PROMPT_CHARS")
+        raise ApiError(400, "prompt_too_long", f"prompt is longer than {limit} characters ({why})")
+    # encode_batch: the Rust tokenizer lets go of the GIL there, so the loop's thread runs on.
+    [encoded] = _off_the_loop(partial(tokenizer.encode_batch, [req.prompt], add_special_tokens=req.add_special_tokens))
     ids = list(encoded.ids)
     return TokenizeRead(count=len(ids), max_model_len=spec.context_length, tokens=ids).model_dump(mode="json")
 
@@ -192,5 +196,5 @@ def detokenize() -> dict[str, Any]:
     bad = [i for i in req.tokens if not 0 <= i < size]
     if bad:
         raise ApiError(400, "invalid_request", f"token {bad[0]} is not in the vocabulary (0 to {size - 1})")
-    text = _off_the_loop(partial(tokenizer.decode, req.tokens, skip_special_tokens=False))
+    [text] = _off_the_loop(partial(tokenizer.decode_batch, [req.tokens], skip_special_tokens=False))
     return DetokenizeRead(prompt=text).model_dump(mode="json")

@@ -299,7 +299,8 @@ class Batcher:
             cost = (enc.length + item.params.max_new_tokens) * item.params.samples  # each sample is a row
             key = item.params.sampling_key()  # (a retried one, attempts > 0, runs alone: see _schedule_loop)
             fresh.append(Pending(enc, key, enc.length, cost, now, item.priority,
-                                 interactive=item.params.delivery != "store", retried=item.attempts > 0))
+                                 interactive=item.params.delivery != "store", retried=item.attempts > 0,
+                                 owner=item.owner))
         with self._cond:
             waiting = dict(self._plan.groups)
             group_shared_prefixes(fresh, waiting)

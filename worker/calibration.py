@@ -101,12 +101,11 @@ class Choice:
         """Why a worker could not run with this choice (read from a cache file anyone with access
         to the disk may have edited): empty when it can."""
         found = []
-        for name in ("inter_threads", "max_batch_size", "max_batch_tokens"):
+        for name, low, high in (("inter_threads", 1, 1024), ("intra_threads", 0, 1024), ("max_batch_size", 1, 65536),
+                                ("max_batch_tokens", 1, 1 << 26)):
             value = getattr(self, name)
-            if type(value) is not int or value < 1:
-                found.append(f"{name} is {value!r}, not a whole number of at least 1")
-        if type(self.intra_threads) is not int or self.intra_threads < 0:
-            found.append(f"intra_threads is {self.intra_threads!r}, not a whole number of at least 0")
+            if type(value) is not int or not low <= value <= high:
+                found.append(f"{name} is {value!r}, not a whole number from {low} to {high}")
         if not isinstance(self.compute_type, str) or self.compute_type not in COMPUTE_TYPES:
             found.append(f"compute_type {self.compute_type!r} is not one of CTranslate2's")
         for name in ("tokens_per_s", "batch_seconds"):
@@ -272,12 +271,17 @@ def load_cached(cache_dir: Path, key: dict[str, Any]) -> Calibration | None:
         found = Calibration.from_json(path.read_text())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        log.warning("the cached calibration %s cannot be read (%s): measuring again", path, exc)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        log.warning("the cached calibration %s cannot be read (%s): measuring again", path, type(exc).__name__)
         return None
     if found.key != key:
         return None
-    problems = found.choice.problems()
+    problems = found.choice.problems() + [
+        f"trial {n} holds {t!r}" for n, t in enumerate(found.trials)
+        if not all(type(getattr(t, f)) is int and getattr(t, f) >= 0 for f in (
+            "inter_threads", "intra_threads", "prompt_tokens", "new_tokens", "batch_size", "batches"))
+        or not all(type(getattr(t, f)) in (int, float) and math.isfinite(getattr(t, f)) and getattr(t, f) >= 0
+                   for f in ("seconds", "tokens_per_s"))]
     if problems:
         log.warning("the cached calibration %s is not valid (%s): measuring again", path, "; ".join(problems))
         return None

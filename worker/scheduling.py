@@ -81,6 +81,7 @@ class Pending:
     # per batch, so counted once in a batch's tokens, not in ``cost``.
     shared: int = 0
     waiting: bool = True  # still in the plan
+    owner: str = ""  # its job's: owners share a priority fairly (see ``Plan.served``)
 
 
 
@@ -88,13 +89,21 @@ def _order(p: Pending) -> tuple[int, float]:
     return p.length, p.arrived
 
 
+Batch = tuple[list[Pending], bool, tuple[int, int], frozenset[str]]  # requests, full, rank, owners
+
+
 @dataclass
 class _Cut:
     """A group's batches as ``chunks`` cut them, each with its rank (highest priority, then
-    tokens), for the limits they were cut with."""
+    tokens) and its owners, for the limits they were cut with."""
 
     limits: tuple[int, int, int, float]
-    batches: list[tuple[list[Pending], bool, tuple[int, int]]]
+    batches: list[Batch]
+
+
+# How fast what an owner was served is forgotten: each batch that leaves multiplies every owner's
+# count by this (half of it is forgotten after about 20 batches).
+SERVED_DECAY = 0.966
 
 
 class Plan:
@@ -107,6 +116,10 @@ class Plan:
         self._cuts: dict[tuple[Any, ...], _Cut] = {}
         self._count = 0
         self.interactive = 0  # synchronous calls waiting (someone waits on them now)
+        # Work (prompt + new tokens, per sample) each owner had run lately, decayed: at equal
+        # priority the batch of the owner served least goes first, so one tenant's flood does not
+        # hold another's few requests behind it until they starve.
+        self.served: dict[str, float] = {}
         for p in pending:
             self.add(p)
 
@@ -134,6 +147,13 @@ class Plan:
                     cut.batches = kept
                 else:
                     del self._cuts[key]
+        served = self.served
+        for owner in list(served):
+            served[owner] *= SERVED_DECAY
+            if served[owner] < 0.01:
+                del served[owner]
+        for p in batch:
+            served[p.owner] = served.get(p.owner, 0.0) + p.cost  # the device's work: samples x tokens
         for p in batch:
             group = self.groups[p.key]
             group.remove(p)
@@ -168,16 +188,23 @@ class Plan:
             self._arrivals.popleft()
         return self._arrivals[0]
 
-    def batches(self, key: tuple[Any, ...], policy: BatchPolicy) -> list[tuple[list[Pending], bool, tuple[int, int]]]:
-        """The group's batches (batch, full, rank), cut once per change of the group or limits."""
+    def batches(self, key: tuple[Any, ...], policy: BatchPolicy) -> list[Batch]:
+        """The group's batches (batch, full, rank, owners), cut once per change of the group or
+        limits."""
         limits = (policy.max_batch_size, policy.max_batch_tokens, policy.length_slack_tokens,
                   policy.length_slack_ratio)
         cut = self._cuts.get(key)
         if cut is None or cut.limits != limits:
             cut = self._cuts[key] = _Cut(limits, [
-                (batch, full, (max(p.priority for p in batch), sum(p.cost for p in batch)))
+                (batch, full, (max(p.priority for p in batch), sum(p.cost for p in batch)),
+                 frozenset(p.owner for p in batch))
                 for batch, full in chunks(self.groups[key], policy)])
         return cut.batches
+
+    def share(self, owners: frozenset[str]) -> float:
+        """How much the least served of these owners had run lately."""
+        served = self.served
+        return min(served.get(o, 0.0) for o in owners) if served else 0.0
 
 
 # Requests that arrive together and share at least this many leading tokens (at least
@@ -300,7 +327,8 @@ def select_batch(pending: Plan | Sequence[Pending], *, now: float, device_idle: 
     burst of requests is ``arriving``; or once the oldest request has waited ``max_wait_ms``
     (stretched up to ``burst_wait_factor`` times while a burst arrives, so it fills batches
     instead of leaving in fragments). *What* to start: the batch holding the highest job
-    priority, and among those the largest (prompt + new tokens), since longest first keeps the
+    priority; among those, the one of the owner served least lately (``Plan.served``: owners
+    share a priority fairly); then the largest (prompt + new tokens), since longest first keeps the
     device's replicas finishing together -- unless the oldest
     request has waited ``starvation_ms``, then its batch goes first whatever its size. When the
     last batch would leave replicas idle (``free_slots`` > 1, nothing else waiting, no burst
@@ -311,15 +339,16 @@ def select_batch(pending: Plan | Sequence[Pending], *, now: float, device_idle: 
     waited = now - oldest.arrived
     max_wait, idle_wait, burst_wait = policy.waits()
     wait_s = burst_wait if arriving else max_wait
-    largest: tuple[tuple[int, int], list[Pending]] | None = None
+    largest: tuple[tuple[int, float, int], list[Pending]] | None = None
     any_full = False
     count = 0
     for key in plan.groups:
-        for batch, full, rank in plan.batches(key, policy):
+        for batch, full, (priority, tokens), owners in plan.batches(key, policy):
             count += 1
             if key == oldest.key and waited * 1000 >= policy.starvation_ms and any(p is oldest for p in batch):
                 return batch, 0.0, "starved"
             any_full = any_full or full
+            rank = (priority, -plan.share(owners), tokens)  # at equal priority, the least served owner first
             if largest is None or rank > largest[0]:
                 largest = (rank, batch)
     assert largest is not None

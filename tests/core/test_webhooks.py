@@ -113,8 +113,10 @@ def test_a_wildcard_host_is_called_on_web_ports_only_an_exact_one_on_any():
     suffix = AllowList.parse("*.example.com", "80,443,8443")
     assert check_url("https://a.example.com:8443/", suffix) is None and check_url("https://a.example.com:22/", suffix)
     exact = AllowList.parse("*, hooks.internal, 127.0.0.1, 10.0.0.0/8")
-    for url in ("http://hooks.internal:6379/", "http://127.0.0.1:9/", "http://10.1.2.3:8080/"):
+    for url in ("http://hooks.internal:6379/", "http://127.0.0.1:9/", "http://10.1.2.3/"):
         assert check_url(url, exact) is None, url
+    # A network entry is a range, not a host named exactly: held to the ports (its database's 5432 too).
+    assert "port" in check_url("http://10.1.2.3:5432/", exact)
     with pytest.raises(ValueError):
         AllowList.parse("*", "80,http")
     # Checked again at each send: a port refused there sends nothing.
@@ -173,7 +175,7 @@ def test_a_receiver_that_trickles_its_tls_handshake_is_cut_off_at_the_timeout():
     took = time.monotonic() - started
     stop.set()
     server.close()
-    assert attempt.status_code is None and "no answer within 1.5 s" in attempt.error and took < 3, (attempt, took)
+    assert attempt.status_code is None and "no answer within 1.5 s" in attempt.error and took < 5, (attempt, took)
 
 
 GEVENT_SEND = """
@@ -211,7 +213,7 @@ def test_under_gevent_a_trickled_handshake_is_cut_off_too():
     done = subprocess.run([sys.executable, "-c", GEVENT_SEND], cwd=root, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert "no answer within 1.5 s" in result["error"] and result["took"] < 3, result
+    assert "no answer within 1.5 s" in result["error"] and result["took"] < 5, result  # not the trickle's 30 s
 
 
 def _loopback_name() -> str:

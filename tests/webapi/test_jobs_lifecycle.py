@@ -70,11 +70,14 @@ def test_a_seed_is_accepted_as_best_effort(client):
 
 def test_higher_priority_jobs_are_queued_ahead(app, client, settings):
     low = client.post("/v1/jobs", json={**TINY, "priority": 1}).get_json()
-    high = client.post("/v1/jobs", json={**TINY, "priority": 9}).get_json()
+    high = client.post("/v1/jobs", json={**TINY, "priority": 8}).get_json()
     app.extensions["batchgen"].dispatcher.wait_idle()  # published by the dispatcher's thread
     ids = queued_request_ids(settings, "tiny-chat")
     page = lambda j: [r["id"] for r in client.get(f"/v1/jobs/{j['id']}/results").get_json()["data"]]  # noqa: E731
     assert ids == page(high) + page(low)
+    # 9 is the synchronous calls' lane (someone waits on those): a job cannot take it.
+    refused = client.post("/v1/jobs", json={**TINY, "priority": 9})
+    assert refused.status_code == 422 and refused.get_json()["error"]["details"][0]["loc"] == "priority"
 
 
 def test_cancel_before_anything_ran(client):
@@ -133,6 +136,32 @@ def test_capacity_limits_answer_429_with_retry_after(make_settings, sqlite_url):
     assert client.post("/v1/jobs", json={"model": "tiny-base", "prompts": list("ab")}).status_code == 202
     busy = client.post("/v1/jobs", json={"model": "tiny-base", "prompts": ["a"]})  # 5 > 4 for the key
     assert busy.status_code == 429 and busy.get_json()["error"]["code"] == "too_many_pending"
+
+
+def test_caps_weigh_a_request_by_its_samples_and_tokens(make_settings, sqlite_url):
+    """A request of 16 samples (or 64 scored continuations) was one request to every cap: a key
+    allowed 20 pending requests could queue 20 x 16 samples. Each sample, and each
+    ``request_weight_tokens`` of prompt + new tokens, counts now."""
+    from webapi import create_app
+
+    app = create_app(make_settings(sqlite_url, max_pending_per_key=20, request_weight_tokens=64,
+                                   max_request_new_tokens=128, rate_limit_per_minute=0))
+    client = authed(app, make_key(sqlite_url))
+    sixteen = client.post("/v1/jobs", json={"model": "tiny", "prompts": ["a"], "params": {"n": 16,
+                                                                                       "max_new_tokens": 8}})
+    assert sixteen.status_code == 202, sixteen.get_json()
+    again = client.post("/v1/jobs", json={"model": "tiny", "prompts": ["a"], "params": {"n": 8, "max_new_tokens": 8}})
+    assert again.status_code == 429 and again.get_json()["error"]["code"] == "too_many_pending"  # 16 + 8 > 20
+    assert client.post("/v1/jobs", json={"model": "tiny", "prompts": list("abcd")}).status_code == 202  # 16 + 4
+    # Tokens count too: about 76 prompt tokens (300 bytes) and 8 new ones are two units of 64.
+    other = authed(app, make_key(sqlite_url, owner="bob"))
+    assert other.post("/v1/jobs", json={"model": "tiny", "prompts": ["word " * 60] * 10}).status_code == 202
+    assert other.post("/v1/jobs", json={"model": "tiny", "prompts": ["word " * 60]}).status_code == 429  # 20 + 2
+    assert other.post("/v1/jobs", json={"model": "tiny", "prompts": ["short"]}).status_code == 429  # 20 + 1
+    # One request's samples x max_new_tokens has a ceiling.
+    carol = authed(app, make_key(sqlite_url, owner="carol"))
+    heavy = carol.post("/v1/jobs", json={"model": "tiny", "prompts": ["a"], "params": {"n": 16, "max_new_tokens": 9}})
+    assert heavy.status_code == 422 and heavy.get_json()["error"]["details"][0]["type"] == "too_much_work"
 
 
 def test_rate_limit_per_key_answers_429(make_settings, sqlite_url):

@@ -184,7 +184,7 @@ def test_results_read_lean_equal_the_pydantic_model_in_every_state(db: Database)
 # --- OpenAI batches and files ---------------------------------------------------------------
 
 
-def reference_batch(batch: Batch, job: Job | None, *, created: bool = False) -> dict:
+def reference_batch(batch: Batch, job: Job | None, *, created: bool = False, secret: str | None = None) -> dict:
     """The batch as ``BatchRead`` from the ORM objects (what the API answered before the lean reads)."""
     counts = {"total": 0, "completed": 0, "failed": 0}
     tokens = None
@@ -195,7 +195,7 @@ def reference_batch(batch: Batch, job: Job | None, *, created: bool = False) -> 
                   "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}
     webhook = None
     if batch.webhook is not None:
-        webhook = {**batch.webhook, "secret": batch.webhook_secret if created else None}
+        webhook = {**batch.webhook, "secret": (secret or batch.webhook_secret) if created else None}
         for name in ("last_attempt_at", "next_attempt_at", "delivered_at"):
             if webhook.get(name) is not None:
                 webhook[name] = int(datetime.fromisoformat(webhook[name]).timestamp())
@@ -222,11 +222,13 @@ def test_batches_and_files_read_lean_equal_the_pydantic_models(db: Database):
             session=s, owner="alice", input_file_id=upload.id, endpoint="/v1/chat/completions",
             completion_window="24h", metadata={"team": "x"}, spec=spec, model=MODEL, limits=LIMITS, webhook=hook)
         created = (batches.batch_fields(running, job), reference_batch(running, job, created=True))
-        failed = batches.create_failed_batch(
+        failed, secret = batches.create_failed_batch(
             session=s, owner="alice", input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h",
             metadata=None, errors=[{"code": "invalid_json", "line": 2, "message": "not JSON", "param": None}],
             webhook=hook)
-        failed_created = (batches.batch_fields(failed, None), reference_batch(failed, None, created=True))
+        assert failed.webhook_secret is None and secret.startswith("whsec_")  # the key went to its event
+        failed_created = (batches.batch_fields(failed, None, secret),
+                          reference_batch(failed, None, created=True, secret=secret))
         done, done_job, done_ids = batches.create_batch(
             session=s, owner="alice", input_file_id=upload.id, endpoint="/v1/completions", completion_window="1h",
             metadata=None, spec=spec, model=MODEL, limits=LIMITS)

@@ -228,5 +228,19 @@ def test_a_cached_choice_a_worker_cannot_run_with_is_not_taken(tmp_path):
         data["choice"][field] = bad
         path.write_text(json.dumps(data))
         assert cal.load_cached(tmp_path, key) is None, (field, bad)
-    path.write_text("{not json")
+    for field, bad in (("inter_threads", 100_000), ("max_batch_size", 10**9)):
+        data = json.loads(good.to_json())
+        data["choice"][field] = bad
+        path.write_text(json.dumps(data))
+        assert cal.load_cached(tmp_path, key) is None, (field, bad)
+    trial = cal.Trial("int8", 1, 2, 32, 32, 8, 1, 0.5, 100.0)
+    data = json.loads(cal.Calibration(key=key, trials=[trial], choice=good.choice, seconds=1.0,
+                                      measured_at="x").to_json())
+    path.write_text(json.dumps(data))
+    assert cal.load_cached(tmp_path, key) is not None
+    data["trials"][0]["batch_size"] = "eight"
+    path.write_text(json.dumps(data))
     assert cal.load_cached(tmp_path, key) is None
+    for text in ("{not json", "[" * 100_000 + "]" * 100_000):
+        path.write_text(text)
+        assert cal.load_cached(tmp_path, key) is None

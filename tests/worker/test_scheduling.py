@@ -116,3 +116,36 @@ def test_a_late_request_sharing_less_lowers_what_its_waiting_group_is_counted_to
     assert changed == {first[0].key} and late.key == first[0].key
     assert {p.shared for p in first + [late]} == {100}
     assert all(p.cost == p.length + 3 - 100 for p in first + [late])
+
+
+def owned(length: int, arrived: float, owner: str, priority: int = 5) -> Pending:
+    p = pending(length, arrived, priority=priority)
+    p.owner = owner
+    return p
+
+
+def drain(plan: Plan) -> list[set[str]]:
+    order = []
+    while len(plan):
+        batch, _, _ = select_batch(plan, now=1.0, device_idle=True, policy=POLICY)
+        assert batch is not None
+        plan.take(batch)
+        order.append({p.owner for p in batch})
+    return order
+
+
+def test_owners_share_a_priority_fairly():
+    """Largest first alone left one owner's short request behind another's flood until it starved
+    (30 s): at equal priority the least served owner now goes next."""
+    plan = Plan()
+    for i in range(64):  # alice: eight full batches
+        plan.add(owned(100 + i, 0.0, "alice"))
+    plan.add(owned(10, 0.5, "bob"))  # a short one, later: a batch of its own, the smallest
+    order = drain(plan)
+    assert order.index({"bob"}) == 1, order  # right after alice's first batch, not after all eight
+    # Priority still comes first: a higher-priority flood runs before a lower-priority request.
+    plan = Plan()
+    for i in range(24):
+        plan.add(owned(100 + i, 0.0, "alice", priority=7))
+    plan.add(owned(10, 0.5, "bob", priority=5))
+    assert drain(plan)[-1] == {"bob"}

@@ -166,11 +166,11 @@ def create_batch() -> dict[str, Any]:
         else:
             return serving.batch_view(batch_service.batch_fields(batch, done.job), created=True)
     with svc.db.write() as session:
-        batch = batch_service.create_failed_batch(
+        batch, secret = batch_service.create_failed_batch(
             session=session, owner=principal.owner, input_file_id=input_file_id, endpoint=req.endpoint,
             completion_window=req.completion_window, metadata=req.metadata, errors=errors, webhook=req.webhook)
     log.info("batch failed validation with %d errors", len(errors))
-    return serving.batch_view(batch_service.batch_fields(batch, None), created=True)
+    return serving.batch_view(batch_service.batch_fields(batch, None, secret), created=True)
 
 
 def _view(batch_id: str, owner: str | None) -> dict[str, Any]:
