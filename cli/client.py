@@ -52,6 +52,9 @@ def default_server() -> str:
 def webhook_secret(args: Any) -> str | None:
     """A webhook key of the user's: from ``--webhook-secret-file``, else ``BATCHGEN_WEBHOOK_SECRET``
     (a key on the command line would show in ``ps`` to every user of the machine)."""
+    if getattr(args, "webhook_secret_flag", None):
+        raise CliError("--webhook-secret is not taken: a key on the command line shows in `ps`; put it in a file "
+                       "(--webhook-secret-file) or BATCHGEN_WEBHOOK_SECRET")
     path = getattr(args, "webhook_secret_file", None)
     if path:
         try:

@@ -272,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long it may take before what is left expires, e.g. 1h, 24h (default 24h)")
     p.add_argument("--webhook", metavar="URL", help="a URL told, signed, when the job ends; its signing secret "
                    "is printed on stderr, once")
+    p.add_argument("--webhook-secret", dest="webhook_secret_flag", help=argparse.SUPPRESS)  # refused, with why
     p.add_argument("--webhook-secret-file", dest="webhook_secret_file", metavar="PATH",
                    help="sign the webhook's events with the key of yours in this file (whsec_...) instead of a "
                    "new one; or set BATCHGEN_WEBHOOK_SECRET (never on the command line: `ps` shows it)")

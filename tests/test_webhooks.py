@@ -87,7 +87,7 @@ def test_a_job_webhook_is_retried_until_delivered_signed_and_visible_on_the_job(
 
 def test_a_cancelled_job_is_told_and_a_receiver_that_never_answers_2xx_ends_failed(stack):
     api, _, sdk = stack
-    with Receiver(answers=(500, 404, 503, 500)) as receiver:
+    with Receiver(answers=(500, 429, 503, 500)) as receiver:  # answers worth retrying (a 404 is final)
         resp = api.http.post(f"{api.url}/v1/jobs", json={
             "model": "tiny-chat", "prompts": ["Hi"] * 3, "completion_window": "1h",
             "webhook": {"url": receiver.url}}, timeout=30)
