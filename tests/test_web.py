@@ -220,19 +220,23 @@ def test_a_server_busy_with_streams_still_shows_progress_by_polling(page, served
     expect(page.locator("#error-details")).to_contain_text("retry after 2 s")  # from Retry-After
 
 
-def test_a_submit_before_the_model_list_arrives_waits_for_it(page, served):
-    """Submit is disabled until the model list is in, so a click waits for it. Before, a click on
-    the form while the (required) model list was still empty was swallowed by the browser's own
-    check and nothing happened: CI saw it once as a flaky test of the error display."""
-    _, _, _, token = served
-    sign_in(page, token)
-    # The browser holds the model list back for 1.5 s (the test itself goes on at once).
+def hold_back_the_model_list(page) -> None:  # type: ignore[no-untyped-def]
+    """The browser holds the model list back for 1.5 s (the test itself goes on at once)."""
     page.evaluate("""() => {
         const real = window.fetch;
         window.fetch = (url, ...rest) => String(url).includes("/v1/models")
             ? new Promise((ok) => setTimeout(ok, 1500)).then(() => real(url, ...rest))
             : real(url, ...rest);
     }""")
+
+
+def test_a_submit_before_the_model_list_arrives_waits_for_it(page, served):
+    """Submit is disabled until the model list is in, so a click waits for it. Before, a click on
+    the form while the (required) model list was still empty was swallowed by the browser's own
+    check and nothing happened: CI saw it once as a flaky test of the error display."""
+    _, _, _, token = served
+    sign_in(page, token)
+    hold_back_the_model_list(page)
     page.click("a[data-nav=submit]")
     page.fill("#submit-prompts", "a prompt")
     page.fill("input[name=max_new_tokens]", "100000")
@@ -329,12 +333,7 @@ def test_a_chat_sent_before_the_model_list_arrives_waits_for_it(page, served):
     it as a flaky test of the busy server's 429."""
     _, _, _, token = served
     sign_in(page, token)
-    page.evaluate("""() => {
-        const real = window.fetch;
-        window.fetch = (url, ...rest) => String(url).includes("/v1/models")
-            ? new Promise((ok) => setTimeout(ok, 1500)).then(() => real(url, ...rest))
-            : real(url, ...rest);
-    }""")
+    hold_back_the_model_list(page)
     page.click("a[data-nav=play]")
     page.fill("#play-max", "4")
     page.fill("#play-input", "Hello there")

@@ -8,7 +8,6 @@ import ipaddress
 import json
 import socket
 from datetime import timedelta
-from typing import Any
 
 import openai
 import pytest
@@ -139,8 +138,10 @@ def test_a_name_that_does_not_resolve_and_one_that_is_internal_read_the_same():
     assert "resolve" in internal.error
 
 
-def _trickling_tls_server() -> tuple[socket.socket, Any]:
-    """A server that takes the TLS ClientHello, then answers its handshake a byte every 0.3 s."""
+def send_to_a_trickler(scheme: str, answer: bytes, every_s: float) -> tuple[Attempt, float]:
+    """Send an event, with a 1.5 s timeout, to a server that takes what the client sends first (a
+    request, a TLS ClientHello), then answers ``answer`` a byte every ``every_s`` seconds; returns
+    the attempt and how long it took."""
     import threading
     import time
 
@@ -150,55 +151,38 @@ def _trickling_tls_server() -> tuple[socket.socket, Any]:
     def trickle() -> None:
         conn, _ = server.accept()
         conn.recv(65536)
-        for byte in b"\x16\x03\x03\x40\x00" + b"\x02" * 200:  # a handshake record, slowly
-            if stop.wait(0.3):
+        for byte in answer:
+            if stop.wait(every_s):
                 break
             try:
                 conn.sendall(bytes([byte]))
             except OSError:
                 break
         conn.close()
-        time.sleep(0)
 
     threading.Thread(target=trickle, daemon=True).start()
-    return server, stop
+    event = webhooks.Taken("evt_t", "job_t", f"{scheme}://127.0.0.1:{server.getsockname()[1]}/", webhooks.new_secret(),
+                           "{}", 0)
+    started = time.monotonic()
+    try:
+        attempt = webhooks.send(event, allow=AllowList.parse("127.0.0.1"), timeout_s=1.5)
+        return attempt, time.monotonic() - started
+    finally:
+        stop.set()
+        server.close()
 
 
 def test_a_receiver_that_trickles_its_tls_handshake_is_cut_off_at_the_timeout():
-    import time
-
-    server, stop = _trickling_tls_server()
-    event = webhooks.Taken("evt_h", "job_h", f"https://127.0.0.1:{server.getsockname()[1]}/", webhooks.new_secret(),
-                           "{}", 0)
-    started = time.monotonic()
-    attempt = webhooks.send(event, allow=AllowList.parse("127.0.0.1"), timeout_s=1.5)
-    took = time.monotonic() - started
-    stop.set()
-    server.close()
+    attempt, took = send_to_a_trickler("https", b"\x16\x03\x03\x40\x00" + b"\x02" * 200, 0.3)  # a handshake record
     assert attempt.status_code is None and "no answer within 1.5 s" in attempt.error and took < 5, (attempt, took)
 
 
 GEVENT_SEND = """
 from gevent import monkey; monkey.patch_all()
-import json, socket, sys, threading, time
-from core import webhooks
-from core.webhooks import AllowList
-server = socket.create_server(("127.0.0.1", 0))
-def trickle():
-    conn, _ = server.accept()
-    conn.recv(65536)
-    for byte in b"\\x16\\x03\\x03\\x40\\x00" + b"\\x02" * 100:
-        time.sleep(0.3)
-        try:
-            conn.sendall(bytes([byte]))
-        except OSError:
-            break
-    conn.close()
-threading.Thread(target=trickle, daemon=True).start()
-event = webhooks.Taken("evt_g", "job_g", f"https://127.0.0.1:{server.getsockname()[1]}/", webhooks.new_secret(), "{}", 0)
-started = time.monotonic()
-attempt = webhooks.send(event, allow=AllowList.parse("127.0.0.1"), timeout_s=1.5)
-print(json.dumps({"took": time.monotonic() - started, "error": attempt.error}))
+import json
+from tests.core.test_webhooks import send_to_a_trickler
+attempt, took = send_to_a_trickler("https", bytes.fromhex("1603034000") + bytes([2]) * 100, 0.3)
+print(json.dumps({"took": took, "error": attempt.error}))
 """
 
 
@@ -231,36 +215,9 @@ def _loopback_name() -> str:
 def test_a_receiver_that_trickles_its_answer_is_cut_off_at_the_timeout():
     """The socket timeout bounds each read; the send as a whole is bounded too, so a receiver that
     answers a byte at a time cannot hold a delivery slot past its lease."""
-    import threading
-    import time
-
-    server = socket.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
-
-    def trickle() -> None:
-        conn, _ = server.accept()
-        conn.recv(65536)
-        for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 100:
-            if stop.wait(0.4):
-                break
-            try:
-                conn.sendall(bytes([byte]))
-            except OSError:
-                break
-        conn.close()
-
-    thread = threading.Thread(target=trickle, daemon=True)
-    thread.start()
-    event = webhooks.Taken("evt_t", "job_t", f"http://127.0.0.1:{server.getsockname()[1]}/", webhooks.new_secret(),
-                           "{}", 0)
-    started = time.monotonic()
-    attempt = webhooks.send(event, allow=AllowList.parse("127.0.0.1"), timeout_s=1.5)
-    took = time.monotonic() - started
-    stop.set()
-    thread.join(5)
-    server.close()
+    attempt, took = send_to_a_trickler("http", b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 100, 0.4)
     assert attempt.status_code is None and "no answer within 1.5 s" in attempt.error, attempt
-    assert took < 4, took
+    assert took < 5, took
 
 
 def test_a_name_the_wildcard_allows_is_not_called_when_it_resolves_to_a_private_address():
