@@ -48,7 +48,6 @@ from worker.scheduling import (
     BatchPolicy,
     Pending,
     Plan,
-    cost_shared_prefixes,
     group_shared_prefixes,
     isolate,
     select_batch,
@@ -304,8 +303,6 @@ class Batcher:
         with self._cond:
             waiting = dict(self._plan.groups)
             group_shared_prefixes(fresh, waiting)
-            for key in cost_shared_prefixes(fresh, waiting):
-                self._plan.changed(key)
         if failures:
             self.writer.fail_queued(failures)
             settled.extend(o.request_id for o in failures)

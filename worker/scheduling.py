@@ -77,9 +77,6 @@ class Pending:
     priority: int = 5
     interactive: bool = False  # a synchronous or streamed call: someone waits on it now
     retried: bool = False  # its worker died running it: it runs alone (see ``isolate``)
-    # Leading tokens it shares with its prefix group (see ``cost_shared_prefixes``): computed once
-    # per batch, so counted once in a batch's tokens, not in ``cost``.
-    shared: int = 0
     waiting: bool = True  # still in the plan
     owner: str = ""  # its job's: owners share a priority fairly (see ``Plan.served``)
 
@@ -211,6 +208,12 @@ class Plan:
 # PREFIX_GROUP of them: a job's system prompt, an instruction or few-shot block in front of every
 # input) are batched among themselves, so that the runner computes that prefix once per batch
 # (CTranslate2's static_prompt; see ModelRunner.generate).
+#
+# Their rows still count their whole prompt against the batch's token budget. CTranslate2 computes
+# the prefix's forward pass once but carries its state in every row (attention and memory grow
+# with rows x whole length), and batches costed by their own tokens alone (50 rows of a 405-token
+# prefix at a 3,072-token budget) ran at 0.4 of the calibration's speed: 0.82 of raw CTranslate2
+# without sharing in `bench.prefix`, where whole-prompt costing (batches of 4-6) reached 1.97x.
 PREFIX_MIN = 64
 PREFIX_GROUP = 4
 
@@ -248,44 +251,6 @@ def group_shared_prefixes(fresh: Sequence[Pending], waiting_keys: Iterable[tuple
             p.key = key
 
 
-def cost_shared_prefixes(fresh: Sequence[Pending],
-                         groups: dict[tuple[Any, ...], list[Pending]]) -> set[tuple[Any, ...]]:
-    """Cost requests of a prefix group by what a batch computes for them: their own tokens and
-    new ones (``cost``), the prefix the group shares once per batch (``shared``). Without this a
-    batch of requests sharing 400 tokens counted them in every row, and was cut at a quarter of
-    what the device runs best with its prefix computed once (``static_prompt``). ``groups``: what
-    already waits, by key (a late arrival is compared with a request of its waiting group; one
-    that shares less lowers what the whole group is counted to share). Returns the keys of waiting
-    groups whose costs changed (their batches must be cut again)."""
-    by_key: dict[tuple[Any, ...], list[Pending]] = defaultdict(list)
-    changed: set[tuple[Any, ...]] = set()
-    for p in fresh:
-        if p.key and _is_prefix_mark(p.key[-1]):
-            by_key[p.key].append(p)
-    for key, members in by_key.items():
-        waiting = groups.get(key)
-        reference = (waiting[0] if waiting else members[0]).enc.ids
-        shared = waiting[0].shared if waiting and waiting[0].shared else len(reference)
-        for p in members:  # what every one of them shares with the reference
-            ids = p.enc.ids
-            limit = min(shared, len(ids) - 2)  # each row keeps tokens of its own (the runner's rule)
-            n = 0
-            while n < limit and ids[n] == reference[n]:
-                n += 1
-            shared = n
-        if shared < PREFIX_MIN:
-            shared = 0
-        for p in members:
-            p.cost -= shared * p.enc.item.params.samples
-            p.shared = shared
-        if waiting and waiting[0].shared > shared:  # the batches the group makes share less now
-            for p in waiting:
-                p.cost += (p.shared - shared) * p.enc.item.params.samples
-                p.shared = shared
-            changed.add(key)
-    return changed
-
-
 def _fits(first: Pending, cand: Pending, policy: BatchPolicy) -> bool:
     slack = max(policy.length_slack_tokens, int(first.length * policy.length_slack_ratio))
     return cand.length - first.length <= slack
@@ -308,8 +273,6 @@ def chunks(group: list[Pending], policy: BatchPolicy) -> list[tuple[list[Pending
             # a request of a length in between could still join it.
             out.append((chunk, is_full() or tokens + p.cost > policy.max_batch_tokens))
             chunk, tokens = [], 0
-        if not chunk:
-            tokens = p.shared  # a prefix the batch's rows share is computed once for the batch
         chunk.append(p)
         tokens += p.cost
     if chunk:
