@@ -214,28 +214,31 @@ def reference_batch(batch: Batch, job: Job | None, *, created: bool = False, sec
 
 
 def test_batches_and_files_read_lean_equal_the_pydantic_models(db: Database):
+    import uuid
+
+    owner = f"views-{uuid.uuid4().hex[:8]}"  # the list reads one owner's: the database may hold others'
     spec = JobCreate.model_validate({"model": "m", "prompts": ["a", "b", "c"]})
     hook = WebhookCreate(url="https://hooks.example.com/b")
     with db.write() as s:
-        upload = files.create_file(session=s, owner="alice", purpose="batch", filename="in.jsonl", content=b"{}\n")
+        upload = files.create_file(session=s, owner=owner, purpose="batch", filename="in.jsonl", content=b"{}\n")
         running, job, _ = batches.create_batch(
-            session=s, owner="alice", input_file_id=upload.id, endpoint="/v1/chat/completions",
+            session=s, owner=owner, input_file_id=upload.id, endpoint="/v1/chat/completions",
             completion_window="24h", metadata={"team": "x"}, spec=spec, model=MODEL, limits=LIMITS, webhook=hook)
         created = (batches.batch_fields(running, job), reference_batch(running, job, created=True))
         failed, secret = batches.create_failed_batch(
-            session=s, owner="alice", input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h",
+            session=s, owner=owner, input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h",
             metadata=None, errors=[{"code": "invalid_json", "line": 2, "message": "not JSON", "param": None}],
             webhook=hook)
         assert failed.webhook_secret is None and secret.startswith("whsec_")  # the key went to its event
         failed_created = (batches.batch_fields(failed, None, secret),
                           reference_batch(failed, None, created=True, secret=secret))
         done, done_job, done_ids = batches.create_batch(
-            session=s, owner="alice", input_file_id=upload.id, endpoint="/v1/completions", completion_window="1h",
+            session=s, owner=owner, input_file_id=upload.id, endpoint="/v1/completions", completion_window="1h",
             metadata=None, spec=spec, model=MODEL, limits=LIMITS)
         gone, _, _ = batches.create_batch(
-            session=s, owner="alice", input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h",
+            session=s, owner=owner, input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h",
             metadata=None, spec=spec, model=MODEL, limits=LIMITS)
-        output = files.create_file(session=s, owner="alice", purpose="batch_output", filename="out.jsonl",
+        output = files.create_file(session=s, owner=owner, purpose="batch_output", filename="out.jsonl",
                                    content=b"x" * 10)
         ids = [running.id, failed.id, done.id, gone.id]
         file_ids = [upload.id, output.id]
@@ -252,16 +255,16 @@ def test_batches_and_files_read_lean_equal_the_pydantic_models(db: Database):
         s.execute(update(Batch).where(Batch.id == done.id).values(
             status="completed", finalizing_at=utcnow(), completed_at=utcnow(), output_file_id=output.id))
         s.execute(update(Batch).where(Batch.id == gone.id).values(job_id=None))
-        batches.cancel_batch(session=s, batch_id=running.id, owner="alice")
+        batches.cancel_batch(session=s, batch_id=running.id, owner=owner)
     # the answers to their creation: the same JSON, secrets shown
     for values, reference in (created, failed_created):
         assert batch_view(values, created=True) == reference
         assert reference["webhook"]["secret"] is not None
     with db.connect() as conn:
-        lean = {r.id: batch_view(r) for r in (batches.batch_row(conn, batch_id=i, owner="alice") for i in ids)}
-        page, more = batches.list_batches(session=conn, owner="alice", limit=10)
+        lean = {r.id: batch_view(r) for r in (batches.batch_row(conn, batch_id=i, owner=owner) for i in ids)}
+        page, more = batches.list_batches(session=conn, owner=owner, limit=10)
         lean_files = {r.id: file_view(r) for r in (files.file_row(conn, file_id=i, owner=None) for i in file_ids)}
-        file_page, _ = files.list_files(session=conn, owner="alice")
+        file_page, _ = files.list_files(session=conn, owner=owner)
         with pytest.raises(NotFoundError):
             batches.batch_row(conn, batch_id=running.id, owner="mallory")
         with pytest.raises(NotFoundError):
