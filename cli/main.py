@@ -102,7 +102,7 @@ def cmd_build_model(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from core.logs import configure_logging
     from core.registry import ModelSpec, check_model_name, default_directory, load_registry, register_model
-    from worker.convert import convert_checkpoint
+    from worker.convert import UnsupportedFamily, convert_checkpoint, read_checkpoint
 
     settings = _settings()
     configure_logging(settings.log_level, process="convert")
@@ -123,14 +123,28 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("torch") is None:  # make run installs what serving needs, not this
         raise CliError("converting a checkpoint needs PyTorch, which serving does not: "
                        "make install-dev, or .venv/bin/pip install 'torch==2.13.0' -e '.[convert]'")
+    try:
+        info = read_checkpoint(args.source)  # refuses a family batchgen does not serve, before converting
+    except UnsupportedFamily as exc:
+        raise CliError(str(exc)) from None
     convert_checkpoint(args.source, out, quantization=args.quantization, force=args.force)
-    chat = args.chat if args.chat is not None else (known.chat if known else "chat" in name.lower())
-    spec = ModelSpec(name=name, path=str(Path(out).resolve()), chat=chat,
-                     context_length=args.context_length or (known.context_length if known else 4096),
-                     defaults=known.defaults if known else {}, aliases=known.aliases if known else (),
-                     source=str(args.source))
+    template = info["chat_template"]
+    if template is not None and "<<SYS>>" in template and "[INST]" in template:
+        template = None  # Llama-2's chat format: rendered by Meta's reference (core.prompts), not Jinja
+    chat = info["chat"] or (known.chat if known else "chat" in name.lower())  # older Llama-2 chat: no template
+    if args.chat is not None:
+        chat = args.chat  # --chat without a template: Llama-2's format; --no-chat: a base model
+    spec = ModelSpec(
+        name=name, path=str(Path(out).resolve()), chat=chat, chat_template=template if chat else None,
+        context_length=args.context_length or info["context_length"],
+        defaults=known.defaults if known else info["defaults"], aliases=known.aliases if known else (),
+        source=str(args.source), family=info["family"], special_tokens=info["special_tokens"],
+        add_bos=info["add_bos"], stop_token_ids=info["stop_token_ids"],
+        system_prompt=info["system_prompt"] if template is not None and chat else True)
     path = register_model(settings, spec)
-    print(f"converted {args.source} -> {out} ({args.quantization}); registered {name!r} in {path}")
+    kind = "chat, its own template" if spec.chat_template else "chat, Llama-2's format" if chat else "base"
+    print(f"converted {args.source} -> {out} ({args.quantization}); registered {name!r} ({info['family']}, {kind}, "
+          f"context {spec.context_length}, stops on {list(spec.stop_token_ids)}) in {path}")
     return 0
 
 
@@ -361,8 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-if-present", action="store_true", help="do nothing if the model is already built")
     p.set_defaults(func=cmd_build_model)
 
-    p = command("convert", "convert a Hugging Face Llama checkpoint to CTranslate2 and register it", (
+    p = command("convert", "convert a Hugging Face checkpoint (Llama, Mistral, Qwen, Gemma, Phi-3) to "
+                "CTranslate2 and register it with its chat template, end-of-turn tokens and context", (
         "batchgen convert /data/Llama-2-7b-chat-hf --name meta-llama/Llama-2-7b-chat-hf",
+        "batchgen convert /data/Qwen2.5-7B-Instruct --name Qwen/Qwen2.5-7B-Instruct",
         "batchgen convert ./my-finetune --name acme/llama-ft --chat --quantization int8_float16",
     ))
     p.add_argument("source", help="checkpoint directory, or a hub id where the hub is reachable")
@@ -370,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, help="model directory (default: from the registry)")
     p.add_argument("--quantization", default="int8")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
-                   help="whether it is a chat model (default: from the registry or the name)")
+                   help="whether it is a chat model (default: it is when its tokenizer has a chat template)")
     p.add_argument("--context-length", type=int)
     p.add_argument("--force", action="store_true", help="replace an existing model directory")
     p.set_defaults(func=cmd_convert)

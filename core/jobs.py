@@ -30,10 +30,11 @@ from sqlalchemy.orm import Session
 from core.db import connection_of
 from core.errors import ConflictError, InvalidRequestError, NotFoundError
 from core.ids import new_id, new_ids
-from core.prompts import render, with_continuation
+from core.prompts import Segment, render, with_continuation
 from core.registry import ModelSpec
 from core.schemas import JobCreate, ResolvedParams, window_seconds
 from core.tables import ACTIVE_JOB_STATUSES, Job, JobRequest, UTCDateTime, WebhookEvent, utcnow
+from core.templates import TemplateRefused
 from core.tokens import TokenCounter, token_upper_bound
 from core.webhooks import AllowList, check_url, enqueue_job_events, initial_state, new_secret
 
@@ -211,10 +212,10 @@ def _check_continuations(*, loc: str, item: Any, spec: ModelSpec, limits: Limits
         problems.append(_problem(f"{loc}.continuations", f"the continuations are longer than {cap} characters "
                                  "in all", "prompt_too_long"))
         return
-    try:
-        segments = render(chat_model=spec.chat, prompt=item.prompt, messages=item.messages, system=system)
-    except ValueError:
-        return  # the shape problems are reported elsewhere
+    segments = _rendered(loc=loc, item=item, spec=spec, system=system, counter=counter, problems=problems)
+    if segments is None:
+        return
+    control = counter.control(spec.chat_template) if counter is not None else ()
     room = spec.context_length
     prompt_bound = token_upper_bound(segments)
     prompt_tokens: int | None = None
@@ -229,21 +230,36 @@ def _check_continuations(*, loc: str, item: Any, spec: ModelSpec, limits: Limits
         alone = prompt_tokens + counter.count([continuation])
         if alone + SEAM_TOKENS <= room:
             continue
-        tokens = alone if alone - SEAM_TOKENS > room else counter.count(with_continuation(segments, continuation))
+        tokens = alone if alone - SEAM_TOKENS > room else counter.count(with_continuation(segments, continuation, control))
         if tokens > room:
             problems.append(_problem(f"{loc}.continuations[{n}]", f"the prompt with this continuation has {tokens} "
                                      f"tokens; it exceeds the context of {spec.name} ({spec.context_length} tokens)",
                                      "context_length_exceeded"))
 
 
+def _rendered(*, loc: str, item: Any, spec: ModelSpec, system: str | None, counter: TokenCounter | None,
+              problems: list[dict[str, str]]) -> list[Segment] | None:
+    """The request's segments, or None where they cannot be made: a checkpoint's chat template
+    that refuses the chat is a problem of this request; other shape problems are reported by the
+    schemas."""
+    control = counter.control(spec.chat_template) if counter is not None else ()
+    try:
+        return render(spec, prompt=item.prompt, messages=item.messages, system=system, control=control)
+    except TemplateRefused as exc:
+        problems.append(_problem(f"{loc}.messages" if item.messages is not None else loc, str(exc),
+                                 "invalid_prompt"))
+    except ValueError:
+        pass
+    return None
+
+
 def _check_context(*, loc: str, item: Any, spec: ModelSpec, params: ResolvedParams,
                    system: str | None, counter: TokenCounter | None, problems: list[dict[str, str]],
                    plain: bool) -> None:
     """Refuse a prompt that, with its ``max_new_tokens``, does not fit the model's context."""
-    try:
-        segments = render(chat_model=spec.chat, prompt=item.prompt, messages=item.messages, system=system)
-    except ValueError:
-        return  # the shape problems are reported elsewhere
+    segments = _rendered(loc=loc, item=item, spec=spec, system=system, counter=counter, problems=problems)
+    if segments is None:
+        return
     room = spec.context_length - params.max_new_tokens
     if token_upper_bound(segments) <= room or counter is None:
         return  # fits for sure; or no tokenizer here, and the worker checks it exactly
@@ -379,6 +395,9 @@ def prepare_job(*, spec: JobCreate, model: ModelSpec, limits: Limits, owner: str
     if spec.system is not None and not model.chat:
         problems.append(_problem("system", f"model {model.name!r} is a base model and takes no "
                                  "system prompt", "not_a_chat_model"))
+    elif spec.system is not None and not model.system_prompt:
+        problems.append(_problem("system", f"the chat format of {model.name!r} takes no system prompt",
+                                 "invalid_prompt"))
     if spec.system is not None and len(spec.system) > limits.max_prompt_chars:
         problems.append(_problem("system", f"system prompt is longer than {limits.max_prompt_chars} "
                                  "characters", "prompt_too_long"))

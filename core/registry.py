@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.errors import UnknownModelError
 from core.settings import Settings
@@ -60,6 +60,24 @@ class ModelSpec(BaseModel):
     aliases: tuple[str, ...] = ()
     source: str | None = Field(default=None, description="Checkpoint it is converted from.")
     description: str = ""
+    # What a converted checkpoint says about itself (``worker.convert.read_checkpoint``). The
+    # defaults describe Llama-2 as Meta ships it, so the built-in entries and older registry
+    # files read as before.
+    family: str = Field(default="llama", description="The checkpoint's model_type.")
+    chat_template: str | None = Field(default=None, description="The checkpoint's own chat template (Jinja); "
+                                      "none on a chat model means Llama-2's reference format.")
+    special_tokens: dict[str, str] = Field(default_factory=dict, description="bos_token, eos_token, ... as the "
+                                           "chat template reads them.")
+    add_bos: bool = Field(default=True, description="A raw prompt starts with the BOS token.")
+    stop_token_ids: tuple[int, ...] = Field(default=(), description="Token ids that end a generation (the "
+                                            "checkpoint's end-of-turn ids); none means the tokenizer's EOS.")
+    system_prompt: bool = Field(default=True, description="The chat format takes a system prompt.")
+
+    @model_validator(mode="after")
+    def _template_is_chat(self) -> ModelSpec:
+        if self.chat_template is not None and not self.chat:
+            raise ValueError("a model with a chat template is a chat model (chat: true)")
+        return self
 
     @field_validator("defaults")
     @classmethod

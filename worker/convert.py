@@ -1,10 +1,11 @@
-"""Hugging Face Llama checkpoint -> CTranslate2 model directory (the path every model takes).
+"""Hugging Face decoder checkpoint -> CTranslate2 model directory (the path every model takes).
 
-A real ``meta-llama/Llama-2-7b-chat-hf`` (a local directory or, where the hub is reachable, its
-id) and the small models of ``worker.builder`` go through the same function: CTranslate2's own
-``TransformersConverter`` writes ``model.bin``/``config.json``/``vocabulary.json`` quantized as
-asked, and the checkpoint's tokenizer is saved alongside so the worker tokenizes exactly as the
-model was trained.
+A real checkpoint (a local directory or, where the hub is reachable, its id) and the small models
+of ``worker.builder`` go through the same function: CTranslate2's own ``TransformersConverter``
+writes ``model.bin``/``config.json``/``vocabulary.json`` quantized as asked, and the checkpoint's
+tokenizer is saved alongside so the worker tokenizes exactly as the model was trained.
+``read_checkpoint`` reads what the checkpoint says about itself (chat template, special tokens,
+end-of-turn ids, context, sampling defaults), which ``batchgen convert`` registers.
 """
 
 from __future__ import annotations
@@ -17,8 +18,41 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("batchgen.convert")
+
+# The decoder families batchgen serves, by the model_type of their config.json: CTranslate2 4.8
+# converts each (its loaders for LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config,
+# GemmaConfig, Gemma2Config, Gemma3Config/Gemma3TextConfig and Phi3Config).
+FAMILIES: dict[str, str] = {
+    "llama": "Llama 2, Llama 3.x",
+    "mistral": "Mistral",
+    "qwen2": "Qwen 2 and 2.5",
+    "qwen3": "Qwen 3",
+    "gemma": "Gemma",
+    "gemma2": "Gemma 2",
+    "gemma3": "Gemma 3",
+    "gemma3_text": "Gemma 3 (text only)",
+    "phi3": "Phi-3",
+}
+# Families whose sliding-window attention CTranslate2 does not implement: served within the window.
+_WINDOW_NOT_CONVERTED = ("gemma2", "qwen2", "qwen3")
+# generation_config.json fields that are sampling defaults, by our parameter names.
+_SAMPLING = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+             "repetition_penalty": "repetition_penalty"}
+
+
+class UnsupportedFamily(ValueError):
+    """A checkpoint of a family batchgen does not convert."""
+
+
+def check_family(model_type: str, source: str | Path) -> None:
+    """Refuse a checkpoint of a family not in ``FAMILIES``, by name, with the list of those served."""
+    if model_type not in FAMILIES:
+        served = ", ".join(f"{name} ({what})" for name, what in FAMILIES.items())
+        raise UnsupportedFamily(f"{source} is a {model_type!r} checkpoint, which batchgen does not convert; "
+                                f"it converts these model_types: {served}")
 
 QUANTIZATIONS = ("int8", "int8_float16", "int8_bfloat16", "int8_float32", "float16", "bfloat16",
                  "float32")
@@ -37,26 +71,76 @@ def convert_checkpoint(
     larger on an ordinary machine); the int8 weights are the same either way.
     """
     output_dir = check_output(output_dir, quantization, force)
-    from ctranslate2.converters import TransformersConverter
     from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(str(source))
-    if config.model_type != "llama":
-        raise ValueError(f"{source} is a {config.model_type!r} checkpoint; batchgen serves Llama models")
+    check_family(config.model_type, source)
+    text_config = getattr(config, "text_config", None) or config
 
     started = time.monotonic()
     with staged(output_dir) as model_dir:
-        converter = TransformersConverter(str(source), load_as_float16=low_memory,
-                                          low_cpu_mem_usage=low_memory)
+        converter = _Converter(str(source), load_as_float16=low_memory, low_cpu_mem_usage=low_memory)
         converter.convert(str(model_dir), quantization=quantization, force=True)
+        _write_norm_epsilon(model_dir, text_config)
         AutoTokenizer.from_pretrained(str(source)).save_pretrained(str(model_dir))
-        write_metadata(model_dir, source=str(source), quantization=quantization,
-                       context_length=getattr(config, "max_position_embeddings", None),
-                       vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-                       num_hidden_layers=config.num_hidden_layers)
+        write_metadata(model_dir, source=str(source), quantization=quantization, family=config.model_type,
+                       context_length=getattr(text_config, "max_position_embeddings", None),
+                       vocab_size=text_config.vocab_size, hidden_size=text_config.hidden_size,
+                       num_hidden_layers=text_config.num_hidden_layers)
     log.info("converted %s to %s (%s) in %.1fs", source, output_dir, quantization,
              time.monotonic() - started)
     return output_dir
+
+
+def _converter_class() -> type:
+    from ctranslate2.converters import TransformersConverter
+
+    class Converter(TransformersConverter):  # type: ignore[misc]
+        """CTranslate2 4.8's converter, given the model as its Phi-3 loader expects it from
+        transformers 4: there, ``rope_scaling`` was None without scaling and had a ``type``
+        otherwise, and each attention layer held a ``rotary_emb`` with the LongRoPE factors.
+        transformers 5 writes ``rope_scaling={"rope_type": "default", ...}`` for plain RoPE and
+        keeps the factors in the config only. Other families load as they are."""
+
+        def load_model(self, model_class: Any, model_name_or_path: str, **kwargs: Any) -> Any:
+            model = super().load_model(model_class, model_name_or_path, **kwargs)
+            if model.config.model_type == "phi3":
+                _as_transformers4_phi3(model)
+            return model
+
+    return Converter
+
+
+def _write_norm_epsilon(model_dir: Path, config: Any) -> None:
+    """CTranslate2 4.8's Phi-3 loader leaves ``layer_norm_epsilon`` out of the model's config, so
+    the model normalizes with CTranslate2's default (1e-6) instead of the checkpoint's (Phi-3:
+    1e-5), off by up to 4e-3 in a log probability. Write the checkpoint's where it is missing."""
+    eps = getattr(config, "rms_norm_eps", None)
+    path = model_dir / "config.json"
+    ct2 = json.loads(path.read_text())
+    if eps is not None and ct2.get("layer_norm_epsilon") is None:
+        ct2["layer_norm_epsilon"] = float(eps)
+        path.write_text(json.dumps(ct2, indent=2))
+
+
+def _as_transformers4_phi3(model: Any) -> None:
+    from types import SimpleNamespace
+
+    scaling = getattr(model.config, "rope_scaling", None)
+    kind = scaling.get("type", scaling.get("rope_type", "default")) if isinstance(scaling, dict) else None
+    if kind in (None, "default"):
+        model.config.rope_scaling = None
+        long_factor = short_factor = None
+    else:
+        model.config.rope_scaling = {**scaling, "type": kind}
+        long_factor, short_factor = scaling.get("long_factor"), scaling.get("short_factor")
+    for layer in model.model.layers:
+        if not hasattr(layer.self_attn, "rotary_emb"):
+            layer.self_attn.rotary_emb = SimpleNamespace(long_factor=long_factor, short_factor=short_factor)
+
+
+def _Converter(*args: Any, **kwargs: Any) -> Any:  # noqa: N802 (a class, made when first used)
+    return _converter_class()(*args, **kwargs)
 
 
 def check_output(output_dir: Path, quantization: str, force: bool) -> Path:
@@ -107,3 +191,62 @@ def read_metadata(model_dir: Path) -> dict[str, object]:
     """What ``convert_checkpoint`` recorded about a model directory (empty if nothing)."""
     path = Path(model_dir) / METADATA_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def read_checkpoint(source: str | Path) -> dict[str, Any]:
+    """What a checkpoint says about itself, as ``core.registry.ModelSpec`` fields: ``family``,
+    ``chat`` and ``chat_template`` (its tokenizer's template; none makes it a base model),
+    ``special_tokens`` (what the template reads), ``add_bos`` (whether its tokenizer starts a
+    text with BOS), ``stop_token_ids`` (generation_config's ``eos_token_id``, one or several, and
+    the tokenizer's EOS), ``context_length`` (within the sliding window where CTranslate2 does not
+    convert one), ``system_prompt`` (whether the template takes a system message) and
+    ``defaults`` (generation_config's sampling settings)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from core.templates import ChatTemplate, TemplateRefused
+
+    config = AutoConfig.from_pretrained(str(source))
+    check_family(config.model_type, source)
+    text_config = getattr(config, "text_config", None) or config
+    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    generation = _generation_config(Path(source))
+
+    context = int(getattr(text_config, "max_position_embeddings", None) or 4096)
+    window = getattr(text_config, "sliding_window", None)
+    if (config.model_type in _WINDOW_NOT_CONVERTED and window
+            and getattr(text_config, "use_sliding_window", True) and window < context):
+        context = int(window)
+    eos = generation.get("eos_token_id", getattr(text_config, "eos_token_id", None))
+    stops = [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stops:
+        stops.append(tokenizer.eos_token_id)
+    template = tokenizer.chat_template
+    if isinstance(template, dict):  # several named templates: the default one chats
+        template = template.get("default")
+    template = template if isinstance(template, str) else None
+    special = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+    bos = tokenizer.bos_token_id
+    add_bos = bos is not None and tokenizer("x").input_ids[:1] == [bos]
+    system_prompt = True
+    if template is not None:
+        try:
+            ChatTemplate(template, special, ()).render([{"role": "system", "content": "s"},
+                                                        {"role": "user", "content": "u"}])
+        except TemplateRefused:
+            system_prompt = False
+    defaults: dict[str, Any] = {}
+    if generation.get("do_sample"):
+        defaults = {ours: generation[theirs] for theirs, ours in _SAMPLING.items() if generation.get(theirs) is not None}
+    elif generation.get("do_sample") is False:
+        defaults = {"temperature": 0.0}
+    return {"family": config.model_type, "chat": template is not None, "chat_template": template,
+            "special_tokens": special, "add_bos": add_bos, "stop_token_ids": tuple(int(i) for i in stops),
+            "context_length": context, "system_prompt": system_prompt, "defaults": defaults}
+
+
+def _generation_config(source: Path) -> dict[str, Any]:
+    path = source / "generation_config.json"
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    return data if isinstance(data, dict) else {}

@@ -60,7 +60,7 @@ class _Sequence:
         """Take one generated token; True stops this sequence."""
         if self.reason is not None:
             return True
-        if token_id == self.runner.eos_id:
+        if token_id in self.runner.stop_ids:
             self.reason = "stop"
             return True
         self.ids.append(token_id)
@@ -122,6 +122,8 @@ class ModelRunner:
         p = self.prompts
         self.tokenizer, self.vocabulary, self.bos_id, self.eos_id = p.tokenizer, p.vocabulary, p.bos_id, p.eos_id
         self.special_ids, self.byte_ids = p.special_ids, p.byte_ids
+        self.stop_ids = frozenset(p.stop_ids)
+        self._end_token = list(p.stop_ids)  # what CTranslate2 ends a sequence on
         # What the rest of the worker asks of a runner, answered by its parts.
         self.encode, self.encode_many = p.encode, p.encode_many
         self.decode_continuation, self.decode_continuations = p.decode_continuation, p.decode_continuations
@@ -219,6 +221,7 @@ class ModelRunner:
             sampling_temperature=1.0 if greedy else params.temperature,
             repetition_penalty=params.repetition_penalty,
             include_prompt_in_result=False,
+            end_token=self._end_token,
             callback=on_step if needs_callback else None,
         )
         if self.fault_generate_s:  # fault tests: a slow device (text already streamed, nothing stored yet)

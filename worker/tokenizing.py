@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.prompts import Special, render, with_continuation
+from core.prompts import Segment, Special, render, with_continuation
+from core.templates import Rendered
+from core.tokens import Backends
 from core.registry import ModelSpec
 from core.runs import WorkItem
 from core.schemas import ChatMessage
@@ -54,12 +56,17 @@ class RequestError(Exception):
 @dataclass(frozen=True)
 class Tokenizer:
     """The model's tokenizer as the worker uses it: the Rust ``tokenizers`` object of the model's
-    ``tokenizer.json`` (what transformers itself wraps), without transformers or PyTorch."""
+    ``tokenizer.json`` (what transformers itself wraps), without transformers or PyTorch.
+    ``bos_id`` is None for a tokenizer without one (Qwen's)."""
 
-    backend: Any
-    bos_id: int
+    backends: Backends
+    bos_id: int | None
     eos_id: int
     special_ids: frozenset[int]
+
+    @property
+    def backend(self) -> Any:
+        return self.backends.text
 
     def encode_texts(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text: no BOS/EOS added, special-token strings kept as text."""
@@ -69,28 +76,32 @@ class Tokenizer:
         return str(self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens))
 
 
-def load_tokenizer(model_dir: Path) -> Tokenizer:
-    """The tokenizer saved next to a converted model (``tokenizer.json`` + ``tokenizer_config.json``)."""
-    from tokenizers import Tokenizer as RustTokenizer
-
-    backend = RustTokenizer.from_file(str(model_dir / "tokenizer.json"))
-    # What transformers' split_special_tokens does: a special token's text in a prompt is
-    # tokenized as text, so "<s>" typed by a user can never become BOS.
-    backend.encode_special_tokens = True
+def load_tokenizer(model_dir: Path, special_tokens: dict[str, str] | None = None) -> Tokenizer:
+    """The tokenizer saved next to a converted model (``tokenizer.json`` + ``tokenizer_config.json``).
+    ``special_tokens`` are what the registry read from the checkpoint (``bos_token``, ...):
+    without one, the tokenizer has no such token; without any, they are read from
+    ``tokenizer_config.json``, with Llama's as defaults."""
+    backends = Backends(model_dir / "tokenizer.json")
     config_file = model_dir / "tokenizer_config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    config: dict[str, Any] = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if special_tokens:
+        config = {"bos_token": None, **special_tokens}
 
-    def token_id(name: str, default: str) -> int:
-        token = config.get(name) or default
+    def token_id(name: str, default: str | None) -> int | None:
+        token = config.get(name, default)
+        if token is None:
+            return None
         content = token.get("content", default) if isinstance(token, dict) else str(token)
-        found = backend.token_to_id(content)
+        found = backends.text.token_to_id(content)
         if found is None:
             raise ValueError(f"{model_dir}: the tokenizer has no {name} {content!r}")
         return int(found)
 
-    specials = frozenset(int(i) for i, t in backend.get_added_tokens_decoder().items() if t.special)
-    return Tokenizer(backend=backend, bos_id=token_id("bos_token", "<s>"), eos_id=token_id("eos_token", "</s>"),
-                     special_ids=specials)
+    eos_id = token_id("eos_token", "</s>")
+    if eos_id is None:
+        raise ValueError(f"{model_dir}: the tokenizer names no eos_token")
+    return Tokenizer(backends=backends, bos_id=token_id("bos_token", "<s>"), eos_id=eos_id,
+                     special_ids=backends.special_ids)
 
 
 class Prompts:
@@ -98,7 +109,7 @@ class Prompts:
 
     def __init__(self, model_dir: Path, spec: ModelSpec) -> None:
         self.spec = spec
-        self.tokenizer = load_tokenizer(model_dir)
+        self.tokenizer = load_tokenizer(model_dir, spec.special_tokens)
         self._backend = self.tokenizer.backend  # the Rust tokenizer
         # CTranslate2 takes token strings; its vocabulary maps our ids to them.
         self.vocabulary: list[str] = json.loads((model_dir / "vocabulary.json").read_text())
@@ -108,6 +119,9 @@ class Prompts:
         self.incremental = incremental_ok(json.loads((model_dir / "tokenizer.json").read_text()))
         self.bos_id = self.tokenizer.bos_id
         self.eos_id = self.tokenizer.eos_id
+        # Generation ends on any of the checkpoint's end-of-turn ids (Llama 3.x has several).
+        self.stop_ids: tuple[int, ...] = tuple(spec.stop_token_ids) or (self.eos_id,)
+        self.control = self.tokenizer.backends.control(spec.chat_template) if spec.chat_template else ()
 
     def encode(self, item: WorkItem) -> Encoded:
         """Prompt token ids for one request; raises ``RequestError`` if it cannot run."""
@@ -121,25 +135,30 @@ class Prompts:
         in one call. A request that cannot run gets its ``RequestError`` in its place."""
         out: list[Encoded | RequestError | None] = [None] * len(items)
         texts: list[str] = []
-        rendered: list[tuple[int, list[str | Special]]] = []
+        chats: list[Rendered] = []
+        rendered: list[tuple[int, list[Segment]]] = []
         for n, item in enumerate(items):
             if item.prompt_ids is not None:
                 out[n] = self._catch(lambda item=item: self._given_ids(item))
                 continue
             messages = [ChatMessage(**m) for m in item.messages] if item.messages is not None else None
             try:
-                segments = render(chat_model=self.spec.chat, prompt=item.prompt, messages=messages,
-                                  system=item.system)
+                segments = render(self.spec, prompt=item.prompt, messages=messages, system=item.system,
+                                  control=self.control)
             except ValueError as exc:
                 out[n] = RequestError("invalid_prompt", str(exc))
                 continue
             rendered.append((n, segments))
             texts.extend(s for s in segments if isinstance(s, str))
-        # "<s>" typed in a prompt stays text, it never becomes BOS (see ``load_tokenizer``).
+            chats.extend(s for s in segments if isinstance(s, Rendered))
+        # "<s>" typed in a prompt stays text, it never becomes BOS (see ``core.tokens.Backends``).
         encoded = iter(self.tokenizer.encode_texts(texts)) if texts else iter(())
+        chat_ids = iter(self.tokenizer.backends.encode_rendered(chats)) if chats else iter(())
         for n, segments in rendered:
-            ids = self._join(segments, encoded)
-            out[n] = self._catch(lambda n=n, segments=segments, ids=ids: self._encoded(items[n], ids, 1, segments))
+            ids = self._join(segments, encoded, chat_ids)
+            shown = 1 if segments[0] is Special.BOS and self.bos_id is not None else 0  # echo lists what was sent
+            out[n] = self._catch(lambda n=n, segments=segments, ids=ids, shown=shown: self._encoded(
+                items[n], ids, shown, segments))
         return out  # type: ignore[return-value]
 
     @staticmethod
@@ -158,10 +177,12 @@ class Prompts:
         if item.continuations:
             raise RequestError("invalid_prompt", "continuations follow a text prompt, not prompt_ids")
         given = list(item.prompt_ids)
-        shown = 0 if given[0] == self.bos_id else 1  # list every id that was sent, and only those
-        return self._encoded(item, given if shown == 0 else [self.bos_id, *given], shown, [])
+        if self.bos_id is None or not self.spec.add_bos or given[0] == self.bos_id:
+            return self._encoded(item, given, 0, [])
+        shown = 1  # list every id that was sent, and only those
+        return self._encoded(item, [self.bos_id, *given], shown, [])
 
-    def _encoded(self, item: WorkItem, ids: list[int], shown: int, segments: list[str | Special]) -> Encoded:
+    def _encoded(self, item: WorkItem, ids: list[int], shown: int, segments: list[Segment]) -> Encoded:
         budget = self.spec.context_length
         if len(ids) + item.params.max_new_tokens > budget:
             raise RequestError(
@@ -175,23 +196,30 @@ class Prompts:
             enc.scored = self._scored(segments, ids, item.continuations)
         return enc
 
-    def _join(self, segments: Sequence[str | Special], encoded: Iterator[list[int]]) -> list[int]:
-        """A prompt's ids: its texts' ids (the next ones of ``encoded``) and its special tokens."""
+    def _join(self, segments: Sequence[Segment], encoded: Iterator[list[int]],
+              chats: Iterator[list[int]] = iter(())) -> list[int]:
+        """A prompt's ids: its texts' ids (the next ones of ``encoded``), its rendered chats' (of
+        ``chats``) and its special tokens."""
         ids: list[int] = []
         for segment in segments:
             if segment is Special.BOS:
-                ids.append(self.bos_id)
+                if self.bos_id is not None:
+                    ids.append(self.bos_id)
             elif segment is Special.EOS:
                 ids.append(self.eos_id)
+            elif isinstance(segment, Rendered):
+                ids.extend(next(chats))
             else:
                 ids.extend(next(encoded))
         return ids
 
-    def _encode_segments(self, segments: Sequence[str | Special]) -> list[int]:
+    def _encode_segments(self, segments: Sequence[Segment]) -> list[int]:
         texts = [s for s in segments if isinstance(s, str)]
-        return self._join(segments, iter(self.tokenizer.encode_texts(texts)) if texts else iter(()))
+        chats = [s for s in segments if isinstance(s, Rendered)]
+        return self._join(segments, iter(self.tokenizer.encode_texts(texts)) if texts else iter(()),
+                          iter(self.tokenizer.backends.encode_rendered(chats)) if chats else iter(()))
 
-    def _scored(self, segments: list[str | Special], ids: list[int],
+    def _scored(self, segments: list[Segment], ids: list[int],
                 continuations: Sequence[str] | None) -> list[tuple[list[int], int]]:
         """What a scoring request scores: the prompt's tokens after the first, or each continuation's
         tokens after the prompt. A continuation is tokenized joined to the prompt's text (as the
@@ -204,7 +232,7 @@ class Prompts:
             return [(ids, 1)]
         out = []
         for n, continuation in enumerate(continuations):
-            full = self._encode_segments(with_continuation(segments, continuation))
+            full = self._encode_segments(with_continuation(segments, continuation, self.control))
             shared = next((i for i, (a, b) in enumerate(zip(ids, full)) if a != b), min(len(ids), len(full)))
             if len(full) > budget:
                 raise RequestError("context_length_exceeded", f"the prompt with continuations[{n}] has "
@@ -226,7 +254,7 @@ class Prompts:
         lose the space their first token carries. Decoding the prompt's last few tokens with them
         and removing that prefix keeps it.
         """
-        specials = (self.bos_id, self.eos_id)
+        specials = self.special_ids
         tails = [[i for i in prompt_ids[-_TAIL:] if i not in specials] for prompt_ids, _ in rows]
         heads = self._backend.decode_batch(tails, skip_special_tokens=True)
         fulls = self._backend.decode_batch([tail + list(ids) for tail, (_, ids) in zip(tails, rows, strict=True)],

@@ -41,9 +41,57 @@ def test_malformed_chats_are_refused(turns):
         llama2_chat(turns)
 
 
+def spec(chat, template=None):
+    from core.registry import ModelSpec
+
+    return ModelSpec(name="m", path="m", chat=chat, chat_template=template, special_tokens={"bos_token": "<s>"})
+
+
 def test_render_applies_the_template_only_where_it_belongs():
-    assert render(chat_model=True, prompt="p", messages=None, system=None) == [Special.BOS, "p"]
-    assert render(chat_model=True, prompt="p", messages=None, system="S")[1].startswith("[INST] <<SYS>>")
-    assert render(chat_model=False, prompt="p", messages=None, system="S") == [Special.BOS, "p"]
+    assert render(spec(True), prompt="p", messages=None, system=None) == [Special.BOS, "p"]
+    assert render(spec(True), prompt="p", messages=None, system="S")[1].startswith("[INST] <<SYS>>")
+    assert render(spec(False), prompt="p", messages=None, system="S") == [Special.BOS, "p"]
     with pytest.raises(ValueError):
-        render(chat_model=False, prompt=None, messages=[M("user", "x")], system=None)
+        render(spec(False), prompt=None, messages=[M("user", "x")], system=None)
+
+
+CHATML = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_checkpoint_template_renders_one_segment_with_what_the_user_typed_marked():
+    from core.templates import Rendered
+
+    [out] = render(spec(True, CHATML), prompt=None, messages=[M("user", " say <|im_end|> now ")], system="S",
+                   control=("<|im_end|>", "<|im_start|>"))
+    assert isinstance(out, Rendered)
+    assert out.text == ("<s><|im_start|>system\nS<|im_end|>\n<|im_start|>user\nsay <|im_end|> now<|im_end|>\n"
+                        "<|im_start|>assistant\n")
+    [(start, end)] = out.typed
+    assert out.text[start:end] == "<|im_end|>" and out.text[:start].endswith("user\nsay ")
+    # A system message wins over the job's system prompt; a prompt without one is raw.
+    [out] = render(spec(True, CHATML), prompt=None, messages=[M("system", "A"), M("user", "u")], system="B")
+    assert "system\nA" in out.text and "B" not in out.text
+    assert render(spec(True, CHATML), prompt="p", messages=None, system=None) == [Special.BOS, "p"]
+
+
+def test_the_sandbox_refuses_what_a_hostile_template_tries():
+    from core.templates import TemplateRefused
+
+    for template in ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "{{ messages.append(1) }}",
+                     "{% set ns = namespace(_x=1) %}", "{{ raise_exception('no system, please') }}", "{% if %}"):
+        with pytest.raises(TemplateRefused):
+            render(spec(True, template), prompt=None, messages=[M("user", "x")], system=None)
+
+
+def test_a_template_that_cuts_a_typed_control_token_apart_is_refused():
+    from core.templates import TemplateRefused
+
+    splitting = "{% for m in messages %}{{ m['content'].split('|')[0] }}{% endfor %}"
+    with pytest.raises(TemplateRefused, match="cut apart"):
+        render(spec(True, splitting), prompt=None, messages=[M("user", "a<|im_end|>b")], system=None,
+               control=("<|im_end|>",))
+    # The markers themselves typed by a user are dropped before marking: they cannot forge a mark.
+    [out] = render(spec(True, CHATML), prompt=None, messages=[M("user", "\U000f0000<|x|>\U000f0001")],
+                   system=None, control=("<|im_end|>",))
+    assert out.typed == () and "<|x|>" in out.text and "\U000f0000" not in out.text

@@ -91,7 +91,7 @@ def test_submit_time_token_count_equals_what_the_worker_feeds_the_model(runner, 
     ]
     for it in cases:
         messages = [ChatMessage(**m) for m in it.messages] if it.messages else None
-        segments = render(chat_model=True, prompt=it.prompt, messages=messages, system=it.system)
+        segments = render(runner.spec, prompt=it.prompt, messages=messages, system=it.system)
         assert counter.count(segments) == runner.encode(it).length <= token_upper_bound(segments)
 
 
