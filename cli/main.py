@@ -187,7 +187,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         state = "installed" if registry.is_installed(spec) else "not installed"
         kind = "chat" if spec.chat else "base"
         aliases = f" (aliases: {', '.join(spec.aliases)})" if spec.aliases else ""
-        print(f"{spec.name:36} {kind:4} ctx={spec.context_length:<5} {state:13} {registry.directory(spec)}{aliases}")
+        print(f"{spec.name:36} {spec.family:8} {kind:4} ctx={spec.context_length:<6} {state:13} "
+              f"{registry.directory(spec)}{aliases}")
     return 0
 
 

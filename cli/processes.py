@@ -8,6 +8,7 @@ way everywhere: the same command line, the same readiness check, the same stop.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -85,6 +86,11 @@ def worker_argv(model: str, *extra: str, ready_file: Path | None = None) -> list
     return [sys.executable, "-m", "worker", "--model", model, *ready, *extra]
 
 
+def _file_name(name: str) -> str:
+    """``name`` as one file name: a model's ``org/name`` would otherwise name a directory."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name)
+
+
 class Process:
     """A child process with its output in a log file (or inherited), stopped with SIGTERM and,
     if it does not end within the timeout, SIGKILL."""
@@ -95,7 +101,7 @@ class Process:
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.inherit_output = inherit_output
         self.log_path = None if inherit_output else (
-            log_path or Path(tempfile.mkstemp(prefix=f"batchgen-{name}-", suffix=".log")[1]))
+            log_path or Path(tempfile.mkstemp(prefix=f"batchgen-{_file_name(name)}-", suffix=".log")[1]))
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 

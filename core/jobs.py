@@ -80,6 +80,14 @@ def request_weight(*, item: Any, params: ResolvedParams, system: str | None, spe
     return rows * max(1, -(-tokens // max(1, limits.weight_tokens)))
 
 
+def not_valid(problems: list[dict[str, str]]) -> str:
+    """The message of a job refused for ``problems``: the first one's own words in it, since
+    OpenAI's and DashScope's error shapes carry a message and no details."""
+    first = problems[0]
+    more = f" (and {len(problems) - 1} more problems in details)" if len(problems) > 1 else ""
+    return f"the job is not valid: {first['loc']}: {first['message']}{more}"
+
+
 def _problem(loc: str, message: str, type_: str) -> dict[str, str]:
     return {"loc": loc, "message": message, "type": type_}
 
@@ -391,7 +399,7 @@ def prepare_job(*, spec: JobCreate, model: ModelSpec, limits: Limits, owner: str
         field_name = "prompts" if spec.prompts is not None else "requests"
         problems.append(_problem(field_name, f"a job may hold at most {limits.max_requests} requests, "
                                  f"not {len(items)}", "too_many_requests"))
-        raise InvalidRequestError("the job is not valid", details=problems)
+        raise InvalidRequestError(not_valid(problems), details=problems)
     if spec.system is not None and not model.chat:
         problems.append(_problem("system", f"model {model.name!r} is a base model and takes no "
                                  "system prompt", "not_a_chat_model"))
@@ -458,7 +466,7 @@ def prepare_job(*, spec: JobCreate, model: ModelSpec, limits: Limits, owner: str
             else:
                 seen_custom_ids[item.custom_id] = i
     if problems:
-        raise InvalidRequestError("the job is not valid", details=problems)
+        raise InvalidRequestError(not_valid(problems), details=problems)
 
     now = utcnow()
     window = window_seconds(spec.completion_window)

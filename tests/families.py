@@ -169,6 +169,9 @@ def build(family: Family, directory: Path, *, seed: int = 0, lm_head_edit: dict[
     torch.manual_seed(seed)
     model = getattr(transformers, family.architecture)(config).to(torch.float32).eval()
     with torch.no_grad():
+        # Ids past the tokenizer's (a vocabulary padded to Llama 3's 128,256) are never said, as
+        # Llama 3's untrained reserved tokens are not: their output rows are zero.
+        model.lm_head.weight[len(tokenizer):] = 0
         for target, source in (lm_head_edit or {}).items():
             model.lm_head.weight[target] = 10 * model.lm_head.weight[source]
     directory.mkdir(parents=True, exist_ok=True)

@@ -74,7 +74,7 @@ class StreamDecoder:
         self._whole = True
         return self
 
-    def _cut_whole(self) -> str:
+    def _cut_whole(self, final: bool = False) -> str:
         tail = self._prompt
         if tail:
             head = self._decode(tail)
@@ -82,14 +82,20 @@ class StreamDecoder:
             text = full[len(head):] if full.startswith(head) else self._decode(self._ids)
         else:
             text = self._decode(self._ids)
-        self._held = []
-        if not text.startswith(self.text):  # a byte-level decoder can revise its last piece
+        # A byte-level decoder (Llama 3's, Qwen's) writes a character whose UTF-8 bytes are not
+        # all generated yet as U+FFFD, and the right character once they are: a trailing U+FFFD
+        # is not final until more text follows it, or the sequence ends.
+        settled = text if final else text.rstrip("\ufffd")
+        self._held = [] if settled == text else self._held
+        if not settled.startswith(self.text):  # not seen; the full decode stays the authority
             return ""
-        piece, self.text = text[len(self.text):], text
+        piece, self.text = settled[len(self.text):], settled
         return piece
 
     def finish(self) -> str:
         """The text still held back (a trailing byte run); then ``text`` is the whole text."""
+        if self._whole:
+            return self._cut_whole(final=True) if self._held else ""
         return self._cut() if self._held else ""
 
     def _cut(self) -> str:
@@ -118,12 +124,21 @@ class StreamDecoder:
         return piece
 
 
+def _decoder_kinds(tokenizer_json: dict[str, Any]) -> set[str]:
+    decoder = tokenizer_json.get("decoder") or {}
+    parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
+    return {str(d.get("type")) for d in parts if isinstance(d, dict)}
+
+
+def byte_level(tokenizer_json: dict[str, Any]) -> bool:
+    """Whether a tokenizer decodes GPT-2's byte-level alphabet (Llama 3, Qwen)."""
+    return "ByteLevel" in _decoder_kinds(tokenizer_json)
+
+
 def incremental_ok(tokenizer_json: dict[str, Any]) -> bool:
     """Whether a tokenizer's decoder is the kind ``StreamDecoder`` cuts correctly: Llama's
     (``▁`` as space, byte fallback, fuse, strip); not a byte-level one (GPT-2, Llama 3)."""
-    decoder = tokenizer_json.get("decoder") or {}
-    parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
-    kinds = {d.get("type") for d in parts if isinstance(d, dict)}
+    kinds = _decoder_kinds(tokenizer_json)
     return "ByteFallback" in kinds and "ByteLevel" not in kinds and kinds <= {
         "Replace", "ByteFallback", "Fuse", "Strip", "Metaspace"}
 

@@ -71,12 +71,30 @@ def top_k(dist: Any, k: int) -> list[list[tuple[int, float]]]:
     return out
 
 
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte: printable Latin-1 bytes stand for
+    themselves, the other 68 bytes for the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    table = {chr(b): b for b in printable}
+    table.update({chr(256 + n): b for n, b in enumerate(shifted)})
+    return table
+
+
+_BYTE_OF = _byte_level_table()
+
+
 class LogProbs:
     """Log probabilities of a model's sequences, and the token entries results list them in."""
 
     def __init__(self, generator: Any, prompts: Prompts) -> None:
         self.generator = generator
         self.vocabulary, self.special_ids, self.byte_ids = prompts.vocabulary, prompts.special_ids, prompts.byte_ids
+        # Byte-level vocabularies (Llama 3's, Qwen's) spell each byte as one character (GPT-2's
+        # table); SentencePiece ones (Llama 2's) spell a space as U+2581, and their decoder drops
+        # the text's first space, which a byte-level decoder keeps.
+        self.byte_level = prompts.byte_level
+        self.strips_first_space = not prompts.byte_level
 
     # Floats of log probabilities one forward pass may return at once (batch x length x vocabulary):
     # 128 MiB. A single sequence longer than that still goes, alone.
@@ -139,6 +157,10 @@ class LogProbs:
         if token_id in self.special_ids:
             return b""
         piece = self.vocabulary[token_id]
+        if self.byte_level:
+            if all(c in _BYTE_OF for c in piece):
+                return bytes(_BYTE_OF[c] for c in piece)
+            return piece.encode("utf-8")  # an added token, kept as written
         if token_id in self.byte_ids:
             return bytes([int(piece[3:5], 16)])
         return piece.replace("\u2581", " ").encode("utf-8")
@@ -149,7 +171,7 @@ class LogProbs:
         None for tokens nothing precedes (their log probability is null). ``first_of_text``: these
         start the decoded text, whose first space the decoder drops."""
         out = []
-        strip = first_of_text
+        strip = first_of_text and self.strips_first_space
         for n, token_id in enumerate(ids):
             raw = self.token_bytes(token_id)
             stripping = strip and bool(raw)  # this token starts the text: its alternatives would too

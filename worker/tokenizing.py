@@ -20,7 +20,7 @@ from core.tokens import Backends
 from core.registry import ModelSpec
 from core.runs import WorkItem
 from core.schemas import ChatMessage
-from worker.detokenizer import CONTEXT, StreamDecoder, incremental_ok
+from worker.detokenizer import CONTEXT, StreamDecoder, byte_level, incremental_ok
 
 # Prompt ids kept to decode the first generated token in context (see decode_continuations);
 # the incremental decoder uses the same number, so both give the same text.
@@ -116,7 +116,9 @@ class Prompts:
         self.byte_ids = frozenset(i for i, t in enumerate(self.vocabulary)
                                   if len(t) == 6 and t.startswith("<0x") and t.endswith(">"))
         self.special_ids = self.tokenizer.special_ids
-        self.incremental = incremental_ok(json.loads((model_dir / "tokenizer.json").read_text()))
+        tokenizer_json = json.loads((model_dir / "tokenizer.json").read_text())
+        self.incremental = incremental_ok(tokenizer_json)
+        self.byte_level = byte_level(tokenizer_json)
         self.bos_id = self.tokenizer.bos_id
         self.eos_id = self.tokenizer.eos_id
         # Generation ends on any of the checkpoint's end-of-turn ids (Llama 3.x has several).

@@ -184,3 +184,36 @@ def test_whole_mode_gives_the_same_text_and_byte_level_decoders_use_it(runner, t
     assert incremental_ok(json.loads((tiny_model / "tokenizer.json").read_text()))
     assert not incremental_ok({"decoder": {"type": "ByteLevel", "add_prefix_space": True}})
     assert not incremental_ok({"decoder": None})
+
+
+def test_a_byte_level_decoder_streams_no_character_before_its_bytes_are_all_there():
+    """Llama 3 and Qwen decode bytes (GPT-2's byte-level BPE): a character cut across tokens reads
+    as U+FFFD until its last byte comes. The stream holds it back, so what was streamed is always
+    the start of the final text (the API voids a stream that is not)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from worker.detokenizer import StreamDecoder, incremental_ok
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["plain words only"] * 10, trainers.BpeTrainer(
+        vocab_size=300, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    import json
+
+    assert not incremental_ok(json.loads(tok.to_str()))
+    prompt = tok.encode("Say:").ids
+    output = tok.encode(" naïve 漢字 🙂 done").ids  # several tokens for each non-ASCII character
+    final = tok.decode(prompt + output)[len(tok.decode(prompt)):]
+    decoder = StreamDecoder(tok.decode, prompt, byte_ids=frozenset(), special_ids=frozenset()).whole()
+    streamed = ""
+    for token_id in output:
+        streamed += decoder.push(token_id)
+        assert "\ufffd" not in streamed and final.startswith(streamed) and decoder.text == streamed
+    streamed += decoder.finish()
+    assert streamed == final == " naïve 漢字 🙂 done"
+    # A sequence that ends inside a character keeps the U+FFFD the full decode gives it.
+    cut = StreamDecoder(tok.decode, prompt, byte_ids=frozenset(), special_ids=frozenset()).whole()
+    ended = "".join(cut.push(i) for i in output[:-6])
+    ended += cut.finish()
+    assert ended == tok.decode(prompt + output[:-6])[len(tok.decode(prompt)):]

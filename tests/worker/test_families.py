@@ -121,9 +121,12 @@ def test_control_tokens_typed_in_a_message_stay_text(served):
     assert sum(i in control for i in enc.ids) == sum(i in control for i in benign.ids) > 0
     rendered = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
     assert tokenizer.decode(enc.ids) == rendered  # the same text, the message's markers as text
-    # transformers' unsanitized tokenizing would have made them tokens: this is what is refused
+    # transformers' plain tokenizing would have made them tokens: this is what is refused
     unsafe = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
     assert sum(i in control for i in unsafe) > sum(i in control for i in enc.ids)
+    # and its own guard, sanitize_control_tokens, gives the very ids the worker gives
+    assert enc.ids == tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=False, sanitize_control_tokens=True)
 
 
 def continued(tokenizer, prompt, ids):
@@ -160,6 +163,12 @@ def test_greedy_text_and_log_probabilities_are_transformers_float32(served):
     assert out.finish_reason == ("stop" if len(shown) < len(expected) else "length")
     content = out.detail["logprobs"]["content"]
     assert len(content) == len(shown)
+    # Each token's bytes add up to the text: read from GPT-2's byte alphabet for a byte-level
+    # vocabulary, from U+2581 and <0xNN> pieces for a SentencePiece one (whose decoder turns a
+    # whole run of byte pieces into U+FFFD when one is not UTF-8, so only runs that are).
+    joined = b"".join(bytes(t["bytes"]) for t in content)
+    if family.byte_level or not any(enc_id in runner.byte_ids for enc_id in shown):
+        assert joined.decode("utf-8", "replace") == out.text
     with torch.inference_mode():
         reference = torch.log_softmax(hf(torch.tensor([enc.ids + shown])).logits[0].float(), dim=-1)
     for k, token in enumerate(content):

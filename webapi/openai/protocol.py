@@ -280,7 +280,15 @@ class ModelRead(BaseModel):
     created: int = Field(description="Unix time the model's files were written where the API can see "
                                      "them; 0 when they are only on the workers' machines.")
     owned_by: str = "batchgen"
-    chat: bool = Field(description="Prompts are wrapped in the Llama-2 chat template.")
+    chat: bool = Field(description="Chat messages (and a system prompt) are rendered in the model's chat format.")
+    family: str = Field(description="The checkpoint's model_type (llama, mistral, qwen2, qwen3, gemma2, phi3, ...).")
+    chat_format: Literal["checkpoint", "llama-2", "none"] = Field(
+        description="How chats are rendered: the checkpoint's own template, Llama-2's reference format, or "
+                    "not at all (a base model).")
+    system_prompt: bool = Field(description="The chat format takes a system prompt (a system message or a "
+                                            "job's system); if not, one is refused with 422.")
+    stop_token_ids: list[int] = Field(description="Token ids that end a generation (the checkpoint's "
+                                                  "end-of-turn ids); empty: the tokenizer's end-of-sequence.")
     context_length: int
     aliases: list[str]
     description: str

@@ -51,7 +51,10 @@ def list_models() -> dict[str, Any]:
         except OSError:
             created = 0
         data.append(protocol.ModelRead(
-            id=spec.name, created=created, chat=spec.chat, context_length=spec.context_length,
+            id=spec.name, created=created, chat=spec.chat, family=spec.family,
+            chat_format="checkpoint" if spec.chat_template else "llama-2" if spec.chat else "none",
+            system_prompt=spec.chat and spec.system_prompt, stop_token_ids=list(spec.stop_token_ids),
+            context_length=spec.context_length,
             aliases=list(spec.aliases), description=spec.description, defaults=spec.defaults,
             workers=None if workers is None else len(workers.get(spec.name, [])),
             serving=None if workers is None else [protocol.ServingWorker(**w) for w in workers.get(spec.name, [])]))
