@@ -54,6 +54,17 @@ GEMMA2_TEMPLATE = (
     "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
 )
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}{%- set first_user_prefix = messages[0]['content'] + "
+    "'\n\n' -%}{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set first_user_prefix = \"\" -%}"
+    "{%- set loop_messages = messages -%}{%- endif -%}{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
+    "{%- if (message['role'] == 'assistant') -%}{%- set role = \"model\" -%}{%- else -%}"
+    "{%- set role = message['role'] -%}{%- endif -%}{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if "
+    "loop.first else \"\") }}{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{'<start_of_turn>model\n'}}{%- endif -%}"
+)
 PHI3_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
     "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
@@ -81,6 +92,7 @@ class Family:
     system: bool = True  # the template takes a system message
     vocab_size: int = 700  # trained tokens; the config's vocab_size may be larger (padded)
     extra: dict[str, Any] = field(default_factory=dict)
+    config_class: str = ""  # default: the architecture's name with Config for ForCausalLM
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
@@ -106,6 +118,12 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            byte_level=False, specials=["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"],
            roles={"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>"},
            add_bos=True, template=GEMMA2_TEMPLATE, eos=["<eos>", "<end_of_turn>"], system=False),
+    Family("gemma3_text", "Gemma3ForCausalLM", {**_SHAPE, "head_dim": 16, "sliding_window": 256,
+                                                "query_pre_attn_scalar": 16, "layer_types": ["sliding_attention",
+                                                                                             "full_attention"]},
+           byte_level=False, specials=["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"],
+           roles={"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>"},
+           add_bos=True, template=GEMMA3_TEMPLATE, eos=["<eos>", "<end_of_turn>"], config_class="Gemma3TextConfig"),
     Family("phi3", "Phi3ForCausalLM", {**_SHAPE, "pad_token_id": 0},
            byte_level=False, specials=["<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|end|>",
                                        "<|system|>", "<|user|>"],
@@ -160,7 +178,7 @@ def build(family: Family, directory: Path, *, seed: int = 0, lm_head_edit: dict[
 
     tokenizer = _tokenizer(family)
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in family.specials}
-    config_class = getattr(transformers, family.architecture.replace("ForCausalLM", "Config"))
+    config_class = getattr(transformers, family.config_class or family.architecture.replace("ForCausalLM", "Config"))
     vocab = max(family.config.get("vocab_size", 0), len(tokenizer))
     bos = family.roles.get("bos_token")
     config = config_class(**{**family.config, "vocab_size": vocab}, max_position_embeddings=1024,

@@ -30,3 +30,13 @@ def test_every_relative_link_in_the_readme_and_docs_reaches_a_file_and_heading()
                 assert anchor in headings, f"{page.name}: {target}"
             checked += 1
     assert checked > 10
+
+
+def test_the_models_page_lists_every_family_convert_takes_and_which_are_tested():
+    from tests.families import FAMILIES as TESTED
+    from worker.convert import FAMILIES
+
+    page = (ROOT / "docs" / "models.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \|.*\| (yes|no)\b.*\|$", page, re.M))
+    assert set(rows) == set(FAMILIES)
+    assert {name for name, tested in rows.items() if tested == "yes"} == set(TESTED)

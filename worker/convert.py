@@ -36,8 +36,6 @@ FAMILIES: dict[str, str] = {
     "gemma3_text": "Gemma 3 (text only)",
     "phi3": "Phi-3",
 }
-# Families whose sliding-window attention CTranslate2 does not implement: served within the window.
-_WINDOW_NOT_CONVERTED = ("gemma2", "qwen2", "qwen3")
 # generation_config.json fields that are sampling defaults, by our parameter names.
 _SAMPLING = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
              "repetition_penalty": "repetition_penalty"}
@@ -198,8 +196,8 @@ def read_checkpoint(source: str | Path) -> dict[str, Any]:
     ``chat`` and ``chat_template`` (its tokenizer's template; none makes it a base model),
     ``special_tokens`` (what the template reads), ``add_bos`` (whether its tokenizer starts a
     text with BOS), ``stop_token_ids`` (generation_config's ``eos_token_id``, one or several, and
-    the tokenizer's EOS), ``context_length`` (within the sliding window where CTranslate2 does not
-    convert one), ``system_prompt`` (whether the template takes a system message) and
+    the tokenizer's EOS), ``context_length`` (within the sliding window, if any),
+    ``system_prompt`` (whether the template takes a system message) and
     ``defaults`` (generation_config's sampling settings)."""
     from transformers import AutoConfig, AutoTokenizer
 
@@ -212,9 +210,12 @@ def read_checkpoint(source: str | Path) -> dict[str, Any]:
     generation = _generation_config(Path(source))
 
     context = int(getattr(text_config, "max_position_embeddings", None) or 4096)
+    # A sliding-window model is served within its window. CTranslate2 4.8 does not convert Gemma
+    # 2's or Qwen's window at all; for Gemma 3's it does, but a forward pass (log probabilities,
+    # scoring) longer than the window fails, and a static prompt longer than it corrupted memory
+    # (a "double free" abort, measured here).
     window = getattr(text_config, "sliding_window", None)
-    if (config.model_type in _WINDOW_NOT_CONVERTED and window
-            and getattr(text_config, "use_sliding_window", True) and window < context):
+    if window and getattr(text_config, "use_sliding_window", True) and window < context:
         context = int(window)
     eos = generation.get("eos_token_id", getattr(text_config, "eos_token_id", None))
     stops = [eos] if isinstance(eos, int) else list(eos or [])
