@@ -155,3 +155,37 @@ def test_the_128k_vocabulary_model_calibrated_as_it_started(two_families):
     assert cached["key"]["model"] == "tiny/llama" and cached["choice"]["max_batch_tokens"] > 0
     assert cached["seconds"] <= 6 * 1.5, "calibration keeps to its budget with a 128,256-token vocabulary"
     assert "calibrating tiny/llama" in workers[0].log()
+
+
+def test_dashscope_and_pai_eas_chats_render_in_each_checkpoints_format(two_families):
+    """DashScope's messages and PAI-EAS's history reach the model in its own chat format."""
+    import requests
+
+    _, api, _, _, reference = two_families
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "And then?"}]
+    resp = api.http.post(f"{api.url}/api/v1/services/aigc/text-generation/generation", timeout=60, json={
+        "model": "tiny/qwen2", "input": {"messages": messages},
+        "parameters": {"result_format": "message", "max_tokens": 8, "temperature": 0}})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["output"]["choices"][0]["message"]["content"] == greedy(reference["qwen2"], messages, 8)[0]
+    body = {"input_ids": "And then?", "temperature": 0, "max_length": 8, "history": [["Hi", "Hello"]],
+            "system_prompt": "Be brief."}  # PAI-EAS answers with the served default model, tiny/llama
+    resp = requests.post(f"{api.url}/", json=body, headers={"Authorization": api.http.headers["Authorization"]},
+                         timeout=60)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["response"] == greedy(reference["llama"], messages, 8)[0]
+
+
+def test_the_tokenizer_routes_tokenize_each_family_as_its_checkpoint(two_families):
+    _, api, _, _, reference = two_families
+    text = "Hello <|im_start|> wörld 漢字"
+    for name in SERVED:
+        tokenizer = reference[name][1]
+        got = api.http.post(f"{api.url}/tokenize", json={"model": f"tiny/{name}", "prompt": text}, timeout=30).json()
+        assert got["tokens"] == tokenizer(text).input_ids and got["max_model_len"] == 1024
+        back = api.http.post(f"{api.url}/detokenize", json={"model": f"tiny/{name}", "tokens": got["tokens"]},
+                             timeout=30).json()
+        assert back["prompt"] == tokenizer.decode(got["tokens"])
+    info = api.http.get(f"{api.url}/tokenizer_info", timeout=30).json()  # the served default: tiny/llama
+    assert (info["bos_token"], info["eos_token"]) == ("<|begin_of_text|>", "<|eot_id|>")

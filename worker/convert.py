@@ -240,9 +240,25 @@ def read_checkpoint(source: str | Path) -> dict[str, Any]:
         defaults = {ours: generation[theirs] for theirs, ours in _SAMPLING.items() if generation.get(theirs) is not None}
     elif generation.get("do_sample") is False:
         defaults = {"temperature": 0.0}
+    defaults = {name: value for name, value in defaults.items() if _valid_param(name, value)}
     return {"family": config.model_type, "chat": template is not None, "chat_template": template,
             "special_tokens": special, "add_bos": add_bos, "stop_token_ids": tuple(int(i) for i in stops),
             "context_length": context, "system_prompt": system_prompt, "defaults": defaults}
+
+
+def _valid_param(name: str, value: Any) -> bool:
+    """Whether a request could set ``name`` to ``value``: a default no request could ask for
+    (``top_k: 2000``) would make every request of the model invalid, so it is left out."""
+    from pydantic import ValidationError
+
+    from core.schemas import GenerationParams
+
+    try:
+        GenerationParams.model_validate({name: value})
+    except ValidationError:
+        log.warning("generation_config.json's %s=%r is outside what a request may ask; not a default", name, value)
+        return False
+    return True
 
 
 def _generation_config(source: Path) -> dict[str, Any]:
