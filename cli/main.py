@@ -102,7 +102,7 @@ def cmd_build_model(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from core.logs import configure_logging
     from core.registry import ModelSpec, check_model_name, default_directory, load_registry, register_model
-    from worker.convert import UnsupportedFamily, convert_checkpoint, read_checkpoint
+    from worker.convert import CheckpointRefused, convert_checkpoint, read_checkpoint
 
     settings = _settings()
     configure_logging(settings.log_level, process="convert")
@@ -124,16 +124,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise CliError("converting a checkpoint needs PyTorch, which serving does not: "
                        "make install-dev, or .venv/bin/pip install 'torch==2.13.0' -e '.[convert]'")
     try:
-        info = read_checkpoint(args.source)  # refuses a family batchgen does not serve, before converting
-    except UnsupportedFamily as exc:
+        info = read_checkpoint(args.source)  # refuses what batchgen cannot serve, before converting
+    except CheckpointRefused as exc:
         raise CliError(str(exc)) from None
-    convert_checkpoint(args.source, out, quantization=args.quantization, force=args.force)
     template = info["chat_template"]
     if template is not None and "<<SYS>>" in template and "[INST]" in template:
         template = None  # Llama-2's chat format: rendered by Meta's reference (core.prompts), not Jinja
     chat = info["chat"] or (known.chat if known else "chat" in name.lower())  # older Llama-2 chat: no template
     if args.chat is not None:
         chat = args.chat  # --chat without a template: Llama-2's format; --no-chat: a base model
+    if chat and info["chat_template"] is None and info["family"] != "llama":
+        raise CliError(f"{args.source} has no chat template, and Llama-2's chat format is only for Llama "
+                       f"checkpoints, not {info['family']!r}: register it as a base model (--no-chat), or add "
+                       "its chat template to its tokenizer_config.json")
+    convert_checkpoint(args.source, out, quantization=args.quantization, force=args.force)
     spec = ModelSpec(
         name=name, path=str(Path(out).resolve()), chat=chat, chat_template=template if chat else None,
         context_length=args.context_length or info["context_length"],

@@ -34,7 +34,7 @@ from core.prompts import Segment, render, with_continuation
 from core.registry import ModelSpec
 from core.schemas import JobCreate, ResolvedParams, window_seconds
 from core.tables import ACTIVE_JOB_STATUSES, Job, JobRequest, UTCDateTime, WebhookEvent, utcnow
-from core.templates import TemplateRefused
+from core.templates import Rendered, TemplateRefused
 from core.tokens import TokenCounter, token_upper_bound
 from core.webhooks import AllowList, check_url, enqueue_job_events, initial_state, new_secret
 
@@ -223,7 +223,8 @@ def _check_continuations(*, loc: str, item: Any, spec: ModelSpec, limits: Limits
     segments = _rendered(loc=loc, item=item, spec=spec, system=system, counter=counter, problems=problems)
     if segments is None:
         return
-    control = counter.control(spec.chat_template) if counter is not None else ()
+    control = counter.control(spec.chat_template) if counter is not None else ()  # compiled by _rendered
+    chat = isinstance(segments[-1], Rendered)  # a typed control token in a continuation changes its pieces
     room = spec.context_length
     prompt_bound = token_upper_bound(segments)
     prompt_tokens: int | None = None
@@ -236,9 +237,14 @@ def _check_continuations(*, loc: str, item: Any, spec: ModelSpec, limits: Limits
         if prompt_tokens is None:
             prompt_tokens = counter.count(segments)
         alone = prompt_tokens + counter.count([continuation])
-        if alone + SEAM_TOKENS <= room:
+        if alone + SEAM_TOKENS <= room and not chat:
             continue
-        tokens = alone if alone - SEAM_TOKENS > room else counter.count(with_continuation(segments, continuation, control))
+        try:
+            tokens = (alone if alone - SEAM_TOKENS > room and not chat
+                      else counter.count(with_continuation(segments, continuation, control)))
+        except TemplateRefused as exc:
+            problems.append(_problem(f"{loc}.continuations[{n}]", str(exc), "invalid_prompt"))
+            continue
         if tokens > room:
             problems.append(_problem(f"{loc}.continuations[{n}]", f"the prompt with this continuation has {tokens} "
                                      f"tokens; it exceeds the context of {spec.name} ({spec.context_length} tokens)",
@@ -250,9 +256,12 @@ def _rendered(*, loc: str, item: Any, spec: ModelSpec, system: str | None, count
     """The request's segments, or None where they cannot be made: a checkpoint's chat template
     that refuses the chat is a problem of this request; other shape problems are reported by the
     schemas."""
-    control = counter.control(spec.chat_template) if counter is not None else ()
     try:
-        return render(spec, prompt=item.prompt, messages=item.messages, system=system, control=control)
+        control = counter.control(spec.chat_template) if counter is not None else ()
+        segments = render(spec, prompt=item.prompt, messages=item.messages, system=system, control=control)
+        if counter is not None and any(isinstance(s, Rendered) and s.typed for s in segments):
+            counter.count(segments)  # a typed control token the vocabulary spells as itself is refused here
+        return segments
     except TemplateRefused as exc:
         problems.append(_problem(f"{loc}.messages" if item.messages is not None else loc, str(exc),
                                  "invalid_prompt"))

@@ -92,6 +92,10 @@ class _Namespace(jinja2.utils.Namespace):
             raise jinja2.exceptions.SecurityError(f"a template may not set {name!r} on a namespace")
 
 
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+
 def _raise(message: str) -> None:
     raise TemplateRefused(str(message))
 
@@ -107,7 +111,11 @@ def _make_dict(*args: Any, **kwargs: Any) -> dict[Any, Any]:
 
 @lru_cache(maxsize=64)
 def compile_template(source: str) -> jinja2.Template:
-    """The template compiled in the sandbox (raises ``TemplateRefused`` on a syntax error)."""
+    """The template compiled in the sandbox (raises ``TemplateRefused`` on a syntax error).
+    Jinja2 before 3.1.6 has known sandbox escapes, and a checkpoint's template is code from
+    whoever published it: those are refused, as transformers refuses them."""
+    if _version(jinja2.__version__) < (3, 1, 6):
+        raise TemplateRefused(f"chat templates need jinja2 3.1.6 or newer (sandbox escapes); this is {jinja2.__version__}")
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[_Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
@@ -162,16 +170,39 @@ class ChatTemplate:
             return pattern.sub(lambda m: f"{MARK_START}{m.group(0)}{MARK_END}", text)
 
         chat = [{key: mark(value) if isinstance(value, str) else value for key, value in m.items()} for m in messages]
+        rendered = _unmark(self._render(chat, add_generation_prompt), pattern)
+        if any(MARK_START in m.get("content", "") for m in chat):
+            # A template that escapes or rewrites message text (``tojson``, say) could drop the
+            # markers and keep a typed control token: then there are more control tokens outside
+            # the typed spans than the same chat has with those tokens replaced by inert text.
+            inert = [{key: value.replace(MARK_START, "").replace(MARK_END, "") if isinstance(value, str) else value
+                      for key, value in m.items()} for m in chat]
+            inert = [{key: pattern.sub("\U000f0002", v) if isinstance(v, str) else v for key, v in m.items()}
+                     for m in inert]
+            expected = len(pattern.findall(self._render(inert, add_generation_prompt)))
+            if _outside(rendered, pattern) > expected:
+                raise TemplateRefused("the chat template did not keep a control token a message contains apart "
+                                      "from its own; remove it from the message")
+        return rendered
+
+    def _render(self, chat: list[dict[str, Any]], add_generation_prompt: bool) -> str:
         try:
-            text = compile_template(self.source).render(messages=chat, add_generation_prompt=add_generation_prompt,
-                                                        tools=None, documents=None, **self.variables)
+            return str(compile_template(self.source).render(
+                messages=chat, add_generation_prompt=add_generation_prompt, tools=None, documents=None,
+                **self.variables))
         except TemplateRefused:
             raise
         except jinja2.TemplateError as exc:  # a sandbox refusal, an undefined call, ...
             raise TemplateRefused(f"the chat template could not render this chat: {exc}") from None
-        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
-            raise TemplateRefused(f"the chat template could not render this chat: {exc}") from None
-        return _unmark(text, pattern)
+        except Exception as exc:  # noqa: BLE001 - whatever a template's code raised: this chat is refused
+            raise TemplateRefused(f"the chat template could not render this chat: {type(exc).__name__}: {exc}"
+                                  ) from None
+
+
+def _outside(rendered: Rendered, pattern: re.Pattern[str]) -> int:
+    """Control tokens in the text outside the typed spans."""
+    typed = set(rendered.typed)
+    return sum(1 for m in pattern.finditer(rendered.text) if (m.start(), m.end()) not in typed)
 
 
 def _unmark(text: str, pattern: re.Pattern[str]) -> Rendered:

@@ -87,7 +87,7 @@ class Family:
     specials: list[str]  # special tokens, in id order after the trained vocabulary
     roles: dict[str, str | None]  # bos_token, eos_token, unk_token, pad_token
     add_bos: bool
-    template: str
+    template: str | None
     eos: list[str]  # generation_config's eos_token_id, as tokens: the end-of-turn tokens
     system: bool = True  # the template takes a system message
     vocab_size: int = 700  # trained tokens; the config's vocab_size may be larger (padded)
@@ -165,7 +165,8 @@ def _tokenizer(family: Family):  # type: ignore[no-untyped-def]
         tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
                                                            special_tokens=[(bos, tok.token_to_id(bos))])
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, **{k: v for k, v in family.roles.items() if v})
-    wrapped.chat_template = family.template
+    if family.template is not None:
+        wrapped.chat_template = family.template
     return wrapped
 
 

@@ -147,7 +147,10 @@ def _token_text(value: Any) -> str | None:
 def tokenizer_info() -> dict[str, Any]:
     spec = _model(None)
     _tokenizer(spec)  # 404 here when the tokenizer is not on this machine
-    config = _config(spec)
+    # What the registry read from the checkpoint, where it did (a converted model); else the
+    # tokenizer's configuration, with Llama-2's names as defaults.
+    config = {"bos_token": None, "unk_token": None, **spec.special_tokens} if spec.special_tokens else _config(spec)
+    config.setdefault("tokenizer_class", _config(spec).get("tokenizer_class"))
     return TokenizerInfo(
         model=spec.name, tokenizer_class=str(config.get("tokenizer_class") or ""),
         bos_token=_token_text(config.get("bos_token", "<s>")), eos_token=_token_text(config.get("eos_token", "</s>")),

@@ -41,7 +41,11 @@ _SAMPLING = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
              "repetition_penalty": "repetition_penalty"}
 
 
-class UnsupportedFamily(ValueError):
+class CheckpointRefused(ValueError):
+    """A checkpoint batchgen cannot serve as it is."""
+
+
+class UnsupportedFamily(CheckpointRefused):
     """A checkpoint of a family batchgen does not convert."""
 
 
@@ -201,7 +205,7 @@ def read_checkpoint(source: str | Path) -> dict[str, Any]:
     ``defaults`` (generation_config's sampling settings)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from core.templates import ChatTemplate, TemplateRefused
+    from core.templates import ChatTemplate, TemplateRefused, compile_template
 
     config = AutoConfig.from_pretrained(str(source))
     check_family(config.model_type, source)
@@ -225,6 +229,11 @@ def read_checkpoint(source: str | Path) -> dict[str, Any]:
     if isinstance(template, dict):  # several named templates: the default one chats
         template = template.get("default")
     template = template if isinstance(template, str) else None
+    if template is not None:
+        try:
+            compile_template(template)
+        except TemplateRefused as exc:
+            raise CheckpointRefused(f"{source}: {exc}") from None
     special = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
     bos = tokenizer.bos_token_id
     add_bos = bos is not None and tokenizer("x").input_ids[:1] == [bos]

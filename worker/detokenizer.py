@@ -130,6 +130,22 @@ def _decoder_kinds(tokenizer_json: dict[str, Any]) -> set[str]:
     return {str(d.get("type")) for d in parts if isinstance(d, dict)}
 
 
+def strips_first_space(tokenizer_json: dict[str, Any]) -> bool:
+    """Whether the decoder drops the space a text's first token carries (Llama 2's ``Strip``, a
+    Metaspace decoder that prepends): Gemma's and the byte-level ones keep it."""
+    decoder = tokenizer_json.get("decoder") or {}
+    parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
+    for part in parts:
+        if not isinstance(part, dict):
+            continue
+        if part.get("type") == "Strip" and part.get("start", 0) > 0:
+            return True
+        if part.get("type") == "Metaspace" and part.get("prepend_scheme", "always") != "never" \
+                and part.get("add_prefix_space", True):
+            return True
+    return False
+
+
 def byte_level(tokenizer_json: dict[str, Any]) -> bool:
     """Whether a tokenizer decodes GPT-2's byte-level alphabet (Llama 3, Qwen)."""
     return "ByteLevel" in _decoder_kinds(tokenizer_json)

@@ -94,7 +94,7 @@ class LogProbs:
         # table); SentencePiece ones (Llama 2's) spell a space as U+2581, and their decoder drops
         # the text's first space, which a byte-level decoder keeps.
         self.byte_level = prompts.byte_level
-        self.strips_first_space = not prompts.byte_level
+        self.strips_first_space = prompts.strips_first_space
 
     # Floats of log probabilities one forward pass may return at once (batch x length x vocabulary):
     # 128 MiB. A single sequence longer than that still goes, alone.
@@ -195,7 +195,7 @@ class LogProbs:
     def prompt_entries(self, enc: Encoded, positions: Positions) -> list[dict[str, Any]]:
         """The prompt's tokens as an echo lists them, given ``positions`` from position 1 on."""
         entries = self.token_entries(enc.ids[1:], positions, first_of_text=True)
-        if enc.shown == 0:  # the ids sent began with BOS: listed, and nothing precedes it
+        if enc.shown == 0:  # no BOS in front (prompt_ids that start with it, Qwen): listed, unscored
             entries = self.token_entries(enc.ids[:1], None) + entries
         return entries
 

@@ -20,7 +20,7 @@ from core.tokens import Backends
 from core.registry import ModelSpec
 from core.runs import WorkItem
 from core.schemas import ChatMessage
-from worker.detokenizer import CONTEXT, StreamDecoder, byte_level, incremental_ok
+from worker.detokenizer import CONTEXT, StreamDecoder, byte_level, incremental_ok, strips_first_space
 
 # Prompt ids kept to decode the first generated token in context (see decode_continuations);
 # the incremental decoder uses the same number, so both give the same text.
@@ -119,6 +119,7 @@ class Prompts:
         tokenizer_json = json.loads((model_dir / "tokenizer.json").read_text())
         self.incremental = incremental_ok(tokenizer_json)
         self.byte_level = byte_level(tokenizer_json)
+        self.strips_first_space = strips_first_space(tokenizer_json)
         self.bos_id = self.tokenizer.bos_id
         self.eos_id = self.tokenizer.eos_id
         # Generation ends on any of the checkpoint's end-of-turn ids (Llama 3.x has several).
@@ -158,7 +159,8 @@ class Prompts:
         chat_ids = iter(self.tokenizer.backends.encode_rendered(chats)) if chats else iter(())
         for n, segments in rendered:
             ids = self._join(segments, encoded, chat_ids)
-            shown = 1 if segments[0] is Special.BOS and self.bos_id is not None else 0  # echo lists what was sent
+            # Echo lists the prompt from after its BOS (ours or the template's): nothing precedes BOS.
+            shown = 1 if ids and ids[0] == self.bos_id else 0
             out[n] = self._catch(lambda n=n, segments=segments, ids=ids, shown=shown: self._encoded(
                 items[n], ids, shown, segments))
         return out  # type: ignore[return-value]

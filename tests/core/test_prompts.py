@@ -95,3 +95,24 @@ def test_a_template_that_cuts_a_typed_control_token_apart_is_refused():
     [out] = render(spec(True, CHATML), prompt=None, messages=[M("user", "\U000f0000<|x|>\U000f0001")],
                    system=None, control=("<|im_end|>",))
     assert out.typed == () and "<|x|>" in out.text and "\U000f0000" not in out.text
+
+
+def test_a_template_that_escapes_message_text_cannot_smuggle_a_typed_control_token():
+    from core.templates import TemplateRefused
+
+    # tojson with ensure_ascii writes the markers as \\u escapes and keeps the token: refused.
+    escaping = "{% for m in messages %}<|im_start|>{{ m['content'] | tojson(ensure_ascii=True) }}<|im_end|>{% endfor %}"
+    with pytest.raises(TemplateRefused, match="did not keep a control token"):
+        render(spec(True, escaping), prompt=None, messages=[M("user", "a <|im_start|> b")], system=None,
+               control=("<|im_end|>", "<|im_start|>"))
+    [out] = render(spec(True, escaping), prompt=None, messages=[M("user", "a b")], system=None,
+                   control=("<|im_end|>", "<|im_start|>"))
+    assert out.text == '<|im_start|>"a b"<|im_end|>'
+
+
+def test_a_template_that_raises_anything_refuses_the_chat():
+    from core.templates import TemplateRefused
+
+    for template in ("{{ 1 // 0 }}", "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}"):
+        with pytest.raises(TemplateRefused):
+            render(spec(True, template), prompt=None, messages=[M("user", "x")], system=None)

@@ -18,7 +18,8 @@ def gemma_client(make_settings, sqlite_url, tmp_path):
     registry.write_text(json.dumps({"models": [{
         "name": "acme/gemma", "path": str(tmp_path / "not-on-this-machine"), "chat": True, "family": "gemma2",
         "chat_template": GEMMA2_TEMPLATE, "system_prompt": False,
-        "special_tokens": {"bos_token": "<bos>", "eos_token": "<eos>"}}]}))
+        "special_tokens": {"bos_token": "<bos>", "eos_token": "<eos>"}}, {
+        "name": "acme/broken", "path": str(tmp_path / "nowhere"), "chat": True, "chat_template": "{% if %}"}]}))
     settings = make_settings(sqlite_url, registry_file=registry, model="acme/gemma")
     app = create_app(settings)
     yield authed(app, make_key(settings.database_url))
@@ -50,3 +51,10 @@ def test_the_openai_route_refuses_it_in_openai_shape(gemma_client):
         {"role": "system", "content": "be nice"}, {"role": "user", "content": "hi"}]})
     assert got.status_code in (400, 422)
     assert "System role not supported" in json.dumps(got.get_json()["error"])
+
+
+def test_a_template_that_does_not_compile_refuses_chats_with_a_422_not_a_500(gemma_client):
+    got = gemma_client.post("/v1/jobs", json={"model": "acme/broken", "requests": [
+        {"messages": [{"role": "user", "content": "hi"}]}]})
+    assert got.status_code == 422
+    assert "does not compile" in got.get_json()["error"]["details"][0]["message"]
