@@ -48,6 +48,7 @@ test: install-dev $(LMEVAL)
 	@command -v iptables >/dev/null 2>&1 || (apt-get install -y -q iptables >/dev/null 2>&1 \
 	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q iptables >/dev/null 2>&1)) || true
 	$(BIN)/python -m ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 	@# The compose stack for real, where a Docker engine can run (one line says so where it cannot).
 	@PYTHON=$(BIN)/python bash tests/compose/run.sh --if-possible
@@ -56,6 +57,7 @@ test: install-dev $(LMEVAL)
 # measures no model. make test (what CI runs) runs everything.
 test-fast: install-dev
 	$(BIN)/python -m ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -m "not slow" -q
 
 # Builds the images and runs the compose stack (--profile cpu) with faults; see tests/compose/run.sh.

@@ -175,9 +175,9 @@ def big_bodies(n: int, mib: int, at_once: int) -> None:
         bodies_peak = peak[0]
         print(f"{n} bodies of {len(body) / 2**20:.0f} MiB at once in {took:.1f} s: "
               + ", ".join(f"{k}: {v}" for k, v in sorted(codes.items())))
-        lines = "".join('{"custom_id": "c%d", "method": "POST", "url": "/v1/completions", "body": '
-                        '{"model": "bench-unserved", "prompt": "Question %d: what is the capital of country %d?"}}\n'
-                        % (i, i, i) for i in range(50_000)).encode()
+        lines = "".join(f'{{"custom_id": "c{i}", "method": "POST", "url": "/v1/completions", "body": '
+                        f'{{"model": "bench-unserved", "prompt": "Question {i}: what is the capital of country {i}?"}}}}\n'
+                        for i in range(50_000)).encode()
         upload = requests.post(f"{stack.url}/v1/files", headers={"Authorization": headers["Authorization"]},
                                data={"purpose": "batch"}, files={"file": ("big.jsonl", lines)}, timeout=600).json()
         batch = requests.post(f"{stack.url}/v1/batches", headers=headers, timeout=600,

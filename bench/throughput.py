@@ -446,7 +446,7 @@ def bench_service_rows(*, rows: set[str], repeat: int, quick: bool, device: str,
                 out["classify"] = {"raw": medians(raw), "system": medians(system)}
             if "openai" in rows:
                 small = []
-                for round_ in range(repeat):
+                for _ in range(repeat):
                     small.append(openai_batch(service, texts[:1000]))
                     _say(f"  OpenAI batch of 1,000 lines: {small[-1]['requests_per_s']:.0f} requests/s")
                 lines = 5_000 if quick else 50_000
@@ -482,7 +482,7 @@ def bench_on_postgres(model_dir: Path, admin_url: str, *, repeat: int, device: s
                             inter_threads=choice["inter_threads"], intra_threads=choice["intra_threads"],
                             tokens=choice["max_batch_tokens"])
             runs: dict[str, list[dict[str, Any]]] = {"system_single": [], "system_one_job": []}
-            for round_ in range(repeat):
+            for _ in range(repeat):
                 _say(f"    raw: {raw.run():.0f} tok/s")
                 for key, single in (("system_single", True), ("system_one_job", False)):
                     runs[key].append(service.run(prompts, new_tokens, single=single))
@@ -577,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     if rows & {"classify", "openai", "poll", "postgres"}:
         report["service"] = bench_service_rows(rows=rows, repeat=args.repeat, quick=args.quick, device=args.device,
                                                postgres_url=args.postgres)
-    for name, model in report["models"].items():
+    for model in report["models"].values():
         model["ratios"] = ratios(model)
     report["seconds"] = time.monotonic() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -616,7 +616,8 @@ def print_report(report: dict[str, Any]) -> None:
         for mix_name, mix in model["mixes"].items():
             raw = ceiling(mix)
 
-            def line(row: str, tps: float, notes: str = "") -> None:
+            def line(row: str, tps: float, notes: str = "", raw: float = raw, name: str = name,
+                     mix_name: str = mix_name) -> None:
                 share = f"{tps / raw:>8.2f}" if raw else f"{'':>8}"
                 print(f"{name:<7}{mix_name:<9}{row:<30}{tps:>9.0f}{share}  {notes}")
 

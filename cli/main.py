@@ -102,7 +102,7 @@ def cmd_build_model(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from core.logs import configure_logging
     from core.registry import ModelSpec, check_model_name, default_directory, load_registry, register_model
-    from worker.convert import CheckpointRefused, convert_checkpoint, read_checkpoint
+    from worker.convert import CheckpointError, convert_checkpoint, read_checkpoint
 
     settings = _settings()
     configure_logging(settings.log_level, process="convert")
@@ -125,7 +125,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                        "make install-dev, or .venv/bin/pip install 'torch==2.13.0' -e '.[convert]'")
     try:
         info = read_checkpoint(args.source)  # refuses what batchgen cannot serve, before converting
-    except CheckpointRefused as exc:
+    except CheckpointError as exc:
         raise CliError(str(exc)) from None
     template = info["chat_template"]
     if template is not None and "<<SYS>>" in template and "[INST]" in template:

@@ -34,7 +34,7 @@ from core.prompts import Segment, render, with_continuation
 from core.registry import ModelSpec
 from core.schemas import JobCreate, ResolvedParams, window_seconds
 from core.tables import ACTIVE_JOB_STATUSES, Job, JobRequest, UTCDateTime, WebhookEvent, utcnow
-from core.templates import Rendered, TemplateRefused
+from core.templates import ChatTemplateError, Rendered
 from core.tokens import TokenCounter, token_upper_bound
 from core.webhooks import AllowList, check_url, enqueue_job_events, initial_state, new_secret
 
@@ -242,7 +242,7 @@ def _check_continuations(*, loc: str, item: Any, spec: ModelSpec, limits: Limits
         try:
             tokens = (alone if alone - SEAM_TOKENS > room and not chat
                       else counter.count(with_continuation(segments, continuation, control)))
-        except TemplateRefused as exc:
+        except ChatTemplateError as exc:
             problems.append(_problem(f"{loc}.continuations[{n}]", str(exc), "invalid_prompt"))
             continue
         if tokens > room:
@@ -262,7 +262,7 @@ def _rendered(*, loc: str, item: Any, spec: ModelSpec, system: str | None, count
         if counter is not None and any(isinstance(s, Rendered) and s.typed for s in segments):
             counter.count(segments)  # a typed control token the vocabulary spells as itself is refused here
         return segments
-    except TemplateRefused as exc:
+    except ChatTemplateError as exc:
         problems.append(_problem(f"{loc}.messages" if item.messages is not None else loc, str(exc),
                                  "invalid_prompt"))
     except ValueError:

@@ -96,7 +96,7 @@ def render(
     prompt; otherwise (and always for a base model) the raw prompt is used. ``control`` are the
     model's control tokens (``core.templates.control_tokens``); without them a rendered chat has
     the right text but no record of what a user typed, which is enough to bound its length.
-    Raises ``ValueError`` (``TemplateRefused`` where the checkpoint's template refuses the chat).
+    Raises ``ValueError`` (``ChatTemplateError`` where the checkpoint's template refuses the chat).
     """
     if messages is None:
         assert prompt is not None

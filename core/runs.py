@@ -29,6 +29,7 @@ from core.jobs import ACTIVE_JOB_STATUSES, finalize, unindexed_status
 from core.schemas import ResolvedParams
 from core.tables import Job, JobRequest, UTCDateTime, utcnow
 
+
 @dataclass(frozen=True)
 class WorkItem:
     """What a worker needs to run one request."""

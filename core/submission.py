@@ -27,8 +27,8 @@ from core import jobs as job_service
 from core.capacity import Capacity
 from core.db import Database
 from core.dispatch import Dispatcher
-from core.group_commit import Entry, GroupCommit
 from core.errors import InvalidRequestError, LimitError, UnavailableError, UnknownModelError
+from core.group_commit import Entry, GroupCommit
 from core.registry import ModelSpec, Registry
 from core.schemas import JobCreate, WebhookCreate, error_details
 from core.settings import Settings

@@ -39,7 +39,7 @@ MARK_START, MARK_END = "\U000f0000", "\U000f0001"
 SPECIAL_TOKEN_ROLES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
-class TemplateRefused(ValueError):
+class ChatTemplateError(ValueError):
     """The template refused the chat (its ``raise_exception``), or could not render it."""
 
 
@@ -97,7 +97,7 @@ def _version(text: str) -> tuple[int, ...]:
 
 
 def _raise(message: str) -> None:
-    raise TemplateRefused(str(message))
+    raise ChatTemplateError(str(message))
 
 
 def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
@@ -111,11 +111,11 @@ def _make_dict(*args: Any, **kwargs: Any) -> dict[Any, Any]:
 
 @lru_cache(maxsize=64)
 def compile_template(source: str) -> jinja2.Template:
-    """The template compiled in the sandbox (raises ``TemplateRefused`` on a syntax error).
+    """The template compiled in the sandbox (raises ``ChatTemplateError`` on a syntax error).
     Jinja2 before 3.1.6 has known sandbox escapes, and a checkpoint's template is code from
     whoever published it: those are refused, as transformers refuses them."""
     if _version(jinja2.__version__) < (3, 1, 6):
-        raise TemplateRefused(f"chat templates need jinja2 3.1.6 or newer (sandbox escapes); this is {jinja2.__version__}")
+        raise ChatTemplateError(f"chat templates need jinja2 3.1.6 or newer (sandbox escapes); this is {jinja2.__version__}")
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[_Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
@@ -124,7 +124,7 @@ def compile_template(source: str) -> jinja2.Template:
     try:
         return env.from_string(source)
     except jinja2.TemplateError as exc:
-        raise TemplateRefused(f"the chat template does not compile: {exc}") from None
+        raise ChatTemplateError(f"the chat template does not compile: {exc}") from None
 
 
 @lru_cache(maxsize=64)
@@ -162,7 +162,7 @@ class ChatTemplate:
     control: tuple[str, ...]
 
     def render(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True) -> Rendered:
-        """The chat as the model reads it; raises ``TemplateRefused`` where the template refuses it."""
+        """The chat as the model reads it; raises ``ChatTemplateError`` where the template refuses it."""
         pattern = control_pattern(self.control)
 
         def mark(text: str) -> str:
@@ -181,7 +181,7 @@ class ChatTemplate:
                      for m in inert]
             expected = len(pattern.findall(self._render(inert, add_generation_prompt)))
             if _outside(rendered, pattern) > expected:
-                raise TemplateRefused("the chat template did not keep a control token a message contains apart "
+                raise ChatTemplateError("the chat template did not keep a control token a message contains apart "
                                       "from its own; remove it from the message")
         return rendered
 
@@ -190,12 +190,12 @@ class ChatTemplate:
             return str(compile_template(self.source).render(
                 messages=chat, add_generation_prompt=add_generation_prompt, tools=None, documents=None,
                 **self.variables))
-        except TemplateRefused:
+        except ChatTemplateError:
             raise
         except jinja2.TemplateError as exc:  # a sandbox refusal, an undefined call, ...
-            raise TemplateRefused(f"the chat template could not render this chat: {exc}") from None
+            raise ChatTemplateError(f"the chat template could not render this chat: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - whatever a template's code raised: this chat is refused
-            raise TemplateRefused(f"the chat template could not render this chat: {type(exc).__name__}: {exc}"
+            raise ChatTemplateError(f"the chat template could not render this chat: {type(exc).__name__}: {exc}"
                                   ) from None
 
 
@@ -216,7 +216,7 @@ def _unmark(text: str, pattern: re.Pattern[str]) -> Rendered:
         at += m.start() - last
         last = m.end()
         if m.group(1) is None:
-            raise TemplateRefused("the chat template cut apart a control token a message contains "
+            raise ChatTemplateError("the chat template cut apart a control token a message contains "
                                   "(so its pieces could join into one); remove it from the message")
         out.append(m.group(1))
         typed.append((at, at + len(m.group(1))))

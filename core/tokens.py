@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from core.prompts import Segment, Special
-from core.templates import Rendered, TemplateRefused, control_tokens
+from core.templates import ChatTemplateError, Rendered, control_tokens
 
 
 def token_upper_bound(segments: Sequence[Segment]) -> int:
@@ -88,7 +88,7 @@ class Backends:
                 typed = chat.text[start:end]
                 as_text = self._piece("plain", typed)
                 if self.added_ids.get(typed) in as_text:
-                    raise TemplateRefused(f"{typed!r} cannot be kept as text: this vocabulary spells it as the "
+                    raise ChatTemplateError(f"{typed!r} cannot be kept as text: this vocabulary spells it as the "
                                           "token itself; remove it from the message")
                 ids.extend(as_text)
                 at = end

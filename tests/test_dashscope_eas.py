@@ -47,7 +47,7 @@ def test_dashscope_streams_the_text_so_far(ds):
                                             max_tokens=20, temperature=0, stream=True))
     assert all(c.status_code == 200 for c in chunks) and len(chunks) >= 2
     texts = [c.output.text for c in chunks]
-    assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # each event: the text so far
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:], strict=False))  # each event: the text so far
     assert texts[-1] and texts[-1] == _stored(api, token)["text"] and len(set(texts)) >= 2
     assert cut_at(chunks[-1].output.finish_reason, chunks[-1].usage.output_tokens, 20)
     # The same greedy call unstreamed: the same text.
@@ -72,7 +72,7 @@ def test_dashscope_errors_have_its_shape(ds):
 @pytest.mark.slow
 def test_pai_eas_plain_text_and_json(ds):
     api, _, token = ds
-    resp = requests.post(f"{api.url}/", data="Once upon a time".encode(), timeout=60,
+    resp = requests.post(f"{api.url}/", data=b"Once upon a time", timeout=60,
                          headers={"Authorization": token, "Content-Type": "text/plain"})
     assert resp.status_code == 200 and resp.headers["Content-Type"].startswith("text/plain")
     assert resp.text == _stored(api, token)["text"]

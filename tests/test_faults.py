@@ -175,7 +175,6 @@ def test_a_streamed_answer_never_splices_two_runs(make_settings, sqlite_url, rou
     import json
     import threading
 
-
     from tests.support import GunicornApi, WorkerProcess, wait_until
     from tests.test_recovery import FAST_RECOVERY
 

@@ -112,7 +112,7 @@ def test_echo_with_no_new_tokens_gives_the_scoring_jobs_loglikelihood(openai_sta
     lp = choice.logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
     assert "".join(lp.tokens) == choice.text  # ASCII text: every token is whole characters
-    assert [choice.text[o:o + len(t)] for o, t in zip(lp.text_offset, lp.tokens)] == lp.tokens
+    assert [choice.text[o:o + len(t)] for o, t in zip(lp.text_offset, lp.tokens, strict=True)] == lp.tokens
     n = len(score["tokens"])
     assert lp.tokens[-n:] == [t["token"] for t in score["tokens"]]
     assert sum(lp.token_logprobs[-n:]) == pytest.approx(score["logprob"], abs=1e-4)

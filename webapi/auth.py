@@ -10,7 +10,6 @@ import hashlib
 import ipaddress
 import threading
 import time
-
 from collections.abc import Callable
 
 from flask import Flask, current_app, g, request

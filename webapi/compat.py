@@ -29,10 +29,10 @@ from core.schemas import (
     Text,
     check_chat_shape,
 )
-from webapi.auth import current_principal
-from webapi.errors import ApiError, error_body, failed_call, read_body, validated
-from webapi.jobs import json_body
 from webapi import sse
+from webapi.auth import current_principal
+from webapi.errors import ApiError, error_body, failed_call
+from webapi.parsing import json_body, read_body, validated
 from webapi.services import services
 from webapi.sync import stream_restarted
 

@@ -20,9 +20,10 @@ from flask import Blueprint, Response, jsonify, request
 
 from core import jobs as job_service
 from core.schemas import JOB_STATUSES, REQUEST_STATUSES, ResultRead
-from webapi.auth import CACHE_SECONDS, current_principal, key_still_valid
-from webapi.errors import ApiError, attachment, choice_arg, int_arg, parse_json, read_body
 from webapi import sse
+from webapi.auth import CACHE_SECONDS, current_principal, key_still_valid
+from webapi.errors import ApiError, attachment
+from webapi.parsing import choice_arg, int_arg, json_body
 from webapi.services import services
 from webapi.views import job_view, result_view
 from webapi.watch import FAILED, Follower
@@ -37,17 +38,6 @@ KEEPALIVE_S = 5.0  # also how soon a stream whose client went away notices and f
 # Set when this server process is stopping (see webapi/gunicorn_conf.py): open streams end cleanly.
 STOPPING = threading.Event()
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
-
-
-def json_body() -> Any:
-    """The request body parsed as JSON, whatever its content type; 400 if it is not JSON."""
-    raw = read_body()
-    if not raw:
-        raise ApiError(400, "invalid_json", "the request body is empty; send a JSON object")
-    try:
-        return parse_json(raw)
-    except ValueError as exc:
-        raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from None
 
 
 @bp.post("")

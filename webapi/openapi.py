@@ -27,7 +27,6 @@ from core.schemas import (
 )
 from webapi.compat import DashScopeRequest, EasRequest
 from webapi.errors import ApiError
-from webapi.tokenizer import DetokenizeRead, DetokenizeRequest, TokenizeRead, TokenizeRequest, TokenizerInfo
 from webapi.openai.protocol import (
     BatchCreateRequest,
     BatchList,
@@ -42,6 +41,7 @@ from webapi.openai.protocol import (
     ModelList,
     OpenAIError,
 )
+from webapi.tokenizer import DetokenizeRead, DetokenizeRequest, TokenizeRead, TokenizeRequest, TokenizerInfo
 
 bp = Blueprint("docs", __name__)
 

@@ -23,9 +23,9 @@ from flask import Blueprint, Flask, Response, g, request
 from sqlalchemy import func, select, text
 
 from core import queueing
-from core.queueing import redis_client
 from core.db import current_revision, head_revision
 from core.metrics import Metrics, RedisExporter, render
+from core.queueing import redis_client
 from core.tables import Job
 from webapi.services import services
 

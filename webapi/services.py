@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flask import Flask, current_app
 
@@ -14,29 +15,30 @@ from core.settings import Settings
 from core.submission import Submissions
 from core.tokens import TokenCounter, counter_for
 from core.webhooks import AllowList, Deliverer
-from webapi.limits import Limits
+
+if TYPE_CHECKING:  # built by create_app, which imports them: this module imports no other of webapi
+    from webapi.finalizer import Finalizer
+    from webapi.limits import Limits
+    from webapi.sync import SyncRunner
+    from webapi.watch import JobWatch
 
 
 class Services:
-    """The app's shared objects; views reach them with ``services()``."""
+    """The app's shared objects; views reach them with ``services()``. The core ones are made
+    here; the API's own (limits, synchronous calls, job watch, finalizer) are made by
+    ``webapi.create_app``, which knows them all, and set on it before the app serves."""
+
+    limits: Limits
+    sync: SyncRunner
+    watch: JobWatch
+    finalizer: Finalizer
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.db = Database(settings.database_url)
         self.dispatcher = Dispatcher(settings)
-        self.limits = Limits(settings)
         self.submissions = Submissions(settings=settings, db=self.db, registry=self.registry,
                                        dispatcher=self.dispatcher, token_counter=self.token_counter)
-        from webapi.sync import SyncRunner
-
-        self.sync = SyncRunner(self)
-        from webapi.views import job_view
-        from webapi.watch import JobWatch
-
-        self.watch = JobWatch(self.db, view=job_view)
-        from webapi.finalizer import Finalizer
-
-        self.finalizer = Finalizer(self.db, interval_s=settings.finalize_interval_s, fingerprint=self.fingerprint)
         self.deliverer = Deliverer(self.db, AllowList.of(settings), settings.webhook_retries,
                                    timeout_s=settings.webhook_timeout_s, interval_s=settings.webhook_interval_s,
                                    per_owner=settings.webhook_per_owner, retention_s=settings.webhook_retention_s)
@@ -77,17 +79,6 @@ class Services:
                 self._registry = load_registry(self.settings)
                 self._registry_stamp = stamp
             return self._registry
-
-    def fingerprint(self, model: str) -> str | None:
-        """The ``system_fingerprint`` of a model's answers; None for a model no longer registered."""
-        from webapi.openai.serving import system_fingerprint
-
-        try:
-            registry = self.registry()
-            spec = registry.resolve(model)
-        except Exception:  # UnknownModelError, or a registry file that cannot be read now
-            return None
-        return system_fingerprint(spec.name, registry.directory(spec))
 
     def token_counter(self, spec: ModelSpec) -> TokenCounter | None:
         """The model's token counter, if its tokenizer is on this machine (checked once)."""

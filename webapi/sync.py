@@ -24,10 +24,10 @@ from core.registry import ModelSpec
 from core.schemas import JobCreate
 from core.tables import JobRequest
 from webapi import sse
+from webapi.auth import key_still_valid
 from webapi.errors import ApiError
 from webapi.limits import LongCall
 from webapi.watch import Notifier, Subscription
-
 
 KEY_CHECK_S = 10.0
 
@@ -68,8 +68,6 @@ class SyncRunner:
 
     def start(self, *, principal: Principal, spec: JobCreate, model: ModelSpec, stream: bool) -> Call:
         """Store and dispatch the request; raises ``ApiError``/domain errors for bad input."""
-        from webapi.auth import key_still_valid
-
         svc = self.svc
         held = svc.limits.take_long_call(principal)  # 429 before anything is stored
         try:

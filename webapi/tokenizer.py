@@ -29,8 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from core.errors import UnknownModelError
 from core.registry import ModelSpec
 from core.schemas import Text
-from webapi.errors import ApiError, validated
-from webapi.jobs import json_body
+from webapi.errors import ApiError
+from webapi.parsing import json_body, validated
 from webapi.services import services
 
 bp = Blueprint("tokenizer", __name__)

@@ -25,7 +25,6 @@ Threads inside one worker process::
 
 from __future__ import annotations
 
-
 import logging
 import queue
 import threading
@@ -41,8 +40,8 @@ from sqlalchemy.exc import OperationalError
 from core import runs
 from core.db import Database
 from core.ids import new_id
-from core.runs import Outcome, WorkItem
 from core.metrics import Metrics
+from core.runs import Outcome, WorkItem
 from core.tables import utcnow
 from worker.scheduling import (
     BatchPolicy,

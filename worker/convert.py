@@ -41,11 +41,11 @@ _SAMPLING = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
              "repetition_penalty": "repetition_penalty"}
 
 
-class CheckpointRefused(ValueError):
+class CheckpointError(ValueError):
     """A checkpoint batchgen cannot serve as it is."""
 
 
-class UnsupportedFamily(CheckpointRefused):
+class UnsupportedFamilyError(CheckpointError):
     """A checkpoint of a family batchgen does not convert."""
 
 
@@ -53,7 +53,7 @@ def check_family(model_type: str, source: str | Path) -> None:
     """Refuse a checkpoint of a family not in ``FAMILIES``, by name, with the list of those served."""
     if model_type not in FAMILIES:
         served = ", ".join(f"{name} ({what})" for name, what in FAMILIES.items())
-        raise UnsupportedFamily(f"{source} is a {model_type!r} checkpoint, which batchgen does not convert; "
+        raise UnsupportedFamilyError(f"{source} is a {model_type!r} checkpoint, which batchgen does not convert; "
                                 f"it converts these model_types: {served}")
 
 QUANTIZATIONS = ("int8", "int8_float16", "int8_bfloat16", "int8_float32", "float16", "bfloat16",
@@ -205,7 +205,7 @@ def read_checkpoint(source: str | Path) -> dict[str, Any]:
     ``defaults`` (generation_config's sampling settings)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from core.templates import ChatTemplate, TemplateRefused, compile_template
+    from core.templates import ChatTemplate, ChatTemplateError, compile_template
 
     config = AutoConfig.from_pretrained(str(source))
     check_family(config.model_type, source)
@@ -232,8 +232,8 @@ def read_checkpoint(source: str | Path) -> dict[str, Any]:
     if template is not None:
         try:
             compile_template(template)
-        except TemplateRefused as exc:
-            raise CheckpointRefused(f"{source}: {exc}") from None
+        except ChatTemplateError as exc:
+            raise CheckpointError(f"{source}: {exc}") from None
     special = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
     bos = tokenizer.bos_token_id
     add_bos = bos is not None and tokenizer("x").input_ids[:1] == [bos]
@@ -242,7 +242,7 @@ def read_checkpoint(source: str | Path) -> dict[str, Any]:
         try:
             ChatTemplate(template, special, ()).render([{"role": "system", "content": "s"},
                                                         {"role": "user", "content": "u"}])
-        except TemplateRefused:
+        except ChatTemplateError:
             system_prompt = False
     defaults: dict[str, Any] = {}
     if generation.get("do_sample"):

@@ -18,8 +18,7 @@ from datetime import timedelta
 from typing import Any
 
 from core import jobs as job_service
-from core import runs
-from core import queueing
+from core import queueing, runs
 from core.db import Database
 from core.settings import Settings
 from core.tables import utcnow

@@ -103,11 +103,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m worker") -> int:
         return 2
 
     from worker.batcher import Batcher
-    from worker.scheduling import BatchPolicy
     from worker.celery_app import create_celery
-    from worker.runner import ModelRunner
-
     from worker.device import apply_choice, fully_explicit
+    from worker.runner import ModelRunner
+    from worker.scheduling import BatchPolicy
 
     calibration = None
     if settings.calibrate != "off" and not fully_explicit(settings):
@@ -135,11 +134,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m worker") -> int:
         return 2
     policy = BatchPolicy(max_batch_size=plan.max_batch_size, max_batch_tokens=plan.max_batch_tokens,
                          max_wait_ms=settings.max_wait_ms, slots=plan.slots, batch_seconds=plan.batch_seconds)
-    from worker.tuning import OnlineTuner
-
     # The batcher keeps measuring and moves its token budget, unless the budget was given
     # explicitly or calibration is off (fixed defaults, as tests and benchmarks may want).
     from worker.calibration import BATCH_OVERHEAD_S
+    from worker.tuning import OnlineTuner
 
     tuner = OnlineTuner(budget=plan.max_batch_tokens, max_batch_size=plan.max_batch_size,
                         expected=calibration.expected if calibration is not None else None,

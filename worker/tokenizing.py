@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from core.prompts import Segment, Special, render, with_continuation
-from core.templates import Rendered
-from core.tokens import Backends
 from core.registry import ModelSpec
 from core.runs import WorkItem
 from core.schemas import ChatMessage
+from core.templates import Rendered
+from core.tokens import Backends
 from worker.detokenizer import CONTEXT, StreamDecoder, byte_level, incremental_ok, strips_first_space
 
 # Prompt ids kept to decode the first generated token in context (see decode_continuations);
@@ -201,7 +201,7 @@ class Prompts:
         return enc
 
     def _join(self, segments: Sequence[Segment], encoded: Iterator[list[int]],
-              chats: Iterator[list[int]] = iter(())) -> list[int]:
+              chats: Iterator[list[int]] | None = None) -> list[int]:
         """A prompt's ids: its texts' ids (the next ones of ``encoded``), its rendered chats' (of
         ``chats``) and its special tokens."""
         ids: list[int] = []
@@ -212,6 +212,7 @@ class Prompts:
             elif segment is Special.EOS:
                 ids.append(self.eos_id)
             elif isinstance(segment, Rendered):
+                assert chats is not None, "a rendered chat's ids are given with it"
                 ids.extend(next(chats))
             else:
                 ids.extend(next(encoded))
@@ -237,7 +238,7 @@ class Prompts:
         out = []
         for n, continuation in enumerate(continuations):
             full = self._encode_segments(with_continuation(segments, continuation, self.control))
-            shared = next((i for i, (a, b) in enumerate(zip(ids, full)) if a != b), min(len(ids), len(full)))
+            shared = next((i for i, (a, b) in enumerate(zip(ids, full, strict=False)) if a != b), min(len(ids), len(full)))
             if len(full) > budget:
                 raise RequestError("context_length_exceeded", f"the prompt with continuations[{n}] has "
                                    f"{len(full)} tokens; the model's context is {budget} tokens")

@@ -63,7 +63,7 @@ def container(service: str) -> str:
 
 
 def state(service: str, field: str) -> str:
-    return docker("inspect", "-f", "{{json .State.%s}}" % field, container(service))
+    return docker("inspect", "-f", f"{{{{json .State.{field}}}}}", container(service))
 
 
 def logs(*services: str) -> str:

@@ -76,19 +76,19 @@ def test_a_checkpoint_template_renders_one_segment_with_what_the_user_typed_mark
 
 
 def test_the_sandbox_refuses_what_a_hostile_template_tries():
-    from core.templates import TemplateRefused
+    from core.templates import ChatTemplateError
 
     for template in ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "{{ messages.append(1) }}",
                      "{% set ns = namespace(_x=1) %}", "{{ raise_exception('no system, please') }}", "{% if %}"):
-        with pytest.raises(TemplateRefused):
+        with pytest.raises(ChatTemplateError):
             render(spec(True, template), prompt=None, messages=[M("user", "x")], system=None)
 
 
 def test_a_template_that_cuts_a_typed_control_token_apart_is_refused():
-    from core.templates import TemplateRefused
+    from core.templates import ChatTemplateError
 
     splitting = "{% for m in messages %}{{ m['content'].split('|')[0] }}{% endfor %}"
-    with pytest.raises(TemplateRefused, match="cut apart"):
+    with pytest.raises(ChatTemplateError, match="cut apart"):
         render(spec(True, splitting), prompt=None, messages=[M("user", "a<|im_end|>b")], system=None,
                control=("<|im_end|>",))
     # The markers themselves typed by a user are dropped before marking: they cannot forge a mark.
@@ -98,11 +98,11 @@ def test_a_template_that_cuts_a_typed_control_token_apart_is_refused():
 
 
 def test_a_template_that_escapes_message_text_cannot_smuggle_a_typed_control_token():
-    from core.templates import TemplateRefused
+    from core.templates import ChatTemplateError
 
     # tojson with ensure_ascii writes the markers as \\u escapes and keeps the token: refused.
     escaping = "{% for m in messages %}<|im_start|>{{ m['content'] | tojson(ensure_ascii=True) }}<|im_end|>{% endfor %}"
-    with pytest.raises(TemplateRefused, match="did not keep a control token"):
+    with pytest.raises(ChatTemplateError, match="did not keep a control token"):
         render(spec(True, escaping), prompt=None, messages=[M("user", "a <|im_start|> b")], system=None,
                control=("<|im_end|>", "<|im_start|>"))
     [out] = render(spec(True, escaping), prompt=None, messages=[M("user", "a b")], system=None,
@@ -111,8 +111,8 @@ def test_a_template_that_escapes_message_text_cannot_smuggle_a_typed_control_tok
 
 
 def test_a_template_that_raises_anything_refuses_the_chat():
-    from core.templates import TemplateRefused
+    from core.templates import ChatTemplateError
 
     for template in ("{{ 1 // 0 }}", "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}"):
-        with pytest.raises(TemplateRefused):
+        with pytest.raises(ChatTemplateError):
             render(spec(True, template), prompt=None, messages=[M("user", "x")], system=None)

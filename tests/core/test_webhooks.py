@@ -17,8 +17,8 @@ from core import jobs, runs, webhooks
 from core.db import Database
 from core.errors import InvalidRequestError
 from core.jobs import Limits
-from core.runs import Outcome
 from core.registry import ModelSpec
+from core.runs import Outcome
 from core.schemas import JobCreate
 from core.tables import Job, WebhookEvent, utcnow
 from core.webhooks import AllowList, Attempt, check_url

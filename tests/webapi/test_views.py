@@ -12,17 +12,26 @@ from sqlalchemy import select, update
 
 from core import batches, files, jobs, runs
 from core.db import Database
-from core.jobs import Limits
-from core.runs import Outcome
-from core.registry import ModelSpec
 from core.errors import NotFoundError
-from core.schemas import ErrorInfo, JobCounts, JobCreate, JobRead, ResultRead, Usage, WebhookCreate, WebhookRead
+from core.jobs import Limits
+from core.registry import ModelSpec
+from core.runs import Outcome
+from core.schemas import (
+    ErrorInfo,
+    JobCounts,
+    JobCreate,
+    JobRead,
+    ResultRead,
+    Usage,
+    WebhookCreate,
+    WebhookRead,
+)
 from core.tables import Batch, File, Job, JobRequest, utcnow
 from core.webhooks import AllowList
 from core.webhooks import initial_state as hook_state
+from webapi.jobs import result_line
 from webapi.openai.protocol import BatchRead, FileObjectRead
 from webapi.openai.serving import batch_view, file_view, unix
-from webapi.jobs import result_line
 from webapi.views import job_view, result_view, window
 
 MODEL = ModelSpec(name="m", path="m", chat=True, context_length=256, defaults={"max_new_tokens": 16})

@@ -5,8 +5,8 @@ the id of the run (one call) that produced its result.
 """
 
 import time
-from datetime import timedelta
 from concurrent.futures import Future
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import select, update
@@ -16,11 +16,11 @@ from core.db import Database
 from core.jobs import Limits
 from core.registry import ModelSpec
 from core.schemas import JobCreate
-from tests.support import wait_until
 from core.tables import Job, JobRequest
+from tests.support import wait_until
 from worker.batcher import Batcher, Finished, _Submission
-from worker.scheduling import BatchPolicy, Pending, select_batch
 from worker.runner import ModelRunner
+from worker.scheduling import BatchPolicy, Pending, select_batch
 
 # --- the policy, with an explicit clock ----------------------------------------------------
 

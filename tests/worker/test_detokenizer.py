@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from core.runs import WorkItem
 from core.registry import ModelSpec
+from core.runs import WorkItem
 from core.schemas import ResolvedParams
 from worker.detokenizer import CONTEXT
 from worker.runner import ModelRunner, _Sequence
@@ -158,7 +158,7 @@ def test_streamed_text_is_a_prefix_of_the_stored_text(runner):
     for _ in range(300):
         output = [i for i in random_ids(runner, rng, 40) if i != runner.eos_id]
         sent: list[str] = []
-        seq = _Sequence(enc, runner, on_delta=lambda _id, text: sent.append(text))
+        seq = _Sequence(enc, runner, on_delta=lambda _id, text, sent=sent: sent.append(text))
         for token in output:
             if seq.push(token):
                 break

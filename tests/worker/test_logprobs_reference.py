@@ -5,8 +5,8 @@ import pytest
 
 pytestmark = pytest.mark.slow  # PyTorch and transformers build and run the checkpoint
 
-from core.runs import WorkItem
 from core.registry import ModelSpec
+from core.runs import WorkItem
 from core.schemas import ResolvedParams
 from worker.builder import build_checkpoint
 from worker.convert import convert_checkpoint

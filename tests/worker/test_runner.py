@@ -2,8 +2,8 @@
 
 import pytest
 
-from core.runs import WorkItem
 from core.registry import ModelSpec
+from core.runs import WorkItem
 from core.schemas import ResolvedParams
 from worker.runner import ModelRunner
 from worker.tokenizing import RequestError

@@ -20,6 +20,7 @@ from core.schemas import (
     MAX_STOP_SEQUENCES,
     MAX_TOP_LOGPROBS,
     SEED_DOC,
+    ChatMessage,
     GenerationParams,
     RequestCreate,
     Text,
@@ -195,8 +196,6 @@ class ChatCompletionRequest(_Common):
         return self
 
     def native_messages(self) -> list[Any]:
-        from core.schemas import ChatMessage
-
         return [ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text())
                 for m in self.messages]
 

@@ -17,11 +17,12 @@ from core import batches as batch_service
 from core import files as file_service
 from core.errors import InvalidRequestError
 from core.schemas import JobCreate, check_metadata
-from webapi.auth import current_principal
-from webapi.errors import ApiError, attachment, choice_arg, error_body, failed_call, int_arg, validated
-from webapi.jobs import json_body
 from webapi import sse
+from webapi.auth import current_principal
+from webapi.errors import ApiError, attachment, error_body, failed_call
 from webapi.openai import protocol, serving
+from webapi.ops import live_workers
+from webapi.parsing import choice_arg, int_arg, json_body, validated
 from webapi.services import services
 from webapi.sync import stream_restarted
 
@@ -40,8 +41,6 @@ def _page(items: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
 @bp.get("/models")
 def list_models() -> dict[str, Any]:
     """The registered models, with how many workers serve each now."""
-    from webapi.ops import live_workers
-
     registry = services().registry()
     workers = live_workers()
     data = []
@@ -240,7 +239,7 @@ def _complete(endpoint: str) -> Any:
 
 
 def _fingerprint(model: Any) -> str:
-    return services().fingerprint(model.name) or ""
+    return serving.fingerprint_of(services().registry(), model.name) or ""
 
 
 def _sse(sync: Any, endpoint: str, req: Any, model: Any, call: Any, fingerprint: str) -> Iterator[str]:

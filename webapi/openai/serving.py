@@ -17,8 +17,7 @@ from core.errors import InvalidRequestError, UnknownModelError
 from core.registry import ModelSpec, Registry
 from core.schemas import JobCreate, RequestCreate, check_text, error_details
 from core.tables import JobRequest
-from webapi.errors import error_body, parse_json
-from webapi.views import fields
+from webapi.errors import error_body
 from webapi.openai.protocol import (
     ENDPOINTS,
     AssistantMessage,
@@ -28,6 +27,8 @@ from webapi.openai.protocol import (
     CompletionChoice,
     CompletionRead,
 )
+from webapi.parsing import parse_json
+from webapi.views import fields
 
 MAX_REPORTED_ERRORS = 1000
 
@@ -51,6 +52,15 @@ def system_fingerprint(model: str, model_dir: Path) -> str:
     except OSError:
         weights = "not on this machine"
     return "fp_" + hashlib.sha256(f"{_VERSION}:{model}:{weights}".encode()).hexdigest()[:12]
+
+
+def fingerprint_of(registry: Registry, model: str) -> str | None:
+    """The ``system_fingerprint`` of a model's answers; None for a model no longer registered."""
+    try:
+        spec = registry.resolve(model)
+    except Exception:  # noqa: BLE001 - UnknownModelError, or a registry file that cannot be read now
+        return None
+    return system_fingerprint(spec.name, registry.directory(spec))
 
 
 def _version() -> str:
